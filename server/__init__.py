@@ -1,0 +1,1 @@
+"""loramux server: model, engine, gRPC service and CLI."""

@@ -1,0 +1,44 @@
+"""Server configuration as frozen dataclasses; `server/cli.py` is the only place that parses flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the continuous-batching engine.
+
+    max_running: sequences decoded together (one KV slot each).
+    max_queue: requests waiting for a slot; one more is refused (RESOURCE_EXHAUSTED).
+    max_model_len: prompt + generated tokens of one sequence.
+    max_batched_tokens: tokens in one engine step (decode tokens + prefill chunks).
+    """
+
+    max_running: int = 32
+    max_queue: int = 256
+    max_model_len: int = 2048
+    max_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_queue", "max_model_len", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batched_tokens < self.max_running:
+            raise ValueError(
+                f"max_batched_tokens ({self.max_batched_tokens}) must be >= max_running "
+                f"({self.max_running}) so every running sequence can decode in one step"
+            )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `loramux serve` needs. `model=None` means the embedded SmolLM2-135M-Instruct."""
+
+    model: str | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    cache_dir: str | None = None  # default: $LORAMUX_CACHE or ~/.cache/loramux
+    engine: EngineConfig = field(default_factory=EngineConfig)

@@ -1,0 +1,1 @@
+"""Continuous-batching engine: scheduler, KV slots, sampling, incremental detokenization."""

@@ -1,0 +1,101 @@
+"""What a caller hands the engine and what it gets back.
+
+These types are the whole contract between the engine thread and the servers (gRPC, HTTP):
+plain frozen dataclasses, no torch, no protobuf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class EngineError(Exception):
+    """Base class of errors the engine reports to a caller."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The request itself is wrong (maps to INVALID_ARGUMENT / HTTP 400)."""
+
+
+class EngineOverloaded(EngineError):
+    """The queue is full; retry later (maps to RESOURCE_EXHAUSTED / HTTP 429)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine is stopped or its thread died (maps to UNAVAILABLE / HTTP 503)."""
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    CANCELLED = "cancelled"  # the caller aborted (or disconnected)
+    ERROR = "error"  # the engine failed while running the request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy. Checked by `validate()`."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None  # a seeded request samples the same tokens whatever it is batched with
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidRequest naming the first absurd value."""
+        if self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise InvalidRequest(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed}")
+        if len(self.stop) > 16:
+            raise InvalidRequest(f"at most 16 stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s) > 256:
+                raise InvalidRequest("stop strings must be 1 to 256 characters long")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise InvalidRequest(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: prompt token ids (already tokenized / templated) and sampling."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str = ""  # "" = base model; adapters arrive with the multi-adapter work
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a running request, delivered in order to the request's sink.
+
+    `text` and `token_ids` are the new part only; the last output has `finished=True`
+    and a `finish_reason`; `error` is set only with FinishReason.ERROR.
+    """
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None

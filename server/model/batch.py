@@ -1,0 +1,91 @@
+"""Per-step batch metadata, built once by the engine and passed to every layer.
+
+A step's tokens are laid out flat: first one decode token per decoding sequence, then the
+prefill chunks of sequences still reading their prompt. Nothing here knows about requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    slot: int  # KV slot of the sequence
+    start: int  # position of the chunk's first token
+    length: int  # tokens in the chunk
+    row: int  # row of the chunk's first token in the flat batch
+
+
+@dataclass(frozen=True)
+class DecodeSeq:
+    slot: int
+    position: int  # position of the token being decoded (= tokens already in the cache)
+    token_id: int
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    kv_slots: torch.Tensor  # [T] int64, slot each token's K/V is written to
+    num_decode: int
+    decode_slots: torch.Tensor  # [num_decode] int64
+    decode_slot_start: int | None  # set when decode slots are start, start+1, ...: the cache is viewed, not gathered
+    decode_len: int  # longest decode context (cache columns read)
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, decode_len] bool, True = attend
+    prefills: tuple[PrefillChunk, ...]
+    logits_rows: torch.Tensor  # [N] rows whose next-token logits are wanted
+    adapter_batch: Any = None  # per-step adapter metadata (multi-adapter work)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        decodes: list[DecodeSeq],
+        prefills: list[tuple[int, int, list[int], bool]],
+        device: torch.device,
+    ) -> StepBatch:
+        """decodes: one token each; prefills: (slot, start, token_ids, wants_logits) per chunk."""
+        token_ids = [d.token_id for d in decodes]
+        positions = [d.position for d in decodes]
+        kv_slots = [d.slot for d in decodes]
+        logits_rows = list(range(len(decodes)))
+        chunks = []
+        for slot, start, ids, wants_logits in prefills:
+            row = len(token_ids)
+            chunks.append(PrefillChunk(slot=slot, start=start, length=len(ids), row=row))
+            token_ids.extend(ids)
+            positions.extend(range(start, start + len(ids)))
+            kv_slots.extend([slot] * len(ids))
+            if wants_logits:
+                logits_rows.append(row + len(ids) - 1)
+
+        num_decode = len(decodes)
+        slots = [d.slot for d in decodes]
+        contiguous = num_decode > 0 and slots == list(range(slots[0], slots[0] + num_decode))
+        decode_len = max((d.position + 1 for d in decodes), default=0)
+        decode_positions = torch.tensor(positions[:num_decode], dtype=torch.int64)
+        decode_mask = torch.arange(decode_len).view(1, 1, 1, -1) <= decode_positions.view(-1, 1, 1, 1)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(
+            token_ids=as_tensor(token_ids),
+            positions=as_tensor(positions),
+            kv_slots=as_tensor(kv_slots),
+            num_decode=num_decode,
+            decode_slots=as_tensor(slots),
+            decode_slot_start=slots[0] if contiguous else None,
+            decode_len=decode_len,
+            decode_mask=decode_mask.to(device),
+            prefills=tuple(chunks),
+            logits_rows=as_tensor(logits_rows),
+        )

@@ -169,7 +169,9 @@ class Engine:
             raise InvalidRequest(f"adapter {request.adapter!r} is not available: no adapters are loaded")
         bad = next((t for t in prompt if not 0 <= t < self.info.vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
+            raise InvalidRequest(
+                f"prompt token id {bad} is outside the vocabulary [0, {self.info.vocab_size})"
+            )
         total = len(prompt) + request.sampling.max_tokens
         if total > self.info.max_model_len:
             raise InvalidRequest(
@@ -242,9 +244,7 @@ class Engine:
             seq.num_cached += 1
         # 3) sample for every sequence that now has next-token logits
         sampled = plan.decodes + [s for s, _ in plan.prefills if s.prefilled]
-        tokens = sample(
-            logits, [s.request.sampling for s in sampled], [s.generator for s in sampled]
-        )
+        tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
         # 4) detokenize, stream, retire finished sequences
         for seq, token in zip(sampled, tokens, strict=True):
             self._append(seq, token)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
 class EngineError(Exception):
@@ -27,7 +27,7 @@ class EngineUnavailable(EngineError):
     """The engine is stopped or its thread died (maps to UNAVAILABLE / HTTP 503)."""
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
     CANCELLED = "cancelled"  # the caller aborted (or disconnected)

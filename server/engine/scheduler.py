@@ -90,9 +90,7 @@ class Scheduler:
                 chunk = min(budget, seq.prompt_len - seq.num_cached)
                 prefills.append((seq, chunk))
                 budget -= chunk
-        needed = max(
-            [s.num_cached + 1 for s in decodes] + [s.num_cached + n for s, n in prefills], default=0
-        )
+        needed = max([s.num_cached + 1 for s in decodes] + [s.num_cached + n for s, n in prefills], default=0)
         self.kv.ensure_capacity(needed)
         return StepPlan(decodes, prefills)
 

@@ -34,7 +34,9 @@ class StepBatch:
     kv_slots: torch.Tensor  # [T] int64, slot each token's K/V is written to
     num_decode: int
     decode_slots: torch.Tensor  # [num_decode] int64
-    decode_slot_start: int | None  # set when decode slots are start, start+1, ...: the cache is viewed, not gathered
+    decode_slot_start: (
+        int | None
+    )  # set when decode slots are start, start+1, ...: the cache is viewed, not gathered
     decode_len: int  # longest decode context (cache columns read)
     decode_mask: torch.Tensor  # [num_decode, 1, 1, decode_len] bool, True = attend
     prefills: tuple[PrefillChunk, ...]

@@ -73,7 +73,9 @@ def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> tuple[
     if not path.is_dir():
         raise ModelNotFound(f"--model {model!r}: no such directory or .gguf file")
     if not (path / "config.json").is_file():
-        raise ModelNotFound(f"--model {model!r}: no config.json; expected a Hugging Face checkpoint directory")
+        raise ModelNotFound(
+            f"--model {model!r}: no config.json; expected a Hugging Face checkpoint directory"
+        )
     if not any(path.glob("*.safetensors")):
         raise ModelNotFound(f"--model {model!r}: no *.safetensors weights (pickle checkpoints are not read)")
     return path.name, path

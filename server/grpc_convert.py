@@ -1,0 +1,113 @@
+"""Translate between the protobuf messages of `loramux.v1` and the engine's domain types.
+
+`*_from_pb` functions read a request into plain values (no checks beyond what the wire
+format itself forces; validation is the domain's job), `*_to_pb` functions build answers.
+Unset `optional` fields get the defaults documented in the .proto here, and only here.
+
+This module knows both vocabularies and nothing else: no engine calls, no gRPC status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from loramux.v1 import inference_pb2 as pb
+from server.engine.request import FinishReason, RequestOutput, SamplingParams
+from server.prompts import PromptInput, max_prompt_chars
+
+if TYPE_CHECKING:
+    from server.engine.engine import EngineInfo
+
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; 0 = greedy
+DEFAULT_TOP_P = 1.0
+
+_FINISH_REASON_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    # ERROR never reaches the wire as a finish reason: the call fails with INTERNAL instead.
+}
+
+
+def prompt_from_pb(request: pb.GenerateRequest) -> PromptInput:
+    return PromptInput(
+        text=request.prompt if request.HasField("prompt") else None,
+        token_ids=tuple(request.token_ids),
+        messages=tuple((message.role, message.content) for message in request.messages),
+    )
+
+
+def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE,
+        top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else DEFAULT_TOP_P,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        stop_token_ids=tuple(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def mixture_from_pb(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
+    return tuple((entry.name, entry.weight) for entry in request.adapters)
+
+
+def finish_reason_to_pb(reason: FinishReason | None) -> pb.FinishReason:
+    return _FINISH_REASON_TO_PB.get(reason, pb.FINISH_REASON_UNSPECIFIED)
+
+
+def chunk_to_pb(output: RequestOutput, adapter: str) -> pb.GenerateStreamChunk:
+    return pb.GenerateStreamChunk(
+        request_id=output.request_id,
+        text=output.text,
+        token_ids=output.token_ids,
+        finished=output.finished,
+        finish_reason=finish_reason_to_pb(output.finish_reason),
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        adapter=adapter,
+    )
+
+
+def response_to_pb(request_id: str, outputs: Sequence[RequestOutput], adapter: str) -> pb.GenerateResponse:
+    """Join a finished request's increments into one answer."""
+    last = outputs[-1] if outputs else RequestOutput(request_id, "", ())
+    return pb.GenerateResponse(
+        request_id=request_id,
+        text="".join(output.text for output in outputs),
+        token_ids=[token for output in outputs for token in output.token_ids],
+        finish_reason=finish_reason_to_pb(last.finish_reason),
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        adapter=adapter,
+    )
+
+
+def info_to_pb(info: EngineInfo) -> pb.GetInfoResponse:
+    return pb.GetInfoResponse(
+        model_name=info.model_name,
+        max_model_len=info.max_model_len,
+        max_running=info.max_running,
+        max_queue=info.max_queue,
+        max_prompt_tokens=max(info.max_model_len - 1, 0),
+        max_prompt_chars=max_prompt_chars(info.max_model_len),
+        kernels_backend=info.kernels_backend,
+        device=info.device,
+        dtype=info.dtype,
+        vocab_size=info.vocab_size,
+        default_max_tokens=DEFAULT_MAX_TOKENS,
+        server_version=_server_version(),
+    )
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("loramux")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"

@@ -7,7 +7,6 @@ naming (see loader.py); q/k/v and gate/up are fused into one AdaptedLinear each.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from server.model.arch import ModelArch
 from server.model.batch import StepBatch
+from server.model.dense import Dense
 from server.model.kv_cache import KVCache
 from server.model.layers import AdaptedLinear, RMSNorm
 from server.model.rope import RotaryTable, apply_rotary
@@ -27,7 +27,6 @@ class Attention(nn.Module):
         self.arch = arch
         self.qkv_proj = qkv
         self.o_proj = o_proj
-        self.scale = 1.0 / math.sqrt(arch.head_dim)
 
     def forward(
         self,
@@ -40,19 +39,23 @@ class Attention(nn.Module):
         a = self.arch
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, batch.adapter_batch)
-        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
-        q = apply_rotary(q.view(num_tokens, a.num_heads, a.head_dim), *rotary)
-        k = apply_rotary(k.view(num_tokens, a.num_kv_heads, a.head_dim), *rotary)
+        # q and k heads are rotated in one go: [T, heads + kv_heads, head_dim]
+        qk = apply_rotary(qkv[:, : a.q_size + a.kv_size].view(num_tokens, -1, a.head_dim), *rotary)
+        q, k = qk.split((a.num_heads, a.num_kv_heads), dim=1)
         k_cache[batch.kv_slots, :, batch.positions] = k
-        v_cache[batch.kv_slots, :, batch.positions] = v.view(num_tokens, a.num_kv_heads, a.head_dim)
+        v_cache[batch.kv_slots, :, batch.positions] = qkv[:, a.q_size + a.kv_size :].view(
+            num_tokens, a.num_kv_heads, a.head_dim
+        )
 
-        out = torch.empty_like(q)  # [T, heads, head_dim]
+        # Rows are laid out decode tokens first, then each prefill chunk: outputs concatenate.
+        parts = []
         if batch.num_decode:
-            out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch, k_cache, v_cache)
+            parts.append(self._decode(q[: batch.num_decode], batch, k_cache, v_cache))
         for chunk in batch.prefills:
             rows = slice(chunk.row, chunk.row + chunk.length)
-            out[rows] = self._prefill(q[rows], chunk.slot, chunk.start, k_cache, v_cache)
-        return self.o_proj(out.view(num_tokens, a.q_size), batch.adapter_batch)
+            parts.append(self._prefill(q[rows], chunk.slot, chunk.start, k_cache, v_cache))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, a.q_size), batch.adapter_batch)
 
     def _decode(
         self, q: torch.Tensor, batch: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -67,12 +70,11 @@ class Attention(nn.Module):
         else:
             keys = k_cache[batch.decode_slots, :, :length]
             values = v_cache[batch.decode_slots, :, :length]
+        # The query heads of one KV head form the "query length" axis: no K/V repeat, one call.
         group = a.num_heads // a.num_kv_heads
-        q = q.view(n, a.num_kv_heads, group, a.head_dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # [n, kv_heads, group, length]
-        scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, values).view(n, a.num_heads, a.head_dim)
+        q = q.reshape(n, a.num_kv_heads, group, a.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.decode_mask)
+        return out.reshape(n, a.num_heads, a.head_dim)
 
     def _prefill(
         self, q: torch.Tensor, slot: int, start: int, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -153,8 +155,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, weights, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(weights["model.norm.weight"], arch.rms_norm_eps)
         head = weights["model.embed_tokens.weight"] if arch.tie_word_embeddings else weights["lm_head.weight"]
-        # The head is read as x @ W^T; a contiguous W^T streams twice as fast on CPU for decode shapes.
-        self.lm_head_t = nn.Parameter(head.t().contiguous(), requires_grad=False)  # [hidden, vocab]
+        self.lm_head = Dense(head, None, keep_gemv_layout=False)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, max_positions, device)
 
     @property
@@ -169,4 +170,4 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, batch, rotary, (kv.k[i], kv.v[i]))
         h = self.norm(h[batch.logits_rows])
-        return torch.matmul(h, self.lm_head_t).float()
+        return self.lm_head(h).float()

@@ -9,7 +9,8 @@ kv 192, intermediate 1536, 30 layers), each layer with its own stacks of `--slot
 
 Adapter popularity over a decode batch: distinct (one adapter per token), uniform (sqrt(batch)
 adapters, round-robin), zipf:1.5 (token adapters drawn from a Zipf law over the slots, fixed seed),
-identical (one adapter). `naive` is per projection, unfused, gathered `A[slot]` / `B[slot]` batched
+identical (one adapter); prefill:N (not in the default list) adds to the distinct decode batch a
+prompt chunk of N tokens for slot 0, a mixed step. `naive` is per projection, unfused, gathered `A[slot]` / `B[slot]` batched
 matmuls (the ~34 ms / 155-189 ms figures of DESIGN.md); `auto`, `segments` and `gather` are the
 torch backend with its strategy chosen per layer or forced. Times are the median of --repeats
 steps after one warm-up, in ms per step. Flags belong to this module (`add_arguments`, `main`).
@@ -54,9 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="decode tokens per step (default 32)")
     parser.add_argument("--slots", type=int, default=32, help="adapters per stack (device slots)")
     parser.add_argument("--workloads", default="W1,W2", help="comma list of W1, W2")
-    parser.add_argument("--popularity", default=",".join(POPULARITIES), help="comma list")
+    parser.add_argument(
+        "--popularity", default=",".join(POPULARITIES), help="comma list (also prefill:N, a mixed step)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per cell (median kept)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -71,6 +75,8 @@ def slot_ids_for(popularity: str, batch: int, slots: int, seed: int = 0) -> list
         return [i % active for i in range(batch)]
     if popularity == "identical":
         return [0] * batch
+    if popularity.startswith("prefill:"):  # the distinct decode batch plus one prompt chunk of slot 0
+        return list(range(batch)) + [0] * int(popularity.split(":", 1)[1])
     if popularity.startswith("zipf:"):
         alpha = float(popularity.split(":", 1)[1])
         weights = torch.tensor([1.0 / (k + 1) ** alpha for k in range(slots)])
@@ -157,6 +163,8 @@ def bench_cell(
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
         "batch": args.batch,
         "slots": args.slots,

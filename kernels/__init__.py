@@ -1,5 +1,31 @@
-"""Segmented / gathered LoRA matmuls (filled in by the multi-adapter work).
+"""Segmented / gathered LoRA matmuls: the adapter term of every adapted linear layer.
+
+    backend = select_backend(device)                             # once, at start-up
+    stack = LoraStack.empty(..., layout=backend.stack_layout)    # per layer and fused projection
+    linear.adapter_term = LoraTerm(backend, stack)               # adapter_term(x, y, batch)
+    batch = AdapterBatch.build(slot_ids, device)                 # once per engine step
+    backend.add_lora(x, y, stack, batch)                         # what the term does: y += LoRA
+
+`shrink.py` and `expand.py` hold the Triton kernels, their launchers and the torch references;
+`torch_backend.py` the CPU backend. Triton is imported only when the triton backend is chosen
+(or those modules are imported), so importing this package is cheap and needs no GPU.
 
 Deliberately defines no ``__version__``: transformers probes for a Hugging Face package also
 called ``kernels`` and must not mistake this one for it (see tests/test_naming_hazard.py).
 """
+
+from kernels.backend import LoraBackend, LoraTerm, TritonBackend, select_backend
+from kernels.metadata import AdapterBatch
+from kernels.stack import LoraStack, StackLayout
+from kernels.torch_backend import TorchBackend
+
+__all__ = [
+    "AdapterBatch",
+    "LoraBackend",
+    "LoraStack",
+    "LoraTerm",
+    "StackLayout",
+    "TorchBackend",
+    "TritonBackend",
+    "select_backend",
+]

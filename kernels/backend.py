@@ -1,0 +1,127 @@
+"""One interface over the LoRA kernels, chosen once at start-up: `select_backend(device)`.
+
+Layers call `backend.add_lora(x, y, stack, batch)` (or a bound `LoraTerm`) and never branch on
+the platform. The Triton backend (CUDA) is imported only when chosen, so importing `kernels`
+needs neither triton's start-up cost nor a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kernels.metadata import AdapterBatch
+from kernels.stack import LoraStack, StackLayout
+from kernels.torch_backend import Strategy, TorchBackend
+
+
+class LoraBackend(Protocol):
+    """What every backend offers; semantics as kernels.shrink.lora_shrink / kernels.expand.lora_expand."""
+
+    name: str
+    stack_layout: StackLayout  # how LoraStack.empty should store weights for this backend
+
+    def shrink(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        batch: AdapterBatch,
+        scale: torch.Tensor,
+        *,
+        slot_ranks: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def expand(
+        self,
+        h: torch.Tensor,
+        lora_b: Sequence[torch.Tensor] | torch.Tensor,
+        batch: AdapterBatch,
+        y: torch.Tensor,
+        *,
+        slot_ranks: torch.Tensor | None = None,
+    ) -> None: ...
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, stack: LoraStack, batch: AdapterBatch) -> None:
+        """y[:, slice p] += scale[s, p] * (x @ A_p[s]^T) @ B_p[s]^T for every token with a slot s."""
+        ...
+
+
+class TritonBackend:
+    """The SGMV-style Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)."""
+
+    name = "triton"
+    stack_layout: StackLayout = "triton"
+
+    def __init__(self) -> None:
+        from kernels import expand, shrink  # triton is imported here, not with the package
+
+        self._shrink = shrink.lora_shrink
+        self._expand = expand.lora_expand
+
+    def shrink(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        batch: AdapterBatch,
+        scale: torch.Tensor,
+        *,
+        slot_ranks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._shrink(x, lora_a, batch, scale, slot_ranks=slot_ranks)
+
+    def expand(
+        self,
+        h: torch.Tensor,
+        lora_b: Sequence[torch.Tensor] | torch.Tensor,
+        batch: AdapterBatch,
+        y: torch.Tensor,
+        *,
+        slot_ranks: torch.Tensor | None = None,
+    ) -> None:
+        self._expand(h, lora_b, batch, y, slot_ranks=slot_ranks)
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, stack: LoraStack, batch: AdapterBatch) -> None:
+        if not batch.has_adapters:
+            return
+        h = self._shrink(x, stack.lora_a, batch, stack.scale, slot_ranks=stack.slot_ranks)
+        self._expand(h, stack.lora_b, batch, y, slot_ranks=stack.slot_ranks)
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """One adapted layer's LoRA term, as AdaptedLinear.adapter_term: term(x, y, batch) adds it to y."""
+
+    backend: LoraBackend
+    stack: LoraStack
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> None:
+        self.backend.add_lora(x, y, self.stack, batch)
+
+
+def select_backend(
+    device: torch.device | str, name: str | None = None, *, strategy: Strategy = "auto"
+) -> LoraBackend:
+    """The backend for `device`: triton on CUDA, torch elsewhere; `name` forces one ("triton" | "torch").
+
+    `strategy` tunes the torch backend only (auto | segments | gather).
+    """
+    device = torch.device(device)
+    name = name or ("triton" if device.type == "cuda" else "torch")
+    if name == "torch":
+        return TorchBackend(strategy)
+    if name == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"the triton backend needs a CUDA device (got {device}); use the torch backend on CPU, "
+                "or set TRITON_INTERPRET=1 before importing kernels to run the kernels interpreted"
+            )
+        return TritonBackend()
+    raise ValueError(f"unknown kernels backend {name!r}: use 'triton' or 'torch'")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,1 +1,41 @@
-"""Adapter formats, validation and the tiered adapter cache (filled in by the multi-adapter work)."""
+"""Adapter formats, validation and the disk and host tiers of the adapter cache.
+
+The server builds a `BaseModelSpec` from its model and an `AdapterStore` over the adapter roots;
+`AdapterStore.get(name)` returns a validated `LoadedAdapter` whose `lora_weights()` gives fp32
+A [rank, in], B [out, rank] and scale per (layer, projection). Imports only `kernels` (or nothing);
+never `server`.
+"""
+
+from adapters_store.adapter import LoadedAdapter, LoraAdapter, LoraWeights, ModuleKey
+from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
+from adapters_store.formats import FORMATS, detect_format, load_adapter
+from adapters_store.host_cache import HostCache, HostCacheStats
+from adapters_store.names import check_adapter_name, is_adapter_name
+from adapters_store.peft_lora import load_peft_lora
+from adapters_store.roots import AdapterRoots
+from adapters_store.spec import PROJECTIONS, BaseModelSpec
+from adapters_store.store import AdapterStore, StoredAdapter
+
+__all__ = [
+    "FORMATS",
+    "PROJECTIONS",
+    "AdapterError",
+    "AdapterExists",
+    "AdapterNotFound",
+    "AdapterRoots",
+    "AdapterStore",
+    "AdapterTooLarge",
+    "BaseModelSpec",
+    "HostCache",
+    "HostCacheStats",
+    "LoadedAdapter",
+    "LoraAdapter",
+    "LoraWeights",
+    "ModuleKey",
+    "StoredAdapter",
+    "check_adapter_name",
+    "detect_format",
+    "is_adapter_name",
+    "load_adapter",
+    "load_peft_lora",
+]

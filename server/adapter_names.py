@@ -11,15 +11,14 @@ lands, no adapter is loaded and there is no router, so only the base model can b
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Container, Sequence
 
+from adapters_store.names import NAME_PATTERN, NAME_RULE
 from server.engine.request import InvalidRequest
 
 BASE_ADAPTER = ""
 AUTO_ADAPTER = "auto"
 MAX_MIXTURE = 8
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class AdapterNotFound(LookupError):
@@ -28,11 +27,8 @@ class AdapterNotFound(LookupError):
 
 def check_adapter_name(name: str, field: str = "adapter") -> None:
     """Raise InvalidRequest unless `name` is a well-formed adapter identifier."""
-    if not _NAME.fullmatch(name):
-        raise InvalidRequest(
-            f"{field} {name!r} is not a valid adapter name: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidRequest(f"{field} {name!r} is not a valid adapter name: {NAME_RULE}")
 
 
 def select_adapter(adapter: str, mixture: Sequence[tuple[str, float]], loaded: Container[str]) -> str:

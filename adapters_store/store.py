@@ -98,6 +98,10 @@ class AdapterStore:
             listed.append(StoredAdapter(name, directories[name], tier, adapter))
         return listed
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is registered by a load or present in a root (nothing is read)."""
+        return self._directory_of(name) is not None
+
     def stats(self) -> HostCacheStats:
         return self.host.stats()
 

@@ -32,6 +32,30 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """The adapter tiers.
+
+    roots: directories whose subdirectories are adapters named after them (loaded on first use).
+    max_slots: adapters resident on the device at once (0 = serve no adapters).
+    max_rank: the largest LoRA rank accepted (device slots are sized by it).
+    host_cache_mb: host memory for adapters read from disk (LRU by bytes).
+    """
+
+    roots: tuple[str, ...] = ()
+    max_slots: int = 8
+    max_rank: int = 16
+    host_cache_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 0:
+            raise ValueError(f"max_slots must be >= 0, got {self.max_slots}")
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+        if self.host_cache_mb < 1:
+            raise ValueError(f"host_cache_mb must be >= 1, got {self.host_cache_mb}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything `loramux serve` needs. `model=None` means the embedded SmolLM2-135M-Instruct."""
 
@@ -42,3 +66,4 @@ class ServerConfig:
     grpc_port: int = 50051
     cache_dir: str | None = None  # default: $LORAMUX_CACHE or ~/.cache/loramux
     engine: EngineConfig = field(default_factory=EngineConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)

@@ -7,8 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from server.config import ServerConfig
+from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec
+from adapters_store.device_slots import DeviceSlots
+from kernels import select_backend
+from server.config import AdapterConfig, ServerConfig
+from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
+from server.model.llama import LlamaModel
 from server.model.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -50,4 +55,31 @@ def _build(config: ServerConfig) -> Engine:
     dtype = pick_dtype(config.dtype, device)
     loaded = load_model(config.model, device, dtype, config.engine.max_model_len, config.cache_dir)
     log.info("loaded %s from %s on %s (%s)", loaded.name, loaded.directory, device, dtype)
-    return Engine(loaded, config.engine)
+    return Engine(loaded, config.engine, build_adapters(loaded.model, config.adapters))
+
+
+def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager | None:
+    """The adapter tiers over `model` (roots -> host cache -> device slots), or None for --max-slots 0."""
+    if config.max_slots == 0:
+        return None
+    arch = model.arch
+    spec = BaseModelSpec.llama(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        q_size=arch.q_size,
+        kv_size=arch.kv_size,
+        max_rank=config.max_rank,
+    )
+    device = model.embed_tokens.device
+    backend = select_backend(device)
+    store = AdapterStore(spec, AdapterRoots(config.roots), config.host_cache_mb << 20)
+    slots = DeviceSlots(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, model.dtype)
+    log.info(
+        "adapters: %d device slots of rank <= %d (%s kernels), roots %s",
+        config.max_slots,
+        config.max_rank,
+        backend.name,
+        ", ".join(config.roots) or "none",
+    )
+    return AdapterManager.attach(model, store, slots)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from adapters_store import AdapterNotFound
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import (
@@ -52,9 +53,11 @@ class Collected:
         return self.outputs[-1].finish_reason
 
 
-def submit(engine: Engine, rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> Collected:
+def submit(
+    engine: Engine, rid: str, prompt: list[int], params: SamplingParams = GREEDY, adapter: str = ""
+) -> Collected:
     sink = Collected()
-    engine.submit(GenerationRequest(rid, tuple(prompt), params), sink)
+    engine.submit(GenerationRequest(rid, tuple(prompt), params, adapter=adapter), sink)
     return sink
 
 
@@ -236,7 +239,7 @@ def test_invalid_requests_are_refused_at_submit(engine: Engine) -> None:
     for prompt, params, message in cases:
         with pytest.raises(InvalidRequest, match=message):
             engine.submit(GenerationRequest("bad", tuple(prompt), params), Collected())
-    with pytest.raises(InvalidRequest, match="adapter"):
+    with pytest.raises(AdapterNotFound, match="nope"):
         engine.submit(GenerationRequest("bad", (1, 2), SamplingParams(), adapter="nope"), Collected())
     wait_idle(engine)
 

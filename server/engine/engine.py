@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters_store import AdapterNotFound
+from kernels import AdapterBatch
 from server.config import EngineConfig
+from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import (
     EngineOverloaded,
@@ -71,8 +74,11 @@ class _Stop:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, adapters: AdapterManager | None = None
+    ) -> None:
         self.model = loaded.model
+        self.adapters = adapters
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         arch = self.model.arch
@@ -89,7 +95,7 @@ class Engine:
             vocab_size=arch.vocab_size,
             device=str(self.device),
             dtype=str(self.model.dtype).removeprefix("torch."),
-            kernels_backend="none",
+            kernels_backend=adapters.slots.backend.name if adapters else "none",
         )
         self.kv = KVCache(
             arch.num_layers,
@@ -126,6 +132,8 @@ class Engine:
         self._inbox.put(_Stop())
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.adapters is not None:
+            self.adapters.shutdown()
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request; raises InvalidRequest, EngineOverloaded or EngineUnavailable at once."""
@@ -139,6 +147,9 @@ class Engine:
             generator=self._generator_for(request),
             detokenizer=Detokenizer(self.tokenizer, list(request.prompt_token_ids), request.sampling.stop),
         )
+        if request.adapter:
+            assert self.adapters is not None  # _validate checked it
+            seq.adapter_future = self.adapters.prefetch(request.adapter)
         with self._lock:
             if request.request_id in self._live:
                 raise InvalidRequest(f"request id {request.request_id!r} is already running")
@@ -166,7 +177,11 @@ class Engine:
         if not prompt:
             raise InvalidRequest("the prompt is empty")
         if request.adapter:
-            raise InvalidRequest(f"adapter {request.adapter!r} is not available: no adapters are loaded")
+            if self.adapters is None:
+                raise AdapterNotFound(
+                    f"adapter {request.adapter!r}: this server serves no adapters (started with --max-slots 0)"
+                )
+            self.adapters.check_known(request.adapter)
         bad = next((t for t in prompt if not 0 <= t < self.info.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(
@@ -226,14 +241,17 @@ class Engine:
 
     def step(self) -> None:
         """One engine step: 1) plan, 2) forward, 3) sample, 4) stream and retire."""
-        # 1) plan: admit into KV slots, pick decode tokens and prefill chunks
+        # 1) plan: admit into KV slots (and adapter slots), pick decode tokens and prefill chunks
+        self._fail_unloadable_adapters()
         was_waiting = len(self.scheduler.waiting)
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._ready)
         admitted = was_waiting - len(self.scheduler.waiting)
         if admitted:
             with self._lock:
                 self._num_queued -= admitted
         if plan.empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                time.sleep(0.001)  # only waiting for adapter loads: do not spin
             return
         # 2) forward over the mixed batch
         batch = self._build_batch(plan)
@@ -249,6 +267,28 @@ class Engine:
         for seq, token in zip(sampled, tokens, strict=True):
             self._append(seq, token)
 
+    def _ready(self, seq: Sequence) -> bool:
+        """A waiting sequence may start once its adapter is in the host tier and pinned in a slot."""
+        future = seq.adapter_future
+        if future is None:
+            return True
+        if not future.done() or future.exception() is not None:
+            return False
+        assert self.adapters is not None
+        slot = self.adapters.acquire(future.result())
+        if slot is None:  # every device slot is pinned by running requests: wait for one
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    def _fail_unloadable_adapters(self) -> None:
+        for seq in list(self.scheduler.waiting):
+            future = seq.adapter_future
+            if future is not None and future.done() and future.exception() is not None:
+                self._finish(
+                    seq, FinishReason.ERROR, error=f"adapter {seq.request.adapter!r}: {future.exception()}"
+                )
+
     def _build_batch(self, plan: StepPlan) -> StepBatch:
         decodes = [DecodeSeq(s.slot, s.next_position, s.output_ids[-1]) for s in plan.decodes]
         prefills = [
@@ -260,7 +300,14 @@ class Engine:
             )
             for s, n in plan.prefills
         ]
-        return StepBatch.build(decodes, prefills, self.device)
+        # Rows are decode tokens, then each prefill chunk: the adapter slot of every row.
+        slot_ids = [s.adapter_slot for s in plan.decodes]
+        for s, n in plan.prefills:
+            slot_ids.extend([s.adapter_slot] * n)
+        adapter_batch = None
+        if any(slot >= 0 for slot in slot_ids):  # base-only steps skip the adapter term entirely
+            adapter_batch = AdapterBatch.build(slot_ids, self.device)
+        return StepBatch.build(decodes, prefills, self.device, adapter_batch)
 
     def _append(self, seq: Sequence, token: int) -> None:
         params = seq.request.sampling
@@ -317,6 +364,10 @@ class Engine:
                 self._num_queued -= 1
         if seq.slot >= 0 or seq in self.scheduler.waiting:
             self.scheduler.release(seq)
+        if seq.adapter_slot >= 0:
+            assert self.adapters is not None
+            self.adapters.release(seq.adapter_slot)
+            seq.adapter_slot = -1
         self._emit(seq, seq.detokenizer.take(final=True), token_ids, reason, error)
 
     def _finish_all(self, reason: FinishReason) -> None:

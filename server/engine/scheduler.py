@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from adapters_store import LoadedAdapter
 from server.config import EngineConfig
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import GenerationRequest, RequestOutput
@@ -28,6 +30,8 @@ class Sequence:
     slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
     output_ids: list[int] = field(default_factory=list)
+    adapter_future: Future[LoadedAdapter] | None = None  # the adapter's disk -> host load
+    adapter_slot: int = -1  # device slot pinned for the adapter while running; -1 = base model
 
     @property
     def prompt_len(self) -> int:
@@ -67,19 +71,22 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def can_admit(self) -> bool:
-        return bool(self.waiting) and len(self.running) < self.config.max_running
-
-    def schedule(self) -> StepPlan:
+    def schedule(self, ready: Callable[[Sequence], bool]) -> StepPlan:
         """Admit what fits, then plan one step: every prefilled sequence decodes one token and
-        prompt chunks fill the rest of the token budget, oldest first."""
-        admitted = []
-        while self.can_admit():
-            seq = self.waiting.popleft()
+        prompt chunks fill the rest of the token budget, oldest first.
+
+        `ready(seq)` says whether a waiting sequence may start now (its adapter is in a device
+        slot); one that is not ready waits without holding back those behind it.
+        """
+        for seq in list(self.waiting):
+            if len(self.running) >= self.config.max_running:
+                break
+            if not ready(seq):
+                continue
+            self.waiting.remove(seq)
             seq.slot = len(self.running)
             self._slot_owner[seq.slot] = seq
             self.running.append(seq)
-            admitted.append(seq)
         decodes = sorted((s for s in self.running if s.prefilled), key=lambda s: s.slot)
         budget = self.config.max_batched_tokens - len(decodes)
         prefills = []

@@ -53,6 +53,7 @@ class StepBatch:
         decodes: list[DecodeSeq],
         prefills: list[tuple[int, int, list[int], bool]],
         device: torch.device,
+        adapter_batch: Any = None,
     ) -> StepBatch:
         """decodes: one token each; prefills: (slot, start, token_ids, wants_logits) per chunk."""
         token_ids = [d.token_id for d in decodes]
@@ -90,4 +91,5 @@ class StepBatch:
             decode_mask=decode_mask.to(device),
             prefills=tuple(chunks),
             logits_rows=as_tensor(logits_rows),
+            adapter_batch=adapter_batch,
         )

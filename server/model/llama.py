@@ -7,7 +7,7 @@ naming (see loader.py); q/k/v and gate/up are fused into one AdaptedLinear each.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,15 @@ class LlamaModel(nn.Module):
         head = weights["model.embed_tokens.weight"] if arch.tie_word_embeddings else weights["lm_head.weight"]
         self.lm_head = Dense(head, None, keep_gemv_layout=False)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, max_positions, device)
+
+    def adapted_linears(self) -> Iterator[tuple[int, AdaptedLinear]]:
+        """(layer index, linear) for every adapter-aware projection (q|k|v, o, gate|up, down)."""
+        for index, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
+            yield index, layer.attn.qkv_proj
+            yield index, layer.attn.o_proj
+            yield index, layer.mlp.gate_up_proj
+            yield index, layer.mlp.down_proj
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,150 @@
+"""The engine's view of adapters: names -> host tier (loaded off the engine thread) -> device slots.
+
+A request for adapter X starts X's disk -> host load on a loader thread when it is submitted;
+the scheduler admits it once X is in the host tier and a device slot can be pinned for it, so a
+cold adapter never stalls the running batch beyond the copy into its slot. Load / unload / list
+are the RPCs' entry points and may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from adapters_store import AdapterNotFound, AdapterStore, LoadedAdapter, check_adapter_name
+from adapters_store.device_slots import DeviceSlots, DeviceSlotStats
+from adapters_store.host_cache import HostCacheStats
+from adapters_store.store import StoredAdapter
+from kernels import LoraTerm
+from server.model.llama import LlamaModel
+
+# The model's adapted linears, as fused projection groups in output order.
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """One adapter as ListAdapters shows it."""
+
+    name: str
+    format: str  # "" while only on disk (not read yet)
+    rank: int
+    nbytes: int  # host (compact) form; 0 while only on disk
+    tier: str  # "device" | "host" | "disk"
+    pinned: bool  # a running request uses it
+    load_count: int  # disk -> host loads
+    requests_served: int
+    source: str
+    target_modules: tuple[str, ...]
+
+
+class AdapterManager:
+    def __init__(self, store: AdapterStore, slots: DeviceSlots, loader_threads: int = 2) -> None:
+        self.store = store
+        self.slots = slots
+        self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="loramux-adapter-load")
+        self._lock = threading.Lock()
+        self._pending: dict[str, Future[LoadedAdapter]] = {}
+        self._served: Counter[str] = Counter()
+        self._loads: Counter[str] = Counter()
+
+    @classmethod
+    def attach(cls, model: LlamaModel, store: AdapterStore, slots: DeviceSlots) -> AdapterManager:
+        """Give every adapted linear of `model` its slot stack as adapter term."""
+        for layer, linear in model.adapted_linears():
+            linear.adapter_term = LoraTerm(slots.backend, slots.stack(layer, linear.projections))
+        return cls(store, slots)
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    # -- engine side ----------------------------------------------------------------------------
+
+    def check_known(self, name: str) -> None:
+        """Raise AdapterNotFound (or AdapterError for a malformed name) unless `name` can be served."""
+        check_adapter_name(name)
+        if not self.store.knows(name):
+            raise AdapterNotFound(
+                f"adapter {name!r} is not loaded and not in the adapter roots; load it first "
+                "(LoadAdapter / --adapter-root) or list them with ListAdapters"
+            )
+
+    def prefetch(self, name: str) -> Future[LoadedAdapter]:
+        """Start (or join) the disk -> host load of `name` on a loader thread."""
+        with self._lock:
+            future = self._pending.get(name)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._loader.submit(self._load_to_host, name)
+                self._pending[name] = future
+            return future
+
+    def acquire(self, adapter: LoadedAdapter) -> int | None:
+        slot = self.slots.acquire(adapter)
+        if slot is not None:
+            with self._lock:
+                self._served[adapter.name] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.slots.release(slot)
+
+    def _load_to_host(self, name: str) -> LoadedAdapter:
+        in_host = self.store.host.peek(name) is not None
+        adapter = self.store.get(name)
+        if not in_host:
+            with self._lock:
+                self._loads[name] += 1
+        return adapter
+
+    # -- RPC side -------------------------------------------------------------------------------
+
+    def load(self, name: str, path: str, format: str | None = None, replace: bool = False) -> LoadedAdapter:
+        """Validate and register the adapter at `path` as `name` (a bad one changes nothing)."""
+        previous = self.store.host.peek(name)
+        adapter = self.store.load(name, path, format, replace=replace)
+        with self._lock:
+            self._pending.pop(name, None)
+            if adapter is not previous:
+                self._loads[name] += 1
+        if previous is not None and adapter is not previous:
+            self.slots.invalidate(name)  # new weights: requests from now on get a fresh slot
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Free the host copy and the device slot (at once, or when its last running request ends)."""
+        self.store.unload(name)
+        with self._lock:
+            self._pending.pop(name, None)
+        self.slots.invalidate(name)
+
+    def list(self) -> list[AdapterStatus]:
+        on_device: dict[str, bool] = {}
+        for info in self.slots.slots():
+            if not info.stale:
+                on_device[info.name] = on_device.get(info.name, False) or info.pins > 0
+        with self._lock:
+            served, loads = Counter(self._served), Counter(self._loads)
+        return [self._status(stored, on_device, served, loads) for stored in self.store.list()]
+
+    def stats(self) -> tuple[HostCacheStats, DeviceSlotStats]:
+        return self.store.stats(), self.slots.stats()
+
+    @staticmethod
+    def _status(
+        stored: StoredAdapter, on_device: dict[str, bool], served: Counter[str], loads: Counter[str]
+    ) -> AdapterStatus:
+        adapter = stored.adapter
+        return AdapterStatus(
+            name=stored.name,
+            format=adapter.format if adapter else "",
+            rank=adapter.rank if adapter else 0,
+            nbytes=adapter.nbytes if adapter else 0,
+            tier="device" if stored.name in on_device else stored.tier,
+            pinned=on_device.get(stored.name, False),
+            load_count=loads[stored.name],
+            requests_served=served[stored.name],
+            source=str(stored.directory),
+            target_modules=adapter.target_modules if adapter else (),
+        )

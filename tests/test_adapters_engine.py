@@ -19,7 +19,7 @@ from server.engine.request import FinishReason, SamplingParams
 from server.model.batch import DecodeSeq, StepBatch
 from server.model.kv_cache import KVCache
 from server.runtime import build_engine
-from tests.test_engine import submit, wait_idle
+from tests.test_engine import chat_ids, submit, wait_idle
 
 CPU = torch.device("cpu")
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -285,5 +285,36 @@ def test_thousands_of_adapter_requests_leak_no_slot(setup) -> None:
         assert engine.adapters is not None
         assert engine.adapters.slots.stats().pinned == 0
         assert engine.scheduler.slots_used() == 0
+    finally:
+        engine.shutdown()
+
+
+def test_smollm2_with_an_adapter_equals_peft(smollm2_dir, tokenizer, tmp_path) -> None:
+    """The same oracle on the real default model: a mixed adapter/base batch and greedy decoding."""
+    from peft import PeftModel
+
+    root = tmp_path / "roots"
+    _save_adapter(smollm2_dir, root / "smol", dict(r=4, lora_alpha=8, target_modules="all-linear"), seed=11)
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+        root / "smol",
+        adapter_name="smol",
+    ).eval()
+    config = ServerConfig(
+        device="cpu",
+        engine=EngineConfig(max_running=4, max_model_len=256, max_batched_tokens=64),
+        adapters=AdapterConfig(roots=(str(root),), max_slots=2, max_rank=8),
+    )
+    engine = build_engine(config)
+    engine.start()
+    try:
+        prompt = chat_ids(tokenizer, "Name a primary color.")
+        with_adapter = submit(engine, "smol-a", prompt, GREEDY, adapter="smol")
+        base = submit(engine, "smol-b", prompt, GREEDY)
+        assert with_adapter.wait().tokens == _peft_greedy(peft, "smol", prompt, 12)
+        assert base.wait().tokens == _peft_greedy(peft, "", prompt, 12)
+        assert with_adapter.tokens != base.tokens  # the adapter really changes the output
     finally:
         engine.shutdown()

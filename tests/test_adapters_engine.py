@@ -261,7 +261,7 @@ def test_thousands_of_adapter_requests_leak_no_slot(setup) -> None:
     try:
         names = [*ADAPTERS, ""]
         sinks = []
-        for i in range(400):
+        for i in range(1000):
             while True:
                 try:
                     sinks.append(

@@ -3,15 +3,16 @@
 Adapter names are identifiers, never paths: letters, digits, '.', '_' and '-', starting with a
 letter or digit, at most 128 characters. `""` is the base model and `"auto"` asks the router.
 
-This module knows the naming rules and which names are loaded (it is handed the set); it
-does not load adapters, route prompts or know about gRPC. Until the multi-adapter work
-lands, no adapter is loaded and there is no router, so only the base model can be chosen.
+This module knows the naming rules and the request shapes; whether a well-formed name can be
+served it asks the `check_known` callable it is handed (the engine's), which raises
+`adapters_store.AdapterNotFound`. It does not load adapters, route prompts or know about gRPC.
+There is no router yet, so "auto" and weighted mixtures are refused as not implemented.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Sequence
 
 from adapters_store.names import NAME_PATTERN, NAME_RULE
 from server.engine.request import InvalidRequest
@@ -20,9 +21,7 @@ BASE_ADAPTER = ""
 AUTO_ADAPTER = "auto"
 MAX_MIXTURE = 8
 
-
-class AdapterNotFound(LookupError):
-    """A well-formed adapter name that is not loaded (maps to NOT_FOUND / HTTP 404)."""
+CheckKnown = Callable[[str], None]  # raises adapters_store.AdapterNotFound for a name it cannot serve
 
 
 def check_adapter_name(name: str, field: str = "adapter") -> None:
@@ -31,33 +30,29 @@ def check_adapter_name(name: str, field: str = "adapter") -> None:
         raise InvalidRequest(f"{field} {name!r} is not a valid adapter name: {NAME_RULE}")
 
 
-def select_adapter(adapter: str, mixture: Sequence[tuple[str, float]], loaded: Container[str]) -> str:
+def select_adapter(adapter: str, mixture: Sequence[tuple[str, float]], check_known: CheckKnown) -> str:
     """The adapter a request will run with: `adapter`, or the one adapter of `mixture`.
 
-    Raises InvalidRequest for malformed input, AdapterNotFound for names not in `loaded`
-    and NotImplementedError for what this server cannot do yet ("auto", mixtures).
+    Raises InvalidRequest for malformed input, AdapterNotFound (from `check_known`) for names
+    the server cannot serve and NotImplementedError for what it cannot do yet ("auto", mixtures).
     """
     if mixture and adapter:
         raise InvalidRequest("set either adapter or adapters (a weighted mixture), not both")
     if mixture:
-        return _select_from_mixture(mixture, loaded)
+        return _select_from_mixture(mixture, check_known)
     if adapter == BASE_ADAPTER:
         return BASE_ADAPTER
     if adapter == AUTO_ADAPTER:
         raise NotImplementedError(
-            "adapter 'auto' needs the router, which arrives with the multi-adapter work; "
-            "use adapter '' for the base model"
+            "adapter 'auto' needs the router, which is not built yet; name an adapter "
+            "(ListAdapters shows them) or use adapter '' for the base model"
         )
     check_adapter_name(adapter)
-    if adapter not in loaded:
-        raise AdapterNotFound(
-            f"adapter {adapter!r} is not loaded (adapters arrive with the multi-adapter work); "
-            "use adapter '' for the base model"
-        )
+    check_known(adapter)
     return adapter
 
 
-def _select_from_mixture(mixture: Sequence[tuple[str, float]], loaded: Container[str]) -> str:
+def _select_from_mixture(mixture: Sequence[tuple[str, float]], check_known: CheckKnown) -> str:
     if len(mixture) > MAX_MIXTURE:
         raise InvalidRequest(f"at most {MAX_MIXTURE} adapters in a mixture, got {len(mixture)}")
     names = [name for name, _weight in mixture]
@@ -68,8 +63,5 @@ def _select_from_mixture(mixture: Sequence[tuple[str, float]], loaded: Container
         if not math.isfinite(weight) or weight <= 0.0:
             raise InvalidRequest(f"adapters[{index}].weight must be a finite number > 0, got {weight}")
     for name in names:
-        if name not in loaded:
-            raise AdapterNotFound(
-                f"adapter {name!r} is not loaded (adapters arrive with the multi-adapter work)"
-            )
+        check_known(name)
     raise NotImplementedError("weighted adapter mixtures are not supported yet; name one adapter instead")

@@ -3,7 +3,8 @@
     loramux serve     run the server (engine + gRPC) until SIGINT/SIGTERM
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
-    loramux bench engine ...   engine micro-benchmark (flags belong to bench.engine_bench)
+    loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
+    loramux bench engine|adapters ...   benchmarks (flags belong to bench.<name>_bench)
 
 Heavy imports (torch, the engine, the benchmark) happen inside the command that needs them,
 so client commands start fast. This module turns flags into a `ServerConfig` or a request;
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from server.config import EngineConfig, ServerConfig
+from server.config import AdapterConfig, EngineConfig, ServerConfig
 
 if TYPE_CHECKING:
     import grpc
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_generate(commands)
     _add_info(commands)
+    _add_adapters(commands)
     _add_bench(commands)
     return parser
 
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    server, engine = ServerConfig(), EngineConfig()  # their defaults are the flags' defaults
+    server, engine, adapters = ServerConfig(), EngineConfig(), AdapterConfig()  # defaults = flag defaults
     serve = commands.add_parser("serve", help="run the server until SIGINT/SIGTERM")
     serve.add_argument(
         "--model",
@@ -106,6 +108,32 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=server.cache_dir,
         help="converted-model cache (default: $LORAMUX_CACHE or ~/.cache/loramux)",
     )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory whose subdirectories are adapters named after them; LoadAdapter paths must lie "
+        "inside one (repeatable; earlier roots win a name)",
+    )
+    serve.add_argument(
+        "--max-slots",
+        type=_non_negative,
+        default=adapters.max_slots,
+        help="adapters resident on the device at once; 0 = serve no adapters (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-rank",
+        type=int,
+        default=adapters.max_rank,
+        help="largest LoRA rank accepted; sizes the device slots (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--host-cache-mb",
+        type=int,
+        default=adapters.host_cache_mb,
+        help="host memory for adapters read from disk, LRU (default: %(default)s)",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
 
@@ -132,6 +160,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len,
         max_batched_tokens=args.max_batched_tokens,
     )
+    adapters = AdapterConfig(
+        roots=tuple(args.adapter_root),
+        max_slots=args.max_slots,
+        max_rank=args.max_rank,
+        host_cache_mb=args.host_cache_mb,
+    )
     return ServerConfig(
         model=args.model,
         device=args.device,
@@ -140,6 +174,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         grpc_port=args.grpc_port,
         cache_dir=args.cache_dir,
         engine=engine,
+        adapters=adapters,
     )
 
 
@@ -156,7 +191,7 @@ def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
     try:
         engine = build_engine(config)
-    except (OSError, ValueError) as exc:  # no such model, no CUDA, bad dtype, ...
+    except (OSError, ValueError) as exc:  # no such model, no CUDA, bad dtype, missing adapter root, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     engine.start()
@@ -216,7 +251,9 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     generate.add_argument("--top-k", type=_non_negative, default=0, help="0 = off")
     generate.add_argument("--seed", type=_non_negative, default=None)
     generate.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop strings")
-    generate.add_argument("--adapter", default="", help="adapter name; '' = base model, 'auto' = router")
+    generate.add_argument(
+        "--adapter", default="", help="adapter name (see `loramux adapters list`); '' = base model"
+    )
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.set_defaults(handler=_cmd_generate)
 
@@ -316,28 +353,135 @@ def _cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# -- adapters ------------------------------------------------------------------------------
+
+# Format names on the command line and in JSON output, as the adapter store spells them.
+_FORMAT_CHOICES = ("auto", "peft-lora", "mos", "compeft")
+
+
+def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    adapters = commands.add_parser("adapters", help="list, load or unload a running server's adapters")
+    actions = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="print the adapters the server can serve as a JSON list")
+    listing.set_defaults(handler=_cmd_adapters_list)
+    load = actions.add_parser(
+        "load",
+        help="load an adapter directory under a name; prints it as JSON",
+        description="PATH is relative to one of the server's --adapter-root directories, or absolute "
+        "inside one; it is resolved on the server.",
+    )
+    load.add_argument("name", help="the name requests will use (letters, digits, '.', '_', '-')")
+    load.add_argument("path", help="the adapter directory, inside an adapter root of the server")
+    load.add_argument("--format", choices=_FORMAT_CHOICES, default="auto", help="(default: detect)")
+    load.add_argument("--replace", action="store_true", help="replace an adapter of that name")
+    load.set_defaults(handler=_cmd_adapters_load)
+    unload = actions.add_parser("unload", help="unload an adapter, freeing its memory and device slot")
+    unload.add_argument("name")
+    unload.set_defaults(handler=_cmd_adapters_unload)
+    for action in (listing, load, unload):
+        _add_target(action)
+        action.add_argument(
+            "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"
+        )
+
+
+def adapter_info_json(info: pb.AdapterInfo) -> dict[str, object]:
+    """An AdapterInfo as plain JSON: store names for format and tier, numbers as numbers."""
+    from loramux.v1 import inference_pb2 as pb
+
+    format_name = pb.AdapterFormat.Name(info.format).removeprefix("ADAPTER_FORMAT_")
+    return {
+        "name": info.name,
+        "format": "" if format_name == "UNSPECIFIED" else format_name.lower().replace("_", "-"),
+        "rank": info.rank,
+        "bytes": info.bytes,
+        "tier": pb.AdapterTier.Name(info.tier).removeprefix("ADAPTER_TIER_").lower(),
+        "pinned": info.pinned,
+        "load_count": info.load_count,
+        "requests_served": info.requests_served,
+        "target_modules": list(info.target_modules),
+    }
+
+
+def _call_inference(args: argparse.Namespace, method: str, request: object) -> object | None:
+    """Call one unary Inference RPC; None (after printing the error) when it fails."""
+    import grpc
+
+    from loramux.v1 import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            return getattr(pb_grpc.InferenceStub(channel), method)(request, timeout=args.timeout)
+        except grpc.RpcError as err:
+            _report_rpc_error(err)
+            return None
+
+
+def _cmd_adapters_list(args: argparse.Namespace, extra: list[str]) -> int:
+    from loramux.v1 import inference_pb2 as pb
+
+    response = _call_inference(args, "ListAdapters", pb.ListAdaptersRequest())
+    if not isinstance(response, pb.ListAdaptersResponse):
+        return 1
+    print(json.dumps([adapter_info_json(info) for info in response.adapters], indent=2))
+    return 0
+
+
+def _cmd_adapters_load(args: argparse.Namespace, extra: list[str]) -> int:
+    from loramux.v1 import inference_pb2 as pb
+
+    format_pb = pb.ADAPTER_FORMAT_UNSPECIFIED
+    if args.format != "auto":
+        format_pb = pb.AdapterFormat.Value("ADAPTER_FORMAT_" + args.format.upper().replace("-", "_"))
+    request = pb.LoadAdapterRequest(name=args.name, path=args.path, format=format_pb, replace=args.replace)
+    response = _call_inference(args, "LoadAdapter", request)
+    if not isinstance(response, pb.LoadAdapterResponse):
+        return 1
+    print(json.dumps(adapter_info_json(response.adapter), indent=2))
+    return 0
+
+
+def _cmd_adapters_unload(args: argparse.Namespace, extra: list[str]) -> int:
+    from loramux.v1 import inference_pb2 as pb
+
+    response = _call_inference(args, "UnloadAdapter", pb.UnloadAdapterRequest(name=args.name))
+    if response is None:
+        return 1
+    print(f"unloaded {args.name}")
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------
 
 
 def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     targets = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    # add_help=False: -h/--help reaches the benchmark's own parser, which knows its flags.
-    engine = targets.add_parser(
-        "engine", add_help=False, help="engine micro-benchmark (see `loramux bench engine --help`)"
-    )
-    engine.set_defaults(handler=_cmd_bench_engine, accepts_extra=True)
+    for name, summary in _BENCHMARKS.items():
+        # add_help=False: -h/--help reaches the benchmark's own parser, which knows its flags.
+        target = targets.add_parser(
+            name, add_help=False, help=f"{summary} (see `loramux bench {name} --help`)"
+        )
+        target.set_defaults(handler=_cmd_bench, accepts_extra=True)
 
 
-def _cmd_bench_engine(args: argparse.Namespace, extra: list[str]) -> int:
+# `loramux bench NAME` runs bench/NAME_bench.py (its add_arguments / main).
+_BENCHMARKS = {
+    "engine": "engine vs transformers generate",
+    "adapters": "multi-adapter decode vs base-only and PEFT",
+}
+
+
+def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    name = args.bench_command
     try:
-        engine_bench = importlib.import_module("bench.engine_bench")
+        module = importlib.import_module(f"bench.{name}_bench")
     except ImportError as exc:
-        print(f"error: the engine benchmark is not available ({exc})", file=sys.stderr)
+        print(f"error: the {name} benchmark is not available ({exc})", file=sys.stderr)
         return 1
-    parser = argparse.ArgumentParser(prog="loramux bench engine", description="Engine micro-benchmark.")
-    engine_bench.add_arguments(parser)
-    return int(engine_bench.main(parser.parse_args(extra)))
+    parser = argparse.ArgumentParser(prog=f"loramux bench {name}", description=module.__doc__)
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(extra)))
 
 
 if __name__ == "__main__":

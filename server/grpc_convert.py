@@ -14,10 +14,11 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from loramux.v1 import inference_pb2 as pb
-from server.engine.request import FinishReason, RequestOutput, SamplingParams
+from server.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 from server.prompts import PromptInput, max_prompt_chars
 
 if TYPE_CHECKING:
+    from server.engine.adapters import AdapterStatus
     from server.engine.engine import EngineInfo
 
 DEFAULT_MAX_TOKENS = 64
@@ -31,6 +32,19 @@ _FINISH_REASON_TO_PB = {
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
     # ERROR never reaches the wire as a finish reason: the call fails with INTERNAL instead.
 }
+
+
+# The adapter store's format names (adapters_store.FORMATS and those to come).
+_FORMAT_TO_PB = {
+    "peft-lora": pb.ADAPTER_FORMAT_PEFT_LORA,
+    "mos": pb.ADAPTER_FORMAT_MOS,
+    "compeft": pb.ADAPTER_FORMAT_COMPEFT,
+}
+_FORMAT_FROM_PB: dict[int, str | None] = {
+    pb.ADAPTER_FORMAT_UNSPECIFIED: None,  # detect it from the directory
+    **{number: name for name, number in _FORMAT_TO_PB.items()},
+}
+_TIER_TO_PB = {"disk": pb.ADAPTER_TIER_DISK, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
 
 
 def prompt_from_pb(request: pb.GenerateRequest) -> PromptInput:
@@ -56,6 +70,27 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
 
 def mixture_from_pb(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
     return tuple((entry.name, entry.weight) for entry in request.adapters)
+
+
+def adapter_format_from_pb(value: int) -> str | None:
+    """The store's name of a LoadAdapterRequest.format; None = detect it from the directory."""
+    if value not in _FORMAT_FROM_PB:  # an enum number from a newer client
+        raise InvalidRequest(f"format {value} is not an AdapterFormat this server knows")
+    return _FORMAT_FROM_PB[value]
+
+
+def adapter_info_to_pb(status: AdapterStatus) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        name=status.name,
+        format=_FORMAT_TO_PB.get(status.format, pb.ADAPTER_FORMAT_UNSPECIFIED),  # "" = not read yet
+        rank=status.rank,
+        bytes=status.nbytes,
+        tier=_TIER_TO_PB.get(status.tier, pb.ADAPTER_TIER_UNSPECIFIED),
+        pinned=status.pinned,
+        load_count=status.load_count,
+        requests_served=status.requests_served,
+        target_modules=status.target_modules,
+    )
 
 
 def finish_reason_to_pb(reason: FinishReason | None) -> pb.FinishReason:

@@ -5,7 +5,11 @@ them into codes so that every failure reaches the client as a status, never as a
 answer carrying an error string:
 
     AdapterNotFound      -> NOT_FOUND
+    AdapterExists        -> ALREADY_EXISTS
+    AdapterTooLarge      -> RESOURCE_EXHAUSTED
+    AdapterError (other) -> INVALID_ARGUMENT (a refused adapter or adapter request)
     InvalidRequest       -> INVALID_ARGUMENT
+    AdaptersDisabled     -> FAILED_PRECONDITION
     EngineOverloaded     -> RESOURCE_EXHAUSTED
     EngineUnavailable    -> UNAVAILABLE
     NotImplementedError  -> UNIMPLEMENTED
@@ -25,7 +29,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from server.adapter_names import AdapterNotFound
+from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from server.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -37,10 +41,18 @@ class GenerationFailed(RuntimeError):
     """The engine finished a request with FinishReason.ERROR (maps to INTERNAL)."""
 
 
+class AdaptersDisabled(RuntimeError):
+    """An adapter RPC on a server started without adapters, `--max-slots 0` (maps to FAILED_PRECONDITION)."""
+
+
 # Order matters: the first matching class wins.
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
+    (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
+    (AdapterTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdaptersDisabled, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineOverloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),

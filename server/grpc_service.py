@@ -1,10 +1,12 @@
 """The asyncio gRPC servicer of `loramux.v1.Inference` over one engine.
 
 Each RPC is `from_pb -> domain call -> to_pb`. A generate call is validated (input, sampling,
-adapter, lengths), tokenized on a helper thread, submitted to the engine with a sink that
-hops engine outputs onto the event loop, and answered as one response or a stream of chunks.
-A call that ends early (client cancel, disconnect, deadline) aborts its engine request in a
-`finally`, so its KV slot is freed at once.
+adapter, lengths), tokenized on a helper thread, waits for its adapter's disk -> host load (so a
+refused adapter answers INVALID_ARGUMENT, not a failed generation), is submitted to the engine
+with a sink that hops engine outputs onto the event loop, and is answered as one response or a
+stream of chunks. A call that ends early (client cancel, disconnect, deadline) aborts its engine
+request in a `finally`, so its KV slot is freed at once. The adapter RPCs call the engine's
+AdapterManager on helper threads (they read files).
 
 Errors are raised, never returned: `server.grpc_errors.StatusInterceptor` maps them to
 status codes. Server assembly (health, reflection, ports) lives in `server.grpc_server`.
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc.aio
 
+from adapters_store import FORMATS, AdapterError, AdapterNotFound
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server import grpc_convert as convert
@@ -35,16 +40,19 @@ from server.engine.request import (
     InvalidRequest,
     RequestOutput,
 )
-from server.grpc_errors import GenerationFailed
+from server.grpc_errors import AdaptersDisabled, GenerationFailed
 from server.prompts import check_input, check_prompt_tokens, tokenize
 
 if TYPE_CHECKING:
+    from server.engine.adapters import AdapterManager
     from server.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_REQUEST_ID_CHARS = 256
 # How often a call waiting for output checks that the engine thread is still alive.
 ENGINE_LIVENESS_POLL_S = 1.0
-_ADAPTERS_LATER = "arrives with the multi-adapter work"
 
 
 @dataclass(frozen=True)
@@ -61,10 +69,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._live_request_ids: set[str] = set()  # touched on the event loop only
         # One thread: tokenizing stays off the event loop and never runs concurrently.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-tokenize")
-        self._loaded_adapters: frozenset[str] = frozenset()  # none until adapters arrive
+        # One thread: LoadAdapter / UnloadAdapter read files and run one at a time, in arrival order.
+        self._adapter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-rpc")
 
     def close(self) -> None:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self._adapter_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -94,16 +104,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidRequest(
                 f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
             )
-        adapter = select_adapter(request.adapter, convert.mixture_from_pb(request), self._loaded_adapters)
+        adapter = select_adapter(
+            request.adapter, convert.mixture_from_pb(request), self._engine.check_adapter
+        )
         prompt = convert.prompt_from_pb(request)
         check_input(prompt, info.max_model_len)
         sampling = convert.sampling_from_pb(request)
         sampling.validate(info.vocab_size)
+        # The adapter's disk -> host load runs on the manager's loader thread while we tokenize.
+        host_load = self._adapter_manager().prefetch(adapter) if adapter else None
         loop = asyncio.get_running_loop()
         token_ids = await loop.run_in_executor(
             self._tokenizer_thread, tokenize, self._engine.tokenizer, prompt
         )
         check_prompt_tokens(token_ids, sampling.max_tokens, info.vocab_size, info.max_model_len)
+        if host_load is not None:
+            await _wait_shared(host_load)  # raises the loader's AdapterError for a refused adapter
         generation = GenerationRequest(request_id, tuple(token_ids), sampling, adapter=adapter)
         return _Prepared(generation, adapter)
 
@@ -146,29 +162,66 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if not self._engine.alive:
                     raise EngineUnavailable("the engine stopped while generating; retry later") from None
 
-    # -- adapters (the multi-adapter work implements these) --------------------------------
+    # -- adapters --------------------------------------------------------------------------
 
     async def LoadAdapter(
         self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadAdapterResponse:
-        """UNIMPLEMENTED for now."""
-        raise NotImplementedError(f"LoadAdapter {_ADAPTERS_LATER}")
+        manager = self._adapter_manager()
+        format = convert.adapter_format_from_pb(request.format)
+        if format is not None and format not in FORMATS:
+            raise AdapterError(
+                f"adapter format {format!r} is not supported yet; this server reads {', '.join(FORMATS)} "
+                "(leave format unset to detect it)"
+            )
+        if request.pin:
+            raise NotImplementedError(
+                "pin is not supported yet: an adapter stays in its device slot while requests use it "
+                "and is evicted least-recently-used otherwise; load it without pin"
+            )
+        if request.example_prompts:
+            logger.info("LoadAdapter %r: example_prompts ignored (no router yet)", request.name)
+        load = functools.partial(manager.load, request.name, request.path, format, replace=request.replace)
+        await self._in_adapter_thread(load)
+        return pb.LoadAdapterResponse(adapter=await self._adapter_info(manager, request.name))
 
     async def UnloadAdapter(
         self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadAdapterResponse:
-        """UNIMPLEMENTED for now."""
-        raise NotImplementedError(f"UnloadAdapter {_ADAPTERS_LATER}")
+        manager = self._adapter_manager()
+        await self._in_adapter_thread(functools.partial(manager.unload, request.name))
+        return pb.UnloadAdapterResponse()
 
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        """An empty list for now: no adapter can be registered yet (true, and clients need no special case)."""
-        return pb.ListAdaptersResponse(adapters=[])
+        manager = self._adapter_manager()
+        listed = await asyncio.get_running_loop().run_in_executor(None, manager.list)  # scans the roots
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info_to_pb(status) for status in listed])
+
+    def _adapter_manager(self) -> AdapterManager:
+        if self._engine.adapters is None:
+            raise AdaptersDisabled(
+                "this server serves no adapters (started with --max-slots 0); restart it with "
+                "--max-slots N (and --adapter-root DIR) to serve adapters"
+            )
+        return self._engine.adapters
+
+    async def _in_adapter_thread(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._adapter_thread, call)
+
+    async def _adapter_info(self, manager: AdapterManager, name: str) -> pb.AdapterInfo:
+        listed = await asyncio.get_running_loop().run_in_executor(None, manager.list)
+        status = next((status for status in listed if status.name == name), None)
+        if status is None:  # unloaded by another call in between
+            raise AdapterNotFound(f"adapter {name!r} was unloaded while it was being loaded")
+        return convert.adapter_info_to_pb(status)
+
+    # -- routing (not built yet) -----------------------------------------------------------
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
-        """UNIMPLEMENTED for now."""
-        raise NotImplementedError(f"Route (the router) {_ADAPTERS_LATER}")
+        """UNIMPLEMENTED until the router is built."""
+        raise NotImplementedError("Route needs the router, which is not built yet")
 
     # -- server information ----------------------------------------------------------------
 
@@ -176,3 +229,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInfoResponse:
         return convert.info_to_pb(self._engine.info)
+
+
+async def _wait_shared(future: Future[T]) -> T:
+    """Await a thread-pool future that others may share (the engine waits on the same adapter load).
+
+    `asyncio.wrap_future` alone would cancel `future` when the awaiting call is cancelled; the
+    shield keeps it running for the others, and the callback retrieves an outcome nobody awaits.
+    """
+    waiter = asyncio.wrap_future(future)
+    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return await asyncio.shield(waiter)

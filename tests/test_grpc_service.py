@@ -313,19 +313,29 @@ def test_unknown_adapter_is_not_found(stub: pb_grpc.InferenceStub) -> None:
         assert "adapter 'my-lora' is not loaded" in caught.value.details()
 
 
-def test_auto_adapter_and_adapter_rpcs_are_unimplemented(stub: pb_grpc.InferenceStub) -> None:
-    calls = [
+def test_auto_adapter_and_route_are_unimplemented(stub: pb_grpc.InferenceStub) -> None:
+    for call in (
         lambda: stub.Generate(_greedy(adapter="auto"), timeout=30),
+        lambda: stub.Route(pb.RouteRequest(prompt="hi"), timeout=30),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "router" in caught.value.details()
+
+
+def test_adapter_rpcs_without_adapters_are_failed_precondition(stub: pb_grpc.InferenceStub) -> None:
+    """This module's engine is built without an AdapterManager, as `--max-slots 0` does."""
+    calls = [
         lambda: stub.LoadAdapter(pb.LoadAdapterRequest(name="a", path="a"), timeout=30),
         lambda: stub.UnloadAdapter(pb.UnloadAdapterRequest(name="a"), timeout=30),
-        lambda: stub.Route(pb.RouteRequest(prompt="hi"), timeout=30),
+        lambda: stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30),
     ]
     for call in calls:
         with pytest.raises(grpc.RpcError) as caught:
             call()
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "multi-adapter work" in caught.value.details()
-    assert list(stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters) == []
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--max-slots 0" in caught.value.details()
 
 
 def test_unexpected_errors_are_internal_without_details(

@@ -92,7 +92,9 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadAdapter(self, request, context):
-        """Loads (registers) an adapter from a directory inside a configured adapter root.
+        """Loads (registers) an adapter from a directory inside a configured adapter root: validates it
+        and reads it into host memory; it reaches a device slot on its first request. Adapters in
+        the roots' subdirectories need no LoadAdapter: they are served under their directory's name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +108,7 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Lists the registered adapters with their tier and usage.
+        """Lists the adapters that can be served (loaded ones and those in the roots) with tier and usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,7 +75,7 @@ class AdapterManager:
         """Start (or join) the disk -> host load of `name` on a loader thread."""
         with self._lock:
             future = self._pending.get(name)
-            if future is None or (future.done() and future.exception() is not None):
+            if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
                 future = self._loader.submit(self._load_to_host, name)
                 self._pending[name] = future
             return future

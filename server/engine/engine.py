@@ -12,11 +12,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
 import torch
 
-from adapters_store import AdapterNotFound
+from adapters_store import AdapterNotFound, LoadedAdapter
 from kernels import AdapterBatch
 from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
@@ -165,6 +166,14 @@ class Engine:
         """Cancel a request; its sink gets a final CANCELLED output. Unknown ids are ignored."""
         self._inbox.put(_Abort(request_id))
 
+    def check_adapter(self, name: str) -> None:
+        """Raise AdapterNotFound (AdapterError if malformed) unless adapter `name` can be served."""
+        if self.adapters is None:
+            raise AdapterNotFound(
+                f"adapter {name!r} is not loaded: this server serves no adapters (started with --max-slots 0)"
+            )
+        self.adapters.check_known(name)
+
     def stats(self) -> EngineStats:
         with self._lock:
             queued = self._num_queued
@@ -177,11 +186,7 @@ class Engine:
         if not prompt:
             raise InvalidRequest("the prompt is empty")
         if request.adapter:
-            if self.adapters is None:
-                raise AdapterNotFound(
-                    f"adapter {request.adapter!r}: this server serves no adapters (started with --max-slots 0)"
-                )
-            self.adapters.check_known(request.adapter)
+            self.check_adapter(request.adapter)
         bad = next((t for t in prompt if not 0 <= t < self.info.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(
@@ -272,7 +277,7 @@ class Engine:
         future = seq.adapter_future
         if future is None:
             return True
-        if not future.done() or future.exception() is not None:
+        if not future.done() or _load_error(future) is not None:
             return False
         assert self.adapters is not None
         slot = self.adapters.acquire(future.result())
@@ -284,10 +289,9 @@ class Engine:
     def _fail_unloadable_adapters(self) -> None:
         for seq in list(self.scheduler.waiting):
             future = seq.adapter_future
-            if future is not None and future.done() and future.exception() is not None:
-                self._finish(
-                    seq, FinishReason.ERROR, error=f"adapter {seq.request.adapter!r}: {future.exception()}"
-                )
+            error = _load_error(future) if future is not None and future.done() else None
+            if error is not None:
+                self._finish(seq, FinishReason.ERROR, error=f"adapter {seq.request.adapter!r}: {error}")
 
     def _build_batch(self, plan: StepPlan) -> StepBatch:
         decodes = [DecodeSeq(s.slot, s.next_position, s.output_ids[-1]) for s in plan.decodes]
@@ -381,3 +385,10 @@ class Engine:
         error = repr(self._failure) if self._failure else None
         for seq in list(self._live.values()):
             self._finish(seq, reason, error=error)
+
+
+def _load_error(future: Future[LoadedAdapter]) -> BaseException | None:
+    """The error of a finished adapter load; a cancelled load counts as failed (never raises)."""
+    if future.cancelled():
+        return CancelledError("the adapter load was cancelled")
+    return future.exception()

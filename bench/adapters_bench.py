@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -288,8 +287,9 @@ def scale_child(args: argparse.Namespace) -> int:
                 "e2e_tok_s": round(len(prompts) * args.new_tokens / seconds, 1),
                 "host_loads": host.loads if host else 0,
                 "slot_loads": slots.loads if slots else 0,
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                "rss_end_mb": _current_rss_mb(),
+                # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's RSS across fork + exec
+                "peak_rss_mb": _status_mb("VmHWM"),
+                "rss_end_mb": _status_mb("VmRSS"),
                 "budget_mb": budget,
             }
         )
@@ -297,9 +297,10 @@ def scale_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def _current_rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 

@@ -30,7 +30,7 @@ from server import cli
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.grpc_server import GrpcServer, serve_grpc
-from server.model.loader import default_gguf_path, load_model
+from server.model.loader import load_model
 
 MAX_MODEL_LEN = 512
 
@@ -39,29 +39,9 @@ MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with the real SmolLM2 tokenizer (read from the bundled GGUF)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = default_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+def tiny_model_dir(make_tiny_model) -> Path:
+    """A 2-layer random Llama with the real SmolLM2 tokenizer (see tests/conftest.py)."""
+    return make_tiny_model()
 
 
 def _engine(model_dir: Path, config: EngineConfig) -> Engine:

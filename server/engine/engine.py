@@ -137,7 +137,8 @@ class Engine:
             self.adapters.shutdown()
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        """Queue a request; raises InvalidRequest, EngineOverloaded or EngineUnavailable at once."""
+        """Queue a request; raises InvalidRequest, AdapterError (unknown or malformed adapter),
+        EngineOverloaded or EngineUnavailable at once."""
         self._validate(request)
         if not self.alive:
             reason = f": {self._failure!r}" if self._failure else ""
@@ -148,9 +149,6 @@ class Engine:
             generator=self._generator_for(request),
             detokenizer=Detokenizer(self.tokenizer, list(request.prompt_token_ids), request.sampling.stop),
         )
-        if request.adapter:
-            assert self.adapters is not None  # _validate checked it
-            seq.adapter_future = self.adapters.prefetch(request.adapter)
         with self._lock:
             if request.request_id in self._live:
                 raise InvalidRequest(f"request id {request.request_id!r} is already running")
@@ -160,6 +158,9 @@ class Engine:
                 )
             self._live[request.request_id] = seq
             self._num_queued += 1
+        if request.adapter:  # start the disk -> host load now, beside whatever is running
+            assert self.adapters is not None  # _validate checked it
+            seq.adapter_future = self.adapters.prefetch(request.adapter)
         self._inbox.put(_Submit(seq))
 
     def abort(self, request_id: str) -> None:

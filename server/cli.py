@@ -1,6 +1,7 @@
 """The `loramux` command line; the only module that parses flags.
 
-    loramux serve     run the server (engine + gRPC) until SIGINT/SIGTERM
+    loramux serve     run the server (engine + gRPC + OpenAI HTTP shim) until SIGINT/SIGTERM
+    loramux http      run only the OpenAI HTTP shim in front of a running gRPC server
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_generate(commands)
+    _add_http(commands)
     _add_info(commands)
     _add_adapters(commands)
     _add_bench(commands)
@@ -76,6 +78,17 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_port,
         default=server.grpc_port,
         help="gRPC port, 0 = any free (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=_port,
+        default=server.http_port,
+        help="OpenAI-compatible HTTP port; 0 = no HTTP (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--enable-admin",
+        action="store_true",
+        help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=server.device)
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=server.dtype)
@@ -172,6 +185,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        enable_admin=args.enable_admin,
         cache_dir=args.cache_dir,
         engine=engine,
         adapters=adapters,
@@ -209,6 +224,18 @@ async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
 
     server = await serve_grpc(engine, config.host, config.grpc_port)
     logger.info("loramux serving %s on %s", engine.info.model_name, server.address)
+    http = None
+    if config.http_port:
+        from server.http.app import create_app
+        from server.http.server import HttpServer
+
+        app = create_app(_local_target(config.host, server.port), enable_admin=config.enable_admin)
+        http = HttpServer(app, config.host, config.http_port)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(0)
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,8 +250,70 @@ async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
                 status = 1
                 break
     logger.info("shutting down (running calls get %.0f s to finish)", SHUTDOWN_GRACE_S)
+    # TODO(drain): HTTP stops accepting first; its running requests end with the gRPC grace.
+    stopping_http = asyncio.create_task(http.stop()) if http is not None else None
     await server.stop(SHUTDOWN_GRACE_S)
+    if stopping_http is not None:
+        await stopping_http
     return status
+
+
+def _local_target(host: str, port: int) -> str:
+    """Where a client on this machine reaches a server listening on host:port."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+# -- http ----------------------------------------------------------------------------------
+
+
+def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    http = commands.add_parser(
+        "http",
+        help="run only the OpenAI-compatible HTTP shim, in front of a running gRPC server",
+        description="Serves the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions, /health) "
+        "by calling the loramux gRPC server at --grpc-target.",
+    )
+    http.add_argument(
+        "--grpc-target", default="127.0.0.1:50051", help="gRPC server HOST:PORT (default: %(default)s)"
+    )
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    http.add_argument("--port", type=_port, default=8000, help="HTTP port (default: %(default)s)")
+    http.add_argument(
+        "--enable-admin",
+        action="store_true",
+        help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
+    )
+    http.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    http.set_defaults(handler=_cmd_http)
+
+
+def _cmd_http(args: argparse.Namespace, extra: list[str]) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(_serve_http_until_signal(args))
+    except OSError as exc:  # the port is taken or the host is wrong
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve_http_until_signal(args: argparse.Namespace) -> int:
+    from server.http.app import create_app
+    from server.http.server import HttpServer
+
+    http = HttpServer(create_app(args.grpc_target, enable_admin=args.enable_admin), args.host, args.port)
+    await http.start()
+    logger.info("OpenAI API on http://%s:%d in front of gRPC %s", args.host, http.port, args.grpc_target)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await http.stop()
+    return 0
 
 
 # -- generate ------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class ServerConfig:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     host: str = "127.0.0.1"
     grpc_port: int = 50051
+    http_port: int = 8000  # the OpenAI-compatible HTTP shim; 0 = no HTTP
+    enable_admin: bool = False  # HTTP /v1/load_lora_adapter and /v1/unload_lora_adapter
     cache_dir: str | None = None  # default: $LORAMUX_CACHE or ~/.cache/loramux
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)

@@ -90,6 +90,7 @@ def adapter_info_to_pb(status: AdapterStatus) -> pb.AdapterInfo:
         load_count=status.load_count,
         requests_served=status.requests_served,
         target_modules=status.target_modules,
+        source=status.source,
     )
 
 

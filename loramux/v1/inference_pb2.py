@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloramux/v1/inference.proto\x12\nloramux.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x0fWeightedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x98\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x1b.loramux.v1.WeightedAdapter\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\t \x01(\r\x12\x12\n\x05top_p\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xbb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\xd0\x01\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\"\xdf\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12%\n\x04tier\x18\x05 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nload_count\x18\x07 \x01(\x04\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x16\n\x0etarget_modules\x18\t \x03(\t\"\x92\x01\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x12\x0f\n\x07replace\x18\x05 \x01(\x08\x12\x17\n\x0f\x65xample_prompts\x18\x06 \x03(\t\"?\n\x13LoadAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.loramux.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"h\n\x0cRouteRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\r\n\x05top_k\x18\x03 \x01(\rB\t\n\x07_prompt\"0\n\x0eRouteCandidate\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Y\n\rRouteResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.loramux.v1.RouteCandidate\x12\x18\n\x10\x66\x61llback_to_base\x18\x02 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\x99\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bmax_running\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\x06 \x01(\r\x12\x17\n\x0fkernels_backend\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x0b \x01(\r\x12\x16\n\x0eserver_version\x18\x0c \x01(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\x81\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_PEFT_LORA\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_FORMAT_MOS\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_FORMAT_COMPEFT\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\x9f\x04\n\tInference\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\x1f.loramux.v1.GenerateStreamChunk0\x01\x12N\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x1f.loramux.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a!.loramux.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12<\n\x05Route\x12\x18.loramux.v1.RouteRequest\x1a\x19.loramux.v1.RouteResponse\x12\x42\n\x07GetInfo\x12\x1a.loramux.v1.GetInfoRequest\x1a\x1b.loramux.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloramux/v1/inference.proto\x12\nloramux.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x0fWeightedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x98\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x1b.loramux.v1.WeightedAdapter\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\t \x01(\r\x12\x12\n\x05top_p\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xbb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\xd0\x01\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\"\xef\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12%\n\x04tier\x18\x05 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nload_count\x18\x07 \x01(\x04\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x92\x01\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x12\x0f\n\x07replace\x18\x05 \x01(\x08\x12\x17\n\x0f\x65xample_prompts\x18\x06 \x03(\t\"?\n\x13LoadAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.loramux.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"h\n\x0cRouteRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\r\n\x05top_k\x18\x03 \x01(\rB\t\n\x07_prompt\"0\n\x0eRouteCandidate\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Y\n\rRouteResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.loramux.v1.RouteCandidate\x12\x18\n\x10\x66\x61llback_to_base\x18\x02 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\x99\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bmax_running\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\x06 \x01(\r\x12\x17\n\x0fkernels_backend\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x0b \x01(\r\x12\x16\n\x0eserver_version\x18\x0c \x01(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\x81\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_PEFT_LORA\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_FORMAT_MOS\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_FORMAT_COMPEFT\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\x9f\x04\n\tInference\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\x1f.loramux.v1.GenerateStreamChunk0\x01\x12N\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x1f.loramux.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a!.loramux.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12<\n\x05Route\x12\x18.loramux.v1.RouteRequest\x1a\x19.loramux.v1.RouteResponse\x12\x42\n\x07GetInfo\x12\x1a.loramux.v1.GetInfoRequest\x1a\x1b.loramux.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2091
-  _globals['_FINISHREASON']._serialized_end=2215
-  _globals['_ADAPTERFORMAT']._serialized_start=2218
-  _globals['_ADAPTERFORMAT']._serialized_end=2347
-  _globals['_ADAPTERTIER']._serialized_start=2349
-  _globals['_ADAPTERTIER']._serialized_end=2463
+  _globals['_FINISHREASON']._serialized_start=2107
+  _globals['_FINISHREASON']._serialized_end=2231
+  _globals['_ADAPTERFORMAT']._serialized_start=2234
+  _globals['_ADAPTERFORMAT']._serialized_end=2363
+  _globals['_ADAPTERTIER']._serialized_start=2365
+  _globals['_ADAPTERTIER']._serialized_end=2479
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_WEIGHTEDADAPTER']._serialized_start=88
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMCHUNK']._serialized_start=739
   _globals['_GENERATESTREAMCHUNK']._serialized_end=947
   _globals['_ADAPTERINFO']._serialized_start=950
-  _globals['_ADAPTERINFO']._serialized_end=1173
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1176
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1322
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1324
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1387
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1389
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1425
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1427
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1450
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1452
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1473
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1475
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1540
-  _globals['_ROUTEREQUEST']._serialized_start=1542
-  _globals['_ROUTEREQUEST']._serialized_end=1646
-  _globals['_ROUTECANDIDATE']._serialized_start=1648
-  _globals['_ROUTECANDIDATE']._serialized_end=1696
-  _globals['_ROUTERESPONSE']._serialized_start=1698
-  _globals['_ROUTERESPONSE']._serialized_end=1787
-  _globals['_GETINFOREQUEST']._serialized_start=1789
-  _globals['_GETINFOREQUEST']._serialized_end=1805
-  _globals['_GETINFORESPONSE']._serialized_start=1808
-  _globals['_GETINFORESPONSE']._serialized_end=2089
-  _globals['_INFERENCE']._serialized_start=2466
-  _globals['_INFERENCE']._serialized_end=3009
+  _globals['_ADAPTERINFO']._serialized_end=1189
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1192
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1338
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1340
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1403
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1405
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1441
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1443
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1466
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1468
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1489
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1491
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1556
+  _globals['_ROUTEREQUEST']._serialized_start=1558
+  _globals['_ROUTEREQUEST']._serialized_end=1662
+  _globals['_ROUTECANDIDATE']._serialized_start=1664
+  _globals['_ROUTECANDIDATE']._serialized_end=1712
+  _globals['_ROUTERESPONSE']._serialized_start=1714
+  _globals['_ROUTERESPONSE']._serialized_end=1803
+  _globals['_GETINFOREQUEST']._serialized_start=1805
+  _globals['_GETINFOREQUEST']._serialized_end=1821
+  _globals['_GETINFORESPONSE']._serialized_start=1824
+  _globals['_GETINFORESPONSE']._serialized_end=2105
+  _globals['_INFERENCE']._serialized_start=2482
+  _globals['_INFERENCE']._serialized_end=3025
 # @@protoc_insertion_point(module_scope)

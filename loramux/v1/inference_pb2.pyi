@@ -127,7 +127,7 @@ class GenerateStreamChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules")
+    __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class AdapterInfo(_message.Message):
     LOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: AdapterFormat
     rank: int
@@ -146,7 +147,8 @@ class AdapterInfo(_message.Message):
     load_count: int
     requests_served: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., pinned: _Optional[bool] = ..., load_count: _Optional[int] = ..., requests_served: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    source: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., pinned: _Optional[bool] = ..., load_count: _Optional[int] = ..., requests_served: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path", "format", "pin", "replace", "example_prompts")

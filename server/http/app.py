@@ -1,0 +1,271 @@
+"""The OpenAI-compatible HTTP API, served by FastAPI as a client of the gRPC service.
+
+    GET  /v1/models                 the base model and every adapter the server can serve
+    GET  /v1/models/{model}         one of them
+    POST /v1/completions            text completion (`model` picks the adapter)
+    POST /v1/chat/completions       chat completion; the server applies the chat template
+    POST /v1/load_lora_adapter      vLLM's runtime adapter loading (only with enable_admin)
+    POST /v1/unload_lora_adapter    and unloading
+    GET  /health                    200 while the gRPC server reports SERVING, else 503
+
+Each request becomes Generate / GenerateStream calls on `grpc_target`, so HTTP and gRPC share
+one code path: validation, limits and error messages come from the gRPC server. The `model`
+of an answer is the adapter that served it (the base model's id for none).
+TODO(metrics, auth, drain): /metrics, --api-key and SIGTERM draining hook in here.
+
+This module maps OpenAI shapes to the wire API and back; it does not know how generation works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc.aio
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from fastapi.routing import APIRoute
+
+from loramux.v1 import inference_pb2 as pb
+from server.http import openai_types as oa
+from server.http.backend import Backend, finish_reason, generate_requests
+from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
+from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": oa.ErrorResponse} for status in (400, 404, 429, 500, 503)
+}
+
+
+def create_app(grpc_target: str, *, enable_admin: bool = False) -> FastAPI:
+    """The shim for the gRPC server at `grpc_target` (HOST:PORT); admin routes answer 403 unless enabled."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        channel = grpc.aio.insecure_channel(grpc_target)
+        app.state.backend = Backend(channel)
+        try:
+            yield
+        finally:
+            await channel.close()
+
+    app = FastAPI(title="loramux OpenAI-compatible API", lifespan=lifespan, responses=_ERRORS)
+    install_handlers(app)
+
+    def backend(request: Request) -> Backend:
+        return request.app.state.backend  # type: ignore[no-any-return]
+
+    @app.get("/health", responses={503: {"model": oa.ErrorResponse}})
+    async def health(request: Request) -> Response:
+        if not await backend(request).serving():
+            return error_response(503, "the engine is not serving (starting, stopped or unreachable)")
+        return Response(status_code=200)
+
+    @app.get("/v1/models", response_model=oa.ModelList)
+    async def list_models(request: Request) -> oa.ModelList:
+        return oa.ModelList(data=await _model_cards(backend(request)))
+
+    @app.get("/v1/models/{model}", response_model=oa.ModelCard)
+    async def get_model(model: str, request: Request) -> oa.ModelCard:
+        for card in await _model_cards(backend(request)):
+            if card.id == model:
+                return card
+        raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+
+    @app.post("/v1/completions", response_model=oa.CompletionResponse)
+    async def completions(body: oa.CompletionRequest, request: Request) -> Any:
+        return await _generate(backend(request), body, _completion_answer, _completion_chunks)
+
+    @app.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse)
+    async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Any:
+        return await _generate(backend(request), body, _chat_answer, _chat_chunks)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, include_in_schema=enable_admin)
+    async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> str:
+        _check_admin(enable_admin)
+        await backend(request).load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, include_in_schema=enable_admin)
+    async def unload_lora_adapter(body: oa.UnloadLoraAdapterRequest, request: Request) -> str:
+        _check_admin(enable_admin)
+        await backend(request).unload_adapter(body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+    for route in app.routes:  # readable operation ids in the OpenAPI schema
+        if isinstance(route, APIRoute):
+            route.operation_id = route.name
+    return app
+
+
+def _check_admin(enabled: bool) -> None:
+    if not enabled:
+        raise ApiError(
+            403, "loading and unloading adapters over HTTP is disabled; start the server with --enable-admin"
+        )
+
+
+async def _model_cards(backend: Backend) -> list[oa.ModelCard]:
+    info = await backend.info()
+    now = int(time.time())
+    base = info.model_name
+    cards = [oa.ModelCard(id=base, created=now, root=base, max_model_len=info.max_model_len)]
+    for adapter in await backend.list_adapters():
+        cards.append(
+            oa.ModelCard(id=adapter.name, created=now, root=adapter.source or adapter.name, parent=base)
+        )
+    return cards
+
+
+# -- generation ----------------------------------------------------------------------------
+
+Body = oa.CompletionRequest | oa.ChatCompletionRequest
+Answer = Callable[[str, str, Body, list[pb.GenerateResponse]], Any]
+Chunks = Callable[
+    [str, str, Body, AsyncIterator[tuple[int, pb.GenerateStreamChunk]]], AsyncGenerator[str, None]
+]
+
+
+async def _generate(backend: Backend, body: Body, answer: Answer, chunks: Chunks) -> Any:
+    adapter = await backend.adapter_for(body.model)
+    requests = generate_requests(body, adapter)
+    prefix = "chatcmpl" if isinstance(body, oa.ChatCompletionRequest) else "cmpl"
+    answer_id = f"{prefix}-{uuid.uuid4().hex}"
+    for index, request in enumerate(requests):
+        request.request_id = f"{answer_id}-{index}"
+    if not body.stream:
+        responses = await _gather(*(backend.stub.Generate(request) for request in requests))
+        return answer(answer_id, await backend.model_id(responses[0].adapter), body, responses)
+    streams = await open_streams(backend.stub, requests)
+    model = await backend.model_id(streams.first_chunks[0].adapter)
+    return EventStreamResponse(_with_errors(chunks(answer_id, model, body, merge(streams))))
+
+
+async def _gather(*calls: Any) -> list[Any]:
+    """Await all calls; the first failure cancels the others (and so their engine requests)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _with_errors(events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    """The SSE events, then `[DONE]`; an error after the 200 went out becomes an error event."""
+    try:
+        async for event in events:
+            yield event
+    except grpc.aio.AioRpcError as err:
+        error = from_rpc_error(err)
+        yield sse(json.dumps(error_body(error.status, error.message, code=error.code)))
+    finally:
+        await events.aclose()
+    yield DONE
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> oa.Usage:
+    return oa.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _total_usage(body: Body, prompt_tokens: list[int], completion_tokens: list[int]) -> oa.Usage:
+    # OpenAI counts each prompt once, however many choices (n) it has.
+    return _usage(sum(prompt_tokens[:: body.n]), sum(completion_tokens))
+
+
+def _completion_answer(
+    answer_id: str, model: str, body: Body, responses: list[pb.GenerateResponse]
+) -> oa.CompletionResponse:
+    choices = [
+        oa.CompletionChoice(index=i, text=r.text, finish_reason=finish_reason(r.finish_reason))  # type: ignore[arg-type]
+        for i, r in enumerate(responses)
+    ]
+    usage = _total_usage(body, [r.prompt_tokens for r in responses], [r.completion_tokens for r in responses])
+    return oa.CompletionResponse(
+        id=answer_id, created=int(time.time()), model=model, choices=choices, usage=usage
+    )
+
+
+def _chat_answer(
+    answer_id: str, model: str, body: Body, responses: list[pb.GenerateResponse]
+) -> oa.ChatCompletionResponse:
+    choices = [
+        oa.ChatChoice(
+            index=i,
+            message=oa.ChatMessageOut(content=r.text),
+            finish_reason=finish_reason(r.finish_reason),  # type: ignore[arg-type]
+        )
+        for i, r in enumerate(responses)
+    ]
+    usage = _total_usage(body, [r.prompt_tokens for r in responses], [r.completion_tokens for r in responses])
+    return oa.ChatCompletionResponse(
+        id=answer_id, created=int(time.time()), model=model, choices=choices, usage=usage
+    )
+
+
+def _include_usage(body: Body) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _completion_chunks(
+    answer_id: str, model: str, body: Body, chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]]
+) -> AsyncGenerator[str, None]:
+    created = int(time.time())
+    last: dict[int, pb.GenerateStreamChunk] = {}
+    async for index, chunk in chunks:
+        last[index] = chunk
+        if not chunk.text and not chunk.finished:
+            continue
+        choice = oa.CompletionChoice(
+            index=index,
+            text=chunk.text,
+            finish_reason=finish_reason(chunk.finish_reason) if chunk.finished else None,  # type: ignore[arg-type]
+        )
+        event = oa.CompletionResponse(id=answer_id, created=created, model=model, choices=[choice])
+        yield sse(event.model_dump_json(exclude={"usage"}))
+    if _include_usage(body):
+        usage = _stream_usage(body, last)
+        event = oa.CompletionResponse(id=answer_id, created=created, model=model, choices=[], usage=usage)
+        yield sse(event.model_dump_json())
+
+
+async def _chat_chunks(
+    answer_id: str, model: str, body: Body, chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]]
+) -> AsyncGenerator[str, None]:
+    created = int(time.time())
+    last: dict[int, pb.GenerateStreamChunk] = {}
+
+    def event(choices: list[oa.ChatChunkChoice], usage: oa.Usage | None = None) -> str:
+        chunk = oa.ChatCompletionChunk(
+            id=answer_id, created=created, model=model, choices=choices, usage=usage
+        )
+        payload = chunk.model_dump(mode="json", exclude={"usage"} if usage is None else None)
+        for choice in payload["choices"]:  # a delta carries only what changed
+            choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
+        return sse(json.dumps(payload))
+
+    async for index, chunk in chunks:
+        if index not in last:  # OpenAI opens every choice with the assistant's role
+            yield event([oa.ChatChunkChoice(index=index, delta=oa.ChatDelta(role="assistant", content=""))])
+        last[index] = chunk
+        if not chunk.text and not chunk.finished:
+            continue
+        reason = finish_reason(chunk.finish_reason) if chunk.finished else None
+        delta = oa.ChatDelta(content=chunk.text or None)
+        yield event([oa.ChatChunkChoice(index=index, delta=delta, finish_reason=reason)])  # type: ignore[arg-type]
+    if _include_usage(body):
+        yield event([], _stream_usage(body, last))
+
+
+def _stream_usage(body: Body, last: dict[int, pb.GenerateStreamChunk]) -> oa.Usage:
+    ordered = [last[index] for index in sorted(last)]
+    return _total_usage(body, [c.prompt_tokens for c in ordered], [c.completion_tokens for c in ordered])

@@ -1,0 +1,162 @@
+"""The shim's side of the gRPC wire: an Inference client and the OpenAI -> GenerateRequest mapping.
+
+`Backend` wraps one `grpc.aio` channel: it caches GetInfo (the base model's id) once the server
+has answered, maps an OpenAI `model` to an adapter name, and lists adapters (none when the
+server serves no adapters). `generate_requests` turns a completion or chat body into one
+GenerateRequest per choice. gRPC errors propagate as `grpc.aio.AioRpcError`;
+`server.http.errors` turns them into HTTP answers.
+
+It does not know HTTP routes, nor how the server generates.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adapters_store.names import NAME_PATTERN
+from loramux.v1 import inference_pb2 as pb
+from loramux.v1 import inference_pb2_grpc as pb_grpc
+from server.http.errors import ApiError
+from server.http.openai_types import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SamplingParams
+
+AUTO_MODEL = "auto"
+INFO_TIMEOUT_S = 10.0
+ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files
+INFERENCE_SERVICE = "loramux.v1.Inference"
+
+
+class Backend:
+    """One gRPC client of `loramux.v1.Inference` (and of the health service) for the app's loop."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = pb_grpc.InferenceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._info: pb.GetInfoResponse | None = None
+
+    async def info(self) -> pb.GetInfoResponse:
+        """GetInfo, asked once: the base model does not change while a server runs."""
+        if self._info is None:
+            self._info = await self.stub.GetInfo(pb.GetInfoRequest(), timeout=INFO_TIMEOUT_S)
+        return self._info
+
+    async def adapter_for(self, model: str) -> str:
+        """The adapter name an OpenAI `model` asks for: "" for the base model's id."""
+        info = await self.info()
+        if model == info.model_name:
+            return ""
+        if model != AUTO_MODEL and NAME_PATTERN.fullmatch(model) is None:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; use {info.model_name!r} (the base model) or an "
+                "adapter's name (GET /v1/models lists them)",
+                param="model",
+                code="model_not_found",
+            )
+        return model
+
+    async def model_id(self, adapter: str) -> str:
+        """The OpenAI `model` of an answer: the adapter that served it, or the base model's id."""
+        return adapter or (await self.info()).model_name
+
+    async def list_adapters(self) -> list[pb.AdapterInfo]:
+        try:
+            response = await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=INFO_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # started without adapters
+                return []
+            raise
+        return list(response.adapters)
+
+    async def load_adapter(self, name: str, path: str, replace: bool) -> pb.AdapterInfo:
+        request = pb.LoadAdapterRequest(name=name, path=path, replace=replace)
+        response = await self.stub.LoadAdapter(request, timeout=ADAPTER_RPC_TIMEOUT_S)
+        return response.adapter
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), timeout=ADAPTER_RPC_TIMEOUT_S)
+
+    async def serving(self) -> bool:
+        """True if the server's health service says the Inference service is SERVING."""
+        request = health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE)
+        try:
+            response = await self._health.Check(request, timeout=INFO_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def generate_requests(
+    body: CompletionRequest | ChatCompletionRequest, adapter: str
+) -> list[pb.GenerateRequest]:
+    """One GenerateRequest per choice: for each prompt, `n` of them (choice i seeded seed + i)."""
+    refused = body.unsupported()
+    if refused is not None:
+        raise ApiError(400, f"{refused} is not supported by loramux; leave it unset", param=refused)
+    prompts = _prompts(body)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiError(
+            400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request"
+        )
+    requests = []
+    for prompt in prompts:
+        for i in range(body.n):
+            request = _sampling(body, adapter)
+            request.MergeFrom(prompt)
+            if body.seed is not None:
+                request.seed = (body.seed + i) % 2**64
+            requests.append(request)
+    return requests
+
+
+def _prompts(body: CompletionRequest | ChatCompletionRequest) -> list[pb.GenerateRequest]:
+    """The inputs of a body, each as a GenerateRequest holding only its prompt."""
+    if isinstance(body, ChatCompletionRequest):
+        messages = [pb.ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+        return [pb.GenerateRequest(messages=messages)]
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [pb.GenerateRequest(prompt=prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    if all(isinstance(item, int) for item in prompt):
+        return [pb.GenerateRequest(token_ids=cast(list[int], prompt))]
+    return [
+        pb.GenerateRequest(prompt=item)
+        if isinstance(item, str)
+        else pb.GenerateRequest(token_ids=cast(list[int], item))
+        for item in prompt
+    ]
+
+
+def _sampling(body: SamplingParams, adapter: str) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(adapter=adapter, ignore_eos=body.ignore_eos)
+    max_tokens = body.max_completion_tokens if isinstance(body, ChatCompletionRequest) else None
+    max_tokens = max_tokens or body.max_tokens
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if body.temperature is not None:
+        request.temperature = body.temperature
+    if body.top_p is not None:
+        request.top_p = body.top_p
+    if body.top_k is not None:
+        request.top_k = body.top_k
+    if body.stop is not None:
+        request.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.stop_token_ids:
+        request.stop_token_ids.extend(body.stop_token_ids)
+    return request
+
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CANCELLED: "abort",
+}
+
+
+def finish_reason(reason: int) -> str | None:
+    return FINISH_REASONS.get(reason)  # type: ignore[call-overload]

@@ -1,0 +1,121 @@
+"""Errors of the HTTP shim in OpenAI's JSON shape, with the HTTP status a client expects.
+
+Every failure answers `{"error": {"message", "type", "param", "code"}}`:
+
+    gRPC INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS,
+         OUT_OF_RANGE; a request body that does not parse  -> 400 invalid_request_error
+    gRPC NOT_FOUND (an unknown model or adapter)           -> 404 not_found_error
+    gRPC RESOURCE_EXHAUSTED (the engine's queue is full)   -> 429 rate_limit_error
+    gRPC UNIMPLEMENTED                                     -> 501 not_implemented_error
+    gRPC UNAVAILABLE (engine stopped, server unreachable)  -> 503 service_unavailable_error
+    gRPC DEADLINE_EXCEEDED                                 -> 504 timeout_error
+    anything else                                          -> 500 server_error
+
+The gRPC server already says what was wrong; its message is passed on as is. This module does
+not know the routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+import grpc
+import grpc.aio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+_HTTP_STATUS_BY_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ALREADY_EXISTS: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class ApiError(Exception):
+    """An error the shim itself answers with (not one that came from the gRPC server)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error JSON for an HTTP status."""
+    error_type = _TYPE_BY_STATUS.get(status, "server_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
+    """The HTTP error for a failed gRPC call; the status code's name becomes OpenAI's `code`."""
+    status = _HTTP_STATUS_BY_GRPC.get(err.code(), 500)
+    message = err.details() or err.code().name
+    if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
+        message = f"the loramux gRPC server is not reachable ({message}); retry later"
+    return ApiError(status, message, code=err.code().name.lower())
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Make every error of `app` answer OpenAI's error JSON."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        error = from_rpc_error(exc)
+        if error.status >= 500:
+            logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI answers a malformed body with 400, not FastAPI's 422.
+        problems = exc.errors()
+        first = problems[0] if problems else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = first.get("msg", "the request body is invalid")
+        if param:
+            message = f"{param}: {message}"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more problem(s))"
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, message)

@@ -1,0 +1,233 @@
+"""The OpenAI request and response bodies the shim speaks, as pydantic models.
+
+FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
+the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions (send them in
+the `openai` client's `extra_body`). Fields a client may send that loramux cannot honour are
+declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
+Range checks that the gRPC server makes anyway (temperature, top_p, stop strings, lengths) are
+left to it, so HTTP and gRPC refuse the same things with the same words.
+
+This module does not know about gRPC.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
+UInt64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+MaxTokens = Annotated[int, Field(ge=1, le=2**32 - 1)]
+MAX_CHOICES = 16  # prompts x n of one request
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingParams(_Request):
+    """The fields completions and chat completions share."""
+
+    model: str = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
+    max_tokens: MaxTokens | None = Field(
+        None, description="most tokens to generate (unset: the server's default, 64)"
+    )
+    temperature: float | None = Field(default=None, description="0 = greedy; unset: 1.0")
+    top_p: float | None = None
+    top_k: UInt32 | None = Field(
+        default=None, description="vLLM extension: sample from the k most likely tokens"
+    )
+    seed: UInt64 | None = Field(default=None, description="choice i of n samples with seed + i")
+    stop: str | list[str] | None = None
+    stop_token_ids: list[UInt32] | None = Field(default=None, description="vLLM extension")
+    ignore_eos: bool = Field(
+        default=False, description="vLLM extension: generate past the end-of-sequence token"
+    )
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The name of a field set to something loramux cannot do, or None."""
+        if self.presence_penalty:
+            return "presence_penalty"
+        if self.frequency_penalty:
+            return "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+
+class CompletionRequest(SamplingParams):
+    prompt: str | list[str] | list[UInt32] | list[list[UInt32]] = Field(
+        description="text, a list of texts, token ids or a list of token-id lists (one choice set each)"
+    )
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.logprobs is not None:
+            return "logprobs"
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        return super().unsupported()
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Request):
+    role: str = Field(description='"system", "user", "assistant", "tool" (the chat template decides)')
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingParams):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: MaxTokens | None = Field(
+        default=None, description="OpenAI's newer name for max_tokens"
+    )
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> str | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs"
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return super().unsupported()
+
+
+# -- responses -----------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "abort"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str = Field(description="the adapter that served the request, or the base model's id")
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str = Field(description="the adapter that served the request, or the base model's id")
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loramux"
+    root: str = Field(description="the base model's id, or the adapter's source directory")
+    parent: str | None = Field(
+        default=None, description="the base model's id for an adapter; null for the base"
+    )
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class LoadLoraAdapterRequest(_Request):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = Field(default=False, description="replace an adapter already loaded under this name")
+
+
+class UnloadLoraAdapterRequest(_Request):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

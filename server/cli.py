@@ -19,6 +19,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loramux")
 
 SHUTDOWN_GRACE_S = 5.0
+API_KEY_ENV = "LORAMUX_API_KEY"
+ADMIN_TOKEN_ENV = "LORAMUX_ADMIN_TOKEN"
 ENGINE_WATCH_S = 1.0
 Handler = Callable[[argparse.Namespace, list[str]], int]
 
@@ -147,8 +150,42 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=adapters.host_cache_mb,
         help="host memory for adapters read from disk, LRU (default: %(default)s)",
     )
+    serve.add_argument(
+        "--request-timeout",
+        type=_non_negative_float,
+        default=server.request_timeout_s,
+        help="abort a generation running longer, in seconds; 0 = no limit (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=_non_negative_float,
+        default=server.drain_timeout_s,
+        help="on SIGTERM/SIGINT, seconds running requests get to finish (default: %(default)s)",
+    )
+    _add_secrets(serve, admin=True)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_secrets(parser: argparse.ArgumentParser, *, admin: bool) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"API key (Authorization: Bearer); default: ${API_KEY_ENV}, which keeps it out of `ps`",
+    )
+    if admin:
+        parser.add_argument(
+            "--admin-token",
+            default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+            help=f"token that loading/unloading adapters needs; default: ${ADMIN_TOKEN_ENV}",
+        )
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -188,6 +225,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         http_port=args.http_port,
         enable_admin=args.enable_admin,
         cache_dir=args.cache_dir,
+        api_key=args.api_key,
+        admin_token=args.admin_token,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
         engine=engine,
         adapters=adapters,
     )
@@ -220,16 +261,26 @@ def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
+    from server.auth import AuthConfig
     from server.grpc_server import serve_grpc
 
-    server = await serve_grpc(engine, config.host, config.grpc_port)
+    auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
+    server = await serve_grpc(
+        engine, config.host, config.grpc_port, auth=auth, request_timeout_s=config.request_timeout_s
+    )
     logger.info("loramux serving %s on %s", engine.info.model_name, server.address)
     http = None
     if config.http_port:
         from server.http.app import create_app
         from server.http.server import HttpServer
 
-        app = create_app(_local_target(config.host, server.port), enable_admin=config.enable_admin)
+        app = create_app(
+            _local_target(config.host, server.port),
+            enable_admin=config.enable_admin,
+            metrics_registry=engine.metrics.registry,
+            api_key=config.api_key,
+            admin_token=config.admin_token,
+        )
         http = HttpServer(app, config.host, config.http_port)
         try:
             await http.start()
@@ -249,10 +300,22 @@ async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
                 logger.error("the engine thread died; shutting down")
                 status = 1
                 break
-    logger.info("shutting down (running calls get %.0f s to finish)", SHUTDOWN_GRACE_S)
-    # TODO(drain): HTTP stops accepting first; its running requests end with the gRPC grace.
+    grace = SHUTDOWN_GRACE_S
+    if status == 0:  # drain: refuse new calls (UNAVAILABLE / 503), let running ones finish
+        logger.info(
+            "draining: running requests get up to %g s to finish (signal again to abort them)",
+            config.drain_timeout_s,
+        )
+        hurry = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, hurry.set)
+        drained = await server.drain(config.drain_timeout_s, give_up=hurry)
+        if not drained:
+            logger.warning("drain ended with requests still running; aborting them")
+        grace = 0.0 if not drained else SHUTDOWN_GRACE_S
+    logger.info("shutting down")
     stopping_http = asyncio.create_task(http.stop()) if http is not None else None
-    await server.stop(SHUTDOWN_GRACE_S)
+    await server.stop(grace)
     if stopping_http is not None:
         await stopping_http
     return status
@@ -285,6 +348,7 @@ def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
     )
+    _add_secrets(http, admin=True)
     http.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     http.set_defaults(handler=_cmd_http)
 
@@ -304,7 +368,10 @@ async def _serve_http_until_signal(args: argparse.Namespace) -> int:
     from server.http.app import create_app
     from server.http.server import HttpServer
 
-    http = HttpServer(create_app(args.grpc_target, enable_admin=args.enable_admin), args.host, args.port)
+    app = create_app(
+        args.grpc_target, enable_admin=args.enable_admin, api_key=args.api_key, admin_token=args.admin_token
+    )
+    http = HttpServer(app, args.host, args.port)
     await http.start()
     logger.info("OpenAI API on http://%s:%d in front of gRPC %s", args.host, http.port, args.grpc_target)
     stop = asyncio.Event()
@@ -347,10 +414,19 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     generate.set_defaults(handler=_cmd_generate)
 
 
-def _add_target(parser: argparse.ArgumentParser) -> None:
+def _add_target(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
     parser.add_argument(
         "--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)"
     )
+    _add_secrets(parser, admin=admin)
+
+
+def _metadata(args: argparse.Namespace, *, admin: bool = False) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents the client's API key, or its admin token for admin calls."""
+    from server.auth import bearer_metadata
+
+    token = getattr(args, "admin_token", None) if admin else None
+    return bearer_metadata(token or args.api_key)
 
 
 def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -390,7 +466,7 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
-            for chunk in stub.GenerateStream(request, timeout=args.timeout):
+            for chunk in stub.GenerateStream(request, timeout=args.timeout, metadata=_metadata(args)):
                 if chunk.text:
                     print(chunk.text, end="", flush=True)
                     wrote_text = True
@@ -432,7 +508,8 @@ def _cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
 
     with grpc.insecure_channel(args.target) as channel:
         try:
-            info = pb_grpc.InferenceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=args.timeout)
+            stub = pb_grpc.InferenceStub(channel)
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=args.timeout, metadata=_metadata(args))
         except grpc.RpcError as err:
             return _report_rpc_error(err)
     fields = json_format.MessageToDict(
@@ -468,7 +545,7 @@ def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     unload.add_argument("name")
     unload.set_defaults(handler=_cmd_adapters_unload)
     for action in (listing, load, unload):
-        _add_target(action)
+        _add_target(action, admin=action is not listing)
         action.add_argument(
             "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"
         )
@@ -500,7 +577,8 @@ def _call_inference(args: argparse.Namespace, method: str, request: object) -> o
 
     with grpc.insecure_channel(args.target) as channel:
         try:
-            return getattr(pb_grpc.InferenceStub(channel), method)(request, timeout=args.timeout)
+            call = getattr(pb_grpc.InferenceStub(channel), method)
+            return call(request, timeout=args.timeout, metadata=_metadata(args, admin=True))
         except grpc.RpcError as err:
             _report_rpc_error(err)
             return None

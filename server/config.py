@@ -67,5 +67,10 @@ class ServerConfig:
     http_port: int = 8000  # the OpenAI-compatible HTTP shim; 0 = no HTTP
     enable_admin: bool = False  # HTTP /v1/load_lora_adapter and /v1/unload_lora_adapter
     cache_dir: str | None = None  # default: $LORAMUX_CACHE or ~/.cache/loramux
+    # Secrets: never in repr (so never in a logged config). None = not required.
+    api_key: str | None = field(default=None, repr=False)  # every Inference call / /v1 route
+    admin_token: str | None = field(default=None, repr=False)  # LoadAdapter / UnloadAdapter
+    request_timeout_s: float = 600.0  # a generation running longer is aborted; 0 = no limit
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)

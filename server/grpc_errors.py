@@ -13,6 +13,7 @@ answer carrying an error string:
     EngineOverloaded     -> RESOURCE_EXHAUSTED
     EngineUnavailable    -> UNAVAILABLE
     NotImplementedError  -> UNIMPLEMENTED
+    RequestTimedOut      -> DEADLINE_EXCEEDED (the server's --request-timeout)
     GenerationFailed     -> INTERNAL (the engine's message, logged)
     anything else        -> INTERNAL (a generic message; the traceback goes to the log)
 
@@ -41,6 +42,10 @@ class GenerationFailed(RuntimeError):
     """The engine finished a request with FinishReason.ERROR (maps to INTERNAL)."""
 
 
+class RequestTimedOut(RuntimeError):
+    """A generation ran past the server's request timeout (maps to DEADLINE_EXCEEDED)."""
+
+
 class AdaptersDisabled(RuntimeError):
     """An adapter RPC on a server started without adapters, `--max-slots 0` (maps to FAILED_PRECONDITION)."""
 
@@ -56,6 +61,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (EngineOverloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (RequestTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED),
     (GenerationFailed, grpc.StatusCode.INTERNAL),
 )
 

@@ -7,6 +7,9 @@
   - server reflection, so `grpcurl` works without the .proto files.
 `await server.start()` binds the port (port 0 picks a free one; `server.port` is the bound
 port) and `await server.stop(grace)` lets running calls finish for `grace` seconds.
+`await server.drain(timeout)` first refuses new Inference calls (UNAVAILABLE, health NOT_SERVING)
+and waits up to `timeout` seconds for running generations to finish. An `AuthConfig` makes the
+calls present the API key / admin token (`server.auth`); `request_timeout_s` caps each generation.
 
 It owns neither the engine's lifecycle (the caller starts and shuts down the engine) nor
 the event loop (the caller runs it).
@@ -24,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loramux.v1 import inference_pb2, inference_pb2_grpc
+from server.auth import AuthConfig, GateInterceptor
 from server.grpc_errors import StatusInterceptor
 from server.grpc_service import InferenceServicer
 
@@ -43,13 +47,22 @@ _OPTIONS = [
 class GrpcServer:
     """One grpc.aio server over one engine; create, `await start()`, later `await stop()`."""
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 50051) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        *,
+        auth: AuthConfig | None = None,
+        request_timeout_s: float = 0.0,
+    ) -> None:
         self._engine = engine
         self._address = f"{host}:{port}"
-        self._servicer = InferenceServicer(engine)
+        self._servicer = InferenceServicer(engine, request_timeout_s=request_timeout_s)
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
-        self._server = grpc.aio.server(interceptors=[StatusInterceptor()], options=_OPTIONS)
+        self._gate = GateInterceptor(auth or AuthConfig())
+        self._server = grpc.aio.server(interceptors=[self._gate, StatusInterceptor()], options=_OPTIONS)
         inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -86,13 +99,28 @@ class GrpcServer:
         await self._server.stop(grace)
         self._servicer.close()
 
+    async def drain(self, timeout: float, give_up: asyncio.Event | None = None) -> bool:
+        """Refuse new calls, report NOT_SERVING and wait up to `timeout` s for running generations.
+
+        True if all finished in time (or before `give_up` was set); the caller then stops the
+        server, which aborts the rest.
+        """
+        self._gate.draining = True
+        await self._set_health(False)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._servicer.running and asyncio.get_running_loop().time() < deadline:
+            if give_up is not None and give_up.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return not self._servicer.running
+
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
     async def _watch_engine(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
-            await self._set_health(self._engine.alive)
+            await self._set_health(self._engine.alive and not self._gate.draining)
 
     async def _set_health(self, alive: bool) -> None:
         status = (
@@ -102,8 +130,15 @@ class GrpcServer:
             await self._health.set(service, status)
 
 
-async def serve_grpc(engine: Engine, host: str = "127.0.0.1", port: int = 50051) -> GrpcServer:
+async def serve_grpc(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    *,
+    auth: AuthConfig | None = None,
+    request_timeout_s: float = 0.0,
+) -> GrpcServer:
     """Build and start a GrpcServer over a started engine."""
-    server = GrpcServer(engine, host, port)
+    server = GrpcServer(engine, host, port, auth=auth, request_timeout_s=request_timeout_s)
     await server.start()
     return server

@@ -5,7 +5,8 @@ adapter, lengths), tokenized on a helper thread, waits for its adapter's disk ->
 refused adapter answers INVALID_ARGUMENT, not a failed generation), is submitted to the engine
 with a sink that hops engine outputs onto the event loop, and is answered as one response or a
 stream of chunks. A call that ends early (client cancel, disconnect, deadline) aborts its engine
-request in a `finally`, so its KV slot is freed at once. The adapter RPCs call the engine's
+request in a `finally`, so its KV slot is freed at once; so does one that runs past the
+server's `request_timeout_s` (DEADLINE_EXCEEDED). The adapter RPCs call the engine's
 AdapterManager on helper threads (they read files).
 
 Errors are raised, never returned: `server.grpc_errors.StatusInterceptor` maps them to
@@ -40,7 +41,7 @@ from server.engine.request import (
     InvalidRequest,
     RequestOutput,
 )
-from server.grpc_errors import AdaptersDisabled, GenerationFailed
+from server.grpc_errors import AdaptersDisabled, GenerationFailed, RequestTimedOut
 from server.prompts import check_input, check_prompt_tokens, tokenize
 
 if TYPE_CHECKING:
@@ -64,13 +65,19 @@ class _Prepared:
 class InferenceServicer(pb_grpc.InferenceServicer):
     """`loramux.v1.Inference` over one started engine. Must be used from one event loop."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, request_timeout_s: float = 0.0) -> None:
         self._engine = engine
+        self._request_timeout_s = request_timeout_s  # 0 = no server-side cap
         self._live_request_ids: set[str] = set()  # touched on the event loop only
         # One thread: tokenizing stays off the event loop and never runs concurrently.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-tokenize")
         # One thread: LoadAdapter / UnloadAdapter read files and run one at a time, in arrival order.
         self._adapter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-rpc")
+
+    @property
+    def running(self) -> int:
+        """Generations in progress (submitted or about to be)."""
+        return len(self._live_request_ids)
 
     def close(self) -> None:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
@@ -97,7 +104,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield convert.chunk_to_pb(output, prepared.adapter)
 
     async def _prepare(self, request: pb.GenerateRequest) -> _Prepared:
-        """Validate a request and tokenize its prompt; raises InvalidRequest and friends."""
+        """Validate a request and tokenize its prompt; raises InvalidRequest and friends
+        (and counts the refusal in the engine's metrics, as the engine counts its own)."""
+        try:
+            return await self._check_and_tokenize(request)
+        except Exception as exc:
+            self._engine.record_refused(request.adapter, exc)
+            raise
+
+    async def _check_and_tokenize(self, request: pb.GenerateRequest) -> _Prepared:
         info = self._engine.info
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -140,13 +155,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         self._live_request_ids.add(request_id)
         submitted = finished = False
+        deadline = loop.time() + self._request_timeout_s if self._request_timeout_s > 0 else None
         try:
             self._engine.submit(request, sink)
             submitted = True
             while not finished:
-                output = await self._next_output(queue)
+                output = await self._next_output(queue, deadline)
                 finished = output.finished
                 if output.finish_reason is FinishReason.ERROR:
+                    if not self._engine.alive:  # the engine thread died under this request
+                        raise EngineUnavailable("the engine stopped while generating; retry later")
                     raise GenerationFailed(f"generation failed: {output.error or 'unknown engine error'}")
                 yield output
         finally:
@@ -154,10 +172,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if submitted and not finished:
                 self._engine.abort(request_id)
 
-    async def _next_output(self, queue: asyncio.Queue[RequestOutput]) -> RequestOutput:
+    async def _next_output(
+        self, queue: asyncio.Queue[RequestOutput], deadline: float | None
+    ) -> RequestOutput:
+        loop = asyncio.get_running_loop()
         while True:
+            wait = ENGINE_LIVENESS_POLL_S
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise RequestTimedOut(
+                        f"the request ran longer than the server's limit of {self._request_timeout_s:g} s "
+                        "(--request-timeout); ask for fewer tokens or retry"
+                    )
+                wait = min(wait, left)
             try:
-                return await asyncio.wait_for(queue.get(), timeout=ENGINE_LIVENESS_POLL_S)
+                return await asyncio.wait_for(queue.get(), timeout=wait)
             except TimeoutError:
                 if not self._engine.alive:
                     raise EngineUnavailable("the engine stopped while generating; retry later") from None

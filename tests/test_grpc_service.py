@@ -219,8 +219,9 @@ def test_cancelling_a_stream_frees_the_engine_slot(
 
 
 def test_deadline_exceeded_aborts_the_request(
-    stub: pb_grpc.InferenceStub, engine: Engine, aborted: list[str]
+    stub: pb_grpc.InferenceStub, engine: Engine, aborted: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _slow_down(engine, monkeypatch)  # the request must outlive its 1 s deadline on any machine
     request = _greedy(request_id="too-slow", prompt="Count to a thousand", max_tokens=MAX_MODEL_LEN - 32)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request, timeout=1.0)

@@ -9,7 +9,9 @@ are the RPCs' entry points and may be called from any thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,6 +51,9 @@ class AdapterManager:
         self._pending: dict[str, Future[LoadedAdapter]] = {}
         self._served: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()
+        self._host_loads = 0  # every disk -> host load, explicit LoadAdapter included
+        # (tier, seconds) of every load into the host tier or a device slot; the engine's metrics set it
+        self.observe_load: Callable[[str, float], None] = lambda tier, seconds: None
 
     @classmethod
     def attach(cls, model: LlamaModel, store: AdapterStore, slots: DeviceSlots) -> AdapterManager:
@@ -81,10 +86,14 @@ class AdapterManager:
             return future
 
     def acquire(self, adapter: LoadedAdapter) -> int | None:
+        fills = self.slots.stats().loads  # only the engine thread fills slots: a change is our copy
         slot = self.slots.acquire(adapter)
         if slot is not None:
             with self._lock:
                 self._served[adapter.name] += 1
+            device = self.slots.stats()
+            if device.loads != fills:
+                self.observe_load("device", device.last_load_seconds)
         return slot
 
     def release(self, slot: int) -> None:
@@ -92,10 +101,13 @@ class AdapterManager:
 
     def _load_to_host(self, name: str) -> LoadedAdapter:
         in_host = self.store.host.peek(name) is not None
+        started = time.perf_counter()
         adapter = self.store.get(name)
         if not in_host:
+            self.observe_load("host", time.perf_counter() - started)
             with self._lock:
                 self._loads[name] += 1
+                self._host_loads += 1
         return adapter
 
     # -- RPC side -------------------------------------------------------------------------------
@@ -103,11 +115,15 @@ class AdapterManager:
     def load(self, name: str, path: str, format: str | None = None, replace: bool = False) -> LoadedAdapter:
         """Validate and register the adapter at `path` as `name` (a bad one changes nothing)."""
         previous = self.store.host.peek(name)
+        started = time.perf_counter()
         adapter = self.store.load(name, path, format, replace=replace)
+        if adapter is not previous:
+            self.observe_load("host", time.perf_counter() - started)
         with self._lock:
             self._pending.pop(name, None)
             if adapter is not previous:
                 self._loads[name] += 1
+                self._host_loads += 1
         if previous is not None and adapter is not previous:
             self.slots.invalidate(name)  # new weights: requests from now on get a fresh slot
         return adapter
@@ -130,6 +146,11 @@ class AdapterManager:
 
     def stats(self) -> tuple[HostCacheStats, DeviceSlotStats]:
         return self.store.stats(), self.slots.stats()
+
+    def host_loads(self) -> int:
+        """Disk -> host loads so far, by requests and by LoadAdapter."""
+        with self._lock:
+            return self._host_loads
 
     @staticmethod
     def _status(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_store import AdapterNotFound, LoadedAdapter
+from adapters_store import AdapterError, AdapterNotFound, LoadedAdapter
 from kernels import AdapterBatch
 from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
@@ -32,6 +32,7 @@ from server.engine.request import (
 )
 from server.engine.sampling import sample
 from server.engine.scheduler import Scheduler, Sequence, StepPlan
+from server.metrics import UNKNOWN_ADAPTER, Metrics
 from server.model.batch import DecodeSeq, StepBatch
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
@@ -76,7 +77,11 @@ class _Stop:
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig, adapters: AdapterManager | None = None
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        adapters: AdapterManager | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = loaded.model
         self.adapters = adapters
@@ -116,6 +121,11 @@ class Engine:
         self._stopping = False
         self._failure: BaseException | None = None
         self._rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
+        self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting) adapters
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.register_engine(self)
+        if adapters is not None:
+            adapters.observe_load = self.metrics.observe_adapter_load
 
     # ---- caller side (any thread) -------------------------------------------------------------
 
@@ -139,6 +149,13 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request; raises InvalidRequest, AdapterError (unknown or malformed adapter),
         EngineOverloaded or EngineUnavailable at once."""
+        try:
+            self._enqueue(request, sink)
+        except Exception as exc:
+            self.record_refused(request.adapter, exc)
+            raise
+
+    def _enqueue(self, request: GenerationRequest, sink: Sink) -> None:
         self._validate(request)
         if not self.alive:
             reason = f": {self._failure!r}" if self._failure else ""
@@ -148,6 +165,7 @@ class Engine:
             sink=sink,
             generator=self._generator_for(request),
             detokenizer=Detokenizer(self.tokenizer, list(request.prompt_token_ids), request.sampling.stop),
+            submitted_at=time.monotonic(),
         )
         with self._lock:
             if request.request_id in self._live:
@@ -174,6 +192,24 @@ class Engine:
                 f"adapter {name!r} is not loaded: this server serves no adapters (started with --max-slots 0)"
             )
         self.adapters.check_known(name)
+
+    def lora_state(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(running, waiting) adapter names, sorted, as of the engine loop's last turn."""
+        return self._lora_state
+
+    def adapter_label(self, adapter: str) -> str:
+        """The `adapter` label of a request's metrics: the adapter, or the base model's name."""
+        return adapter or self.info.model_name
+
+    def record_refused(self, adapter: str, exc: Exception) -> None:
+        """Count a request refused before it reached the engine loop (here or by a server's checks)."""
+        label = self.adapter_label(adapter)
+        if adapter:
+            try:
+                self.check_adapter(adapter)
+            except AdapterError:  # never a label per garbage name
+                label = UNKNOWN_ADAPTER
+        self.metrics.observe_refused(label, _refusal_outcome(exc))
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -219,12 +255,20 @@ class Engine:
                         log.exception("engine step failed; failing the running requests")
                         for seq in list(self.scheduler.running):
                             self._finish(seq, FinishReason.ERROR, error=f"engine step failed: {exc!r}")
+                if self.adapters is not None:
+                    self._publish_lora_state()
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine thread failed")
             self._failure = exc
             self._stopping = True
         finally:
             self._finish_all(FinishReason.ERROR if self._failure else FinishReason.CANCELLED)
+
+    def _publish_lora_state(self) -> None:
+        """Which adapters run and wait, for the scrape thread (one tuple swap per loop turn)."""
+        running = sorted({s.request.adapter for s in self.scheduler.running if s.request.adapter})
+        waiting = sorted({s.request.adapter for s in self.scheduler.waiting if s.request.adapter})
+        self._lora_state = (tuple(running), tuple(waiting))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -317,6 +361,8 @@ class Engine:
     def _append(self, seq: Sequence, token: int) -> None:
         params = seq.request.sampling
         seq.output_ids.append(token)
+        if len(seq.output_ids) == 1:
+            seq.first_token_at = time.monotonic()
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if not is_eos:
             seq.detokenizer.add(token)
@@ -373,6 +419,13 @@ class Engine:
             assert self.adapters is not None
             self.adapters.release(seq.adapter_slot)
             seq.adapter_slot = -1
+        self.metrics.observe_finished(
+            self.adapter_label(seq.request.adapter),
+            reason.value,
+            min(seq.num_cached, seq.prompt_len),
+            len(seq.output_ids),
+            (seq.submitted_at, seq.first_token_at, time.monotonic()),
+        )
         self._emit(seq, seq.detokenizer.take(final=True), token_ids, reason, error)
 
     def _finish_all(self, reason: FinishReason) -> None:
@@ -386,6 +439,16 @@ class Engine:
         error = repr(self._failure) if self._failure else None
         for seq in list(self._live.values()):
             self._finish(seq, reason, error=error)
+
+
+def _refusal_outcome(exc: Exception) -> str:
+    if isinstance(exc, EngineOverloaded):
+        return "overloaded"
+    if isinstance(exc, EngineUnavailable):
+        return "unavailable"
+    if isinstance(exc, InvalidRequest | AdapterError | NotImplementedError):
+        return "invalid"  # the caller's fault (NotImplementedError: a feature not built yet)
+    return "error"
 
 
 def _load_error(future: Future[LoadedAdapter]) -> BaseException | None:

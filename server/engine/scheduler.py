@@ -32,6 +32,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     adapter_future: Future[LoadedAdapter] | None = None  # the adapter's disk -> host load
     adapter_slot: int = -1  # device slot pinned for the adapter while running; -1 = base model
+    submitted_at: float = 0.0  # time.monotonic() at submit, for the latency metrics
+    first_token_at: float = 0.0  # time.monotonic() when the first token was sampled; 0.0 = none yet
 
     @property
     def prompt_len(self) -> int:

@@ -7,11 +7,16 @@
     POST /v1/load_lora_adapter      vLLM's runtime adapter loading (only with enable_admin)
     POST /v1/unload_lora_adapter    and unloading
     GET  /health                    200 while the gRPC server reports SERVING, else 503
+    GET  /metrics                   Prometheus text exposition of `metrics_registry` (`loramux serve`:
+                                    the engine's metrics; `loramux http` alone: this process only)
 
 Each request becomes Generate / GenerateStream calls on `grpc_target`, so HTTP and gRPC share
 one code path: validation, limits and error messages come from the gRPC server. The `model`
 of an answer is the adapter that served it (the base model's id for none).
-TODO(metrics, auth, drain): /metrics, --api-key and SIGTERM draining hook in here.
+With an API key, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise); with an
+admin token, the admin routes need it (403). `/health` (and `/metrics`) stay open. The shim
+presents its own key / admin token to the gRPC server. While the gRPC server drains, new
+requests answer 503 (its UNAVAILABLE).
 
 This module maps OpenAI shapes to the wire API and back; it does not know how generation works.
 """
@@ -27,34 +32,66 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc.aio
-from fastapi import FastAPI, Request
+import prometheus_client
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from prometheus_client import CollectorRegistry
 
 from loramux.v1 import inference_pb2 as pb
+from server import auth as authn
 from server.http import openai_types as oa
-from server.http.backend import Backend, finish_reason, generate_requests
+from server.http.backend import Backend, bearer_channel, finish_reason, generate_requests
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
 from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": oa.ErrorResponse} for status in (400, 404, 429, 500, 503)
+    status: {"model": oa.ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
 }
+_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 
-def create_app(grpc_target: str, *, enable_admin: bool = False) -> FastAPI:
-    """The shim for the gRPC server at `grpc_target` (HOST:PORT); admin routes answer 403 unless enabled."""
+def create_app(
+    grpc_target: str,
+    *,
+    enable_admin: bool = False,
+    api_key: str | None = None,
+    admin_token: str | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """The shim for the gRPC server at `grpc_target` (HOST:PORT); admin routes answer 403 unless enabled.
+
+    `api_key` / `admin_token`: what HTTP clients must present, and what the shim presents to gRPC.
+    """
+    auth = authn.AuthConfig(api_key=api_key, admin_token=admin_token)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        channel = grpc.aio.insecure_channel(grpc_target)
-        app.state.backend = Backend(channel)
+        channel = bearer_channel(grpc_target, api_key)
+        app.state.backend = Backend(channel, admin_token)
         try:
             yield
         finally:
             await channel.close()
 
-    app = FastAPI(title="loramux OpenAI-compatible API", lifespan=lifespan, responses=_ERRORS)
+    async def authorize(request: Request) -> None:
+        path = request.url.path
+        if not path.startswith("/v1/"):
+            return
+        token = authn.bearer_token(request.headers.get("authorization"))
+        refused = authn.check(auth, token, admin=path in _ADMIN_PATHS)
+        if refused == "unauthenticated":
+            raise ApiError(401, authn.UNAUTHENTICATED_MESSAGE, code="invalid_api_key")
+        if refused == "permission_denied":
+            raise ApiError(403, authn.PERMISSION_DENIED_MESSAGE)
+
+    app = FastAPI(
+        title="loramux OpenAI-compatible API",
+        lifespan=lifespan,
+        responses=_ERRORS,
+        dependencies=[Depends(authorize)],
+    )
     install_handlers(app)
 
     def backend(request: Request) -> Backend:
@@ -65,6 +102,13 @@ def create_app(grpc_target: str, *, enable_admin: bool = False) -> FastAPI:
         if not await backend(request).serving():
             return error_response(503, "the engine is not serving (starting, stopped or unreachable)")
         return Response(status_code=200)
+
+    registry = metrics_registry if metrics_registry is not None else prometheus_client.REGISTRY
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        # generate_latest reads the engine's state (locks held for microseconds): fine on the loop
+        return Response(prometheus_client.generate_latest(registry), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=oa.ModelList)
     async def list_models(request: Request) -> oa.ModelList:

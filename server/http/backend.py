@@ -3,7 +3,9 @@
 `Backend` wraps one `grpc.aio` channel: it caches GetInfo (the base model's id) once the server
 has answered, maps an OpenAI `model` to an adapter name, and lists adapters (none when the
 server serves no adapters). `generate_requests` turns a completion or chat body into one
-GenerateRequest per choice. gRPC errors propagate as `grpc.aio.AioRpcError`;
+GenerateRequest per choice. `bearer_channel` opens the channel so that every call presents the
+shim's API key as `authorization` metadata; the adapter RPCs present the admin token when one is
+set. gRPC errors propagate as `grpc.aio.AioRpcError`;
 `server.http.errors` turns them into HTTP answers.
 
 It does not know HTTP routes, nor how the server generates.
@@ -11,7 +13,7 @@ It does not know HTTP routes, nor how the server generates.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -20,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapters_store.names import NAME_PATTERN
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
+from server.auth import bearer_metadata
 from server.http.errors import ApiError
 from server.http.openai_types import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SamplingParams
 
@@ -29,13 +32,45 @@ ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files
 INFERENCE_SERVICE = "loramux.v1.Inference"
 
 
+class _Bearer:
+    """Adds `authorization: Bearer <key>` to calls that carry no authorization of their own."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer_metadata(token)
+
+    def _details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        if "authorization" not in metadata:
+            for key, value in self._metadata:
+                metadata.add(key, value)
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under its first matching kind only: one class per kind.
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def bearer_channel(target: str, api_key: str | None) -> grpc.aio.Channel:
+    """An insecure channel to `target` whose calls present `api_key` (none when None)."""
+    interceptors: Any = [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None
+    return grpc.aio.insecure_channel(target, interceptors=interceptors)
+
+
 class Backend:
     """One gRPC client of `loramux.v1.Inference` (and of the health service) for the app's loop."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, admin_token: str | None = None) -> None:
         self.stub = pb_grpc.InferenceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._info: pb.GetInfoResponse | None = None
+        self._admin_metadata = bearer_metadata(admin_token) or None
 
     async def info(self) -> pb.GetInfoResponse:
         """GetInfo, asked once: the base model does not change while a server runs."""
@@ -73,11 +108,15 @@ class Backend:
 
     async def load_adapter(self, name: str, path: str, replace: bool) -> pb.AdapterInfo:
         request = pb.LoadAdapterRequest(name=name, path=path, replace=replace)
-        response = await self.stub.LoadAdapter(request, timeout=ADAPTER_RPC_TIMEOUT_S)
+        response = await self.stub.LoadAdapter(
+            request, timeout=ADAPTER_RPC_TIMEOUT_S, metadata=self._admin_metadata
+        )
         return response.adapter
 
     async def unload_adapter(self, name: str) -> None:
-        await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), timeout=ADAPTER_RPC_TIMEOUT_S)
+        await self.stub.UnloadAdapter(
+            pb.UnloadAdapterRequest(name=name), timeout=ADAPTER_RPC_TIMEOUT_S, metadata=self._admin_metadata
+        )
 
     async def serving(self) -> bool:
         """True if the server's health service says the Inference service is SERVING."""

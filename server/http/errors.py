@@ -4,6 +4,8 @@ Every failure answers `{"error": {"message", "type", "param", "code"}}`:
 
     gRPC INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS,
          OUT_OF_RANGE; a request body that does not parse  -> 400 invalid_request_error
+    gRPC UNAUTHENTICATED (missing or wrong API key)        -> 401 authentication_error
+    gRPC PERMISSION_DENIED (admin token needed)            -> 403 permission_error
     gRPC NOT_FOUND (an unknown model or adapter)           -> 404 not_found_error
     gRPC RESOURCE_EXHAUSTED (the engine's queue is full)   -> 429 rate_limit_error
     gRPC UNIMPLEMENTED                                     -> 501 not_implemented_error
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
+    401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
@@ -45,6 +48,8 @@ _HTTP_STATUS_BY_GRPC = {
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.ALREADY_EXISTS: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNIMPLEMENTED: 501,

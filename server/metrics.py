@@ -1,0 +1,227 @@
+"""Every Prometheus metric of loramux, in one place.
+
+One `Metrics` owns one `CollectorRegistry` (no module-level state, so a process or a test may hold
+many engines). The engine records per-request metrics once, when a request finishes or is
+refused; per-step state (queue depth, running requests, KV cache, adapter tiers, the vLLM LoRA
+gauge) is read at scrape time by a collector, so nothing here runs per token or per layer.
+
+Requests of the base model carry the base model's name as `adapter` label (the `model` an
+OpenAI client sends for it, like vLLM's `model_name`); a refused request naming an adapter the
+server cannot serve is labelled `<unknown>`, so garbage names cannot grow the label set.
+
+    loramux_requests_total{adapter,outcome}            outcome: stop | length | cancelled | error |
+                                                       invalid | overloaded | unavailable
+    loramux_time_to_first_token_seconds{adapter}       histogram, submit -> first token
+    loramux_time_per_output_token_seconds{adapter}     histogram, (last - first token) / (tokens - 1)
+    loramux_e2e_request_latency_seconds{adapter}       histogram, submit -> finish
+    loramux_prompt_tokens_total{adapter}               prompt tokens prefilled
+    loramux_generation_tokens_total{adapter}           tokens generated
+    loramux_queue_depth                                requests submitted, not yet running
+    loramux_running_requests                           requests holding a KV slot (the running batch)
+    loramux_kv_cache_usage_ratio                       KV slots in use / KV slots
+    loramux_kv_cache_bytes                             bytes the KV cache holds now
+    loramux_adapters{tier}                             adapters by highest tier: device | host | disk
+    loramux_adapter_loads_total{tier}                  disk -> host loads, host -> device slot fills
+    loramux_adapter_evictions_total{tier}              LRU evictions from the host cache / device slots
+    loramux_adapter_load_seconds{tier}                 histogram of those loads
+    loramux_adapter_slots                              device slots
+    vllm:lora_requests_info{running_lora_adapters,     value: the time of the scrape; as vLLM exposes
+        waiting_lora_adapters,max_lora}                it, for LoRA-aware routers (Gateway API
+                                                       inference extension)
+
+It knows the engine only through `Engine.stats()`, `Engine.lora_state()`, the KV cache and the
+adapter manager's `stats()` / `list()`; it knows nothing about gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+UNKNOWN_ADAPTER = "<unknown>"  # not an identifier, so no adapter can have this name
+
+# Buckets as vLLM's, so dashboards built for it read ours.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)  # fmt: skip
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+               240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The registry of one server process and the metrics the engine records into it."""
+
+    def __init__(self, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        if process_metrics:  # what the default registry shows: CPU, memory, fds, GC, Python version
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            self.registry.register(GC_COLLECTOR)
+        adapter = ["adapter"]
+        self.requests = Counter(
+            "loramux_requests",
+            "Requests by outcome: finish reason, or why it was refused at submit.",
+            ["adapter", "outcome"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "loramux_time_to_first_token_seconds",
+            "Seconds from submit to the first generated token (adapter loads and queueing included).",
+            adapter,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "loramux_time_per_output_token_seconds",
+            "Mean seconds per generated token after the first, one observation per request.",
+            adapter,
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "loramux_e2e_request_latency_seconds",
+            "Seconds from submit to finish (any finish reason).",
+            adapter,
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "loramux_prompt_tokens", "Prompt tokens prefilled.", adapter, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "loramux_generation_tokens", "Tokens generated.", adapter, registry=self.registry
+        )
+        self.adapter_load_seconds = Histogram(
+            "loramux_adapter_load_seconds",
+            "Seconds to load an adapter into a tier: disk -> host (read + validate), host -> device (slot copy).",
+            ["tier"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self._engine_registered = False
+
+    def register_engine(self, engine: Engine) -> None:
+        """Read `engine`'s state at every scrape (one engine per Metrics)."""
+        if self._engine_registered:
+            raise ValueError("this Metrics already serves an engine; give every engine its own Metrics()")
+        self.registry.register(_EngineCollector(engine))
+        self._engine_registered = True
+
+    # -- recorded by the engine -----------------------------------------------------------------
+
+    def observe_finished(
+        self,
+        adapter: str,
+        outcome: str,
+        prompt_tokens: int,
+        generated_tokens: int,
+        times: tuple[float, float, float],
+    ) -> None:
+        """A request finished; times = (submitted, first token or 0.0, finished), monotonic seconds."""
+        submitted, first_token, finished = times
+        self.requests.labels(adapter, outcome).inc()
+        self.prompt_tokens.labels(adapter).inc(prompt_tokens)
+        self.generation_tokens.labels(adapter).inc(generated_tokens)
+        self.e2e_latency.labels(adapter).observe(finished - submitted)
+        if first_token:
+            self.time_to_first_token.labels(adapter).observe(first_token - submitted)
+            if generated_tokens > 1:
+                tpot = (finished - first_token) / (generated_tokens - 1)
+                self.time_per_output_token.labels(adapter).observe(tpot)
+
+    def observe_refused(self, adapter: str, outcome: str) -> None:
+        self.requests.labels(adapter, outcome).inc()
+
+    def observe_adapter_load(self, tier: str, seconds: float) -> None:
+        self.adapter_load_seconds.labels(tier).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text exposition format of everything in the registry."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Gauges and tier counters read from the engine at scrape time (cheaper than per step)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        stats = engine.stats()
+        yield GaugeMetricFamily(
+            "loramux_queue_depth", "Requests submitted and not yet running.", value=stats.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "loramux_running_requests",
+            "Requests in the running batch (holding a KV slot).",
+            value=stats.num_running,
+        )
+        num_slots = engine.kv.num_slots
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_usage_ratio",
+            "KV cache slots in use / KV cache slots (1 = no request can be admitted).",
+            value=stats.kv_slots_used / num_slots if num_slots else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_bytes", "Bytes the KV cache holds now (it grows with the longest sequence).",
+            value=engine.kv.nbytes(),
+        )  # fmt: skip
+        manager = engine.adapters
+        tiers = GaugeMetricFamily(
+            "loramux_adapters",
+            "Adapters the server can serve, by the highest tier they are in.",
+            labels=["tier"],
+        )
+        loads = CounterMetricFamily(
+            "loramux_adapter_loads",
+            "Adapter loads into a tier (disk -> host, host -> device slot).",
+            labels=["tier"],
+        )
+        evictions = CounterMetricFamily(
+            "loramux_adapter_evictions", "Adapters evicted from a tier to make room (LRU).", labels=["tier"]
+        )
+        num_device_slots = 0
+        if manager is not None:
+            count = Tally(status.tier for status in manager.list())
+            for tier in ("device", "host", "disk"):
+                tiers.add_metric([tier], count[tier])
+            host, device = manager.stats()
+            num_device_slots = device.num_slots
+            loads.add_metric(["host"], manager.host_loads())
+            loads.add_metric(["device"], device.loads)
+            evictions.add_metric(["host"], host.evictions)
+            evictions.add_metric(["device"], device.evictions)
+        yield tiers
+        yield loads
+        yield evictions
+        yield GaugeMetricFamily("loramux_adapter_slots", "Device adapter slots.", value=num_device_slots)
+        if manager is not None:  # vLLM exposes it only with LoRA enabled; same labels, same value
+            running, waiting = engine.lora_state()
+            info = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            )
+            info.add_metric([str(num_device_slots), ",".join(waiting), ",".join(running)], time.time())
+            yield info

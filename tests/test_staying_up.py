@@ -102,6 +102,21 @@ def test_http_disconnect_mid_stream_frees_the_engine(engine: Engine) -> None:
         servers.close()
 
 
+def test_http_disconnect_of_a_non_streamed_request_frees_the_engine(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_down(engine, monkeypatch, 0.05)  # on top of the fixture's: LONG tokens now take ~6 s
+    servers = _servers(engine)
+    try:
+        body = {"model": engine.info.model_name, "prompt": "hi", "max_tokens": LONG, "ignore_eos": True}
+        with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+            httpx.post(servers.url + "/v1/completions", json=body, timeout=0.5)
+        # aborted well before it could have finished on its own
+        assert _wait_until(lambda: _idle(engine), timeout=3), engine.stats()
+    finally:
+        servers.close()
+
+
 def test_request_timeout_aborts_with_504(engine: Engine) -> None:
     servers = _servers(engine, request_timeout_s=0.3)
     try:

@@ -50,6 +50,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": oa.ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
 }
 _ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+# How often a non-streamed generation checks that its client is still there.
+DISCONNECT_POLL_S = 0.25
 
 
 def create_app(
@@ -123,11 +125,11 @@ def create_app(
 
     @app.post("/v1/completions", response_model=oa.CompletionResponse)
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
-        return await _generate(backend(request), body, _completion_answer, _completion_chunks)
+        return await _generate(request, body, _completion_answer, _completion_chunks)
 
     @app.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse)
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Any:
-        return await _generate(backend(request), body, _chat_answer, _chat_chunks)
+        return await _generate(request, body, _chat_answer, _chat_chunks)
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, include_in_schema=enable_admin)
     async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> str:
@@ -175,7 +177,8 @@ Chunks = Callable[
 ]
 
 
-async def _generate(backend: Backend, body: Body, answer: Answer, chunks: Chunks) -> Any:
+async def _generate(http_request: Request, body: Body, answer: Answer, chunks: Chunks) -> Any:
+    backend: Backend = http_request.app.state.backend
     adapter = await backend.adapter_for(body.model)
     requests = generate_requests(body, adapter)
     prefix = "chatcmpl" if isinstance(body, oa.ChatCompletionRequest) else "cmpl"
@@ -183,11 +186,29 @@ async def _generate(backend: Backend, body: Body, answer: Answer, chunks: Chunks
     for index, request in enumerate(requests):
         request.request_id = f"{answer_id}-{index}"
     if not body.stream:
-        responses = await _gather(*(backend.stub.Generate(request) for request in requests))
+        generation = _gather(*(backend.stub.Generate(request) for request in requests))
+        responses = await _unless_disconnected(http_request, generation)
+        if responses is None:  # the client left: its engine requests are aborted, nobody reads this
+            return Response(status_code=499)
         return answer(answer_id, await backend.model_id(responses[0].adapter), body, responses)
     streams = await open_streams(backend.stub, requests)
     model = await backend.model_id(streams.first_chunks[0].adapter)
     return EventStreamResponse(_with_errors(chunks(answer_id, model, body, merge(streams))))
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await `work`, or cancel it (and so its gRPC calls and engine requests) and return None as
+    soon as the client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        task.cancel()
 
 
 async def _gather(*calls: Any) -> list[Any]:

@@ -9,7 +9,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 ARGS ?=
 
-.PHONY: serve test test-slow test-gpu lint format proto bench-engine docker clean
+.PHONY: serve test test-slow test-soak test-gpu lint format proto bench-engine docker clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP) lint
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" -q $(ARGS)
+
+# Mixed adapters at a steady rate on loopback; LORAMUX_SOAK_SECONDS=N sets the length (default 180).
+test-soak: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q tests/test_soak.py $(ARGS)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m "gpu" -q $(ARGS)

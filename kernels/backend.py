@@ -99,7 +99,10 @@ class LoraTerm:
     stack: LoraStack
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> None:
-        self.backend.add_lora(x, y, self.stack, batch)
+        # Skip the whole term when no adapter of this step adapts this projection (e.g. attention-
+        # only LoRAs in the MLP): host ranks, so no device sync, whatever the backend.
+        if any(self.stack.host_ranks[slot] for slot in batch.segment_slots):
+            self.backend.add_lora(x, y, self.stack, batch)
 
 
 def select_backend(

@@ -145,8 +145,8 @@ class TorchBackend:
 
         Scales are applied as the expand's alpha on the segment path (no extra call per slot).
         """
-        if not batch.has_adapters or not any(stack.host_ranks[s] for s in batch.segment_slots):
-            return  # no adapter of this step adapts this projection (e.g. attention-only LoRAs in the MLP)
+        if not batch.has_adapters:
+            return
         r = stack.max_rank
         weight_bytes = [stack.num_slices * r * stack.in_features] + [w * r for w in stack.output_slices]
         split = self._split(batch, _slot_bytes(stack.lora_a, weight_bytes), stack.num_slices)

@@ -25,7 +25,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bench.engine_bench import best_of, make_prompts
+from bench.engine_bench import best_of, make_prompts, run_engine
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, RequestOutput, SamplingParams
 from server.runtime import build_engine
 
 WORKLOADS = {
@@ -137,23 +135,6 @@ def assign(popularity: str, batch: int, names: list[str], rng: random.Random) ->
 # ---- runs ---------------------------------------------------------------------------------------
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tokens: int) -> float:
-    """Seconds until every request (all submitted at once) has generated `new_tokens`."""
-    done = threading.Semaphore(0)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-
-    def sink(out: RequestOutput) -> None:
-        if out.finished:
-            done.release()
-
-    start = time.perf_counter()
-    for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
-        engine.submit(GenerationRequest(f"b{start}-{i}", tuple(prompt), params, adapter=adapter), sink)
-    for _ in prompts:
-        done.acquire()
-    return time.perf_counter() - start
-
-
 def decode_tok_s(batch: int, new_tokens: int, t_n: float, t_1: float) -> float:
     return round(batch * (new_tokens - 1) / (t_n - t_1), 1)
 
@@ -161,8 +142,8 @@ def decode_tok_s(batch: int, new_tokens: int, t_n: float, t_1: float) -> float:
 def measure_engine(
     args: argparse.Namespace, engine: Engine, prompts: list[list[int]], adapters: list[str]
 ) -> float:
-    t_n = best_of(args.repeats, lambda: run_engine(engine, prompts, adapters, args.new_tokens))
-    t_1 = best_of(args.repeats, lambda: run_engine(engine, prompts, adapters, 1))
+    t_n = best_of(args.repeats, lambda: run_engine(engine, prompts, args.new_tokens, adapters))
+    t_1 = best_of(args.repeats, lambda: run_engine(engine, prompts, 1, adapters))
     return decode_tok_s(len(prompts), args.new_tokens, t_n, t_1)
 
 
@@ -271,9 +252,9 @@ def scale_child(args: argparse.Namespace) -> int:
     prompts = make_prompts(engine.tokenizer, 4 * args.batch, args.prompt_tokens)
     rng = random.Random(1)
     try:
-        run_engine(engine, prompts[: args.batch], [""] * args.batch, 2)  # warm the engine, not the adapters
+        run_engine(engine, prompts[: args.batch], 2)  # warm the engine, not the adapters
         adapters = assign("zipf:1.5", len(prompts), names, rng)
-        seconds = run_engine(engine, prompts, adapters, args.new_tokens)
+        seconds = run_engine(engine, prompts, args.new_tokens, adapters)
         host, slots = engine.adapters.stats() if engine.adapters else (None, None)
         budget = _memory_budget(engine)
     finally:

@@ -51,8 +51,10 @@ def make_prompts(tokenizer: Any, batch: int, length: int) -> list[list[int]]:
     return [ids[i : i + length] for i in range(batch)]  # distinct prompts, equal length
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds to generate new_tokens for every prompt, all submitted at once."""
+def run_engine(
+    engine: Engine, prompts: list[list[int]], new_tokens: int, adapters: list[str] | None = None
+) -> float:
+    """Seconds to generate new_tokens for every prompt (with its adapter, "" = base), all submitted at once."""
     remaining = threading.Semaphore(0)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -62,7 +64,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> flo
 
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        engine.submit(GenerationRequest(f"bench-{start}-{i}", tuple(prompt), params), sink)
+        adapter = adapters[i] if adapters else ""
+        engine.submit(GenerationRequest(f"bench-{start}-{i}", tuple(prompt), params, adapter=adapter), sink)
     for _ in prompts:
         remaining.acquire()
     return time.perf_counter() - start

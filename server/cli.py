@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, ServerConfig
 
 if TYPE_CHECKING:
     import grpc
@@ -95,6 +95,13 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=server.device)
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=server.dtype)
+    serve.add_argument(
+        "--model-kernels",
+        choices=list(MODEL_KERNELS),
+        default=server.model_kernels,
+        help="the model's non-GEMM ops (norms, rotary, decode attention, SwiGLU): 'fused' C++ kernels "
+        "for fp32 on CPU (built once into the cache), 'torch' ops, or 'auto' (fused when they build)",
+    )
     serve.add_argument(
         "--max-running",
         type=int,
@@ -220,6 +227,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        model_kernels=args.model_kernels,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,

@@ -55,6 +55,9 @@ class AdapterConfig:
             raise ValueError(f"host_cache_mb must be >= 1, got {self.host_cache_mb}")
 
 
+MODEL_KERNELS = ("auto", "fused", "torch")  # kernels.model_ops.KERNEL_CHOICES, without importing torch
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `loramux serve` needs. `model=None` means the embedded SmolLM2-135M-Instruct."""
@@ -62,6 +65,9 @@ class ServerConfig:
     model: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    model_kernels: str = (
+        "auto"  # non-GEMM ops: auto (fused C++ for fp32 on CPU when it builds) | fused | torch
+    )
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8000  # the OpenAI-compatible HTTP shim; 0 = no HTTP

@@ -53,7 +53,14 @@ def build_engine(config: ServerConfig) -> Engine:
 def _build(config: ServerConfig) -> Engine:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    loaded = load_model(config.model, device, dtype, config.engine.max_model_len, config.cache_dir)
+    loaded = load_model(
+        config.model,
+        device,
+        dtype,
+        config.engine.max_model_len,
+        config.cache_dir,
+        kernels=config.model_kernels,
+    )
     log.info("loaded %s from %s on %s (%s)", loaded.name, loaded.directory, device, dtype)
     return Engine(loaded, config.engine, build_adapters(loaded.model, config.adapters))
 

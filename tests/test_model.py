@@ -49,12 +49,19 @@ def _ids(variant: dict) -> str:
     return f"{variant['kind']}-kv{variant['kv_heads']}-{'tied' if variant['tied'] else 'untied'}{suffix}"
 
 
+@pytest.fixture(params=("fused", "torch"))
+def kernels(request: pytest.FixtureRequest) -> str:
+    """Both implementations of the model's non-GEMM ops (kernels/model_ops.py) face the oracle."""
+    return request.param
+
+
 @pytest.fixture(params=VARIANTS, ids=_ids)
-def pair(request: pytest.FixtureRequest, make_tiny_model) -> tuple:
+def pair(request: pytest.FixtureRequest, make_tiny_model, kernels: str) -> tuple:
     from transformers import AutoModelForCausalLM
 
     directory: Path = make_tiny_model(**request.param)
-    ours = load_model(str(directory), CPU, torch.float32, 512).model
+    ours = load_model(str(directory), CPU, torch.float32, 512, kernels=kernels).model
+    assert ours.ops.name == {"fused": "fused-cpu", "torch": "torch"}[kernels]
     theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return ours, theirs
 
@@ -111,7 +118,7 @@ def test_mixed_batch_of_decodes_and_prefills_matches(pair) -> None:
     step = StepBatch.build(
         [DecodeSeq(0, len(a) - 1, a[-1]), DecodeSeq(3, len(b) - 1, b[-1])], [(1, 0, c, True)], CPU
     )
-    assert step.decode_slot_start is None
+    assert step.decode.slot_start is None
     logits = ours(step, kv)
     for row, ids in enumerate((a, b, c)):
         torch.testing.assert_close(logits[row], _reference_logits(hf, ids)[-1], atol=TOL, rtol=0)
@@ -123,7 +130,7 @@ def test_contiguous_decode_slots_view_the_cache(pair) -> None:
     kv = _cache(ours)
     ours(StepBatch.build([], [(slot, 0, ids[:-1], False) for slot, ids in enumerate(seqs)], CPU), kv)
     step = StepBatch.build([DecodeSeq(slot, len(ids) - 1, ids[-1]) for slot, ids in enumerate(seqs)], [], CPU)
-    assert step.decode_slot_start == 0
+    assert step.decode.slot_start == 0
     logits = ours(step, kv)
     for row, ids in enumerate(seqs):
         torch.testing.assert_close(logits[row], _reference_logits(hf, ids)[-1], atol=TOL, rtol=0)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from kernels.model_ops import DecodeMeta
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -33,12 +35,7 @@ class StepBatch:
     positions: torch.Tensor  # [T] int64
     kv_slots: torch.Tensor  # [T] int64, slot each token's K/V is written to
     num_decode: int
-    decode_slots: torch.Tensor  # [num_decode] int64
-    decode_slot_start: (
-        int | None
-    )  # set when decode slots are start, start+1, ...: the cache is viewed, not gathered
-    decode_len: int  # longest decode context (cache columns read)
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, decode_len] bool, True = attend
+    decode: DecodeMeta  # where the decode rows read their cached context
     prefills: tuple[PrefillChunk, ...]
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are wanted
     adapter_batch: Any = None  # per-step adapter metadata (multi-adapter work)
@@ -71,11 +68,6 @@ class StepBatch:
                 logits_rows.append(row + len(ids) - 1)
 
         num_decode = len(decodes)
-        slots = [d.slot for d in decodes]
-        contiguous = num_decode > 0 and slots == list(range(slots[0], slots[0] + num_decode))
-        decode_len = max((d.position + 1 for d in decodes), default=0)
-        decode_positions = torch.tensor(positions[:num_decode], dtype=torch.int64)
-        decode_mask = torch.arange(decode_len).view(1, 1, 1, -1) <= decode_positions.view(-1, 1, 1, 1)
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
@@ -85,10 +77,7 @@ class StepBatch:
             positions=as_tensor(positions),
             kv_slots=as_tensor(kv_slots),
             num_decode=num_decode,
-            decode_slots=as_tensor(slots),
-            decode_slot_start=slots[0] if contiguous else None,
-            decode_len=decode_len,
-            decode_mask=decode_mask.to(device),
+            decode=DecodeMeta.build(kv_slots[:num_decode], positions[:num_decode], device),
             prefills=tuple(chunks),
             logits_rows=as_tensor(logits_rows),
             adapter_batch=adapter_batch,

@@ -1,30 +1,30 @@
-"""Building blocks: RMSNorm and the one adapter-aware linear layer every projection goes through."""
+"""Building blocks: RMSNorm (with the residual add fused in) and the one adapter-aware linear
+layer every projection goes through."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.model_ops import ModelOps
 from server.model.dense import Dense
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    """rms_norm(h), or with `delta`: h += delta in place, then rms_norm(h) (the residual add fused in)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, ops: ModelOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
-        self.shape = tuple(weight.shape)
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # torch's fused kernel, same math
-            return F.rms_norm(x, self.shape, self.weight, self.eps)
-        # Normalise in fp32 like the reference implementation, then cast back.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        if delta is None:
+            return self.ops.rms_norm(h, self.weight, self.eps)
+        return self.ops.add_rms_norm(h, delta, self.weight, self.eps)
 
 
 class AdaptedLinear(nn.Module):

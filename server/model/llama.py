@@ -13,68 +13,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.model_ops import ModelOps, select_model_ops
 from server.model.arch import ModelArch
 from server.model.batch import StepBatch
 from server.model.dense import Dense
 from server.model.kv_cache import KVCache
 from server.model.layers import AdaptedLinear, RMSNorm
-from server.model.rope import RotaryTable, apply_rotary
+from server.model.rope import RotaryTable
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, qkv: AdaptedLinear, o_proj: AdaptedLinear) -> None:
+    def __init__(self, arch: ModelArch, qkv: AdaptedLinear, o_proj: AdaptedLinear, ops: ModelOps) -> None:
         super().__init__()
         self.arch = arch
         self.qkv_proj = qkv
         self.o_proj = o_proj
+        self.ops = ops
+        self.scale = arch.head_dim**-0.5
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
         batch: StepBatch,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,  # [slots, kv_heads, capacity, head_dim]
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         a = self.arch
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, batch.adapter_batch)
-        # q and k heads are rotated in one go: [T, heads + kv_heads, head_dim]
-        qk = apply_rotary(qkv[:, : a.q_size + a.kv_size].view(num_tokens, -1, a.head_dim), *rotary)
-        q, k = qk.split((a.num_heads, a.num_kv_heads), dim=1)
-        k_cache[batch.kv_slots, :, batch.positions] = k
-        v_cache[batch.kv_slots, :, batch.positions] = qkv[:, a.q_size + a.kv_size :].view(
-            num_tokens, a.num_kv_heads, a.head_dim
-        )
+        # q and k rotated, k and v written to the cache at each token's slot and position
+        q = self.ops.rotary_kv_write(qkv, rotary, batch.kv_slots, k_cache, v_cache, a.num_heads)  # [T, H, D]
 
         # Rows are laid out decode tokens first, then each prefill chunk: outputs concatenate.
         parts = []
         if batch.num_decode:
-            parts.append(self._decode(q[: batch.num_decode], batch, k_cache, v_cache))
+            decode_q = q[: batch.num_decode]
+            parts.append(self.ops.decode_attention(decode_q, k_cache, v_cache, batch.decode, self.scale))
         for chunk in batch.prefills:
             rows = slice(chunk.row, chunk.row + chunk.length)
             parts.append(self._prefill(q[rows], chunk.slot, chunk.start, k_cache, v_cache))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, a.q_size), batch.adapter_batch)
-
-    def _decode(
-        self, q: torch.Tensor, batch: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """One query per sequence against its cached context; GQA by grouping heads, no K/V repeat."""
-        a = self.arch
-        n, length = batch.num_decode, batch.decode_len
-        if batch.decode_slot_start is not None:  # a view, no copy
-            start = batch.decode_slot_start
-            keys = k_cache[start : start + n, :, :length]
-            values = v_cache[start : start + n, :, :length]
-        else:
-            keys = k_cache[batch.decode_slots, :, :length]
-            values = v_cache[batch.decode_slots, :, :length]
-        # The query heads of one KV head form the "query length" axis: no K/V repeat, one call.
-        group = a.num_heads // a.num_kv_heads
-        q = q.reshape(n, a.num_kv_heads, group, a.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.decode_mask)
-        return out.reshape(n, a.num_heads, a.head_dim)
 
     def _prefill(
         self, q: torch.Tensor, slot: int, start: int, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -94,18 +74,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up: AdaptedLinear, down: AdaptedLinear) -> None:
+    def __init__(self, gate_up: AdaptedLinear, down: AdaptedLinear, ops: ModelOps) -> None:
         super().__init__()
         self.gate_up_proj = gate_up
         self.down_proj = down
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, batch.adapter_batch).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, batch.adapter_batch)
+        gate_up = self.gate_up_proj(x, batch.adapter_batch)
+        return self.down_proj(self.ops.silu_mul(gate_up), batch.adapter_batch)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, weights: Mapping[str, torch.Tensor], index: int) -> None:
+    def __init__(
+        self, arch: ModelArch, weights: Mapping[str, torch.Tensor], index: int, ops: ModelOps
+    ) -> None:
         super().__init__()
         p = f"model.layers.{index}."
 
@@ -129,34 +112,43 @@ class DecoderLayer(nn.Module):
             (arch.intermediate_size, arch.intermediate_size),
         )
         down = AdaptedLinear(w("mlp.down_proj.weight"), None, ("down_proj",), (arch.hidden_size,))
-        self.input_norm = RMSNorm(w("input_layernorm.weight"), arch.rms_norm_eps)
-        self.attn = Attention(arch, qkv, o_proj)
-        self.post_attn_norm = RMSNorm(w("post_attention_layernorm.weight"), arch.rms_norm_eps)
-        self.mlp = MLP(gate_up, down)
+        self.input_norm = RMSNorm(w("input_layernorm.weight"), arch.rms_norm_eps, ops)
+        self.attn = Attention(arch, qkv, o_proj, ops)
+        self.post_attn_norm = RMSNorm(w("post_attention_layernorm.weight"), arch.rms_norm_eps, ops)
+        self.mlp = MLP(gate_up, down, ops)
 
     def forward(
         self,
-        h: torch.Tensor,
+        h: torch.Tensor,  # [T, hidden] the residual stream, updated in place
+        delta: torch.Tensor | None,  # the previous layer's MLP output, not yet added to h
         batch: StepBatch,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), batch, rotary, *kv)
-        return h + self.mlp(self.post_attn_norm(h), batch)
+        """Returns this layer's MLP output; the next norm adds it to h (residual add fused in)."""
+        attn_out = self.attn(self.input_norm(h, delta), batch, rotary, *kv)
+        return self.mlp(self.post_attn_norm(h, attn_out), batch)
 
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, arch: ModelArch, weights: Mapping[str, torch.Tensor], max_positions: int, device: torch.device
+        self,
+        arch: ModelArch,
+        weights: Mapping[str, torch.Tensor],
+        max_positions: int,
+        device: torch.device,
+        ops: ModelOps | None = None,
     ) -> None:
+        """ops: the non-GEMM kernels (default: select_model_ops for the weights' device and dtype)."""
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Parameter(weights["model.embed_tokens.weight"], requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(arch, weights, i) for i in range(arch.num_layers))
-        self.norm = RMSNorm(weights["model.norm.weight"], arch.rms_norm_eps)
+        self.ops = ops or select_model_ops(device, self.embed_tokens.dtype)
+        self.layers = nn.ModuleList(DecoderLayer(arch, weights, i, self.ops) for i in range(arch.num_layers))
+        self.norm = RMSNorm(weights["model.norm.weight"], arch.rms_norm_eps, self.ops)
         head = weights["model.embed_tokens.weight"] if arch.tie_word_embeddings else weights["lm_head.weight"]
         self.lm_head = Dense(head, None, keep_gemv_layout=False)
-        self.rotary = RotaryTable(arch.rope, arch.head_dim, max_positions, device)
+        self.rotary = RotaryTable(arch.rope, arch.head_dim, max_positions, device, self.embed_tokens.dtype)
 
     def adapted_linears(self) -> Iterator[tuple[int, AdaptedLinear]]:
         """(layer index, linear) for every adapter-aware projection (q|k|v, o, gate|up, down)."""
@@ -174,9 +166,11 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
         """Next-token logits [len(batch.logits_rows), vocab] in fp32."""
-        h = F.embedding(batch.token_ids, self.embed_tokens)
-        rotary = self.rotary.lookup(batch.positions, h.dtype)
+        h = F.embedding(batch.token_ids, self.embed_tokens)  # the residual stream
+        rotary = self.ops.rotary(self.rotary.cos, self.rotary.sin, batch.positions)
+        delta = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, batch, rotary, (kv.k[i], kv.v[i]))
-        h = self.norm(h[batch.logits_rows])
+            delta = layer(h, delta, batch, rotary, (kv.k[i], kv.v[i]))
+        rows = batch.logits_rows
+        h = self.norm(h[rows], None if delta is None else delta[rows])
         return self.lm_head(h).float()

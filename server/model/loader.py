@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernels.model_ops import select_model_ops
 from server.model.arch import ModelArch
 from server.model.llama import LlamaModel
 
@@ -127,14 +128,17 @@ def load_model(
     dtype: torch.dtype,
     max_positions: int,
     cache_dir: str | None = None,
+    kernels: str = "auto",
 ) -> LoadedModel:
+    """kernels: the non-GEMM ops, see kernels.model_ops.select_model_ops."""
     from transformers import AutoConfig, AutoTokenizer
 
     name, directory = resolve_model_dir(model, cache_dir)
     config = AutoConfig.from_pretrained(directory)
     arch = ModelArch.from_hf_config(config)
     weights = load_weights(directory, dtype, device)
-    llama = LlamaModel(arch, weights, max_positions, device).eval()
+    ops = select_model_ops(device, dtype, kernels, cache_root(cache_dir) / "extensions")
+    llama = LlamaModel(arch, weights, max_positions, device, ops).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return LoadedModel(name, directory, llama, tokenizer, _eos_ids(directory, config, tokenizer))
 

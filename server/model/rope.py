@@ -37,24 +37,18 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for every position up to `max_positions`, gathered per token each step.
+    """cos/sin for every position up to `max_positions`, in the model's dtype (computed in fp32).
 
     Both are laid out over the whole head_dim, the sine with the sign of rotate-half folded in
-    (-sin on the first half), so a rotation is three ops: x * cos + roll(x) * sin.
+    (-sin on the first half), so a rotation is x * cos + roll(x, D/2) * sin (kernels/model_ops.py).
     """
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device) -> None:
+    def __init__(
+        self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         inv_freq = inverse_frequencies(rope, head_dim)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(device)  # [max_positions, head_dim]
-        self.sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(device)
-
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin of shape [T, 1, head_dim] for broadcasting over heads."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by its token's angle (rotate-half layout):
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with cos/sin from RotaryTable.lookup."""
-    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1)  # [max_positions, head_dim]
+        sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)
+        self.cos = cos.to(device=device, dtype=dtype)
+        self.sin = sin.to(device=device, dtype=dtype)

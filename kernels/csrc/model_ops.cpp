@@ -1,0 +1,304 @@
+// Fused fp32 CPU kernels for the decoder's non-GEMM work, registered as torch.ops.loramux_cpu.*.
+//
+// Each op replaces a chain of small torch ops whose per-call overhead and extra passes over
+// memory dominate a decode step once the GEMMs are done (bench/RESULTS.md has the profile).
+// Their semantics, as one line of torch each, and the torch references the tests compare
+// against live in kernels/model_ops.py. Built on first use by that module for the
+// CPU_CAPABILITY torch itself dispatches to, so at::vec and its Sleef exp match torch's own
+// kernels. Threads come from ATen's pool (at::parallel_for), never a second OpenMP runtime.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// Rows per parallel task so that each task touches at least ~32K floats.
+int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1)); }
+
+float reduce_sum(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  if (i < n) acc = at::vec::fmadd(Vec::loadu(a + i, n - i), Vec::loadu(b + i, n - i), acc);
+  return reduce_sum(acc);
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, in the order of Hugging Face's LlamaRMSNorm.
+void normalize_row(const float* x, float sum_sq, const float* w, float* out, int64_t n, float eps) {
+  const Vec inv(1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps));
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t m = std::min(kLanes, n - i);
+    ((Vec::loadu(x + i, m) * inv) * Vec::loadu(w + i, m)).store(out + i, m);
+  }
+}
+
+void check_fp32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
+  check_fp32_cpu(x, "x");
+  check_fp32_cpu(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, hidden] with contiguous rows");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "weight must be [hidden]");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm_args(x, weight);
+  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * stride;
+      normalize_row(row, dot(row, row, n), wp, op + r * n, n, static_cast<float>(eps));
+    }
+  });
+  return out;
+}
+
+// residual += delta (in place); returns rms_norm(residual).
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  check_norm_args(residual, weight);
+  check_fp32_cpu(delta, "delta");
+  TORCH_CHECK(delta.dim() == 2 && delta.stride(1) == 1 && delta.sizes() == residual.sizes(),
+              "delta must have residual's shape with contiguous rows");
+  const int64_t rows = residual.size(0), n = residual.size(1);
+  const int64_t rs = residual.stride(0), ds = delta.stride(0);
+  at::Tensor out = at::empty({rows, n}, residual.options());
+  float* hp = residual.data_ptr<float>();
+  const float* dp = delta.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* h = hp + r * rs;
+      const float* d = dp + r * ds;
+      Vec acc(0.f);
+      for (int64_t i = 0; i < n; i += kLanes) {
+        const int64_t m = std::min(kLanes, n - i);
+        const Vec sum = Vec::loadu(h + i, m) + Vec::loadu(d + i, m);
+        sum.store(h + i, m);
+        acc = at::vec::fmadd(sum, sum, acc);  // padding lanes of a partial load are zero
+      }
+      normalize_row(h, reduce_sum(acc), wp, op + r * n, n, static_cast<float>(eps));
+    }
+  });
+  return out;
+}
+
+// (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); sin carries rotate-half's sign (see rope.py).
+void rotate(const float* x, const float* cos, const float* sin, float* out, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; i += kLanes) {
+    const int64_t m = std::min(kLanes, half - i);
+    const Vec x1 = Vec::loadu(x + i, m), x2 = Vec::loadu(x + half + i, m);
+    (x1 * Vec::loadu(cos + i, m) + x2 * Vec::loadu(sin + i, m)).store(out + i, m);
+    (x2 * Vec::loadu(cos + half + i, m) + x1 * Vec::loadu(sin + half + i, m)).store(out + half + i, m);
+  }
+}
+
+at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                           const at::Tensor& positions, const at::Tensor& slots, at::Tensor& k_cache,
+                           at::Tensor& v_cache, int64_t num_heads) {
+  check_fp32_cpu(qkv, "qkv");
+  check_fp32_cpu(cos, "cos");
+  check_fp32_cpu(sin, "sin");
+  check_fp32_cpu(k_cache, "k_cache");
+  check_fp32_cpu(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "k_cache and v_cache must be contiguous [slots, kv_heads, capacity, head_dim]");
+  const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
+  const int64_t capacity = k_cache.size(2), dim = k_cache.size(3);
+  TORCH_CHECK(dim % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * kv_heads) * dim,
+              "qkv must be [tokens, (num_heads + 2 * kv_heads) * head_dim] with contiguous rows");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == dim &&
+                  sin.sizes() == cos.sizes(),
+              "cos and sin must be contiguous [max_positions, head_dim]");
+  const int64_t tokens = qkv.size(0);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+                  positions.is_contiguous() && slots.is_contiguous() && positions.numel() == tokens &&
+                  slots.numel() == tokens,
+              "positions and slots must be contiguous int64 [tokens]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < capacity && pos[t] < cos.size(0), "position ", pos[t],
+                " is outside the KV cache (capacity ", capacity, ")");
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " is outside the KV cache");
+  }
+  at::Tensor q = at::empty({tokens, num_heads, dim}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k_cache.data_ptr<float>();
+  float* vp = v_cache.data_ptr<float>();
+  const int64_t row_stride = qkv.stride(0);
+  at::parallel_for(0, tokens, row_grain(qkv.size(1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = src + t * row_stride;
+      const float* c = cp + pos[t] * dim;
+      const float* s = sp + pos[t] * dim;
+      for (int64_t h = 0; h < num_heads; ++h) rotate(row + h * dim, c, s, qp + (t * num_heads + h) * dim, dim);
+      const float* k_src = row + num_heads * dim;
+      const float* v_src = k_src + kv_heads * dim;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t offset = ((slot[t] * kv_heads + h) * capacity + pos[t]) * dim;
+        rotate(k_src + h * dim, c, s, kp + offset, dim);
+        std::copy(v_src + h * dim, v_src + (h + 1) * dim, vp + offset);
+      }
+    }
+  });
+  return q;
+}
+
+// One query per sequence over its cached context; the query heads of a KV head share its reads.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  check_fp32_cpu(q, "q");
+  check_fp32_cpu(k_cache, "k_cache");
+  check_fp32_cpu(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "k_cache and v_cache must be contiguous [slots, kv_heads, capacity, head_dim]");
+  const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
+  const int64_t capacity = k_cache.size(2), dim = k_cache.size(3);
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.size(2) == dim && q.size(1) % kv_heads == 0,
+              "q must be contiguous [seqs, num_heads, head_dim] with num_heads a multiple of kv_heads");
+  const int64_t seqs = q.size(0), num_heads = q.size(1), group = num_heads / kv_heads;
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  lengths.is_contiguous() && slots.numel() == seqs && lengths.numel() == seqs,
+              "slots and lengths must be contiguous int64 [seqs]");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < seqs; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < num_slots, "slot ", slot[i], " is outside the KV cache");
+    TORCH_CHECK(length[i] >= 1 && length[i] <= capacity, "context length ", length[i],
+                " is outside [1, KV cache capacity ", capacity, "]");
+  }
+  at::Tensor out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / kv_heads, h = task % kv_heads, len = length[i];
+      const float* keys = kp + (slot[i] * kv_heads + h) * capacity * dim;
+      const float* values = vp + (slot[i] * kv_heads + h) * capacity * dim;
+      const float* queries = qp + (i * num_heads + h * group) * dim;  // `group` consecutive heads
+      float* outs = op + (i * num_heads + h * group) * dim;
+      scores.resize(group * len);
+      // 1) scores[g][j] = q_g . k_j * scale; each key row is read once for the whole group.
+      for (int64_t j = 0; j < len; ++j)
+        for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(queries + g * dim, keys + j * dim, dim) * fscale;
+      // 2) softmax per query head (max-subtracted), normalised at the end.
+      std::vector<float> inv_sum(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * len;
+        const float max = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, len);
+        const Vec vmax(max);
+        Vec acc(0.f);
+        for (int64_t j = 0; j < len; j += kLanes) {
+          const int64_t m = std::min(kLanes, len - j);
+          Vec e = (Vec::loadu(s + j, m) - vmax).exp();
+          if (m < kLanes) e = Vec::set(Vec(0.f), e, m);  // drop padding lanes from the sum
+          e.store(s + j, m);
+          acc = acc + e;
+        }
+        inv_sum[g] = 1.f / reduce_sum(acc);
+      }
+      // 3) out_g = sum_j p[g][j] v_j / sum_j p[g][j]
+      std::fill(outs, outs + group * dim, 0.f);
+      for (int64_t j = 0; j < len; ++j) {
+        const float* v = values + j * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const Vec p(scores[g * len + j]);
+          float* o = outs + g * dim;
+          for (int64_t d = 0; d < dim; d += kLanes) {
+            const int64_t m = std::min(kLanes, dim - d);
+            at::vec::fmadd(p, Vec::loadu(v + d, m), Vec::loadu(o + d, m)).store(o + d, m);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const Vec inv(inv_sum[g]);
+        float* o = outs + g * dim;
+        for (int64_t d = 0; d < dim; d += kLanes) {
+          const int64_t m = std::min(kLanes, dim - d);
+          (Vec::loadu(o + d, m) * inv).store(o + d, m);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// gate_up = [gate | up] along the last dim; returns silu(gate) * up as torch computes it.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_fp32_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up must be [tokens, 2 * intermediate] with contiguous rows");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2, stride = gate_up.stride(0);
+  at::Tensor out = at::empty({rows, n}, gate_up.options());
+  const float* src = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Vec one(1.f);
+  at::parallel_for(0, rows, row_grain(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = src + r * stride;
+      const float* up = gate + n;
+      float* o = op + r * n;
+      for (int64_t i = 0; i < n; i += kLanes) {
+        const int64_t m = std::min(kLanes, n - i);
+        const Vec g = Vec::loadu(gate + i, m);
+        ((g / (one + g.neg().exp())) * Vec::loadu(up + i, m)).store(o + i, m);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loramux_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, float eps) -> Tensor");
+  m.def(
+      "rotary_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor slots, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, int num_heads) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, float scale) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loramux_cpu, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rotary_kv_write", &rotary_kv_write);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("silu_mul", &silu_mul);
+}

@@ -1,0 +1,203 @@
+"""The fused CPU model ops (kernels/csrc/model_ops.cpp) against their torch references, and the
+references against plain math; odd sizes (vector tails), GQA groups, scattered slots, bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from kernels import cpu_extension
+from kernels.model_ops import DecodeMeta, FusedCpuOps, TorchOps, select_model_ops
+
+CPU = torch.device("cpu")
+TOL = dict(atol=2e-6, rtol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def fused() -> FusedCpuOps:
+    ops = select_model_ops(CPU, torch.float32, "fused")
+    assert isinstance(ops, FusedCpuOps)
+    return ops
+
+
+REF = TorchOps()
+
+
+@pytest.mark.parametrize("hidden", [576, 37, 16, 5])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_rms_norm(fused: FusedCpuOps, rows: int, hidden: int) -> None:
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=g) * 3
+    w = torch.randn(hidden, generator=g)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # the math
+    torch.testing.assert_close(REF.rms_norm(x, w, 1e-5), expected, **TOL)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), expected, **TOL)
+
+
+@pytest.mark.parametrize("hidden", [576, 37])
+def test_add_rms_norm_adds_in_place(fused: FusedCpuOps, hidden: int) -> None:
+    g = torch.Generator().manual_seed(hidden)
+    h, d, w = (
+        torch.randn(9, hidden, generator=g),
+        torch.randn(9, hidden, generator=g),
+        torch.randn(hidden, generator=g),
+    )
+    h_ref = h.clone()
+    expected = REF.add_rms_norm(h_ref, d, w, 1e-6)
+    out = fused.add_rms_norm(h, d, w, 1e-6)
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)  # the residual stream: exactly h + d
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_norms_read_strided_rows(fused: FusedCpuOps) -> None:
+    """Rows of a wider tensor (a column slice) are read with their stride, not assumed packed."""
+    wide = torch.randn(6, 50)
+    x, w = wide[:, 3:40], torch.randn(37)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), REF.rms_norm(x.contiguous(), w, 1e-5), **TOL)
+
+
+@pytest.mark.parametrize("intermediate", [1536, 19, 8])
+def test_silu_mul(fused: FusedCpuOps, intermediate: int) -> None:
+    gate_up = torch.randn(7, 2 * intermediate) * 4
+    gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
+    expected = gate / (1 + torch.exp(-gate)) * up
+    torch.testing.assert_close(REF.silu_mul(gate_up), expected, **TOL)
+    torch.testing.assert_close(fused.silu_mul(gate_up), expected, **TOL)
+
+
+def _rope_tables(max_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.cos()), -1), torch.cat((-angles.sin(), angles.sin()), -1)
+
+
+def _rotate_half_math(x: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Hugging Face's formulation: x * cos + rotate_half(x) * sin, sin unsigned."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(positions.float(), inv_freq)
+    cos = torch.cat((angles.cos(), angles.cos()), -1).unsqueeze(1)
+    sin = torch.cat((angles.sin(), angles.sin()), -1).unsqueeze(1)
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 10), (6, 1, 36), (4, 2, 2)])
+def test_rotary_kv_write(fused: FusedCpuOps, heads: int, kv_heads: int, dim: int) -> None:
+    tokens, slots, capacity = 11, 5, 24
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    token_slots = torch.randint(0, slots, (tokens,), generator=torch.Generator().manual_seed(dim))
+    positions = torch.arange(tokens) * 2 % capacity  # distinct positions: no cell written twice
+    cos, sin = _rope_tables(64, dim)
+    caches = {}
+    for name, ops in (("ref", REF), ("fused", fused)):
+        k_cache, v_cache = (
+            torch.zeros(slots, kv_heads, capacity, dim),
+            torch.zeros(slots, kv_heads, capacity, dim),
+        )
+        q = ops.rotary_kv_write(qkv, ops.rotary(cos, sin, positions), token_slots, k_cache, v_cache, heads)
+        caches[name] = (q, k_cache, v_cache)
+    q_math = _rotate_half_math(qkv[:, : heads * dim].view(tokens, heads, dim), positions, dim)
+    k_math = _rotate_half_math(
+        qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim), positions, dim
+    )
+    for q, k_cache, v_cache in caches.values():
+        torch.testing.assert_close(q, q_math, **TOL)
+        torch.testing.assert_close(k_cache[token_slots, :, positions], k_math, **TOL)
+        v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+        torch.testing.assert_close(v_cache[token_slots, :, positions], v, atol=0, rtol=0)
+    written = torch.zeros(slots, capacity, dtype=torch.bool)
+    written[token_slots, positions] = True
+    for cache in caches["fused"][1:]:
+        assert not cache.transpose(1, 2)[~written].any()  # nothing else touched
+
+
+def _attention_math(q: torch.Tensor, k_cache, v_cache, slots: list[int], lengths: list[int]) -> torch.Tensor:
+    n, heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.empty_like(q)
+    for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
+        for head in range(heads):
+            keys, values = k_cache[slot, head // group, :length], v_cache[slot, head // group, :length]
+            weights = torch.softmax(keys @ q[i, head] / math.sqrt(dim), dim=0)
+            out[i, head] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 24), (6, 1, 20), (8, 2, 128)])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3], [5, 0, 3], [2]])
+def test_decode_attention(fused: FusedCpuOps, heads: int, kv_heads: int, dim: int, slots: list[int]) -> None:
+    g = torch.Generator().manual_seed(heads * dim + len(slots))
+    capacity = 40
+    k_cache = torch.randn(6, kv_heads, capacity, dim, generator=g)
+    v_cache = torch.randn(6, kv_heads, capacity, dim, generator=g)
+    q = torch.randn(len(slots), heads, dim, generator=g) * 2
+    positions = [(7 * i + 3) % capacity for i in range(len(slots))]  # ragged, one of length 4
+    positions[-1] = capacity - 1  # a sequence filling the cache
+    decode = DecodeMeta.build(slots, positions, CPU)
+    expected = _attention_math(q, k_cache, v_cache, slots, [p + 1 for p in positions])
+    torch.testing.assert_close(REF.decode_attention(q, k_cache, v_cache, decode, dim**-0.5), expected, **TOL)
+    torch.testing.assert_close(
+        fused.decode_attention(q, k_cache, v_cache, decode, dim**-0.5), expected, **TOL
+    )
+
+
+def test_decode_attention_of_a_single_cached_position(fused: FusedCpuOps) -> None:
+    k_cache, v_cache = torch.randn(2, 1, 8, 16), torch.randn(2, 1, 8, 16)
+    q = torch.randn(1, 2, 16)
+    out = fused.decode_attention(q, k_cache, v_cache, DecodeMeta.build([1], [0], CPU), 0.25)
+    torch.testing.assert_close(out[0], v_cache[1, 0, :1].expand(2, 16), **TOL)  # softmax of one = 1
+
+
+def test_bad_input_is_refused_with_a_message(fused: FusedCpuOps) -> None:
+    k_cache, v_cache = torch.zeros(2, 1, 8, 16), torch.zeros(2, 1, 8, 16)
+    q = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="context length 9"):
+        fused.decode_attention(q, k_cache, v_cache, DecodeMeta.build([0], [8], CPU), 0.25)
+    with pytest.raises(RuntimeError, match="slot 2 is outside"):
+        fused.decode_attention(q, k_cache, v_cache, DecodeMeta.build([2], [0], CPU), 0.25)
+    cos, sin = _rope_tables(16, 16)
+    qkv = torch.randn(1, 4 * 16)
+    with pytest.raises(RuntimeError, match="position 8 is outside"):
+        fused.rotary_kv_write(qkv, (cos, sin, torch.tensor([8])), torch.tensor([0]), k_cache, v_cache, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        fused.rms_norm(torch.zeros(2, 4, dtype=torch.float64), torch.ones(4), 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        fused.rms_norm(torch.zeros(2, 4), torch.ones(5), 1e-5)
+    assert not k_cache.any()  # refused before writing anything
+
+
+def test_selection() -> None:
+    assert isinstance(select_model_ops(CPU, torch.float32, "torch"), TorchOps)
+    assert isinstance(select_model_ops(CPU, torch.bfloat16, "auto"), TorchOps)  # fp32 only
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        select_model_ops(CPU, torch.bfloat16, "fused")
+    with pytest.raises(ValueError, match="one of auto, fused, torch"):
+        select_model_ops(CPU, torch.float32, "fast")
+
+
+def test_auto_falls_back_to_torch_when_the_build_fails(monkeypatch, caplog) -> None:
+    def fail(build_dir=None) -> None:
+        raise cpu_extension.CpuExtensionError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_extension, "load", fail)
+    with caplog.at_level(logging.WARNING):
+        assert isinstance(select_model_ops(CPU, torch.float32, "auto"), TorchOps)
+    assert "no C++ compiler found" in caplog.text
+    with pytest.raises(cpu_extension.CpuExtensionError):
+        select_model_ops(CPU, torch.float32, "fused")
+
+
+def test_a_failing_compiler_is_reported(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(cpu_extension.CpuExtensionError, match="compiling model_ops.cpp failed"):
+        cpu_extension.build(tmp_path)
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+def test_build_is_cached(tmp_path) -> None:
+    first = cpu_extension.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_extension.build(tmp_path) == first and first.stat().st_mtime_ns == stamp

@@ -174,6 +174,68 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const a
   return q;
 }
 
+// Attention of `group` query heads to the `len` cached keys/values of their KV head.
+// kDim > 0 fixes the head dim at compile time (64 and 128 are common): the loops over it unroll
+// and the accumulators stay in registers. scores: scratch of group * len floats.
+template <int64_t kDim>
+void attend(const float* queries, const float* keys, const float* values, float* outs, int64_t len,
+            int64_t group, int64_t runtime_dim, float scale, float* scores) {
+  const int64_t dim = kDim > 0 ? kDim : runtime_dim;
+  // 1) scores[g][j] = q_g . k_j * scale; each key row is read once for the whole group.
+  constexpr int64_t kLineFloats = 16;  // one 64-byte cache line
+  for (int64_t j = 0; j < len; ++j) {
+    const float* k = keys + j * dim;
+    // The cache is read once per step, from memory: ask for the value row (used in step 3) and
+    // a key row ahead now, so the loads overlap this arithmetic.
+    for (int64_t d = 0; d < dim; d += kLineFloats) {
+      __builtin_prefetch(values + j * dim + d);
+      __builtin_prefetch(k + 8 * dim + d);
+    }
+    for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(queries + g * dim, k, dim) * scale;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    // 2) softmax weights, max-subtracted; the normalisation is folded into the output.
+    float* s = scores + g * len;
+    const float max = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, len);
+    const Vec vmax(max);
+    Vec sum(0.f);
+    for (int64_t j = 0; j < len; j += kLanes) {
+      const int64_t m = std::min(kLanes, len - j);
+      Vec e = (Vec::loadu(s + j, m) - vmax).exp();
+      if (m < kLanes) e = Vec::set(Vec(0.f), e, m);  // drop padding lanes from the sum
+      e.store(s + j, m);
+      sum = sum + e;
+    }
+    const Vec inv(1.f / reduce_sum(sum));
+    // 3) out_g = sum_j p_j v_j / sum_j p_j, accumulated in registers a few vectors at a time.
+    float* o = outs + g * dim;
+    constexpr int64_t kChunk = 4 * kLanes;
+    for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
+      const int64_t width = std::min(kChunk, dim - d0);
+      Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+      if (width == kChunk) {
+        for (int64_t j = 0; j < len; ++j) {
+          const Vec p(s[j]);
+          const float* v = values + j * dim + d0;
+          for (int c = 0; c < 4; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(v + c * kLanes), acc[c]);
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const Vec p(s[j]);
+          const float* v = values + j * dim + d0;
+          for (int64_t c = 0; c * kLanes < width; ++c) {
+            const int64_t m = std::min(kLanes, width - c * kLanes);
+            acc[c] = at::vec::fmadd(p, Vec::loadu(v + c * kLanes, m), acc[c]);
+          }
+        }
+      }
+      for (int64_t c = 0; c * kLanes < width; ++c) {
+        (acc[c] * inv).store(o + d0 + c * kLanes, std::min(kLanes, width - c * kLanes));
+      }
+    }
+  }
+}
+
 // One query per sequence over its cached context; the query heads of a KV head share its reads.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& slots, const at::Tensor& lengths, double scale) {
@@ -204,55 +266,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  auto kernel = dim == 64 ? &attend<64> : dim == 128 ? &attend<128> : &attend<0>;
   at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / kv_heads, h = task % kv_heads, len = length[i];
-      const float* keys = kp + (slot[i] * kv_heads + h) * capacity * dim;
-      const float* values = vp + (slot[i] * kv_heads + h) * capacity * dim;
-      const float* queries = qp + (i * num_heads + h * group) * dim;  // `group` consecutive heads
-      float* outs = op + (i * num_heads + h * group) * dim;
-      scores.resize(group * len);
-      // 1) scores[g][j] = q_g . k_j * scale; each key row is read once for the whole group.
-      for (int64_t j = 0; j < len; ++j)
-        for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(queries + g * dim, keys + j * dim, dim) * fscale;
-      // 2) softmax per query head (max-subtracted), normalised at the end.
-      std::vector<float> inv_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
-        const float max = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, len);
-        const Vec vmax(max);
-        Vec acc(0.f);
-        for (int64_t j = 0; j < len; j += kLanes) {
-          const int64_t m = std::min(kLanes, len - j);
-          Vec e = (Vec::loadu(s + j, m) - vmax).exp();
-          if (m < kLanes) e = Vec::set(Vec(0.f), e, m);  // drop padding lanes from the sum
-          e.store(s + j, m);
-          acc = acc + e;
-        }
-        inv_sum[g] = 1.f / reduce_sum(acc);
-      }
-      // 3) out_g = sum_j p[g][j] v_j / sum_j p[g][j]
-      std::fill(outs, outs + group * dim, 0.f);
-      for (int64_t j = 0; j < len; ++j) {
-        const float* v = values + j * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const Vec p(scores[g * len + j]);
-          float* o = outs + g * dim;
-          for (int64_t d = 0; d < dim; d += kLanes) {
-            const int64_t m = std::min(kLanes, dim - d);
-            at::vec::fmadd(p, Vec::loadu(v + d, m), Vec::loadu(o + d, m)).store(o + d, m);
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const Vec inv(inv_sum[g]);
-        float* o = outs + g * dim;
-        for (int64_t d = 0; d < dim; d += kLanes) {
-          const int64_t m = std::min(kLanes, dim - d);
-          (Vec::loadu(o + d, m) * inv).store(o + d, m);
-        }
-      }
+      const int64_t i = task / kv_heads, h = task % kv_heads;
+      const int64_t cache_at = (slot[i] * kv_heads + h) * capacity * dim;
+      const int64_t heads_at = (i * num_heads + h * group) * dim;  // the group's consecutive query heads
+      scores.resize(group * length[i]);
+      kernel(qp + heads_at, kp + cache_at, vp + cache_at, op + heads_at, length[i], group, dim, fscale,
+             scores.data());
     }
   });
   return out;

@@ -15,6 +15,8 @@ Semantics (one line of torch each; T tokens, H query heads, Hkv KV heads, D head
 - decode_attention(q[n, H, D], k_cache, v_cache, decode, scale) -> [n, H, D]: per sequence i,
   softmax(q_i K_i^T * scale) V_i over its cached positions < decode.lengths[i], GQA by head groups
 - silu_mul(gu[T, 2I]) = silu(gu[:, :I]) * gu[:, I:]
+- packed_linear(x[T, K], pack_linear(W[N, K]), b, N) = F.linear(x, W, b): W laid out in panels of
+  one vector of columns, streamed with prefetch (decode products are bound by reading W)
 """
 
 from __future__ import annotations
@@ -159,6 +161,16 @@ class ModelOps(Protocol):
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
 
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """weight [N, K] in this backend's own matmul layout, or None: use torch's matmuls."""
+        ...
+
+    def packed_linear(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
+        """x [T, K] @ W^T + bias -> [T, N] with W as pack_linear laid it out."""
+        ...
+
 
 class TorchOps:
     """The references; every device and dtype."""
@@ -175,6 +187,14 @@ class TorchOps:
     rotary_kv_write = staticmethod(rotary_kv_write_ref)
     decode_attention = staticmethod(decode_attention_ref)
     silu_mul = staticmethod(silu_mul_ref)
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        return None  # server/model/dense.py picks torch's best layout for the device
+
+    def packed_linear(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
+        raise NotImplementedError("TorchOps keeps weights in torch's layouts (pack_linear returns None)")
 
 
 class FusedCpuOps:
@@ -221,6 +241,14 @@ class FusedCpuOps:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._ops.silu_mul(gate_up)
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        return self._ops.pack_linear_weight(weight)
+
+    def packed_linear(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
+        return self._ops.packed_linear(x, packed, bias, out_features)
 
 
 def select_model_ops(

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.model_ops import select_model_ops
 from server.model.dense import Dense, onednn_available
 
 
@@ -19,6 +20,9 @@ def test_dense_equals_linear_for_every_batch_size(rows: int, with_bias: bool) ->
     for keep_gemv_layout in (True, False):
         dense = Dense(weight, bias, keep_gemv_layout=keep_gemv_layout)
         torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-5)
+    packed = Dense(weight, bias, select_model_ops(torch.device("cpu"), torch.float32, "fused"))
+    assert packed.packed is not None and packed.blocked is None and packed.weight_t is None  # one copy
+    torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_fp32_uses_the_blocked_layout_and_other_dtypes_fall_back() -> None:

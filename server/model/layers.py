@@ -42,10 +42,11 @@ class AdaptedLinear(nn.Module):
         bias: torch.Tensor | None,
         projections: tuple[str, ...],
         out_features: tuple[int, ...],
+        ops: ModelOps | None = None,
     ) -> None:
         super().__init__()
         assert weight.shape[0] == sum(out_features), (weight.shape, out_features)
-        self.dense = Dense(weight, bias)
+        self.dense = Dense(weight, bias, ops)
         self.projections = projections
         self.out_features = out_features
         # Filled in by the adapter store: a callable (x, y, adapter_batch) -> None adding to y in place.

@@ -103,15 +103,17 @@ class DecoderLayer(nn.Module):
             qkv_bias,
             ("q_proj", "k_proj", "v_proj"),
             (arch.q_size, arch.kv_size, arch.kv_size),
+            ops,
         )
-        o_proj = AdaptedLinear(w("self_attn.o_proj.weight"), None, ("o_proj",), (arch.hidden_size,))
+        o_proj = AdaptedLinear(w("self_attn.o_proj.weight"), None, ("o_proj",), (arch.hidden_size,), ops)
         gate_up = AdaptedLinear(
             torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
             None,
             ("gate_proj", "up_proj"),
             (arch.intermediate_size, arch.intermediate_size),
+            ops,
         )
-        down = AdaptedLinear(w("mlp.down_proj.weight"), None, ("down_proj",), (arch.hidden_size,))
+        down = AdaptedLinear(w("mlp.down_proj.weight"), None, ("down_proj",), (arch.hidden_size,), ops)
         self.input_norm = RMSNorm(w("input_layernorm.weight"), arch.rms_norm_eps, ops)
         self.attn = Attention(arch, qkv, o_proj, ops)
         self.post_attn_norm = RMSNorm(w("post_attention_layernorm.weight"), arch.rms_norm_eps, ops)
@@ -147,7 +149,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, weights, i, self.ops) for i in range(arch.num_layers))
         self.norm = RMSNorm(weights["model.norm.weight"], arch.rms_norm_eps, self.ops)
         head = weights["model.embed_tokens.weight"] if arch.tie_word_embeddings else weights["lm_head.weight"]
-        self.lm_head = Dense(head, None, keep_gemv_layout=False)
+        self.lm_head = Dense(head, None, self.ops, keep_gemv_layout=False)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, max_positions, device, self.embed_tokens.dtype)
 
     def adapted_linears(self) -> Iterator[tuple[int, AdaptedLinear]]:

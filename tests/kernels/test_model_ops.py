@@ -201,3 +201,37 @@ def test_build_is_cached(tmp_path) -> None:
     first = cpu_extension.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cpu_extension.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("out_features", [1, 17, 48, 49, 100, 960])
+@pytest.mark.parametrize("in_features", [1, 7, 576])
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 33])
+def test_packed_linear(fused: FusedCpuOps, rows: int, in_features: int, out_features: int) -> None:
+    """Every row-block remainder (rows % 8), partial panels and tiles, with and without bias."""
+    g = torch.Generator().manual_seed(rows * 1000 + in_features * 7 + out_features)
+    weight = torch.randn(out_features, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    packed = fused.pack_linear(weight)
+    assert REF.pack_linear(weight) is None  # torch keeps its own layouts
+    for b in (None, bias):
+        y = fused.packed_linear(x, packed, b, out_features)
+        assert y.shape == (rows, out_features) and y.is_contiguous()
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+
+
+def test_packed_linear_reads_strided_rows(fused: FusedCpuOps) -> None:
+    weight = torch.randn(40, 30)
+    x = torch.randn(5, 64)[:, 2:32]
+    y = fused.packed_linear(x, fused.pack_linear(weight), None, 40)
+    torch.testing.assert_close(y, x @ weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_linear_refuses_mismatched_shapes(fused: FusedCpuOps) -> None:
+    packed = fused.pack_linear(torch.randn(40, 30))
+    with pytest.raises(RuntimeError, match="x must be"):
+        fused.packed_linear(torch.randn(2, 31), packed, None, 40)
+    with pytest.raises(RuntimeError, match="out_features"):
+        fused.packed_linear(torch.randn(2, 30), packed, None, 64)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        fused.packed_linear(torch.randn(2, 30), packed, torch.zeros(39), 40)

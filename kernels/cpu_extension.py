@@ -2,9 +2,11 @@
 
 Compiled once per machine with the system C++ compiler into the loramux cache
 (`$LORAMUX_CACHE/extensions`, default ~/.cache/loramux/extensions), keyed by the source, torch's
-version, its CPU capability and the compiler, then loaded into the process. A build takes a few
-seconds (only torch's light headers are included, no pybind11). Nothing here decides whether
-the kernels are used: kernels/model_ops.py does, and falls back to torch when this fails.
+version and the CPU capability torch dispatches to (AVX512, AVX2 or DEFAULT), then loaded into
+the process. A build takes a few seconds (only torch's light headers are included, no pybind11);
+a cached build loads without a compiler, so an image can ship prebuilt libraries (the
+Dockerfile builds all three with `build(capability=...)`). Nothing here decides whether the kernels
+are used: kernels/model_ops.py does, and falls back to torch when this fails.
 """
 
 from __future__ import annotations
@@ -81,21 +83,26 @@ def _command(compiler: str, capability: str, output: Path) -> list[str]:
     ]
 
 
-def _library_path(build_dir: Path, compiler: str, capability: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+def _library_path(build_dir: Path, capability: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), capability.encode(), version.encode()):
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), capability.encode()):
         key.update(part)
-    return build_dir / f"model_ops-{key.hexdigest()[:16]}.so"
+    return build_dir / f"model_ops-{capability.lower()}-{key.hexdigest()[:16]}.so"
 
 
-def build(build_dir: Path | None = None) -> Path:
-    """Compile the extension unless an up-to-date build is cached; returns the shared library."""
+def build(build_dir: Path | None = None, capability: str | None = None) -> Path:
+    """Compile the extension unless an up-to-date build is cached; returns the shared library.
+
+    capability: AVX512 | AVX2 | DEFAULT (default: the one torch uses on this machine).
+    """
     build_dir = build_dir or default_build_dir()
-    compiler, capability = _compiler(), _capability()
-    library = _library_path(build_dir, compiler, capability)
+    capability = capability or _capability()
+    if capability not in (*_CAPABILITY_FLAGS, "DEFAULT"):
+        raise CpuExtensionError(f"unknown CPU capability {capability!r}: use AVX512, AVX2 or DEFAULT")
+    library = _library_path(build_dir, capability)
     if library.exists():
         return library
+    compiler = _compiler()
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the fused CPU kernels for %s (once per machine, a few seconds)", capability)
     started = time.perf_counter()
@@ -107,6 +114,9 @@ def build(build_dir: Path | None = None) -> Path:
         if done.returncode != 0:
             raise CpuExtensionError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
         os.replace(partial, library)
+        for stale in build_dir.glob(f"model_ops-{capability.lower()}-*.so"):  # older sources' builds
+            if stale != library:
+                stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +239,45 @@ def test_packed_linear_refuses_mismatched_shapes(fused: FusedCpuOps) -> None:
         fused.packed_linear(torch.randn(2, 30), packed, None, 64)
     with pytest.raises(RuntimeError, match="bias must be"):
         fused.packed_linear(torch.randn(2, 30), packed, torch.zeros(39), 40)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_other_cpu_capabilities(capability: str) -> None:
+    """The AVX2 and portable builds (other vector widths, other tile shapes) pass the same tests,
+    in a child process where torch dispatches to that capability (ATEN_CPU_CAPABILITY)."""
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    tests = [
+        f"{__file__}::{name}"
+        for name in (
+            "test_rms_norm",
+            "test_add_rms_norm_adds_in_place",
+            "test_silu_mul",
+            "test_rotary_kv_write",
+            "test_decode_attention",
+            "test_packed_linear",
+        )
+    ]
+    lora = str(Path(__file__).parent / "test_lora_ops.py")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *tests,
+            lora,
+            "-k",
+            "fused or not lora",
+        ],
+        env=env,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout

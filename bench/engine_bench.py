@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (best is kept)")
     parser.add_argument("--model", default=None, help="local checkpoint (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument(
+        "--model-kernels",
+        choices=["auto", "fused", "torch"],
+        default="auto",
+        help="our engine's non-GEMM ops and CPU matmuls, as `serve --model-kernels` (default auto)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -107,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model=args.model,
         device="cpu",
+        model_kernels=args.model_kernels,
         engine=EngineConfig(max_running=max(args.batch, 1), max_batched_tokens=max(512, args.batch)),
     )
     engine = build_engine(config)
@@ -118,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         engine.shutdown()
     result: dict[str, Any] = {
         "batch": args.batch,
+        "model_kernels": engine.model.ops.name,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "engine_tok_s": ours["decode"],

@@ -12,7 +12,9 @@ adapters, round-robin), zipf:1.5 (token adapters drawn from a Zipf law over the 
 identical (one adapter); prefill:N (not in the default list) adds to the distinct decode batch a
 prompt chunk of N tokens for slot 0, a mixed step. `naive` is per projection, unfused, gathered `A[slot]` / `B[slot]` batched
 matmuls (the ~34 ms / 155-189 ms figures of DESIGN.md); `auto`, `segments` and `gather` are the
-torch backend with its strategy chosen per layer or forced. Times are the median of --repeats
+torch backend with its strategy chosen per layer or forced; `+fused` runs its gather path as the
+fused CPU kernel (kernels/csrc/model_ops.cpp `lora_gather`, what the server uses when the fused
+model kernels are loaded). Times are the median of --repeats
 steps after one warm-up, in ms per step. Flags belong to this module (`add_arguments`, `main`).
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kernels import AdapterBatch, LoraStack, StackLayout, TorchBackend
+from kernels import AdapterBatch, LoraStack, StackLayout, TorchBackend, cpu_extension
 
 HIDDEN, Q_SIZE, KV_SIZE, INTERMEDIATE, LAYERS = 576, 576, 192, 1536, 30
 
@@ -48,7 +50,7 @@ GATE_UP = Projection("gate_up", HIDDEN, (INTERMEDIATE, INTERMEDIATE))
 DOWN = Projection("down", INTERMEDIATE, (HIDDEN,))
 WORKLOADS = {"W1": (8, (QKV, O_PROJ)), "W2": (16, (QKV, O_PROJ, GATE_UP, DOWN))}
 POPULARITIES = ("distinct", "uniform", "zipf:1.5", "identical")
-METHODS = ("naive", "auto", "segments", "gather")
+METHODS = ("naive", "auto", "segments", "gather", "auto+fused", "gather+fused")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +143,10 @@ def bench_cell(
         torch.randn(len(slot_ids), s.in_features, generator=torch.Generator().manual_seed(1)) for s in stacks0
     ]
     ys = [torch.zeros(len(slot_ids), s.out_features) for s in stacks0]
-    backend = None if method == "naive" else TorchBackend(method)  # type: ignore[arg-type]
+    strategy, _, fused = method.partition("+")
+    if fused:
+        cpu_extension.load()
+    backend = None if method == "naive" else TorchBackend(strategy, fused_gather=bool(fused))  # type: ignore[arg-type]
 
     def step() -> None:
         for y in ys:

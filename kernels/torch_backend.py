@@ -181,22 +181,26 @@ class TorchBackend:
             return _split_at(batch, tuple(range(batch.num_segments)))
         if self.strategy == "gather":
             return _split_at(batch, ())
-        key = ("torch_choice", slot_bytes, num_slices)
+        key = ("torch_choice", slot_bytes, num_slices, self.fused_gather)
         loop = batch.plans.get(key)
         if loop is None:
-            loop = _cheapest_loop_set(batch, slot_bytes, num_slices)
+            gather_calls = 1 if self.fused_gather else 4 + 3 * num_slices
+            loop = _cheapest_loop_set(batch, slot_bytes, num_slices, gather_calls)
             batch.plans[key] = loop
         assert isinstance(loop, tuple)
         return _split_at(batch, loop)
 
 
-def _cheapest_loop_set(batch: AdapterBatch, slot_bytes: float, num_slices: int) -> tuple[int, ...]:
+def _cheapest_loop_set(
+    batch: AdapterBatch, slot_bytes: float, num_slices: int, gather_calls: int
+) -> tuple[int, ...]:
     """Segments to loop, from the step's counts and one slot's weight bytes (the cost model above).
 
     A looped segment pays its calls (one matmul + one per slice; twice that when its rows must be
     gathered and scattered) and streams its tokens through a matmul; a gathered token re-reads its
-    slot's weights. The gathered product has fixed calls of its own (~4 + 3 per slice), so looping
-    everything can beat the mix when few slots remain to gather.
+    slot's weights. The gathered product has fixed calls of its own (`gather_calls`: ~4 + 3 per
+    slice in torch ops, one for the fused kernel), so looping everything can beat the mix when few
+    slots remain to gather.
     """
     gather_us = slot_bytes / _REREAD_BYTES_PER_US  # per gathered token
     matmul_us = slot_bytes / _MATMUL_BYTES_PER_US  # per looped token
@@ -209,7 +213,7 @@ def _cheapest_loop_set(batch: AdapterBatch, slot_bytes: float, num_slices: int) 
     mixed_us = sum(loop_us[i] for i in mixed)
     if len(mixed) < batch.num_segments:
         gathered_tokens = batch.num_adapted_tokens - sum(batch.segment_lengths[i] for i in mixed)
-        mixed_us += (4 + 3 * num_slices) * _OP_US + gathered_tokens * gather_us
+        mixed_us += gather_calls * _OP_US + gathered_tokens * gather_us
     return tuple(range(batch.num_segments)) if sum(loop_us) <= mixed_us else mixed
 
 

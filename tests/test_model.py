@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from server.model.batch import DecodeSeq, StepBatch
+from tests.cpu_kernels import require_compiler
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 
@@ -52,6 +53,8 @@ def _ids(variant: dict) -> str:
 @pytest.fixture(params=("fused", "torch"))
 def kernels(request: pytest.FixtureRequest) -> str:
     """Both implementations of the model's non-GEMM ops (kernels/model_ops.py) face the oracle."""
+    if request.param == "fused":
+        require_compiler()
     return request.param
 
 

@@ -15,6 +15,7 @@ from kernels import LoraBackend, LoraStack, cpu_extension, select_backend
 from kernels.expand import lora_expand_ref
 from kernels.shrink import lora_shrink_ref
 from kernels.torch_backend import TorchBackend
+from tests.cpu_kernels import require_compiler
 from tests.kernels.lora_cases import (
     POPULARITIES,
     TOKEN_COUNTS,
@@ -45,6 +46,7 @@ def backend_for(name: str, strategy: str, device: str) -> LoraBackend:
     if name == "torch":  # the fused gather kernel on or off explicitly, whatever this process loaded
         strategy, _, fused = strategy.partition("+")
         if fused:
+            require_compiler()
             cpu_extension.load()
         return TorchBackend(strategy, fused_gather=bool(fused))  # type: ignore[arg-type]
     return select_backend(device, name, strategy=strategy)  # type: ignore[arg-type]

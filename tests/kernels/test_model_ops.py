@@ -15,6 +15,7 @@ import torch
 
 from kernels import cpu_extension
 from kernels.model_ops import DecodeMeta, FusedCpuOps, TorchOps, select_model_ops
+from tests.cpu_kernels import require_compiler
 
 CPU = torch.device("cpu")
 TOL = dict(atol=2e-6, rtol=2e-5)
@@ -22,6 +23,7 @@ TOL = dict(atol=2e-6, rtol=2e-5)
 
 @pytest.fixture(scope="module")
 def fused() -> FusedCpuOps:
+    require_compiler()
     ops = select_model_ops(CPU, torch.float32, "fused")
     assert isinstance(ops, FusedCpuOps)
     return ops
@@ -202,6 +204,7 @@ def test_a_failing_compiler_is_reported(tmp_path, monkeypatch) -> None:
 
 
 def test_build_is_cached(tmp_path) -> None:
+    require_compiler()
     first = cpu_extension.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cpu_extension.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
@@ -245,6 +248,7 @@ def test_packed_linear_refuses_mismatched_shapes(fused: FusedCpuOps) -> None:
 def test_other_cpu_capabilities(capability: str) -> None:
     """The AVX2 and portable builds (other vector widths, other tile shapes) pass the same tests,
     in a child process where torch dispatches to that capability (ATEN_CPU_CAPABILITY)."""
+    require_compiler()
     if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}

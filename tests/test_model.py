@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from server.model.batch import DecodeSeq, StepBatch
-from tests.cpu_kernels import require_compiler
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
+from tests.cpu_kernels import require_compiler
 
 CPU = torch.device("cpu")
 TOL = 1e-4

@@ -103,9 +103,19 @@ def build(build_dir: Path | None = None, capability: str | None = None) -> Path:
     if library.exists():
         return library
     compiler = _compiler()
-    build_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the fused CPU kernels for %s (once per machine, a few seconds)", capability)
     started = time.perf_counter()
+    try:
+        _compile(compiler, capability, library)
+    except OSError as exc:  # an unwritable cache, a compiler that cannot run, ...
+        raise CpuExtensionError(f"building {library} failed: {exc}") from exc
+    log.info("built %s in %.1f s", library, time.perf_counter() - started)
+    return library
+
+
+def _compile(compiler: str, capability: str, library: Path) -> None:
+    build_dir = library.parent
+    build_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent builders never see a half-written library.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
@@ -120,8 +130,6 @@ def build(build_dir: Path | None = None, capability: str | None = None) -> Path:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    log.info("built %s in %.1f s", library, time.perf_counter() - started)
-    return library
 
 
 def is_loaded() -> bool:

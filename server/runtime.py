@@ -10,6 +10,7 @@ import torch
 from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec
 from adapters_store.device_slots import DeviceSlots
 from kernels import select_backend
+from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
@@ -86,7 +87,8 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
         max_rank=config.max_rank,
     )
     device = model.embed_tokens.device
-    backend = select_backend(device)
+    # The fused LoRA gather comes with the model's fused CPU kernels (--model-kernels).
+    backend = select_backend(device, fused_gather=isinstance(model.ops, FusedCpuOps))
     store = AdapterStore(spec, AdapterRoots(config.roots), config.host_cache_mb << 20)
     slots = DeviceSlots(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, model.dtype)
     log.info(

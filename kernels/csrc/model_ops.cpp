@@ -7,6 +7,7 @@
 // CPU_CAPABILITY torch itself dispatches to, so at::vec and its Sleef exp match torch's own
 // kernels. Threads come from ATen's pool (at::parallel_for), never a second OpenMP runtime.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -64,6 +65,7 @@ void check_kv_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes(),
               "k_cache and v_cache must be contiguous [slots, kv_heads, capacity, head_dim]");
+  TORCH_CHECK(k_cache.size(1) > 0, "the KV cache needs at least one KV head");
 }
 
 void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
@@ -93,6 +95,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& weight, double eps) {
   check_norm_args(residual, weight);
   check_fp32_cpu(delta, "delta");
+  at::assert_no_internal_overlap(residual);  // rows are written by different threads
   TORCH_CHECK(delta.dim() == 2 && delta.stride(1) == 1 && delta.sizes() == residual.sizes(),
               "delta must have residual's shape with contiguous rows");
   const int64_t rows = residual.size(0), n = residual.size(1);
@@ -484,15 +487,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
 // (A^T [S, d_in, P*r], each B_p^T [S, r, out_p]), and adds its term to its row of y: one call per
 // stack instead of an embedding_bag, a scale and a gather per projection.
 
-// h[c] = sum_k x[k] * a[k * width + c] for c < width (width <= 4 vectors), accumulated in registers.
+// h[c] = sum_k x[k] * a[k * a_stride + c] for c < width (width <= 4 vectors), accumulated in registers.
 template <int64_t kVecs>
-void shrink_row(const float* x, const float* a, int64_t d_in, int64_t width, float* h) {
+void shrink_row(const float* x, const float* a, int64_t a_stride, int64_t d_in, int64_t width, float* h) {
   Vec acc[kVecs];
   for (int64_t v = 0; v < kVecs; ++v) acc[v] = Vec(0.f);
   const int64_t last = width - (kVecs - 1) * kLanes;  // lanes of the last vector
   for (int64_t k = 0; k < d_in; ++k) {
     const Vec xv(x[k]);
-    const float* row = a + k * width;
+    const float* row = a + k * a_stride;
     for (int64_t v = 0; v + 1 < kVecs; ++v) acc[v] = at::vec::fmadd(xv, Vec::loadu(row + v * kLanes), acc[v]);
     acc[kVecs - 1] = at::vec::fmadd(xv, Vec::loadu(row + (kVecs - 1) * kLanes, last), acc[kVecs - 1]);
   }
@@ -500,19 +503,16 @@ void shrink_row(const float* x, const float* a, int64_t d_in, int64_t width, flo
   acc[kVecs - 1].store(h + (kVecs - 1) * kLanes, last);
 }
 
-void shrink_any(const float* x, const float* a, int64_t d_in, int64_t width, float* h) {
-  for (int64_t c0 = 0; c0 < width; c0 += 4 * kLanes) {  // four vectors of columns per pass over A
+// Any width: four vectors of columns per pass over A (A's rows stay in cache between passes).
+void shrink_row_any(const float* x, const float* a, int64_t d_in, int64_t width, float* h) {
+  for (int64_t c0 = 0; c0 < width; c0 += 4 * kLanes) {
     const int64_t w = std::min(4 * kLanes, width - c0);
-    std::vector<float> part(w);
-    std::vector<float> block(d_in * w);
-    for (int64_t k = 0; k < d_in; ++k) std::copy(a + k * width + c0, a + k * width + c0 + w, block.data() + k * w);
     switch ((w + kLanes - 1) / kLanes) {
-      case 1: shrink_row<1>(x, block.data(), d_in, w, part.data()); break;
-      case 2: shrink_row<2>(x, block.data(), d_in, w, part.data()); break;
-      case 3: shrink_row<3>(x, block.data(), d_in, w, part.data()); break;
-      default: shrink_row<4>(x, block.data(), d_in, w, part.data()); break;
+      case 1: shrink_row<1>(x, a + c0, width, d_in, w, h + c0); break;
+      case 2: shrink_row<2>(x, a + c0, width, d_in, w, h + c0); break;
+      case 3: shrink_row<3>(x, a + c0, width, d_in, w, h + c0); break;
+      default: shrink_row<4>(x, a + c0, width, d_in, w, h + c0); break;
     }
-    std::copy(part.begin(), part.end(), h + c0);
   }
 }
 
@@ -539,6 +539,7 @@ void lora_gather(const at::Tensor& x, at::Tensor& y, const at::Tensor& rows, con
   check_fp32_cpu(y, "y");
   check_fp32_cpu(a_t, "a_t");
   check_fp32_cpu(scale, "scale");
+  at::assert_no_internal_overlap(y);  // rows are written by different threads (rows[] must be distinct)
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && y.dim() == 2 && y.stride(1) == 1 && x.size(0) == y.size(0),
               "x and y must be [tokens, features] with contiguous rows");
   TORCH_CHECK(a_t.dim() == 3 && a_t.is_contiguous() && a_t.size(1) == x.size(1),
@@ -587,13 +588,7 @@ void lora_gather(const at::Tensor& x, at::Tensor& y, const at::Tensor& rows, con
       if (rk == 0) continue;
       const float* xr = xp + row[i] * x_stride;
       const float* a = ap + s * d_in * width;
-      switch ((width + kLanes - 1) / kLanes) {
-        case 1: shrink_row<1>(xr, a, d_in, width, h.data()); break;
-        case 2: shrink_row<2>(xr, a, d_in, width, h.data()); break;
-        case 3: shrink_row<3>(xr, a, d_in, width, h.data()); break;
-        case 4: shrink_row<4>(xr, a, d_in, width, h.data()); break;
-        default: shrink_any(xr, a, d_in, width, h.data()); break;
-      }
+      shrink_row_any(xr, a, d_in, width, h.data());
       float* yr = yp + row[i] * y_stride;
       for (int64_t p = 0, offset = 0; p < p_count; offset += out_of[p], ++p) {
         const float sc = sp[s * p_count + p];

@@ -127,6 +127,24 @@ def test_other_projection_shapes(name: str, strategy: str, device: str, slices: 
     torch.testing.assert_close(y, reference_add_lora(case), **FP32)
 
 
+@pytest.mark.parametrize("popularity", ["distinct", "zipf"])
+@pytest.mark.parametrize(("name", "strategy", "device"), BACKENDS)
+def test_wide_stacks(name: str, strategy: str, device: str, popularity: str) -> None:
+    """P * r past four vectors (the fused kernel then makes several passes over A), odd widths."""
+    case = make_case(
+        slot_ids_for(popularity, 33),
+        layout="torch",
+        device=device,
+        slices=(40, 24, 24),
+        in_features=37,
+        max_rank=32,
+        ranks=(32, 7, 0, 20, 31),
+    )
+    y = case.y.clone()
+    backend_for(name, strategy, device).add_lora(case.x, y, case.stack, case.batch)
+    torch.testing.assert_close(y, reference_add_lora(case), **FP32)
+
+
 @pytest.mark.parametrize(("name", "strategy", "device"), BACKENDS)
 def test_contract_form_single_tensors_without_ranks(name: str, strategy: str, device: str) -> None:
     """lora_shrink(x, A[S, r, d_in], batch, scale[S]) and lora_expand(h, B[S, d_out, r], batch, y)."""

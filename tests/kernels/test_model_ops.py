@@ -32,6 +32,11 @@ def fused() -> FusedCpuOps:
 REF = TorchOps()
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)  # every draw below reproducible, whatever ran before
+
+
 @pytest.mark.parametrize("hidden", [576, 37, 16, 5])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_rms_norm(fused: FusedCpuOps, rows: int, hidden: int) -> None:
@@ -67,11 +72,11 @@ def test_norms_read_strided_rows(fused: FusedCpuOps) -> None:
 
 @pytest.mark.parametrize("intermediate", [1536, 19, 8])
 def test_silu_mul(fused: FusedCpuOps, intermediate: int) -> None:
-    gate_up = torch.randn(7, 2 * intermediate) * 4
-    gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
-    expected = gate / (1 + torch.exp(-gate)) * up
-    torch.testing.assert_close(REF.silu_mul(gate_up), expected, **TOL)
-    torch.testing.assert_close(fused.silu_mul(gate_up), expected, **TOL)
+    gate_up = torch.randn(7, 2 * intermediate, generator=torch.Generator().manual_seed(intermediate)) * 4
+    g, u = gate_up.double()[:, :intermediate], gate_up.double()[:, intermediate:]
+    expected = (g / (1 + torch.exp(-g)) * u).float()  # the math in float64
+    torch.testing.assert_close(REF.silu_mul(gate_up), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.silu_mul(gate_up), expected, atol=1e-5, rtol=1e-5)
 
 
 def _rope_tables(max_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +180,43 @@ def test_bad_input_is_refused_with_a_message(fused: FusedCpuOps) -> None:
     assert not k_cache.any()  # refused before writing anything
 
 
+def test_overlapping_outputs_and_headless_caches_are_refused(fused: FusedCpuOps) -> None:
+    """Outputs written row by row from several threads must not alias themselves."""
+    residual = torch.randn(1, 8).expand(4, 8)
+    with pytest.raises(RuntimeError, match="overlap|single memory location"):
+        fused.add_rms_norm(residual, torch.randn(4, 8), torch.ones(8), 1e-5)
+    no_heads = torch.zeros(2, 0, 8, 16)
+    with pytest.raises(RuntimeError, match="at least one KV head"):
+        fused.decode_attention(
+            torch.zeros(1, 2, 16), no_heads, no_heads, DecodeMeta.build([0], [0], CPU), 1.0
+        )
+
+
+def test_rotary_reads_strided_rows(fused: FusedCpuOps) -> None:
+    """qkv as a column slice of a wider buffer (rows not packed)."""
+    heads, kv_heads, dim, tokens = 4, 2, 16, 5
+    wide = torch.randn(tokens, (heads + 2 * kv_heads) * dim + 8)
+    qkv = wide[:, 8:]
+    cos, sin = _rope_tables(32, dim)
+    positions, slots = torch.arange(tokens), torch.zeros(tokens, dtype=torch.int64)
+    out = {}
+    for name, ops, x in (("ref", REF, qkv.contiguous()), ("fused", fused, qkv)):
+        k_cache, v_cache = torch.zeros(1, kv_heads, 8, dim), torch.zeros(1, kv_heads, 8, dim)
+        q = ops.rotary_kv_write(x, ops.rotary(cos, sin, positions), slots, k_cache, v_cache, heads)
+        out[name] = (q, k_cache, v_cache)
+    for expected, got in zip(out["ref"], out["fused"], strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_the_kernels_use_torchs_openmp_runtime(fused: FusedCpuOps) -> None:
+    """Loading the library mapped no OpenMP runtime of its own (load refuses one that does), so the
+    kernels run on torch's threads and follow torch.set_num_threads. (Other packages may map
+    theirs: sentencepiece ships a libgomp.)"""
+    assert cpu_extension.is_loaded()
+    torch_lib = Path(torch.__file__).parent / "lib"
+    assert any(Path(path).parent == torch_lib.resolve() for path in cpu_extension._openmp_runtimes())
+
+
 def test_selection() -> None:
     assert isinstance(select_model_ops(CPU, torch.float32, "torch"), TorchOps)
     assert isinstance(select_model_ops(CPU, torch.bfloat16, "auto"), TorchOps)  # fp32 only
@@ -211,11 +253,17 @@ def test_an_unwritable_cache_is_reported(tmp_path, monkeypatch) -> None:
         cpu_extension.build(blocker / "extensions")
 
 
-def test_build_is_cached(tmp_path) -> None:
+def test_build_is_cached_and_prebuilt_libraries_come_first(tmp_path, monkeypatch) -> None:
     require_compiler()
-    first = cpu_extension.build(tmp_path)
+    first = cpu_extension.build(tmp_path / "cache")
     stamp = first.stat().st_mtime_ns
-    assert cpu_extension.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_extension.build(tmp_path / "cache") == first and first.stat().st_mtime_ns == stamp
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    (prebuilt / first.name).write_bytes(first.read_bytes())
+    monkeypatch.setattr(cpu_extension, "prebuilt_dir", lambda: prebuilt)
+    monkeypatch.setenv("CXX", "/bin/false")  # nothing may be compiled
+    assert cpu_extension.build(tmp_path / "elsewhere") == prebuilt / first.name
 
 
 @pytest.mark.parametrize("out_features", [1, 17, 48, 49, 100, 960])

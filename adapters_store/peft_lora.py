@@ -155,6 +155,10 @@ def _check_module(
     a32 = a.to(torch.float32).contiguous()
     b32 = b.to(torch.float32).contiguous()
     for ab, tensor in (("A", a32), ("B", b32)):
+        # One sum is finite when every value is (fp32 cannot overflow on adapter-sized values; if
+        # it did, the exact check below runs and passes): ~10x cheaper than isfinite().all() per tensor.
+        if bool(torch.isfinite(tensor.sum())):
+            continue
         if not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise AdapterError(

@@ -13,7 +13,7 @@ identical (one adapter); prefill:N (not in the default list) adds to the distinc
 prompt chunk of N tokens for slot 0, a mixed step. `naive` is per projection, unfused, gathered `A[slot]` / `B[slot]` batched
 matmuls (the ~34 ms / 155-189 ms figures of DESIGN.md); `auto`, `segments` and `gather` are the
 torch backend with its strategy chosen per layer or forced; `+fused` runs its gather path as the
-fused CPU kernel (kernels/csrc/model_ops.cpp `lora_gather`, what the server uses when the fused
+fused CPU kernel (`lora_gather`, kernels/csrc/lora_gather.h, what the server uses when the fused
 model kernels are loaded). Times are the median of --repeats
 steps after one warm-up, in ms per step. Flags belong to this module (`add_arguments`, `main`).
 """

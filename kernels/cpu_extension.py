@@ -1,4 +1,4 @@
-"""Build and load the fused CPU kernels (csrc/model_ops.cpp) as torch.ops.loramux_cpu.*.
+"""Build and load the fused CPU kernels (csrc/: model_ops.cpp and its headers) as torch.ops.loramux_cpu.*.
 
 Compiled once per machine with the system C++ compiler into the loramux cache
 (`$LORAMUX_CACHE/extensions`, default ~/.cache/loramux/extensions), keyed by the source, torch's
@@ -95,8 +95,10 @@ def _command(compiler: str, capability: str, output: Path) -> list[str]:
 
 def _library_name(capability: str) -> str:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_flags(capability)).encode()):
+    sources = sorted(SOURCE.parent.glob("*.cpp")) + sorted(SOURCE.parent.glob("*.h"))
+    for part in (*(path.read_bytes() for path in sources), torch.__version__.encode()):
         key.update(part)
+    key.update(" ".join(_flags(capability)).encode())
     return f"model_ops-{capability.lower()}-{key.hexdigest()[:16]}.so"
 
 

@@ -1,8 +1,9 @@
-"""The decoder's non-GEMM ops behind one interface: fused CPU kernels, or torch (any device).
+"""The decoder's hot ops behind one interface (norms, rotary + KV write, decode attention, SwiGLU,
+the base-weight matmul layout): fused CPU kernels, or torch (any device).
 
 A decode step at batch 32 on CPU spent about a third of its time outside the GEMMs, in ~45 small
 torch ops per layer (RMSNorm alone is six, rotary four, attention builds a mask and calls SDPA).
-`FusedCpuOps` runs each group as one pass over memory (csrc/model_ops.cpp); `TorchOps` is the
+`FusedCpuOps` runs each group as one pass over memory (kernels/csrc/); `TorchOps` is the
 reference the tests compare against and the path for GPUs, other dtypes, and machines without a
 C++ compiler. `select_model_ops` picks one when the model is built; layers never branch.
 

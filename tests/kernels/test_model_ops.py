@@ -1,4 +1,4 @@
-"""The fused CPU model ops (kernels/csrc/model_ops.cpp) against their torch references, and the
+"""The fused CPU model ops (kernels/csrc/) against their torch references, and the
 references against plain math; odd sizes (vector tails), GQA groups, scattered slots, bad input."""
 
 from __future__ import annotations

@@ -42,11 +42,13 @@ def configure_logging(level: str) -> None:
 
 def run_server(config: ServerConfig) -> int:
     """Run engine, gRPC and (if configured) HTTP until SIGINT/SIGTERM or the engine dies."""
+    from kernels.cpu_extension import CpuExtensionError
     from server.runtime import build_engine
 
     try:
         engine = build_engine(config)
-    except (OSError, ValueError) as exc:  # no such model, no CUDA, bad dtype, missing adapter root, ...
+    # no such model, no CUDA, bad dtype, missing adapter root, --model-kernels fused that cannot build, ...
+    except (OSError, ValueError, CpuExtensionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     engine.start()

@@ -269,3 +269,17 @@ def test_a_second_sigterm_cuts_the_drain_short(model_dir: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_with_fused_kernels_that_cannot_build_exits_with_the_reason(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """`--model-kernels fused` where the kernels cannot be built: a clear error and exit 1, no traceback
+    (`auto` would fall back to torch ops with a warning instead)."""
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--grpc-port", "0"]
+    argv += ["--http-port", "0", "--model-kernels", "fused"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAMUX_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert "error: compiling model_ops.cpp failed" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from server.config import EngineConfig, ServerConfig
+from server.config import MODEL_KERNELS, EngineConfig, ServerConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestOutput, SamplingParams
 from server.runtime import build_engine
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
         "--model-kernels",
-        choices=["auto", "fused", "torch"],
+        choices=list(MODEL_KERNELS),
         default="auto",
         help="our engine's non-GEMM ops and CPU matmuls, as `serve --model-kernels` (default auto)",
     )

@@ -22,6 +22,7 @@ Semantics (one line of torch each; T tokens, H query heads, Hkv KV heads, D head
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +46,24 @@ class DecodeMeta:
     lengths: torch.Tensor  # [n] int64 cached positions each attends to (its position + 1)
     max_len: int  # max(lengths)
     slot_start: int | None  # set when slots are start, start+1, ...: the cache is viewed, not gathered
-    mask: torch.Tensor  # [n, 1, 1, max_len] bool, True = attend (the torch path's SDPA mask)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[n, 1, 1, max_len] bool, True = attend: the torch path's SDPA mask, made on first use."""
+        positions = torch.arange(self.max_len, device=self.lengths.device).view(1, 1, 1, -1)
+        return positions < self.lengths.view(-1, 1, 1, 1)
 
     @classmethod
     def build(cls, slots: list[int], positions: list[int], device: torch.device) -> DecodeMeta:
         n = len(slots)
-        lengths = torch.tensor([p + 1 for p in positions], dtype=torch.int64)
+        lengths = torch.tensor([p + 1 for p in positions], dtype=torch.int64)  # moved to device below
         max_len = max(positions, default=-1) + 1
         contiguous = n > 0 and slots == list(range(slots[0], slots[0] + n))
-        mask = torch.arange(max_len).view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1)
         return cls(
             slots=torch.tensor(slots, dtype=torch.int64, device=device),
             lengths=lengths.to(device),
             max_len=max_len,
             slot_start=slots[0] if contiguous else None,
-            mask=mask.to(device),
         )
 
 

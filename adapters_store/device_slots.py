@@ -106,6 +106,10 @@ class DeviceSlots:
             for group, stack in groups.items():
                 yield layer, group, stack
 
+    def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """The adapter's device-ready form (loader thread); for LoRA in fp32 slots, the adapter itself."""
+        return adapter
+
     def acquire(self, adapter: LoadedAdapter) -> int | None:
         """Pin a slot holding `adapter`, copying it in when needed; None when every slot is pinned."""
         key = adapter_key(adapter)

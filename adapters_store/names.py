@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from adapters_store.errors import AdapterError
+from adapters_store.errors import AdapterError, AdapterNotFound
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -22,9 +22,11 @@ def is_adapter_name(name: str) -> bool:
     return NAME_PATTERN.fullmatch(name) is not None and name not in RESERVED_NAMES
 
 
-def check_adapter_name(name: str) -> None:
-    """Raise AdapterError unless `name` may be registered as an adapter."""
+def check_adapter_name(name: str, *, lookup: bool = False) -> None:
+    """Raise unless `name` may name an adapter: AdapterError when registering one, AdapterNotFound
+    when looking one up (`lookup`: no adapter can have a malformed name). The one place of the rule."""
     if name in RESERVED_NAMES:
         raise AdapterError(f"adapter name {name!r} is reserved ('' is the base model, 'auto' the router)")
     if NAME_PATTERN.fullmatch(name) is None:
-        raise AdapterError(f"{name!r} is not a valid adapter name: {NAME_RULE}")
+        error = AdapterNotFound if lookup else AdapterError
+        raise error(f"{name!r} is not a valid adapter name: {NAME_RULE}")

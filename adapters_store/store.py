@@ -86,9 +86,12 @@ class AdapterStore:
         if not (registered or cached) and self._root_directory(name) is None:
             raise AdapterNotFound(f"adapter {name!r} is not loaded and not in the adapter roots")
 
-    def list(self) -> list[StoredAdapter]:
-        """Every name the store can serve (roots and explicit loads), sorted by name."""
-        directories = self.roots.list()
+    def list(self, in_roots: dict[str, Path] | None = None) -> list[StoredAdapter]:
+        """Every name the store can serve (roots and explicit loads), sorted by name.
+
+        `in_roots`: the roots' listing when the caller has just taken it (`roots.list()`).
+        """
+        directories = dict(self.roots.list() if in_roots is None else in_roots)
         with self._lock:
             directories.update({name: reg.directory for name, reg in self._registered.items()})
         listed = []
@@ -97,6 +100,11 @@ class AdapterStore:
             tier = "host" if adapter is not None else "disk"
             listed.append(StoredAdapter(name, directories[name], tier, adapter))
         return listed
+
+    def registered_names(self) -> frozenset[str]:
+        """Names registered by an explicit load (memory only, no filesystem access)."""
+        with self._lock:
+            return frozenset(self._registered)
 
     def knows(self, name: str) -> bool:
         """Whether `name` is registered by a load or present in a root (nothing is read)."""

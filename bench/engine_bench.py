@@ -23,7 +23,9 @@ import torch
 
 from server.config import MODEL_KERNELS, EngineConfig, ServerConfig
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, RequestOutput, SamplingParams
+from server.engine.request import RequestOutput, SamplingParams
+from server.preparation import RequestInput, RequestPreparer
+from server.prompts import PromptInput
 from server.runtime import build_engine
 
 _TEXT = (
@@ -68,10 +70,12 @@ def run_engine(
         if out.finished:
             remaining.release()
 
+    preparer = RequestPreparer.for_engine(engine)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         adapter = adapters[i] if adapters else ""
-        engine.submit(GenerationRequest(f"bench-{start}-{i}", tuple(prompt), params, adapter=adapter), sink)
+        given = RequestInput(PromptInput(token_ids=tuple(prompt)), params, f"bench-{start}-{i}", adapter)
+        engine.submit(preparer.prepare(given), sink)
     for _ in prompts:
         remaining.acquire()
     return time.perf_counter() - start

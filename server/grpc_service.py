@@ -1,13 +1,14 @@
 """The asyncio gRPC servicer of `loramux.v1.Inference` over one engine.
 
-Each RPC is `from_pb -> domain call -> to_pb`. A generate call is validated (input, sampling,
-adapter, lengths), tokenized on a helper thread, waits for its adapter's disk -> host load (so a
-refused adapter answers INVALID_ARGUMENT, not a failed generation), is submitted to the engine
-with a sink that hops engine outputs onto the event loop, and is answered as one response or a
-stream of chunks. A call that ends early (client cancel, disconnect, deadline) aborts its engine
-request in a `finally`, so its KV slot is freed at once; so does one that runs past the
-server's `request_timeout_s` (DEADLINE_EXCEEDED). The adapter RPCs call the engine's
-AdapterManager on helper threads (they read files).
+Each RPC is `from_pb -> domain call -> to_pb`. A generate call is prepared on a helper thread
+(`server.preparation`: every check, tokenizing, the adapter choice), waits for its adapters'
+disk -> host loads (so a refused adapter answers INVALID_ARGUMENT, not a failed generation), is
+submitted to the engine with a sink that hops engine outputs onto the event loop, and is
+answered as one response or a stream of chunks. A call that ends early (client cancel,
+disconnect, deadline) aborts its own submission (by the handle `submit` returned) in a
+`finally`, so its KV slot is freed at once; so does one that runs past the server's
+`request_timeout_s` (DEADLINE_EXCEEDED). The adapter RPCs call the engine's AdapterManager on
+helper threads (they read files).
 
 Errors are raised, never returned: `server.grpc_errors.StatusInterceptor` maps them to
 status codes. Server assembly (health, reflection, ports) lives in `server.grpc_server`.
@@ -21,10 +22,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc.aio
@@ -33,16 +32,15 @@ from adapters_store import FORMATS, AdapterError, AdapterNotFound
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server import grpc_convert as convert
-from server.adapter_names import select_adapter
 from server.engine.request import (
     EngineUnavailable,
     FinishReason,
-    GenerationRequest,
     InvalidRequest,
+    PreparedRequest,
     RequestOutput,
 )
 from server.grpc_errors import AdaptersDisabled, GenerationFailed, RequestTimedOut
-from server.prompts import check_input, check_prompt_tokens, tokenize
+from server.preparation import RequestInput, RequestPreparer
 
 if TYPE_CHECKING:
     from server.engine.adapters import AdapterManager
@@ -51,15 +49,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_REQUEST_ID_CHARS = 256
 # How often a call waiting for output checks that the engine thread is still alive.
 ENGINE_LIVENESS_POLL_S = 1.0
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    generation: GenerationRequest
-    adapter: str  # the adapter that serves it, echoed in answers
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -68,9 +59,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, *, request_timeout_s: float = 0.0) -> None:
         self._engine = engine
         self._request_timeout_s = request_timeout_s  # 0 = no server-side cap
+        self._preparer = RequestPreparer.for_engine(engine)
         self._live_request_ids: set[str] = set()  # touched on the event loop only
-        # One thread: tokenizing stays off the event loop and never runs concurrently.
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-tokenize")
+        # One thread: preparing (tokenizing, looking at adapter roots) stays off the event loop
+        # and never runs concurrently.
+        self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-prepare")
         # One thread: LoadAdapter / UnloadAdapter read files and run one at a time, in arrival order.
         self._adapter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-rpc")
 
@@ -80,7 +73,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return len(self._live_request_ids)
 
     def close(self) -> None:
-        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self._prepare_thread.shutdown(wait=False, cancel_futures=True)
         self._adapter_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- generation ------------------------------------------------------------------------
@@ -89,9 +82,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         prepared = await self._prepare(request)
-        async with contextlib.aclosing(self._run(prepared.generation)) as outputs:
+        async with contextlib.aclosing(self._run(prepared)) as outputs:
             parts = [output async for output in outputs]
-        return convert.response_to_pb(prepared.generation.request_id, parts, prepared.adapter)
+        return convert.response_to_pb(prepared.request_id, parts, prepared.adapters.label)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -99,46 +92,31 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request)
         # aclosing: if the client goes away while a chunk is in flight, the engine request is
         # aborted when this generator is closed, not whenever the inner one is collected.
-        async with contextlib.aclosing(self._run(prepared.generation)) as outputs:
+        async with contextlib.aclosing(self._run(prepared)) as outputs:
             async for output in outputs:
-                yield convert.chunk_to_pb(output, prepared.adapter)
+                yield convert.chunk_to_pb(output, prepared.adapters.label)
 
-    async def _prepare(self, request: pb.GenerateRequest) -> _Prepared:
-        """Validate a request and tokenize its prompt; raises InvalidRequest and friends
-        (and counts the refusal in the engine's metrics, as the engine counts its own)."""
+    async def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+        """Prepare a request off the event loop and wait for its adapters' host loads; raises
+        InvalidRequest and friends (and counts the refusal in the engine's metrics)."""
+        given = RequestInput(
+            prompt=convert.prompt_from_pb(request),
+            sampling=convert.sampling_from_pb(request),
+            request_id=request.request_id,
+            adapter=request.adapter,
+            mixture=convert.mixture_from_pb(request),
+        )
         try:
-            return await self._check_and_tokenize(request)
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self._prepare_thread, self._preparer.prepare, given)
+            for name in prepared.adapters.names:  # the engine's loader threads read the files
+                await _wait_shared(self._adapter_manager().prefetch(name))  # a refused adapter raises
+            return prepared
         except Exception as exc:
-            self._engine.record_refused(request.adapter, exc)
+            self._engine.record_refused(request.adapter or "+".join(name for name, _ in given.mixture), exc)
             raise
 
-    async def _check_and_tokenize(self, request: pb.GenerateRequest) -> _Prepared:
-        info = self._engine.info
-        request_id = request.request_id or uuid.uuid4().hex
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequest(
-                f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
-            )
-        adapter = select_adapter(
-            request.adapter, convert.mixture_from_pb(request), self._engine.check_adapter
-        )
-        prompt = convert.prompt_from_pb(request)
-        check_input(prompt, info.max_model_len)
-        sampling = convert.sampling_from_pb(request)
-        sampling.validate(info.vocab_size)
-        # The adapter's disk -> host load runs on the manager's loader thread while we tokenize.
-        host_load = self._adapter_manager().prefetch(adapter) if adapter else None
-        loop = asyncio.get_running_loop()
-        token_ids = await loop.run_in_executor(
-            self._tokenizer_thread, tokenize, self._engine.tokenizer, prompt
-        )
-        check_prompt_tokens(token_ids, sampling.max_tokens, info.vocab_size, info.max_model_len)
-        if host_load is not None:
-            await _wait_shared(host_load)  # raises the loader's AdapterError for a refused adapter
-        generation = GenerationRequest(request_id, tuple(token_ids), sampling, adapter=adapter)
-        return _Prepared(generation, adapter)
-
-    async def _run(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
+    async def _run(self, request: PreparedRequest) -> AsyncGenerator[RequestOutput, None]:
         """Submit `request` and yield its outputs until the finished one; abort if left early."""
         request_id = request.request_id
         if request_id in self._live_request_ids:
@@ -154,11 +132,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 loop.call_soon_threadsafe(queue.put_nowait, output)
 
         self._live_request_ids.add(request_id)
-        submitted = finished = False
+        handle = None
+        finished = False
         deadline = loop.time() + self._request_timeout_s if self._request_timeout_s > 0 else None
         try:
-            self._engine.submit(request, sink)
-            submitted = True
+            handle = self._engine.submit(request, sink)
             while not finished:
                 output = await self._next_output(queue, deadline)
                 finished = output.finished
@@ -169,8 +147,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield output
         finally:
             self._live_request_ids.discard(request_id)
-            if submitted and not finished:
-                self._engine.abort(request_id)
+            if handle is not None and not finished:
+                self._engine.abort(handle)
 
     async def _next_output(
         self, queue: asyncio.Queue[RequestOutput], deadline: float | None

@@ -29,16 +29,16 @@ server cannot serve is labelled `<unknown>`, so garbage names cannot grow the la
         waiting_lora_adapters,max_lora}                it, for LoRA-aware routers (Gateway API
                                                        inference extension)
 
-It knows the engine only through `Engine.stats()`, `Engine.lora_state()`, the KV cache and the
-adapter manager's `stats()` / `list()`; it knows nothing about gRPC or HTTP.
+`Metrics` is an `EngineEvents` (the engine reports finished and refused requests and adapter loads
+to it) and reads an engine's `EngineSnapshot` at scrape time (`watch`); both are wired where the
+server is assembled. It never imports the engine, and a scrape reads memory only. It knows
+nothing about gRPC or HTTP.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter as Tally
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -52,11 +52,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from server.engine.engine import Engine
+from server.engine.events import UNKNOWN_ADAPTER, EngineSnapshot, FinishedRequest
+
+__all__ = ["CONTENT_TYPE", "UNKNOWN_ADAPTER", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-UNKNOWN_ADAPTER = "<unknown>"  # not an identifier, so no adapter can have this name
 
 # Buckets as vLLM's, so dashboards built for it read ours.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -118,41 +118,33 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
-        self._engine_registered = False
+        self._watching = False
 
-    def register_engine(self, engine: Engine) -> None:
-        """Read `engine`'s state at every scrape (one engine per Metrics)."""
-        if self._engine_registered:
-            raise ValueError("this Metrics already serves an engine; give every engine its own Metrics()")
-        self.registry.register(_EngineCollector(engine))
-        self._engine_registered = True
+    def watch(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        """Read an engine's state (`Engine.snapshot`) at every scrape (one engine per Metrics)."""
+        if self._watching:
+            raise ValueError("this Metrics already watches an engine; give every engine its own Metrics()")
+        self.registry.register(_EngineCollector(snapshot))
+        self._watching = True
 
-    # -- recorded by the engine -----------------------------------------------------------------
+    # -- EngineEvents: reported by the engine ---------------------------------------------------
 
-    def observe_finished(
-        self,
-        adapter: str,
-        outcome: str,
-        prompt_tokens: int,
-        generated_tokens: int,
-        times: tuple[float, float, float],
-    ) -> None:
-        """A request finished; times = (submitted, first token or 0.0, finished), monotonic seconds."""
-        submitted, first_token, finished = times
-        self.requests.labels(adapter, outcome).inc()
-        self.prompt_tokens.labels(adapter).inc(prompt_tokens)
-        self.generation_tokens.labels(adapter).inc(generated_tokens)
-        self.e2e_latency.labels(adapter).observe(finished - submitted)
-        if first_token:
-            self.time_to_first_token.labels(adapter).observe(first_token - submitted)
-            if generated_tokens > 1:
-                tpot = (finished - first_token) / (generated_tokens - 1)
+    def request_finished(self, request: FinishedRequest) -> None:
+        adapter, generated = request.adapter, request.generated_tokens
+        self.requests.labels(adapter, request.outcome).inc()
+        self.prompt_tokens.labels(adapter).inc(request.prompt_tokens)
+        self.generation_tokens.labels(adapter).inc(generated)
+        self.e2e_latency.labels(adapter).observe(request.finished_at - request.submitted_at)
+        if request.first_token_at:
+            self.time_to_first_token.labels(adapter).observe(request.first_token_at - request.submitted_at)
+            if generated > 1:
+                tpot = (request.finished_at - request.first_token_at) / (generated - 1)
                 self.time_per_output_token.labels(adapter).observe(tpot)
 
-    def observe_refused(self, adapter: str, outcome: str) -> None:
+    def request_refused(self, adapter: str, outcome: str) -> None:
         self.requests.labels(adapter, outcome).inc()
 
-    def observe_adapter_load(self, tier: str, seconds: float) -> None:
+    def adapter_loaded(self, tier: str, seconds: float) -> None:
         self.adapter_load_seconds.labels(tier).observe(seconds)
 
     def exposition(self) -> bytes:
@@ -161,33 +153,30 @@ class Metrics:
 
 
 class _EngineCollector(Collector):
-    """Gauges and tier counters read from the engine at scrape time (cheaper than per step)."""
+    """Gauges and tier counters read from an engine snapshot at scrape time (cheaper than per step)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine
-        stats = engine.stats()
+        state = self.snapshot()
         yield GaugeMetricFamily(
-            "loramux_queue_depth", "Requests submitted and not yet running.", value=stats.num_waiting
+            "loramux_queue_depth", "Requests submitted and not yet running.", value=state.num_waiting
         )
         yield GaugeMetricFamily(
             "loramux_running_requests",
             "Requests in the running batch (holding a KV slot).",
-            value=stats.num_running,
+            value=state.num_running,
         )
-        num_slots = engine.kv.num_slots
         yield GaugeMetricFamily(
             "loramux_kv_cache_usage_ratio",
             "KV cache slots in use / KV cache slots (1 = no request can be admitted).",
-            value=stats.kv_slots_used / num_slots if num_slots else 0.0,
+            value=state.num_running / state.kv_slots if state.kv_slots else 0.0,
         )
         yield GaugeMetricFamily(
             "loramux_kv_cache_bytes", "Bytes the KV cache holds now (it grows with the longest sequence).",
-            value=engine.kv.nbytes(),
+            value=state.kv_bytes,
         )  # fmt: skip
-        manager = engine.adapters
         tiers = GaugeMetricFamily(
             "loramux_adapters",
             "Adapters the server can serve, by the highest tier they are in.",
@@ -201,27 +190,25 @@ class _EngineCollector(Collector):
         evictions = CounterMetricFamily(
             "loramux_adapter_evictions", "Adapters evicted from a tier to make room (LRU).", labels=["tier"]
         )
-        num_device_slots = 0
-        if manager is not None:
-            count = Tally(status.tier for status in manager.list())
+        adapters = state.adapters
+        if adapters is not None:
             for tier in ("device", "host", "disk"):
-                tiers.add_metric([tier], count[tier])
-            host, device = manager.stats()
-            num_device_slots = device.num_slots
-            loads.add_metric(["host"], manager.host_loads())
-            loads.add_metric(["device"], device.loads)
-            evictions.add_metric(["host"], host.evictions)
-            evictions.add_metric(["device"], device.evictions)
+                tiers.add_metric([tier], adapters.tiers.get(tier, 0))
+            loads.add_metric(["host"], adapters.host_loads)
+            loads.add_metric(["device"], adapters.device_loads)
+            evictions.add_metric(["host"], adapters.host_evictions)
+            evictions.add_metric(["device"], adapters.device_evictions)
         yield tiers
         yield loads
         yield evictions
-        yield GaugeMetricFamily("loramux_adapter_slots", "Device adapter slots.", value=num_device_slots)
-        if manager is not None:  # vLLM exposes it only with LoRA enabled; same labels, same value
-            running, waiting = engine.lora_state()
+        num_slots = adapters.num_slots if adapters is not None else 0
+        yield GaugeMetricFamily("loramux_adapter_slots", "Device adapter slots.", value=num_slots)
+        if adapters is not None:  # vLLM exposes it only with LoRA enabled; same labels, same value
             info = GaugeMetricFamily(
                 "vllm:lora_requests_info",
                 "Running stats on lora requests.",
                 labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
             )
-            info.add_metric([str(num_device_slots), ",".join(waiting), ",".join(running)], time.time())
+            running, waiting = ",".join(state.running_adapters), ",".join(state.waiting_adapters)
+            info.add_metric([str(num_slots), waiting, running], time.time())
             yield info

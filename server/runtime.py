@@ -14,6 +14,7 @@ from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
+from server.engine.events import EngineEvents
 from server.model.llama import LlamaModel
 from server.model.loader import load_model
 
@@ -41,17 +42,21 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_engine(config: ServerConfig) -> Engine:
-    """Load the model and allocate the engine on a short-lived thread (see below)."""
+def build_engine(config: ServerConfig, events: EngineEvents | None = None) -> Engine:
+    """Load the model and allocate the engine on a short-lived thread (see below).
+
+    `events` observes the engine (the server's metrics); the caller also has it watch
+    `engine.snapshot` where it needs gauges.
+    """
     # Why a thread: libgomp keeps an OpenMP worker pool per thread that ran parallel torch code,
     # and once it manages more threads than there are CPUs it stops spin-waiting between parallel
     # regions. A pool left on the main thread by loading made every engine step ~1.7x slower on
     # 2 cores; the pool of this thread is freed when it exits, before the engine thread starts.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-load") as loader:
-        return loader.submit(_build, config).result()
+        return loader.submit(_build, config, events).result()
 
 
-def _build(config: ServerConfig) -> Engine:
+def _build(config: ServerConfig, events: EngineEvents | None) -> Engine:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     loaded = load_model(
@@ -70,7 +75,7 @@ def _build(config: ServerConfig) -> Engine:
         dtype,
         loaded.model.ops.name,
     )
-    return Engine(loaded, config.engine, build_adapters(loaded.model, config.adapters))
+    return Engine(loaded, config.engine, build_adapters(loaded.model, config.adapters), events)
 
 
 def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager | None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from server.config import ServerConfig
     from server.engine.engine import Engine
+    from server.metrics import Metrics
 
 logger = logging.getLogger("loramux")
 
@@ -43,17 +44,20 @@ def configure_logging(level: str) -> None:
 def run_server(config: ServerConfig) -> int:
     """Run engine, gRPC and (if configured) HTTP until SIGINT/SIGTERM or the engine dies."""
     from kernels.cpu_extension import CpuExtensionError
+    from server.metrics import Metrics
     from server.runtime import build_engine
 
+    metrics = Metrics()
     try:
-        engine = build_engine(config)
+        engine = build_engine(config, metrics)
     # no such model, no CUDA, bad dtype, missing adapter root, --model-kernels fused that cannot build, ...
     except (OSError, ValueError, CpuExtensionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    metrics.watch(engine.snapshot)
     engine.start()
     try:
-        return asyncio.run(_serve_until_signal(engine, config))
+        return asyncio.run(_serve_until_signal(engine, config, metrics))
     except OSError as exc:  # the port is taken or the host is wrong
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -61,7 +65,7 @@ def run_server(config: ServerConfig) -> int:
         engine.shutdown()
 
 
-async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
+async def _serve_until_signal(engine: Engine, config: ServerConfig, metrics: Metrics) -> int:
     from server.auth import AuthConfig
     from server.grpc_server import serve_grpc
 
@@ -78,7 +82,7 @@ async def _serve_until_signal(engine: Engine, config: ServerConfig) -> int:
         app = create_app(
             _local_target(config.host, server.port),
             enable_admin=config.enable_admin,
-            metrics_registry=engine.metrics.registry,
+            metrics_registry=metrics.registry,
             api_key=config.api_key,
             admin_token=config.admin_token,
         )

@@ -20,7 +20,10 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU only interpreted;
 
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
+from server.engine.request import PreparedRequest, SamplingParams  # noqa: E402
 from server.model.loader import load_model, resolve_model_dir  # noqa: E402
+from server.preparation import RequestInput, RequestPreparer  # noqa: E402
+from server.prompts import PromptInput  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +95,15 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) ->
         return directory
 
     return make
+
+
+def prepare(
+    engine: Engine, request_id: str, prompt: Any, params: SamplingParams | None = None, adapter: str = ""
+) -> PreparedRequest:
+    """A request through the servers' one preparation: token ids (a list) or text (a str)."""
+    given = PromptInput(text=prompt) if isinstance(prompt, str) else PromptInput(token_ids=tuple(prompt))
+    request = RequestInput(given, params or SamplingParams(), request_id, adapter)
+    return RequestPreparer.for_engine(engine).prepare(request)
 
 
 def start_engine(model_dir: Path, config: EngineConfig | None = None) -> Engine:

@@ -116,7 +116,7 @@ def test_mixed_batch_logits_equal_peft_adapter_names(engine: Engine, peft_model,
     manager = engine.adapters
     assert manager is not None
     loaded = {name: manager.prefetch(name).result() for name in set(adapters) if name}
-    slot_of = {name: manager.acquire(adapter) for name, adapter in loaded.items()}
+    slot_of = {name: manager.slots.acquire(ready) for name, ready in loaded.items()}
     slot_of[""] = -1
     try:
         model, arch = engine.model, engine.model.arch
@@ -145,7 +145,7 @@ def test_mixed_batch_logits_equal_peft_adapter_names(engine: Engine, peft_model,
             torch.testing.assert_close(ours_decode[row], alone, atol=1e-4, rtol=0)
     finally:
         for name in loaded:
-            manager.release(slot_of[name])
+            manager.slots.release(slot_of[name])
 
 
 def _adapter_batch(slot_ids: list[int]) -> Any:
@@ -278,13 +278,13 @@ def test_thousands_of_adapter_requests_leak_no_slot(setup) -> None:
                     assert "queue is full" in str(exc)
                     time.sleep(0.01)
             if i % 9 == 0:
-                engine.abort(f"n{i}")
+                engine.abort(sinks[-1].handle)
         for sink in sinks:
             sink.wait()
         wait_idle(engine)
         assert engine.adapters is not None
         assert engine.adapters.slots.stats().pinned == 0
-        assert engine.scheduler.slots_used() == 0
+        assert engine.scheduler.num_running == 0
     finally:
         engine.shutdown()
 

@@ -16,12 +16,12 @@ from server.engine.engine import Engine
 from server.engine.request import (
     EngineOverloaded,
     FinishReason,
-    GenerationRequest,
     InvalidRequest,
+    RequestHandle,
     RequestOutput,
     SamplingParams,
 )
-from tests.conftest import start_engine
+from tests.conftest import prepare, start_engine
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
@@ -30,6 +30,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 class Collected:
     outputs: list[RequestOutput] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    handle: RequestHandle | None = None
 
     def __call__(self, out: RequestOutput) -> None:
         self.outputs.append(out)
@@ -57,7 +58,7 @@ def submit(
     engine: Engine, rid: str, prompt: list[int], params: SamplingParams = GREEDY, adapter: str = ""
 ) -> Collected:
     sink = Collected()
-    engine.submit(GenerationRequest(rid, tuple(prompt), params, adapter=adapter), sink)
+    sink.handle = engine.submit(prepare(engine, rid, prompt, params, adapter), sink)
     return sink
 
 
@@ -218,11 +219,12 @@ def test_abort_frees_the_slot_and_reports_cancelled(engine: Engine) -> None:
     )
     while not sink.outputs:
         time.sleep(0.005)
-    engine.abort("abort-me")
+    assert sink.handle is not None
+    engine.abort(sink.handle)
     assert sink.wait().reason == FinishReason.CANCELLED
     assert len(sink.tokens) < 200
     wait_idle(engine)
-    engine.abort("abort-me")  # unknown by now: ignored
+    engine.abort(sink.handle)  # finished by now: ignored
 
 
 def test_invalid_requests_are_refused_at_submit(engine: Engine) -> None:
@@ -232,15 +234,19 @@ def test_invalid_requests_are_refused_at_submit(engine: Engine) -> None:
         (list(range(10)), SamplingParams(temperature=float("nan")), "temperature"),
         (list(range(10)), SamplingParams(top_p=0.0), "top_p"),
         (list(range(10)), SamplingParams(top_k=-3), "top_k"),
-        ([], SamplingParams(), "empty"),
+        ([], SamplingParams(), "no input"),
         ([10**9], SamplingParams(), "vocabulary"),
-        (list(range(250)), SamplingParams(max_tokens=10), "exceeds the model's context of 256"),
+        (
+            list(range(250)),
+            SamplingParams(max_tokens=10),
+            "exceeds the model's context length max_model_len=256",
+        ),
     ]
     for prompt, params, message in cases:
         with pytest.raises(InvalidRequest, match=message):
-            engine.submit(GenerationRequest("bad", tuple(prompt), params), Collected())
+            prepare(engine, "bad", prompt, params)
     with pytest.raises(AdapterNotFound, match="nope"):
-        engine.submit(GenerationRequest("bad", (1, 2), SamplingParams(), adapter="nope"), Collected())
+        prepare(engine, "bad", [1, 2], SamplingParams(), adapter="nope")
     wait_idle(engine)
 
 
@@ -296,8 +302,9 @@ def test_thousands_of_short_requests_leak_no_slot(engine: Engine) -> None:
             except EngineOverloaded:
                 time.sleep(0.01)
         if i % 7 == 0:
-            engine.abort(f"many{i}")
+            assert sinks[-1].handle is not None
+            engine.abort(sinks[-1].handle)
     for sink in sinks:
         sink.wait()
     wait_idle(engine)
-    assert engine.scheduler.slots_used() == 0 and not engine._live
+    assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0

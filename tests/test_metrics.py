@@ -22,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters_store import AdapterNotFound
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, InvalidRequest, RequestOutput, SamplingParams
+from server.engine.request import InvalidRequest, RequestOutput, SamplingParams
 from server.http.app import create_app
 from server.http.server import HttpServer
 from server.metrics import UNKNOWN_ADAPTER, Metrics
 from server.runtime import build_engine
+from tests.conftest import prepare
 from tests.test_adapters_engine import _save_adapter
 from tests.test_engine import Collected
 from tests.test_grpc_service import ServerThread, _wait_until
@@ -37,6 +38,7 @@ FIVE = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+METRICS: dict[Engine, Metrics] = {}  # the metrics each test engine reports to
 
 
 class SlowSink(Collected):
@@ -59,7 +61,10 @@ def engine(make_tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> It
         engine=EngineConfig(max_running=1, max_queue=8, max_model_len=256, max_batched_tokens=64),
         adapters=AdapterConfig(roots=(str(root),), max_slots=2, max_rank=8),
     )
-    engine_ = build_engine(config)
+    metrics = Metrics()
+    engine_ = build_engine(config, metrics)
+    metrics.watch(engine_.snapshot)
+    METRICS[engine_] = metrics
     engine_.start()
     yield engine_
     engine_.shutdown()
@@ -74,7 +79,7 @@ def scrape_text(text: str) -> Samples:
 
 
 def scrape(engine: Engine) -> Samples:
-    return scrape_text(engine.metrics.exposition().decode())
+    return scrape_text(METRICS[engine].exposition().decode())
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -86,10 +91,22 @@ def lora_info(samples: Samples) -> dict[str, str]:
     return labels
 
 
+def start(engine: Engine, rid: str, adapter: str, params: SamplingParams, sink: Collected) -> Collected:
+    sink.handle = engine.submit(prepare(engine, rid, list(PROMPT), params, adapter), sink)
+    return sink
+
+
 def run(engine: Engine, rid: str, adapter: str = "", params: SamplingParams = FIVE) -> Collected:
-    sink = Collected()
-    engine.submit(GenerationRequest(rid, PROMPT, params, adapter=adapter), sink)
-    return sink.wait()
+    return start(engine, rid, adapter, params, Collected()).wait()
+
+
+def refuse(engine: Engine, prompt: tuple[int, ...], adapter: str = "") -> None:
+    """Prepare a request as the gRPC service does: a refusal is counted, then raised."""
+    try:
+        prepare(engine, "refused", list(prompt), FIVE, adapter)
+    except Exception as exc:
+        engine.record_refused(adapter, exc)
+        raise
 
 
 def test_requests_tokens_and_latencies_move(engine: Engine) -> None:
@@ -99,9 +116,9 @@ def test_requests_tokens_and_latencies_move(engine: Engine) -> None:
     run(engine, "base-2")
     run(engine, "a1-1", adapter="a1")
     with pytest.raises(InvalidRequest):
-        engine.submit(GenerationRequest("empty", (), FIVE), Collected())
+        refuse(engine, ())
     with pytest.raises(AdapterNotFound):
-        engine.submit(GenerationRequest("nope", PROMPT, FIVE, adapter="no_such_adapter"), Collected())
+        refuse(engine, PROMPT, adapter="no_such_adapter")
     after = scrape(engine)
 
     def delta(name: str, **labels: str) -> float:
@@ -137,9 +154,9 @@ def test_gauges_and_the_vllm_lora_gauge_follow_running_and_waiting_requests(engi
     assert lora_info(before)["running_lora_adapters"] == ""
 
     running, waiting = SlowSink(), SlowSink()
-    engine.submit(GenerationRequest("long-a2", PROMPT, LONG, adapter="a2"), running)
+    start(engine, "long-a2", "a2", LONG, running)
     assert _wait_until(lambda: len(running.outputs) > 0)
-    engine.submit(GenerationRequest("queued-a3", PROMPT, LONG, adapter="a3"), waiting)  # max_running=1
+    start(engine, "queued-a3", "a3", LONG, waiting)  # max_running=1
     assert _wait_until(lambda: lora_info(scrape(engine))["waiting_lora_adapters"] == "a3")
     during = scrape(engine)
     assert value(during, "loramux_running_requests") == 1
@@ -150,8 +167,9 @@ def test_gauges_and_the_vllm_lora_gauge_follow_running_and_waiting_requests(engi
     assert info == {"running_lora_adapters": "a2", "waiting_lora_adapters": "a3", "max_lora": "2"}
     assert abs(value(during, "vllm:lora_requests_info", **info) - time.time()) < 60
 
-    engine.abort("long-a2")
-    engine.abort("queued-a3")
+    for sink in (running, waiting):
+        assert sink.handle is not None
+        engine.abort(sink.handle)
     running.wait(), waiting.wait()
     assert _wait_until(lambda: lora_info(scrape(engine))["running_lora_adapters"] == "")
     after = scrape(engine)
@@ -196,7 +214,7 @@ def test_adapter_tiers_loads_and_evictions(engine: Engine) -> None:
 
 def test_every_engine_has_its_own_registry() -> None:
     metrics = Metrics()
-    metrics.observe_refused("x", "invalid")
+    metrics.request_refused("x", "invalid")
     assert value(
         scrape_text(metrics.exposition().decode()), "loramux_requests_total", adapter="x", outcome="invalid"
     )
@@ -215,7 +233,7 @@ def test_metrics_endpoint_of_the_http_shim(engine: Engine) -> None:
     """As `loramux serve` runs them: gRPC and the shim in one process, the shim serving the engine's registry."""
     grpc_server = ServerThread(engine)
     http = HttpServer(
-        create_app(grpc_server.target, metrics_registry=engine.metrics.registry), "127.0.0.1", 0
+        create_app(grpc_server.target, metrics_registry=METRICS[engine].registry), "127.0.0.1", 0
     )
     url = f"http://127.0.0.1:{grpc_server._call(http.start())}"
     base = engine.info.model_name

@@ -1,9 +1,16 @@
-"""The engine's view of adapters: names -> host tier (loaded off the engine thread) -> device slots.
+"""The engine's view of adapters: names -> host tier -> device-ready form -> device slots.
 
-A request for adapter X starts X's disk -> host load on a loader thread when it is submitted;
-the scheduler admits it once X is in the host tier and a device slot can be pinned for it, so a
-cold adapter never stalls the running batch beyond the copy into its slot. Load / unload / list
-are the RPCs' entry points and may be called from any thread.
+A request's adapters start loading when it is accepted: on a loader thread each is read into
+the host tier (or found there) and turned into its device-ready form by the device slots
+(`DeviceSlots.prepare`); the scheduler admits the request once every form is ready and a device
+slot can be pinned for each, so a cold adapter never stalls the running batch beyond the copy
+into its slot. Only loads in flight are remembered here: a finished load is held by the requests
+that wait for it and nothing else, so `--host-cache-mb` bounds what stays in memory and an
+evicted adapter is read from disk again (edits on disk are seen).
+
+Load / unload / list are the RPCs' entry points and may be called from any thread; `snapshot`
+reads memory only (the roots' listing is cached and refreshed in the background), so a metrics
+scrape costs the same with 8 or 10,000 adapters on disk.
 """
 
 from __future__ import annotations
@@ -11,19 +18,26 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from adapters_store import AdapterNotFound, AdapterStore, LoadedAdapter, check_adapter_name
 from adapters_store.device_slots import DeviceSlots, DeviceSlotStats
 from adapters_store.host_cache import HostCacheStats
 from adapters_store.store import StoredAdapter
-from kernels import LoraTerm
+from kernels import AdapterBatch, LoraTerm
+from server.engine.events import AdapterSnapshot, EngineEvents, NoEvents
+from server.engine.sequence import Sequence as EngineSequence
 from server.model.llama import LlamaModel
 
 # The model's adapted linears, as fused projection groups in output order.
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# How old the cached listing of the adapter roots may get before a background rescan.
+ROOTS_RESCAN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,16 @@ class AdapterManager:
     def __init__(self, store: AdapterStore, slots: DeviceSlots, loader_threads: int = 2) -> None:
         self.store = store
         self.slots = slots
+        self.events: EngineEvents = NoEvents()  # the engine sets its own
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="loramux-adapter-load")
         self._lock = threading.Lock()
-        self._pending: dict[str, Future[LoadedAdapter]] = {}
+        self._in_flight: dict[str, Future[Any]] = {}  # name -> its load, only while it runs
         self._served: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()
         self._host_loads = 0  # every disk -> host load, explicit LoadAdapter included
-        # (tier, seconds) of every load into the host tier or a device slot; the engine's metrics set it
-        self.observe_load: Callable[[str, float], None] = lambda tier, seconds: None
+        self._root_names: frozenset[str] = frozenset(store.roots.list())
+        self._root_names_at = time.monotonic()
+        self._rescanning = False
 
     @classmethod
     def attach(cls, model: LlamaModel, store: AdapterStore, slots: DeviceSlots) -> AdapterManager:
@@ -65,52 +81,91 @@ class AdapterManager:
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
-    # -- engine side ----------------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.slots.num_slots
+
+    # -- request side ----------------------------------------------------------------------------
 
     def check_known(self, name: str) -> None:
-        """Raise AdapterNotFound (or AdapterError for a malformed name) unless `name` can be served."""
-        check_adapter_name(name)
+        """Raise AdapterNotFound unless `name` (well-formed, not reserved) can be served."""
+        check_adapter_name(name, lookup=True)
         if not self.store.knows(name):
             raise AdapterNotFound(
                 f"adapter {name!r} is not loaded and not in the adapter roots; load it first "
                 "(LoadAdapter / --adapter-root) or list them with ListAdapters"
             )
 
-    def prefetch(self, name: str) -> Future[LoadedAdapter]:
-        """Start (or join) the disk -> host load of `name` on a loader thread."""
+    def prefetch(self, name: str) -> Future[Any]:
+        """Start (or join) the load of `name`: disk -> host on a loader thread, then its device-ready
+        form. The future's result is what `acquire` takes; its error is the adapter's refusal."""
         with self._lock:
-            future = self._pending.get(name)
-            if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
-                future = self._loader.submit(self._load_to_host, name)
-                self._pending[name] = future
-            return future
+            future = self._in_flight.get(name)
+            started = future is None
+            if future is None:
+                future = self._loader.submit(self._load_ready, name)
+                self._in_flight[name] = future
+        if started:  # outside the lock: a load that is already done runs the callback right here
+            future.add_done_callback(lambda done: self._forget(name, done))
+        return future
 
-    def acquire(self, adapter: LoadedAdapter) -> int | None:
-        fills = self.slots.stats().loads  # only the engine thread fills slots: a change is our copy
-        slot = self.slots.acquire(adapter)
-        if slot is not None:
-            with self._lock:
-                self._served[adapter.name] += 1
-            device = self.slots.stats()
-            if device.loads != fills:
-                self.observe_load("device", device.last_load_seconds)
-        return slot
+    def _forget(self, name: str, future: Future[Any]) -> None:
+        with self._lock:
+            if self._in_flight.get(name) is future:
+                del self._in_flight[name]
 
-    def release(self, slot: int) -> None:
-        self.slots.release(slot)
+    def acquire(self, seq: EngineSequence) -> tuple[tuple[int, float], ...] | None:
+        """Pin a device slot for every adapter of `seq` (all or none): (slot, weight) pairs, or None
+        while some slot is not free. Raises what filling a slot raised (nothing stays pinned)."""
+        ready = [load.result() for load in seq.adapter_loads]
+        weights = [weight for _, weight in seq.request.adapters.adapters]
+        pinned: list[tuple[int, float]] = []
+        try:
+            for form, weight in zip(ready, weights, strict=True):
+                fills = self.slots.stats().loads  # only the engine thread fills slots: a change is ours
+                slot = self.slots.acquire(form)
+                if slot is None:
+                    self.release(pinned)
+                    return None
+                pinned.append((slot, weight))
+                device = self.slots.stats()
+                if device.loads != fills:
+                    self.events.adapter_loaded("device", device.last_load_seconds)
+        except BaseException:
+            self.release(pinned)
+            raise
+        with self._lock:
+            self._served.update(seq.request.adapters.names)
+        return tuple(pinned)
 
-    def _load_to_host(self, name: str) -> LoadedAdapter:
+    def release(self, slots: Sequence[tuple[int, float]]) -> None:
+        for slot, _ in slots:
+            self.slots.release(slot)
+
+    def step_metadata(
+        self, token_pairs: list[tuple[tuple[int, float], ...]], device: torch.device
+    ) -> AdapterBatch:
+        """The step's adapter metadata: the device slot of every row (-1 = base model)."""
+        slot_ids = [pairs[0][0] if pairs else -1 for pairs in token_pairs]
+        return AdapterBatch.build(slot_ids, device)
+
+    def _load_ready(self, name: str) -> Any:
+        """Loader thread: the adapter in the host tier (read from disk if needed), device-ready."""
         in_host = self.store.host.peek(name) is not None
         started = time.perf_counter()
         adapter = self.store.get(name)
+        ready = self.slots.prepare(adapter)
         if not in_host:
-            self.observe_load("host", time.perf_counter() - started)
-            with self._lock:
-                self._loads[name] += 1
-                self._host_loads += 1
-        return adapter
+            self.events.adapter_loaded("host", time.perf_counter() - started)
+            self._count_host_load(name)
+        return ready
 
-    # -- RPC side -------------------------------------------------------------------------------
+    def _count_host_load(self, name: str) -> None:
+        with self._lock:
+            self._loads[name] += 1
+            self._host_loads += 1
+
+    # -- RPC side --------------------------------------------------------------------------------
 
     def load(self, name: str, path: str, format: str | None = None, replace: bool = False) -> LoadedAdapter:
         """Validate and register the adapter at `path` as `name` (a bad one changes nothing)."""
@@ -118,12 +173,10 @@ class AdapterManager:
         started = time.perf_counter()
         adapter = self.store.load(name, path, format, replace=replace)
         if adapter is not previous:
-            self.observe_load("host", time.perf_counter() - started)
+            self.events.adapter_loaded("host", time.perf_counter() - started)
+            self._count_host_load(name)
         with self._lock:
-            self._pending.pop(name, None)
-            if adapter is not previous:
-                self._loads[name] += 1
-                self._host_loads += 1
+            self._in_flight.pop(name, None)  # requests from now on get this version
         if previous is not None and adapter is not previous:
             self.slots.invalidate(name)  # new weights: requests from now on get a fresh slot
         return adapter
@@ -132,17 +185,18 @@ class AdapterManager:
         """Free the host copy and the device slot (at once, or when its last running request ends)."""
         self.store.unload(name)
         with self._lock:
-            self._pending.pop(name, None)
+            self._in_flight.pop(name, None)
         self.slots.invalidate(name)
 
     def list(self) -> list[AdapterStatus]:
-        on_device: dict[str, bool] = {}
-        for info in self.slots.slots():
-            if not info.stale:
-                on_device[info.name] = on_device.get(info.name, False) or info.pins > 0
+        """Every adapter the server can serve; scans the roots (call it off the event loop)."""
+        in_roots = self.store.roots.list()
+        self._set_root_names(frozenset(in_roots))
+        listed = self.store.list(in_roots)
+        on_device = self._on_device()
         with self._lock:
             served, loads = Counter(self._served), Counter(self._loads)
-        return [self._status(stored, on_device, served, loads) for stored in self.store.list()]
+        return [self._status(stored, on_device, served, loads) for stored in listed]
 
     def stats(self) -> tuple[HostCacheStats, DeviceSlotStats]:
         return self.store.stats(), self.slots.stats()
@@ -151,6 +205,55 @@ class AdapterManager:
         """Disk -> host loads so far, by requests and by LoadAdapter."""
         with self._lock:
             return self._host_loads
+
+    def snapshot(self) -> AdapterSnapshot:
+        """Tier counts, loads and evictions from memory only (the roots' listing as last scanned)."""
+        self._rescan_if_stale()
+        device = set(self._on_device())
+        host = set(self.store.host.names()) - device
+        with self._lock:
+            in_roots = self._root_names
+        known = in_roots | self.store.registered_names()
+        host_stats, slot_stats = self.stats()
+        return AdapterSnapshot(
+            tiers={"device": len(device), "host": len(host), "disk": len(known - device - host)},
+            host_loads=self.host_loads(),
+            device_loads=slot_stats.loads,
+            host_evictions=host_stats.evictions,
+            device_evictions=slot_stats.evictions,
+            num_slots=slot_stats.num_slots,
+        )
+
+    def _on_device(self) -> dict[str, bool]:
+        """Adapters in a (current) device slot -> whether a running request pins it."""
+        on_device: dict[str, bool] = {}
+        for info in self.slots.slots():
+            if not info.stale:
+                on_device[info.name] = on_device.get(info.name, False) or info.pins > 0
+        return on_device
+
+    def _rescan_if_stale(self) -> None:
+        with self._lock:
+            if self._rescanning or time.monotonic() - self._root_names_at < ROOTS_RESCAN_S:
+                return
+            self._rescanning = True
+        try:
+            self._loader.submit(self._rescan)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._rescanning = False
+
+    def _rescan(self) -> None:
+        try:
+            self._set_root_names(frozenset(self.store.roots.list()))
+        finally:
+            with self._lock:
+                self._rescanning = False
+
+    def _set_root_names(self, names: frozenset[str]) -> None:
+        with self._lock:
+            self._root_names = names
+            self._root_names_at = time.monotonic()
 
     @staticmethod
     def _status(

@@ -1,39 +1,45 @@
-"""The engine thread: one loop of `schedule -> forward -> sample -> postprocess` over all requests.
+"""The engine thread: `schedule -> run -> postprocess`, step after step, over every request.
 
-Callers on other threads (the async servers) talk to it only through `submit` and `abort`,
-which put commands on a thread-safe inbox; results go back through each request's sink,
-called on the engine thread. The engine knows nothing about gRPC or HTTP.
+Callers on other threads (the async servers) talk to it only through `submit`, which queues a
+prepared request and returns its handle, and `abort(handle)`, which puts a command on a
+thread-safe inbox. Outputs go back through each request's sink, called on the engine thread;
+finished and refused requests and adapter loads are reported to the `EngineEvents` it is given,
+and `snapshot()` shows its state to whoever watches. While nothing can run (idle, or only
+waiting for adapter loads) the thread sleeps on the inbox: submits and finished loads wake it.
+
+The engine knows nothing about gRPC, HTTP or metrics, and checks nothing a preparation checked.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
 import torch
 
-from adapters_store import AdapterError, AdapterNotFound, LoadedAdapter
-from kernels import AdapterBatch
+from adapters_store import AdapterError
 from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
+from server.engine.events import UNKNOWN_ADAPTER, EngineEvents, EngineSnapshot, FinishedRequest, NoEvents
 from server.engine.request import (
     EngineOverloaded,
     EngineUnavailable,
     FinishReason,
-    GenerationRequest,
     InvalidRequest,
+    PreparedRequest,
+    RequestHandle,
     RequestOutput,
 )
-from server.engine.sampling import sample
-from server.engine.scheduler import Scheduler, Sequence, StepPlan
-from server.metrics import UNKNOWN_ADAPTER, Metrics
-from server.model.batch import DecodeSeq, StepBatch
+from server.engine.runner import ModelRunner
+from server.engine.sampling import Sampler
+from server.engine.scheduler import Delivery, Scheduler
+from server.engine.sequence import Sequence, Status
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
 
@@ -62,13 +68,12 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
-class _Submit:
+class _Abort:
     seq: Sequence
 
 
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
+class _Wake:
+    """Something may be able to run now (a submit, a finished adapter load)."""
 
 
 class _Stop:
@@ -81,11 +86,14 @@ class Engine:
         loaded: LoadedModel,
         config: EngineConfig,
         adapters: AdapterManager | None = None,
-        metrics: Metrics | None = None,
+        events: EngineEvents | None = None,
     ) -> None:
         self.model = loaded.model
         self.adapters = adapters
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer = loaded.tokenizer  # for the servers' request preparation
+        # The engine thread detokenizes with its own copy: a fast tokenizer used from two threads
+        # at once can raise "Already borrowed".
+        self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self.eos_token_ids = loaded.eos_token_ids
         arch = self.model.arch
         max_len = min(config.max_model_len, arch.max_position_embeddings)
@@ -112,20 +120,17 @@ class Engine:
             self.model.dtype,
             self.device,
         )
-        self.scheduler = Scheduler(config, self.kv)
-        self._inbox: queue.Queue[_Submit | _Abort | _Stop] = queue.Queue()
-        self._lock = threading.Lock()  # guards _live and _num_queued
-        self._live: dict[str, Sequence] = {}
-        self._num_queued = 0  # submitted, not yet in a KV slot
+        self.events: EngineEvents = events if events is not None else NoEvents()
+        if adapters is not None:
+            adapters.events = self.events
+        self.scheduler = Scheduler(config, self.kv, max_len, frozenset(self.eos_token_ids), adapters)
+        sampler = Sampler(torch.Generator().manual_seed(int(time.time_ns() % 2**63)))
+        self.runner = ModelRunner(self.model, self.kv, sampler, adapters)
+        self._inbox: queue.Queue[_Abort | _Wake | _Stop] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: BaseException | None = None
-        self._rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
-        self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting) adapters
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.metrics.register_engine(self)
-        if adapters is not None:
-            adapters.observe_load = self.metrics.observe_adapter_load
+        self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting)
 
     # ---- caller side (any thread) -------------------------------------------------------------
 
@@ -146,299 +151,155 @@ class Engine:
         if self.adapters is not None:
             self.adapters.shutdown()
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        """Queue a request; raises InvalidRequest, AdapterError (unknown or malformed adapter),
-        EngineOverloaded or EngineUnavailable at once."""
+    def submit(self, request: PreparedRequest, sink: Sink) -> RequestHandle:
+        """Queue a prepared request; raises EngineOverloaded or EngineUnavailable at once.
+
+        The handle it returns is what `abort` takes.
+        """
         try:
-            self._enqueue(request, sink)
+            if not self.alive:
+                reason = f": {self._failure!r}" if self._failure else ""
+                raise EngineUnavailable(f"the engine is not running{reason}")
+            seq = self._sequence(request, sink)
+            self.scheduler.add(seq, on_accept=lambda: self._start_loads(seq))
         except Exception as exc:
-            self.record_refused(request.adapter, exc)
+            self.record_refused(request.adapters.label, exc)
             raise
+        self._inbox.put(_Wake())
+        return seq
 
-    def _enqueue(self, request: GenerationRequest, sink: Sink) -> None:
-        self._validate(request)
-        if not self.alive:
-            reason = f": {self._failure!r}" if self._failure else ""
-            raise EngineUnavailable(f"the engine is not running{reason}")
-        seq = Sequence(
-            request=request,
-            sink=sink,
-            generator=self._generator_for(request),
-            detokenizer=Detokenizer(self.tokenizer, list(request.prompt_token_ids), request.sampling.stop),
-            submitted_at=time.monotonic(),
-        )
-        with self._lock:
-            if request.request_id in self._live:
-                raise InvalidRequest(f"request id {request.request_id!r} is already running")
-            if self._num_queued >= self.config.max_queue:
-                raise EngineOverloaded(
-                    f"the queue is full ({self.config.max_queue} requests waiting); retry later"
-                )
-            self._live[request.request_id] = seq
-            self._num_queued += 1
-        if request.adapter:  # start the disk -> host load now, beside whatever is running
-            assert self.adapters is not None  # _validate checked it
-            seq.adapter_future = self.adapters.prefetch(request.adapter)
-        self._inbox.put(_Submit(seq))
-
-    def abort(self, request_id: str) -> None:
-        """Cancel a request; its sink gets a final CANCELLED output. Unknown ids are ignored."""
-        self._inbox.put(_Abort(request_id))
-
-    def check_adapter(self, name: str) -> None:
-        """Raise AdapterNotFound (AdapterError if malformed) unless adapter `name` can be served."""
-        if self.adapters is None:
-            raise AdapterNotFound(
-                f"adapter {name!r} is not loaded: this server serves no adapters (started with --max-slots 0)"
-            )
-        self.adapters.check_known(name)
-
-    def lora_state(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(running, waiting) adapter names, sorted, as of the engine loop's last turn."""
-        return self._lora_state
+    def abort(self, handle: RequestHandle) -> None:
+        """Cancel the submission `handle`; its sink gets a final CANCELLED output unless it has
+        already finished (then nothing happens, whatever was submitted since with its id)."""
+        assert isinstance(handle, Sequence)
+        self._inbox.put(_Abort(handle))
 
     def adapter_label(self, adapter: str) -> str:
-        """The `adapter` label of a request's metrics: the adapter, or the base model's name."""
+        """The `adapter` label of a request's metrics: the adapter(s), or the base model's name."""
         return adapter or self.info.model_name
 
     def record_refused(self, adapter: str, exc: Exception) -> None:
-        """Count a request refused before it reached the engine loop (here or by a server's checks)."""
+        """Report a request refused before it ran (here, or by the servers' preparation)."""
         label = self.adapter_label(adapter)
-        if adapter:
+        if adapter and self.adapters is not None:
             try:
-                self.check_adapter(adapter)
+                for name in adapter.split("+"):
+                    self.adapters.check_known(name)
             except AdapterError:  # never a label per garbage name
                 label = UNKNOWN_ADAPTER
-        self.metrics.observe_refused(label, _refusal_outcome(exc))
+        elif adapter:
+            label = UNKNOWN_ADAPTER
+        self.events.request_refused(label, _refusal_outcome(exc))
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            queued = self._num_queued
-        used = self.scheduler.slots_used()
-        return EngineStats(num_running=used, num_waiting=queued, kv_slots_used=used)
+        running = self.scheduler.num_running
+        return EngineStats(num_running=running, num_waiting=self.scheduler.num_waiting, kv_slots_used=running)
 
-    def _validate(self, request: GenerationRequest) -> None:
-        prompt = request.prompt_token_ids
-        request.sampling.validate(self.info.vocab_size)
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
-        if request.adapter:
-            self.check_adapter(request.adapter)
-        bad = next((t for t in prompt if not 0 <= t < self.info.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"prompt token id {bad} is outside the vocabulary [0, {self.info.vocab_size})"
-            )
-        total = len(prompt) + request.sampling.max_tokens
-        if total > self.info.max_model_len:
-            raise InvalidRequest(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) = {total} "
-                f"exceeds the model's context of {self.info.max_model_len} tokens; shorten the prompt "
-                "or lower max_tokens"
-            )
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state from memory only (cheap; any thread)."""
+        running, waiting = self._lora_state
+        return EngineSnapshot(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            kv_slots=self.kv.num_slots,
+            kv_bytes=self.kv.nbytes(),
+            running_adapters=running,
+            waiting_adapters=waiting,
+            adapters=self.adapters.snapshot() if self.adapters is not None else None,
+        )
 
-    def _generator_for(self, request: GenerationRequest) -> torch.Generator:
-        if request.sampling.seed is not None:
-            return torch.Generator().manual_seed(request.sampling.seed)
-        return self._rng
+    def _sequence(self, request: PreparedRequest, sink: Sink) -> Sequence:
+        seed = request.sampling.seed
+        return Sequence(
+            request=request,
+            sink=sink,
+            detokenizer=Detokenizer(self._tokenizer, list(request.prompt_token_ids), request.sampling.stop),
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            submitted_at=time.monotonic(),
+        )
+
+    def _start_loads(self, seq: Sequence) -> None:
+        """Start the loads of an accepted request's adapters; each one wakes the engine when done."""
+        names = seq.request.adapters.names
+        if not names:
+            return
+        if self.adapters is None:
+            raise InvalidRequest("this server serves no adapters (started with --max-slots 0)")
+        loads = tuple(self.adapters.prefetch(name) for name in names)
+        for load in loads:
+            load.add_done_callback(lambda _: self._inbox.put(_Wake()))
+        seq.adapter_loads = loads
 
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._drain_inbox(block=not self.scheduler.has_work)
+                self._drain_inbox(block=not self.scheduler.can_step)
                 if self.scheduler.has_work and not self._stopping:
-                    try:
-                        self.step()
-                    except Exception as exc:  # fail what was running, keep serving the rest
-                        log.exception("engine step failed; failing the running requests")
-                        for seq in list(self.scheduler.running):
-                            self._finish(seq, FinishReason.ERROR, error=f"engine step failed: {exc!r}")
-                if self.adapters is not None:
-                    self._publish_lora_state()
+                    self.step()
+                self._publish_lora_state()
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine thread failed")
             self._failure = exc
             self._stopping = True
         finally:
-            self._finish_all(FinishReason.ERROR if self._failure else FinishReason.CANCELLED)
+            error = repr(self._failure) if self._failure else None
+            reason = FinishReason.ERROR if self._failure else FinishReason.CANCELLED
+            self._deliver(self.scheduler.close(reason, error))
 
-    def _publish_lora_state(self) -> None:
-        """Which adapters run and wait, for the scrape thread (one tuple swap per loop turn)."""
-        running = sorted({s.request.adapter for s in self.scheduler.running if s.request.adapter})
-        waiting = sorted({s.request.adapter for s in self.scheduler.waiting if s.request.adapter})
-        self._lora_state = (tuple(running), tuple(waiting))
+    def step(self) -> None:
+        """One engine step: admit and plan, run the model and sample, then stream and retire."""
+        plan = self.scheduler.schedule()
+        result = self.runner.run(plan)
+        self._deliver(self.scheduler.postprocess(plan, result))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            command = self._inbox.get() if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            if isinstance(command, _Submit):
-                self.scheduler.add(command.seq)
-            elif isinstance(command, _Abort):
-                seq = self._live.get(command.request_id)
-                if seq is not None:
-                    self._finish(seq, FinishReason.CANCELLED)
-            else:
+            if isinstance(command, _Abort):
+                self._deliver(self.scheduler.abort(command.seq))
+            elif isinstance(command, _Stop):
                 self._stopping = True
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def step(self) -> None:
-        """One engine step: 1) plan, 2) forward, 3) sample, 4) stream and retire."""
-        # 1) plan: admit into KV slots (and adapter slots), pick decode tokens and prefill chunks
-        self._fail_unloadable_adapters()
-        was_waiting = len(self.scheduler.waiting)
-        plan = self.scheduler.schedule(self._ready)
-        admitted = was_waiting - len(self.scheduler.waiting)
-        if admitted:
-            with self._lock:
-                self._num_queued -= admitted
-        if plan.empty:
-            if self.scheduler.waiting and not self.scheduler.running:
-                time.sleep(0.001)  # only waiting for adapter loads: do not spin
-            return
-        # 2) forward over the mixed batch
-        batch = self._build_batch(plan)
-        logits = self.model(batch, self.kv)
-        for seq, chunk in plan.prefills:
-            seq.num_cached += chunk
-        for seq in plan.decodes:
-            seq.num_cached += 1
-        # 3) sample for every sequence that now has next-token logits
-        sampled = plan.decodes + [s for s, _ in plan.prefills if s.prefilled]
-        tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
-        # 4) detokenize, stream, retire finished sequences
-        for seq, token in zip(sampled, tokens, strict=True):
-            self._append(seq, token)
+    def _publish_lora_state(self) -> None:
+        """Which adapters run and wait, for the scrape thread (one tuple swap per loop turn)."""
+        running = sorted({n for s in self.scheduler.running for n in s.request.adapters.names})
+        waiting = sorted({n for s in list(self.scheduler.waiting) for n in s.request.adapters.names})
+        self._lora_state = (tuple(running), tuple(waiting))
 
-    def _ready(self, seq: Sequence) -> bool:
-        """A waiting sequence may start once its adapter is in the host tier and pinned in a slot."""
-        future = seq.adapter_future
-        if future is None:
-            return True
-        if not future.done() or _load_error(future) is not None:
-            return False
-        assert self.adapters is not None
-        slot = self.adapters.acquire(future.result())
-        if slot is None:  # every device slot is pinned by running requests: wait for one
-            return False
-        seq.adapter_slot = slot
-        return True
-
-    def _fail_unloadable_adapters(self) -> None:
-        for seq in list(self.scheduler.waiting):
-            future = seq.adapter_future
-            error = _load_error(future) if future is not None and future.done() else None
-            if error is not None:
-                self._finish(seq, FinishReason.ERROR, error=f"adapter {seq.request.adapter!r}: {error}")
-
-    def _build_batch(self, plan: StepPlan) -> StepBatch:
-        decodes = [DecodeSeq(s.slot, s.next_position, s.output_ids[-1]) for s in plan.decodes]
-        prefills = [
-            (
-                s.slot,
-                s.num_cached,
-                list(s.request.prompt_token_ids[s.num_cached : s.num_cached + n]),
-                s.num_cached + n == s.prompt_len,
-            )
-            for s, n in plan.prefills
-        ]
-        # Rows are decode tokens, then each prefill chunk: the adapter slot of every row.
-        slot_ids = [s.adapter_slot for s in plan.decodes]
-        for s, n in plan.prefills:
-            slot_ids.extend([s.adapter_slot] * n)
-        adapter_batch = None
-        if any(slot >= 0 for slot in slot_ids):  # base-only steps skip the adapter term entirely
-            adapter_batch = AdapterBatch.build(slot_ids, self.device)
-        return StepBatch.build(decodes, prefills, self.device, adapter_batch)
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        params = seq.request.sampling
-        seq.output_ids.append(token)
-        if len(seq.output_ids) == 1:
-            seq.first_token_at = time.monotonic()
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if not is_eos:
-            seq.detokenizer.add(token)
-        reason = None
-        if is_eos or token in params.stop_token_ids or seq.detokenizer.stopped:
-            reason = FinishReason.STOP
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_cached + 1 >= self.info.max_model_len:
-            reason = FinishReason.LENGTH
-        if reason is None:
-            self._emit(seq, seq.detokenizer.take(final=False), (token,))
-        else:
-            self._finish(seq, reason, (token,))
-
-    def _emit(
-        self,
-        seq: Sequence,
-        text: str,
-        token_ids: tuple[int, ...],
-        reason: FinishReason | None = None,
-        error: str | None = None,
-    ) -> None:
-        output = RequestOutput(
-            request_id=seq.request.request_id,
-            text=text,
-            token_ids=token_ids,
-            finished=reason is not None,
-            finish_reason=reason,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.output_ids),
-            error=error,
-        )
-        try:
-            seq.sink(output)
-        except Exception:  # a broken consumer must not take the engine down
-            log.exception("sink of request %s failed; aborting it", seq.request.request_id)
-            if reason is None:
-                self.abort(seq.request.request_id)
-
-    def _finish(
-        self,
-        seq: Sequence,
-        reason: FinishReason,
-        token_ids: tuple[int, ...] = (),
-        error: str | None = None,
-    ) -> None:
-        with self._lock:
-            if self._live.pop(seq.request.request_id, None) is None:
-                return
-            if seq.slot < 0:
-                self._num_queued -= 1
-        if seq.slot >= 0 or seq in self.scheduler.waiting:
-            self.scheduler.release(seq)
-        if seq.adapter_slot >= 0:
-            assert self.adapters is not None
-            self.adapters.release(seq.adapter_slot)
-            seq.adapter_slot = -1
-        self.metrics.observe_finished(
-            self.adapter_label(seq.request.adapter),
-            reason.value,
-            min(seq.num_cached, seq.prompt_len),
-            len(seq.output_ids),
-            (seq.submitted_at, seq.first_token_at, time.monotonic()),
-        )
-        self._emit(seq, seq.detokenizer.take(final=True), token_ids, reason, error)
-
-    def _finish_all(self, reason: FinishReason) -> None:
-        while True:
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            seq, output = delivery.seq, delivery.output
+            if output.finished:
+                self._report_finished(seq, output)
             try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(command, _Submit):
-                self.scheduler.add(command.seq)
-        error = repr(self._failure) if self._failure else None
-        for seq in list(self._live.values()):
-            self._finish(seq, reason, error=error)
+                seq.sink(output)
+            except Exception:  # a broken consumer must not take the engine down
+                log.exception("sink of request %s failed; aborting it", seq.request.request_id)
+                if seq.status is not Status.FINISHED:
+                    self.abort(seq)
+
+    def _report_finished(self, seq: Sequence, output: RequestOutput) -> None:
+        assert output.finish_reason is not None
+        self.events.request_finished(
+            FinishedRequest(
+                adapter=self.adapter_label(seq.request.adapters.label),
+                outcome=output.finish_reason.value,
+                prompt_tokens=min(seq.num_cached, seq.prompt_len),
+                generated_tokens=len(seq.output_ids),
+                submitted_at=seq.submitted_at,
+                first_token_at=seq.first_token_at,
+                finished_at=time.monotonic(),
+            )
+        )
 
 
 def _refusal_outcome(exc: Exception) -> str:
@@ -449,10 +310,3 @@ def _refusal_outcome(exc: Exception) -> str:
     if isinstance(exc, InvalidRequest | AdapterError | NotImplementedError):
         return "invalid"  # the caller's fault (NotImplementedError: a feature not built yet)
     return "error"
-
-
-def _load_error(future: Future[LoadedAdapter]) -> BaseException | None:
-    """The error of a finished adapter load; a cancelled load counts as failed (never raises)."""
-    if future.cancelled():
-        return CancelledError("the adapter load was cancelled")
-    return future.exception()

@@ -1,7 +1,10 @@
 """What a caller hands the engine and what it gets back.
 
 These types are the whole contract between the engine thread and the servers (gRPC, HTTP):
-plain frozen dataclasses, no torch, no protobuf.
+plain frozen dataclasses, no torch, no protobuf. A `PreparedRequest` is made by
+`server.preparation` (validated once, tokenized, its adapter choice resolved); the engine
+accepts nothing else and checks nothing again. `submit` answers with a `RequestHandle`, and
+`abort(handle)` cancels exactly that submission, never a later one that reuses its request id.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ class EngineUnavailable(EngineError):
     """The engine is stopped or its thread died (maps to UNAVAILABLE / HTTP 503)."""
 
 
+# A temperature below this samples the argmax: dividing logits by it could overflow (vLLM uses 1e-5 too).
+GREEDY_TEMPERATURE = 1e-5
+
+
 class FinishReason(StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
@@ -49,7 +56,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax sampling: temperature 0, or one too small to divide logits by safely."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first absurd value."""
@@ -74,13 +82,47 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """One generation: prompt token ids (already tokenized / templated) and sampling."""
+class AdapterChoice:
+    """The adapters a request runs with, as (name, weight) pairs.
 
-    request_id: str
+    () = the base model; one pair = one adapter (weight 1.0); several = the weighted mixture
+    `sum_i weight_i * scale_i * B_i A_i`, applied per token, never merged.
+    """
+
+    adapters: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def single(cls, name: str) -> AdapterChoice:
+        """One adapter by name; "" is the base model."""
+        return cls(((name, 1.0),)) if name else cls()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.adapters)
+
+    @property
+    def label(self) -> str:
+        """How answers and metrics name it: "" for the base model, the adapter, or names joined by '+'."""
+        return "+".join(self.names)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """One generation, validated against the engine's limits: prompt token ids and sampling.
+
+    Made only by `server.preparation.RequestPreparer` (the one place requests are checked).
+    """
+
+    request_id: str  # the client's label for outputs; never a key of engine state
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str = ""  # "" = base model; adapters arrive with the multi-adapter work
+    adapters: AdapterChoice = field(default_factory=AdapterChoice)
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: the identity of one submission, for `Engine.abort`."""
+
+    request: PreparedRequest
 
 
 @dataclass(frozen=True)

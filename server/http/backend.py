@@ -19,14 +19,12 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adapters_store.names import NAME_PATTERN
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import bearer_metadata
 from server.http.errors import ApiError
 from server.http.openai_types import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SamplingParams
 
-AUTO_MODEL = "auto"
 INFO_TIMEOUT_S = 10.0
 ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files
 INFERENCE_SERVICE = "loramux.v1.Inference"
@@ -79,19 +77,10 @@ class Backend:
         return self._info
 
     async def adapter_for(self, model: str) -> str:
-        """The adapter name an OpenAI `model` asks for: "" for the base model's id."""
+        """The adapter name an OpenAI `model` asks for: "" for the base model's id, else `model` as is
+        (the gRPC server's preparation refuses a name it cannot serve: NOT_FOUND, 404)."""
         info = await self.info()
-        if model == info.model_name:
-            return ""
-        if model != AUTO_MODEL and NAME_PATTERN.fullmatch(model) is None:
-            raise ApiError(
-                404,
-                f"the model {model!r} does not exist; use {info.model_name!r} (the base model) or an "
-                "adapter's name (GET /v1/models lists them)",
-                param="model",
-                code="model_not_found",
-            )
-        return model
+        return "" if model == info.model_name else model
 
     async def model_id(self, adapter: str) -> str:
         """The OpenAI `model` of an answer: the adapter that served it, or the base model's id."""

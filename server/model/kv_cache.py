@@ -42,11 +42,19 @@ class KVCache:
         while new_len < length:
             new_len *= 2
         new_len = min(new_len, self.max_len)
-        for cache in (self.k, self.v):
-            for i, old in enumerate(cache):
-                grown = old.new_zeros(old.shape[0], old.shape[1], new_len, old.shape[3])
-                grown[:, :, : old.shape[2]] = old
-                cache[i] = grown
+        # Allocate everything before replacing anything: a failed allocation (out of memory)
+        # leaves the cache as it was.
+        grown_k, grown_v = (
+            [self._grown(old, new_len) for old in self.k],
+            [self._grown(old, new_len) for old in self.v],
+        )
+        self.k, self.v = grown_k, grown_v
+
+    @staticmethod
+    def _grown(old: torch.Tensor, new_len: int) -> torch.Tensor:
+        grown = old.new_zeros(old.shape[0], old.shape[1], new_len, old.shape[3])
+        grown[:, :, : old.shape[2]] = old
+        return grown
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst (slot compaction)."""

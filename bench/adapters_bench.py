@@ -309,13 +309,13 @@ def scale_cases(args: argparse.Namespace, root: Path) -> None:
     manager = engine.adapters
     assert manager is not None
     start = time.perf_counter()
-    adapter = manager.prefetch("cold-W2-0000").result()
+    ready = manager.prefetch("cold-W2-0000").result()  # read, validated, device-ready
     host_s = time.perf_counter() - start
     start = time.perf_counter()
-    slot = manager.acquire(adapter)
+    slot = manager.slots.acquire(ready)
     slot_s = time.perf_counter() - start
     assert slot is not None
-    manager.release(slot)
+    manager.slots.release(slot)
     engine.shutdown()
     emit(
         args,

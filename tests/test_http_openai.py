@@ -94,9 +94,9 @@ def aborted(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real_abort = engine.abort
 
-    def spy_abort(request_id: str) -> None:
-        calls.append(request_id)
-        real_abort(request_id)
+    def spy_abort(handle: Any) -> None:
+        calls.append(handle.request.request_id)
+        real_abort(handle)
 
     monkeypatch.setattr(engine, "abort", spy_abort)
     return calls

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampling import sample
+from server.engine.sampling import Sampler
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    return Sampler(torch.Generator()).sample(logits, params, list(generators)).tokens
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -9,6 +9,7 @@ import torch
 
 from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec
 from adapters_store.device_slots import DeviceSlots
+from adapters_store.slot_pools import LoraSlotPool
 from kernels import select_backend
 from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
@@ -90,7 +91,9 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
     # The fused LoRA gather comes with the model's fused CPU kernels (--model-kernels).
     backend = select_backend(device, fused_gather=isinstance(model.ops, FusedCpuOps))
     store = AdapterStore(spec, AdapterRoots(config.roots), config.host_cache_mb << 20)
-    slots = DeviceSlots(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, model.dtype)
+    slots = DeviceSlots(
+        [LoraSlotPool(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, model.dtype)]
+    )
     log.info(
         "adapters: %d device slots of rank <= %d (%s kernels), roots %s",
         config.max_slots,

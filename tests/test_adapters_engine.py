@@ -126,11 +126,14 @@ def test_mixed_batch_logits_equal_peft_adapter_names(engine: Engine, peft_model,
             [],
             [(i, 0, p[:-1], True) for i, p in enumerate(prompts)],
             CPU,
-            _adapter_batch([s for s, p in zip(slots, prompts, strict=True) for _ in p[:-1]]),
+            _adapter_step(manager, [s for s, p in zip(slots, prompts, strict=True) for _ in p[:-1]]),
         )
         ours_prefill = model(prefill, kv)
         decode = StepBatch.build(
-            [DecodeSeq(i, len(p) - 1, p[-1]) for i, p in enumerate(prompts)], [], CPU, _adapter_batch(slots)
+            [DecodeSeq(i, len(p) - 1, p[-1]) for i, p in enumerate(prompts)],
+            [],
+            CPU,
+            _adapter_step(manager, slots),
         )
         ours_decode = model(decode, kv)
         names = [a or "__base__" for a in adapters]
@@ -148,10 +151,9 @@ def test_mixed_batch_logits_equal_peft_adapter_names(engine: Engine, peft_model,
             manager.release(slot_of[name])
 
 
-def _adapter_batch(slot_ids: list[int]) -> Any:
-    from kernels import AdapterBatch
-
-    return AdapterBatch.build(slot_ids, CPU) if any(s >= 0 for s in slot_ids) else None
+def _adapter_step(manager: Any, slot_ids: list[int]) -> Any:
+    """The step's adapter metadata as the engine builds it: one (slot, 1.0) pair per adapted token."""
+    return manager.slots.step([[(s, 1.0)] if s >= 0 else [] for s in slot_ids], CPU)
 
 
 def _peft_greedy(peft_model, adapter: str, prompt: list[int], new_tokens: int) -> list[int]:

@@ -1,8 +1,9 @@
 """The engine's view of adapters: names -> host tier (loaded off the engine thread) -> device slots.
 
-A request for adapter X starts X's disk -> host load on a loader thread when it is submitted;
-the scheduler admits it once X is in the host tier and a device slot can be pinned for it, so a
-cold adapter never stalls the running batch beyond the copy into its slot. Load / unload / list
+A request for adapter X starts X's disk -> host load on a loader thread when it is submitted,
+which also prepares X's device-ready form (DeviceSlots.prepare); the scheduler admits it once X
+is ready and a device slot can be pinned for it, so a cold adapter never stalls the running batch
+beyond the copy into its slot. Load / unload / list
 are the RPCs' entry points and may be called from any thread.
 """
 
@@ -16,10 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from adapters_store import AdapterNotFound, AdapterStore, LoadedAdapter, check_adapter_name
-from adapters_store.device_slots import DeviceSlots, DeviceSlotStats
+from adapters_store.device_slots import AdapterKey, DeviceSlots, DeviceSlotStats, ReadyAdapter, adapter_key
 from adapters_store.host_cache import HostCacheStats
 from adapters_store.store import StoredAdapter
-from kernels import LoraTerm
 from server.model.llama import LlamaModel
 
 # The model's adapted linears, as fused projection groups in output order.
@@ -52,14 +52,15 @@ class AdapterManager:
         self._served: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()
         self._host_loads = 0  # every disk -> host load, explicit LoadAdapter included
+        # Device-ready forms made on the loader threads, until the adapter is unloaded or replaced.
+        self._ready: dict[AdapterKey, ReadyAdapter] = {}
         # (tier, seconds) of every load into the host tier or a device slot; the engine's metrics set it
         self.observe_load: Callable[[str, float], None] = lambda tier, seconds: None
 
     @classmethod
     def attach(cls, model: LlamaModel, store: AdapterStore, slots: DeviceSlots) -> AdapterManager:
-        """Give every adapted linear of `model` its slot stack as adapter term."""
-        for layer, linear in model.adapted_linears():
-            linear.adapter_term = LoraTerm(slots.backend, slots.stack(layer, linear.projections))
+        """Give every adapted linear of `model` its adapter terms (one per slot pool)."""
+        slots.attach(model)
         return cls(store, slots)
 
     def shutdown(self) -> None:
@@ -85,9 +86,13 @@ class AdapterManager:
                 self._pending[name] = future
             return future
 
-    def acquire(self, adapter: LoadedAdapter) -> int | None:
+    def acquire(self, adapter: LoadedAdapter | ReadyAdapter) -> int | None:
+        """Pin a device slot for `adapter` (engine thread); its device form was made on the loader
+        thread (made here only when it was not). None when every slot of its pool is pinned."""
+        ready = adapter if isinstance(adapter, ReadyAdapter) else self.ready(adapter)
+        adapter = ready.adapter
         fills = self.slots.stats().loads  # only the engine thread fills slots: a change is our copy
-        slot = self.slots.acquire(adapter)
+        slot = self.slots.acquire(ready)
         if slot is not None:
             with self._lock:
                 self._served[adapter.name] += 1
@@ -99,6 +104,18 @@ class AdapterManager:
     def release(self, slot: int) -> None:
         self.slots.release(slot)
 
+    def ready(self, adapter: LoadedAdapter) -> ReadyAdapter:
+        """`adapter`'s device-ready form, prepared once per adapter version (AdapterError when no
+        slot pool can hold it)."""
+        key = adapter_key(adapter)
+        with self._lock:
+            ready = self._ready.get(key)
+        if ready is None or ready.adapter is not adapter:
+            ready = self.slots.prepare(adapter)
+            with self._lock:
+                self._ready[key] = ready
+        return ready
+
     def _load_to_host(self, name: str) -> LoadedAdapter:
         in_host = self.store.host.peek(name) is not None
         started = time.perf_counter()
@@ -108,7 +125,13 @@ class AdapterManager:
             with self._lock:
                 self._loads[name] += 1
                 self._host_loads += 1
+        self.ready(adapter)  # the device form, here on the loader thread (fails the load if it fits no pool)
         return adapter
+
+    def _forget_ready(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._ready if k[0] == name]:
+                del self._ready[key]
 
     # -- RPC side -------------------------------------------------------------------------------
 
@@ -125,6 +148,7 @@ class AdapterManager:
                 self._loads[name] += 1
                 self._host_loads += 1
         if previous is not None and adapter is not previous:
+            self._forget_ready(name)
             self.slots.invalidate(name)  # new weights: requests from now on get a fresh slot
         return adapter
 
@@ -133,6 +157,7 @@ class AdapterManager:
         self.store.unload(name)
         with self._lock:
             self._pending.pop(name, None)
+        self._forget_ready(name)
         self.slots.invalidate(name)
 
     def list(self) -> list[AdapterStatus]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store import AdapterError, AdapterNotFound, LoadedAdapter
-from kernels import AdapterBatch
 from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
@@ -354,8 +353,9 @@ class Engine:
         for s, n in plan.prefills:
             slot_ids.extend([s.adapter_slot] * n)
         adapter_batch = None
-        if any(slot >= 0 for slot in slot_ids):  # base-only steps skip the adapter term entirely
-            adapter_batch = AdapterBatch.build(slot_ids, self.device)
+        if self.adapters is not None:  # base-only steps get None: the adapter term is skipped
+            pairs = [[(slot, 1.0)] if slot >= 0 else [] for slot in slot_ids]
+            adapter_batch = self.adapters.slots.step(pairs, self.device)
         return StepBatch.build(decodes, prefills, self.device, adapter_batch)
 
     def _append(self, seq: Sequence, token: int) -> None:

@@ -89,7 +89,7 @@ class _StackPlan:
     split: _Split
     row_index: torch.Tensor | None  # fused kernel: the gathered rows as int64
     input_bags: Mapping[int, tuple[torch.Tensor, torch.Tensor]]  # torch-ops shrink, by d_in
-    bags: Mapping[_BagKey, _Bags]  # torch-ops expand, by rank pattern
+    bags: Mapping[int, _Bags]  # torch-ops expand, by id(stack) (shared by stacks of one rank pattern)
 
 
 @dataclass(frozen=True)
@@ -257,14 +257,13 @@ class TorchBackend:
                 x, y, rows, split.gather_slots, a_t, b_t, stack.scale, stack.slot_ranks, split.gather_weights
             )
             return
-        input_bags = plan.input_bags.get(stack.in_features)
-        if input_bags is None and stack.lora_a.transpose(1, 2).is_contiguous():
-            input_bags = _input_bags(split, stack.in_features)
+        input_bags = bags = None
+        if stack.in_torch_layout:  # else batched matmuls over gathered weights
+            input_bags = plan.input_bags.get(stack.in_features) or _input_bags(split, stack.in_features)
+            bags = plan.bags.get(id(stack)) or _bags(
+                split, stack.host_ranks, stack.max_rank, stack.num_slices
+            )
         h = _shrink_gathered(x, stack.lora_a, split, stack.scale, input_bags)
-        bags = None
-        if _torch_layout(stack.lora_b):
-            bag_key = _bag_key(split, stack)
-            bags = plan.bags.get(bag_key) or _bags(split, stack.host_ranks, stack.max_rank, stack.num_slices)
         _expand_gathered(h, stack.lora_b, split, bags, y)
 
     # ---- strategy
@@ -357,14 +356,17 @@ def _plan_gather(split: _Split, stacks: Sequence[LoraStack], *, fused: bool) -> 
     if fused:
         return _StackPlan(split, _row_index(split), MappingProxyType({}), MappingProxyType({}))
     input_bags = {}
-    bags: dict[_BagKey, _Bags] = {}
+    by_pattern: dict[_BagKey, _Bags] = {}
+    bags: dict[int, _Bags] = {}
     for stack in stacks:
-        if stack.in_features not in input_bags and stack.lora_a.transpose(1, 2).is_contiguous():
+        if not stack.in_torch_layout:
+            continue  # batched matmuls instead of bags
+        if stack.in_features not in input_bags:
             input_bags[stack.in_features] = _input_bags(split, stack.in_features)
-        if _torch_layout(stack.lora_b):
-            key = _bag_key(split, stack)
-            if key not in bags:
-                bags[key] = _bags(split, stack.host_ranks, stack.max_rank, stack.num_slices)
+        key = _bag_key(split, stack)
+        if key not in by_pattern:
+            by_pattern[key] = _bags(split, stack.host_ranks, stack.max_rank, stack.num_slices)
+        bags[id(stack)] = by_pattern[key]
     return _StackPlan(split, None, MappingProxyType(input_bags), MappingProxyType(bags))
 
 
@@ -373,13 +375,7 @@ def _bag_key(split: _Split, stack: LoraStack) -> _BagKey:
 
 
 def _fusable(stack: LoraStack) -> bool:
-    a_t, b_t = stack.transposed
-    return (
-        stack.lora_a.device.type == "cpu"
-        and stack.lora_a.dtype == torch.float32
-        and a_t.is_contiguous()
-        and all(b.is_contiguous() for b in b_t)
-    )
+    return stack.lora_a.device.type == "cpu" and stack.lora_a.dtype == torch.float32 and stack.in_torch_layout
 
 
 def _fusable_io(x: torch.Tensor, y: torch.Tensor) -> bool:

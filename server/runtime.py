@@ -92,12 +92,14 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
     backend = select_backend(device, fused_gather=isinstance(model.ops, FusedCpuOps))
     store = AdapterStore(spec, AdapterRoots(config.roots), config.host_cache_mb << 20)
     slots = DeviceSlots(
-        [LoraSlotPool(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, model.dtype)]
+        [
+            LoraSlotPool(spec, FUSED_PROJECTIONS, num_slots, backend, device, model.dtype, max_rank=rank)
+            for rank, num_slots in config.pool_shapes
+        ]
     )
     log.info(
-        "adapters: %d device slots of rank <= %d (%s kernels), roots %s",
-        config.max_slots,
-        config.max_rank,
+        "adapters: device slots %s (%s kernels), roots %s",
+        ", ".join(f"{n} of rank <= {r}" for r, n in config.pool_shapes),
         backend.name,
         ", ".join(config.roots) or "none",
     )

@@ -206,6 +206,24 @@ def test_two_slot_pools_in_one_model_equal_peft(setup, peft_model) -> None:
     torch.testing.assert_close(ours, theirs[:, -1], atol=1e-4, rtol=0)
 
 
+def test_adapter_config_pools(setup) -> None:
+    """AdapterConfig.pools: several LoRA pools from the config; default one pool of max_rank."""
+    from server.model.loader import load_model
+    from server.runtime import build_adapters
+
+    with pytest.raises(ValueError, match="each slot pool needs"):
+        AdapterConfig(max_rank=8, pools=((16, 2),))
+    assert AdapterConfig(max_rank=8, max_slots=3).pool_shapes == ((8, 3),)
+    assert AdapterConfig(max_slots=0, pools=((4, 2),)).pool_shapes == ()
+    base_dir, root = setup
+    model = load_model(str(base_dir), CPU, torch.float32, 64).model
+    manager = build_adapters(model, AdapterConfig(roots=(str(root),), max_rank=8, pools=((4, 2), (8, 1))))
+    assert manager is not None
+    assert [pool.max_rank for pool in manager.slots.pools] == [4, 8]  # type: ignore[attr-defined]
+    assert manager.slots.num_slots == 3 and manager.slots.offsets == (0, 2)
+    manager.shutdown()
+
+
 def _peft_greedy(peft_model, adapter: str, prompt: list[int], new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():

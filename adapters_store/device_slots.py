@@ -1,14 +1,21 @@
-"""The device tier: adapters copied into the kernels' slot stacks, LRU over the unpinned slots.
+"""The device tier: adapters copied into slot pools, LRU over the unpinned slots, global slot ids.
 
-Every adapted linear of every layer has one `LoraStack` with `num_slots` slots; an adapter in
-slot s has its A/B/scale at index s of all of them. A slot is pinned while any running request
-uses it and is never overwritten then; an unpinned slot keeps its adapter (a later request for
-it costs nothing) until the least recently used one is needed for another adapter.
+One or more pools (adapters_store/slot_pools.py) hold the slots; pool i owns the contiguous
+global ids offset_i .. offset_i + num_slots_i - 1, so a slot id names a pool and its local slot.
+An adapter goes to the cheapest pool that accepts it (for LoRA pools: the smallest max rank that
+fits). A slot is pinned while any running request uses it and is never overwritten then; an
+unpinned slot keeps its adapter (a later request for it costs nothing) until the least recently
+used one of its pool is needed for another adapter.
+
+Threads: `prepare` (the device-ready form) runs on the loader threads; `acquire` reserves a slot
+under the lock, copies OUTSIDE it and then publishes the slot (only the engine thread acquires, so
+only it fills); RPC threads invalidate and list without waiting for a copy. `step` builds each
+step's metadata once: the (slot, weight) pairs of every token split per pool into local slot ids,
+with each pool backend's plan; `attach` gives each adapted linear one term per pool.
 
 Slots are keyed by the adapter object's identity (name + checksum + source): an adapter reloaded
 with other weights gets a fresh slot while requests still running on the old one finish on it.
-Thread-safe: the engine acquires and releases, RPC threads invalidate and list.
-This module knows the kernels' stacks and loaded adapters; it knows nothing of requests.
+This module knows pools and loaded adapters; it knows nothing of requests or the model's code.
 """
 
 from __future__ import annotations
@@ -16,20 +23,62 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from adapters_store.adapter import LoadedAdapter
-from adapters_store.spec import BaseModelSpec
-from kernels import LoraBackend, LoraStack
+from adapters_store.errors import AdapterError
+from adapters_store.slot_pools import DeviceForm, Group, SlotPool, Term
+from kernels import AdapterStep, LoraBackend, LoraStack
 
 AdapterKey = tuple[str, str, str]  # (name, checksum, source): one version of one adapter
 
 
 def adapter_key(adapter: LoadedAdapter) -> AdapterKey:
     return (adapter.name, adapter.checksum, str(adapter.source))
+
+
+@dataclass(frozen=True, eq=False)
+class ReadyAdapter:
+    """An adapter prepared for one pool (DeviceSlots.prepare): acquire only copies `form`."""
+
+    adapter: LoadedAdapter
+    key: AdapterKey
+    pool: int  # index into DeviceSlots.pools
+    form: DeviceForm
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceStep:
+    """One step's adapter metadata: per pool, its AdapterStep (local slot ids, with its plan) or None."""
+
+    num_tokens: int
+    pools: tuple[AdapterStep | None, ...]
+
+
+class AdaptedLinearLike(Protocol):
+    projections: tuple[str, ...]
+    adapter_terms: tuple[Callable[[torch.Tensor, torch.Tensor, DeviceStep], None], ...]
+
+
+class ModelLike(Protocol):
+    def adapted_linears(self) -> Iterable[tuple[int, AdaptedLinearLike]]: ...
+
+
+@dataclass(frozen=True)
+class PoolTerm:
+    """An adapted linear's term for one pool: applies the pool's part of the step, if any."""
+
+    pool: int
+    term: Term
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: DeviceStep) -> None:
+        pool_step = step.pools[self.pool]
+        if pool_step is not None:
+            self.term(x, y, pool_step)
 
 
 @dataclass(frozen=True)
@@ -53,79 +102,124 @@ class DeviceSlotStats:
 
 
 class DeviceSlots:
-    def __init__(
-        self,
-        spec: BaseModelSpec,
-        fused: Sequence[tuple[str, ...]],
-        num_slots: int,
-        backend: LoraBackend,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        """fused: the model's adapted linears as projection groups in output order, e.g.
-        [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]."""
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        self.spec = spec
-        self.num_slots = num_slots
-        self.backend = backend
-        self._stacks: list[dict[tuple[str, ...], LoraStack]] = []
-        for _ in range(spec.num_layers):
-            layer: dict[tuple[str, ...], LoraStack] = {}
-            for group in fused:
-                in_features = spec.features[group[0]][0]
-                if any(spec.features[p][0] != in_features for p in group):
-                    raise ValueError(f"fused projections {group} do not share their input size")
-                widths = tuple(spec.features[p][1] for p in group)
-                layer[group] = LoraStack.empty(
-                    num_slots,
-                    spec.max_rank,
-                    in_features,
-                    widths,
-                    layout=backend.stack_layout,
-                    dtype=dtype,
-                    device=device,
-                )
-            self._stacks.append(layer)
+    def __init__(self, pools: Sequence[SlotPool]) -> None:
+        if not pools:
+            raise ValueError("DeviceSlots needs at least one slot pool")
+        self.pools = tuple(pools)
+        self.offsets = tuple(sum(p.num_slots for p in self.pools[:i]) for i in range(len(self.pools)))
+        self.num_slots = sum(p.num_slots for p in self.pools)
+        self._pool_of = [i for i, p in enumerate(self.pools) for _ in range(p.num_slots)]
         self._lock = threading.Lock()
-        self._keys: list[AdapterKey | None] = [None] * num_slots
-        self._ranks = [0] * num_slots
-        self._pins = [0] * num_slots
-        self._stale = [False] * num_slots
+        self._keys: list[AdapterKey | None] = [None] * self.num_slots
+        self._ranks = [0] * self.num_slots
+        self._pins = [0] * self.num_slots
+        self._stale = [False] * self.num_slots
         self._slot_of: dict[AdapterKey, int] = {}
-        self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))  # LRU first
+        self._filling: dict[int, AdapterKey] = {}  # reserved slots being copied into, not yet published
+        # Per pool, its unpinned slots, least recently used first (stale and empty ones put first).
+        self._idle: list[OrderedDict[int, None]] = [
+            OrderedDict((offset + s, None) for s in range(pool.num_slots))
+            for offset, pool in zip(self.offsets, self.pools, strict=True)
+        ]
         self._loads = 0
         self._evictions = 0
         self._last_load_seconds = 0.0
 
-    def stack(self, layer: int, group: tuple[str, ...]) -> LoraStack:
-        return self._stacks[layer][group]
+    @property
+    def backend(self) -> LoraBackend:
+        """The kernels backend (every pool's is the same one, chosen at start-up)."""
+        return self.pools[0].backend
 
     def stacks(self) -> Iterator[tuple[int, tuple[str, ...], LoraStack]]:
-        for layer, groups in enumerate(self._stacks):
-            for group, stack in groups.items():
-                yield layer, group, stack
+        """Every LoRA stack of every pool (for sizing and benchmarks)."""
+        for pool in self.pools:
+            stacks = getattr(pool, "stacks", None)
+            if stacks is not None:
+                yield from stacks()
 
-    def prepare(self, adapter: LoadedAdapter) -> LoadedAdapter:
-        """The adapter's device-ready form (loader thread); for LoRA in fp32 slots, the adapter itself."""
-        return adapter
+    # -- the model's side ------------------------------------------------------------------------
 
-    def acquire(self, adapter: LoadedAdapter) -> int | None:
-        """Pin a slot holding `adapter`, copying it in when needed; None when every slot is pinned."""
-        key = adapter_key(adapter)
+    def attach(self, model: ModelLike) -> None:
+        """Give every adapted linear of `model` its terms, one per pool."""
+        for layer, linear in model.adapted_linears():
+            group: Group = tuple(linear.projections)
+            linear.adapter_terms = tuple(
+                PoolTerm(i, pool.term(layer, group)) for i, pool in enumerate(self.pools)
+            )
+
+    def step(
+        self, token_pairs: Sequence[Sequence[tuple[int, float]]], device: torch.device | str
+    ) -> DeviceStep | None:
+        """The step's metadata, built once: token t's (global slot, weight) pairs split per pool into
+        local slots, each pool's AdapterStep with its plan; None when no token uses an adapter."""
+        per_pool: list[list[list[tuple[int, float]]]] = [[[] for _ in token_pairs] for _ in self.pools]
+        used = [False] * len(self.pools)
+        for t, pairs in enumerate(token_pairs):
+            for slot, weight in pairs:
+                if not 0 <= slot < self.num_slots:
+                    raise ValueError(
+                        f"token {t}: slot {slot} is not a device slot (0 .. {self.num_slots - 1})"
+                    )
+                pool = self._pool_of[slot]
+                per_pool[pool][t].append((slot - self.offsets[pool], weight))
+                used[pool] = True
+        if not any(used):
+            return None
+        steps = tuple(
+            pool.plan(AdapterStep.build(pairs, device)) if used[i] else None
+            for i, (pool, pairs) in enumerate(zip(self.pools, per_pool, strict=True))
+        )
+        return DeviceStep(len(token_pairs), steps)
+
+    # -- the loader's and the engine's side ------------------------------------------------------
+
+    def prepare(self, adapter: LoadedAdapter) -> ReadyAdapter:
+        """The adapter's device-ready form for the cheapest pool that accepts it (any thread).
+
+        AdapterError when no pool can hold it, saying why each refused.
+        """
+        fitting = [i for i, pool in enumerate(self.pools) if pool.accepts(adapter)]
+        if not fitting:
+            reasons = "; ".join(
+                f"{pool.kind} pool {i}: {pool.refusal(adapter)}" for i, pool in enumerate(self.pools)
+            )
+            raise AdapterError(
+                f"adapter {adapter.name!r} fits no device slot pool ({reasons}); "
+                "serve it with a larger --max-rank or reduce its rank"
+            )
+        best = min(fitting, key=lambda i: self.pools[i].slot_nbytes)
+        form = self.pools[best].prepare(adapter)
+        return ReadyAdapter(adapter=adapter, key=adapter_key(adapter), pool=best, form=form)
+
+    def acquire(self, ready: ReadyAdapter) -> int | None:
+        """Pin a slot holding the prepared adapter, copying it in when needed (engine thread only);
+        None when every slot of its pool is pinned."""
         with self._lock:
-            slot = self._slot_of.get(key)
+            slot = self._slot_of.get(ready.key)
+            if slot is not None:
+                self._pins[slot] += 1
+                self._idle[self._pool_of[slot]].pop(slot, None)
+                return slot
+            slot = self._take_idle_slot(ready.pool)
             if slot is None:
-                slot = self._take_idle_slot()
-                if slot is None:
-                    return None
-                self._fill(slot, adapter)  # under the lock: the copy is short (a few MB)
-                self._slot_of[key] = slot
-                self._keys[slot] = key
-                self._ranks[slot] = adapter.rank
-            self._pins[slot] += 1
-            self._idle.pop(slot, None)
-            return slot
+                return None
+            # Reserve: pinned and named, but not yet handed to anyone else by key.
+            self._keys[slot] = ready.key
+            self._ranks[slot] = ready.adapter.rank
+            self._pins[slot] = 1
+            self._stale[slot] = False
+            self._filling[slot] = ready.key
+        start = time.perf_counter()
+        pool = self.pools[ready.pool]
+        pool.fill(slot - self.offsets[ready.pool], ready.form)  # the copy, outside the lock
+        seconds = time.perf_counter() - start
+        with self._lock:
+            del self._filling[slot]
+            if not self._stale[slot]:  # unloaded while copying: this request finishes on it, no other
+                self._slot_of[ready.key] = slot
+            self._loads += 1
+            self._last_load_seconds = seconds
+        return slot
 
     def release(self, slot: int) -> None:
         """Unpin one use of `slot`; an idle slot stays loaded until it is needed (stale ones first)."""
@@ -134,22 +228,26 @@ class DeviceSlots:
                 raise RuntimeError(f"slot {slot} released more often than acquired")
             self._pins[slot] -= 1
             if self._pins[slot] == 0:
-                self._idle[slot] = None
+                idle = self._idle[self._pool_of[slot]]
+                idle[slot] = None
                 if self._stale[slot]:
-                    self._idle.move_to_end(slot, last=False)  # reuse it first
+                    idle.move_to_end(slot, last=False)  # reuse it first
                     self._clear(slot)
 
     def invalidate(self, name: str) -> None:
         """Forget every slot of `name` (unload or replace): idle ones are cleared now, pinned ones
         when their last request finishes; no new request gets them."""
         with self._lock:
+            for slot, key in self._filling.items():
+                if key[0] == name:
+                    self._stale[slot] = True
             for key, slot in list(self._slot_of.items()):
                 if key[0] != name:
                     continue
                 self._stale[slot] = True
                 del self._slot_of[key]
                 if self._pins[slot] == 0:
-                    self._idle.move_to_end(slot, last=False)
+                    self._idle[self._pool_of[slot]].move_to_end(slot, last=False)
                     self._clear(slot)
 
     def slots(self) -> list[SlotInfo]:
@@ -173,10 +271,11 @@ class DeviceSlots:
 
     # -- under self._lock -----------------------------------------------------------------------
 
-    def _take_idle_slot(self) -> int | None:
-        if not self._idle:
+    def _take_idle_slot(self, pool: int) -> int | None:
+        idle = self._idle[pool]
+        if not idle:
             return None
-        slot = next(iter(self._idle))  # least recently used (stale and empty ones were put first)
+        slot, _ = idle.popitem(last=False)  # least recently used (stale and empty ones were put first)
         old = self._keys[slot]
         if old is not None:
             if not self._stale[slot]:
@@ -184,26 +283,9 @@ class DeviceSlots:
             self._slot_of.pop(old, None)
         return slot
 
-    def _fill(self, slot: int, adapter: LoadedAdapter) -> None:
-        start = time.perf_counter()
-        weights = adapter.lora_weights()
-        for layer, groups in enumerate(self._stacks):
-            for group, stack in groups.items():
-                parts = [weights.get((layer, p)) for p in group]
-                stack.set_slot(
-                    slot,
-                    [None if w is None else w.A for w in parts],
-                    [None if w is None else w.B for w in parts],
-                    [0.0 if w is None else w.scale for w in parts],
-                )
-        self._stale[slot] = False
-        self._loads += 1
-        self._last_load_seconds = time.perf_counter() - start
-
     def _clear(self, slot: int) -> None:
-        for groups in self._stacks:
-            for stack in groups.values():
-                stack.clear_slot(slot)
+        pool = self._pool_of[slot]
+        self.pools[pool].clear(slot - self.offsets[pool])
         self._keys[slot] = None
         self._ranks[slot] = 0
         self._stale[slot] = False

@@ -1,13 +1,16 @@
-"""Adapter formats: detecting one from a directory's files, and dispatching to its loader.
+"""Adapter formats: each recognises its own directories and loads them; detection asks them in turn.
 
-Each format registers a loader `(directory, spec, name) -> LoadedAdapter` and a way to recognise
-its directories. Only `peft-lora` exists so far; `mos` and `compeft` will add their own entries.
+A format is one `AdapterFormat` entry: its name, `claims(directory)` (True when the directory is
+this format's; it may raise AdapterError for a directory of its kind in a variant it refuses, e.g.
+a PEFT directory of another peft_type) and `load(directory, spec, name) -> LoadedAdapter`. Only
+`peft-lora` exists so far; `mos` and `compeft` add their own entries to FORMAT_REGISTRY.
 This module reads at most the small JSON config needed to tell formats apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_store.adapter import LoadedAdapter
@@ -19,10 +22,34 @@ from adapters_store.spec import BaseModelSpec
 
 Loader = Callable[[Path, BaseModelSpec, str], LoadedAdapter]
 
-LOADERS: dict[str, Loader] = {PEFT_LORA: load_peft_lora}
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    name: str
+    marker_files: tuple[str, ...]  # a directory holding one of these is an adapter of some format
+    claims: Callable[[Path], bool]
+    load: Loader
+
+
+def _claims_peft_lora(directory: Path) -> bool:
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    peft_type = read_config_json(config_path).get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"{config_path}: peft_type {peft_type!r} is not supported; loramux serves PEFT adapters with "
+            "peft_type 'LORA'"
+        )
+    return True
+
+
+FORMAT_REGISTRY: tuple[AdapterFormat, ...] = (
+    AdapterFormat(PEFT_LORA, (CONFIG_FILE,), _claims_peft_lora, load_peft_lora),
+)
+LOADERS: dict[str, Loader] = {f.name: f.load for f in FORMAT_REGISTRY}
 FORMATS = tuple(LOADERS)
-# A directory that holds one of these files is an adapter directory (of some format).
-MARKER_FILES = (CONFIG_FILE,)
+MARKER_FILES = tuple(marker for f in FORMAT_REGISTRY for marker in f.marker_files)
 
 
 def is_adapter_dir(directory: Path) -> bool:
@@ -33,15 +60,9 @@ def is_adapter_dir(directory: Path) -> bool:
 def detect_format(directory: Path | str) -> str:
     """The format of the adapter in `directory`; AdapterError when no format recognises it."""
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if config_path.is_file():
-        peft_type = read_config_json(config_path).get("peft_type")
-        if peft_type == "LORA":
-            return PEFT_LORA
-        raise AdapterError(
-            f"{config_path}: peft_type {peft_type!r} is not supported; loramux serves PEFT adapters with "
-            "peft_type 'LORA'"
-        )
+    for adapter_format in FORMAT_REGISTRY:
+        if adapter_format.claims(directory):
+            return adapter_format.name
     if not directory.is_dir():
         raise AdapterError(f"{directory} is not a directory")
     raise AdapterError(

@@ -1,7 +1,7 @@
 """Kernels micro-benchmark: the LoRA term of one decode step on CPU, torch backend vs a naive baseline.
 
-One "step" is what the model does per engine step: build the step's AdapterBatch, then add the
-adapter term of every adapted projection in all layers (SmolLM2-135M shapes: hidden 576, q 576,
+One "step" is what the model does per engine step: build the step's AdapterStep and the backend's
+plan for it (`plan_step`, once, over every stack), then add the adapter term of every adapted projection in all layers (SmolLM2-135M shapes: hidden 576, q 576,
 kv 192, intermediate 1536, 30 layers), each layer with its own stacks of `--slots` adapters.
 
 - W1: rank 8 on q, k, v, o (fused q|k|v + o per layer)
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kernels import AdapterBatch, LoraStack, StackLayout, TorchBackend, cpu_extension
+from kernels import AdapterStep, LoraStack, StackLayout, TorchBackend, cpu_extension
 
 HIDDEN, Q_SIZE, KV_SIZE, INTERMEDIATE, LAYERS = 576, 576, 192, 1536, 30
 
@@ -147,6 +147,7 @@ def bench_cell(
     if fused:
         cpu_extension.load()
     backend = None if method == "naive" else TorchBackend(strategy, fused_gather=bool(fused))  # type: ignore[arg-type]
+    all_stacks = [stack for stacks in layers for stack in stacks]
 
     def step() -> None:
         for y in ys:
@@ -157,10 +158,11 @@ def bench_cell(
                 for x, y, stack in zip(xs, ys, stacks, strict=True):
                     naive_term(x, y, stack, ids)
         else:
-            batch = AdapterBatch.build(slot_ids)
+            adapter_step = AdapterStep.single(slot_ids)
+            adapter_step = adapter_step.with_plan(backend.plan_step(adapter_step, all_stacks))
             for stacks in layers:
                 for x, y, stack in zip(xs, ys, stacks, strict=True):
-                    backend.add_lora(x, y, stack, batch)
+                    backend.add_lora(x, y, stack, adapter_step)
 
     with torch.inference_mode():
         ms = time_step(step, repeats)

@@ -2,9 +2,10 @@
 
     backend = select_backend(device)                             # once, at start-up
     stack = LoraStack.empty(..., layout=backend.stack_layout)    # per layer and fused projection
-    linear.adapter_term = LoraTerm(backend, stack)               # adapter_term(x, y, batch)
-    batch = AdapterBatch.build(slot_ids, device)                 # once per engine step
-    backend.add_lora(x, y, stack, batch)                         # what the term does: y += LoRA
+    term = LoraTerm(backend, stack)                              # term(x, y, step)
+    step = AdapterStep.build(token_pairs, device)                # once per engine step:
+    step = step.with_plan(backend.plan_step(step, stacks))       #   token t's (slot, weight) pairs
+    backend.add_lora(x, y, stack, step)                          # what the term does: y += LoRA
 
 `shrink.py` and `expand.py` hold the Triton kernels, their launchers and the torch references;
 `torch_backend.py` the CPU backend. Triton is imported only when the triton backend is chosen
@@ -15,17 +16,19 @@ called ``kernels`` and must not mistake this one for it (see tests/test_naming_h
 """
 
 from kernels.backend import LoraBackend, LoraTerm, TritonBackend, select_backend
-from kernels.metadata import AdapterBatch
+from kernels.metadata import AdapterBatch, AdapterStep, TokenPairs
 from kernels.stack import LoraStack, StackLayout
 from kernels.torch_backend import TorchBackend
 
 __all__ = [
     "AdapterBatch",
+    "AdapterStep",
     "LoraBackend",
     "LoraStack",
     "LoraTerm",
     "StackLayout",
     "TorchBackend",
+    "TokenPairs",
     "TritonBackend",
     "select_backend",
 ]

@@ -1,21 +1,22 @@
 """One interface over the LoRA kernels, chosen once at start-up: `select_backend(device)`.
 
-Layers call `backend.add_lora(x, y, stack, batch)` (or a bound `LoraTerm`) and never branch on
-the platform. The Triton backend (CUDA) is imported only when chosen, so importing `kernels`
+Once per step, whoever builds the step's metadata asks the backend for its plan
+(`step.with_plan(backend.plan_step(step, stacks))`); layers then call
+`backend.add_lora(x, y, stack, step)` (or a bound `LoraTerm`) and never branch on the platform. The Triton backend (CUDA) is imported only when chosen, so importing `kernels`
 needs neither triton's start-up cost nor a GPU.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from kernels import cpu_extension
-from kernels.metadata import AdapterBatch
+from kernels.metadata import AdapterBatch, AdapterStep
 from kernels.stack import LoraStack, StackLayout
 from kernels.torch_backend import Strategy, TorchBackend
 
@@ -46,8 +47,20 @@ class LoraBackend(Protocol):
         slot_ranks: torch.Tensor | None = None,
     ) -> None: ...
 
-    def add_lora(self, x: torch.Tensor, y: torch.Tensor, stack: LoraStack, batch: AdapterBatch) -> None:
-        """y[:, slice p] += scale[s, p] * (x @ A_p[s]^T) @ B_p[s]^T for every token with a slot s."""
+    def plan_step(self, step: AdapterStep, stacks: Iterable[LoraStack]) -> object:
+        """The immutable per-step plan add_lora reads for these stacks (made once per step)."""
+        ...
+
+    def add_lora(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        stack: LoraStack,
+        step: AdapterStep | AdapterBatch,
+        plan: object = None,
+    ) -> None:
+        """y[t, slice p] += sum_k w_tk * scale[s_tk, p] * (x[t] @ A_p[s_tk]^T) @ B_p[s_tk]^T over the
+        (slot, weight) pairs of every token (plan: from plan_step, default step.plan)."""
         ...
 
 
@@ -85,25 +98,40 @@ class TritonBackend:
     ) -> None:
         self._expand(h, lora_b, batch, y, slot_ranks=slot_ranks)
 
-    def add_lora(self, x: torch.Tensor, y: torch.Tensor, stack: LoraStack, batch: AdapterBatch) -> None:
-        if not batch.has_adapters:
-            return
-        h = self._shrink(x, stack.lora_a, batch, stack.scale, slot_ranks=stack.slot_ranks)
-        self._expand(h, stack.lora_b, batch, y, slot_ranks=stack.slot_ranks)
+    def plan_step(self, step: AdapterStep, stacks: Iterable[LoraStack]) -> object:
+        """Nothing beyond the step's segment tables: the kernels' grids read them directly."""
+        del step, stacks
+        return None
+
+    def add_lora(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        stack: LoraStack,
+        step: AdapterStep | AdapterBatch,
+        plan: object = None,
+    ) -> None:
+        del plan
+        passes = (step,) if isinstance(step, AdapterBatch) else step.passes
+        for batch in passes:  # one shrink + expand per pass: rows are distinct inside a pass
+            if batch.has_adapters:
+                h = self._shrink(x, stack.lora_a, batch, stack.scale, slot_ranks=stack.slot_ranks)
+                self._expand(h, stack.lora_b, batch, y, slot_ranks=stack.slot_ranks)
 
 
 @dataclass(frozen=True)
 class LoraTerm:
-    """One adapted layer's LoRA term, as AdaptedLinear.adapter_term: term(x, y, batch) adds it to y."""
+    """One adapted layer's LoRA term: term(x, y, step) adds it to y (step: AdapterStep with its plan)."""
 
     backend: LoraBackend
     stack: LoraStack
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: AdapterStep | AdapterBatch) -> None:
         # Skip the whole term when no adapter of this step adapts this projection (e.g. attention-
         # only LoRAs in the MLP): host ranks, so no device sync, whatever the backend.
-        if any(self.stack.host_ranks[slot] for slot in batch.segment_slots):
-            self.backend.add_lora(x, y, self.stack, batch)
+        passes = (step,) if isinstance(step, AdapterBatch) else step.passes
+        if any(self.stack.host_ranks[slot] for batch in passes for slot in batch.segment_slots):
+            self.backend.add_lora(x, y, self.stack, step)
 
 
 def select_backend(

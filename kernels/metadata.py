@@ -1,17 +1,23 @@
-"""Per-step adapter metadata: which device slot each token uses, grouped by slot.
+"""Per-step adapter metadata: which (slot, weight) pairs each token uses, grouped by slot.
 
-Built once per engine step from the step's token -> slot list and passed to every adapted layer,
-so that no layer groups tokens again (30 layers x up to 4 calls per step read the same grouping).
-A *segment* is the set of tokens of one slot, in row order; segments are ordered by slot.
-Tokens with slot -1 use no adapter and are in no segment.
+Built once per engine step and passed to every adapted layer, so that no layer groups tokens
+again (30 layers x up to 4 calls per step read the same grouping).
 
-This module does not know about weights, ranks or backends' strategies; it only describes the batch.
+- `AdapterStep`: token t's pairs [(slot, weight), ...] (a mixture of adapters is several pairs;
+  none = no adapter), decomposed into *passes*: pass k holds the k-th pair of every token, so
+  inside one pass each row appears at most once (kernels that write rows without atomics rely on
+  it). A single-adapter step is one pass without weights. The backend's plan for the step
+  (`LoraBackend.plan_step`) rides along, made once by whoever builds the step.
+- `AdapterBatch`: one pass. A *segment* is the set of tokens of one slot, in row order; segments
+  are ordered by slot. Tokens with slot -1 use no adapter (in this pass) and are in no segment.
+
+This module does not know about ranks, stacks or backends' strategies; it only describes the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,9 +45,10 @@ class AdapterBatch:
     segment_rows: tuple[Rows, ...]  # rows of each segment: a slice when contiguous, else an index
     adapted_rows: Rows  # rows with an adapter, in row order
     adapted_slot_ids: torch.Tensor  # [num_adapted_tokens] int64, slot of each adapted row, row order
-    # Memo for backends that derive per-step plans from this batch (filled by the first layer
-    # that needs one, read by the rest of the step); not part of the batch's meaning.
-    plans: dict[object, object] = field(default_factory=dict, repr=False)
+    # [T] float32 weight of each row's pair (rows without a slot: 0); None = every weight is 1.0,
+    # which costs the kernels nothing (the single-adapter case).
+    weights: torch.Tensor | None = None
+    host_weights: tuple[float, ...] | None = None  # the same on the host
 
     @property
     def has_adapters(self) -> bool:
@@ -53,11 +60,22 @@ class AdapterBatch:
 
     @classmethod
     def build(
-        cls, slot_ids: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu"
+        cls,
+        slot_ids: Sequence[int] | torch.Tensor,
+        device: torch.device | str = "cpu",
+        weights: Sequence[float] | None = None,
     ) -> AdapterBatch:
-        """Group the tokens of one step by adapter slot (slot -1 = no adapter)."""
+        """Group the tokens of one step by adapter slot (slot -1 = no adapter); `weights` per row
+        (ignored where the slot is -1) scale each row's term, None = all 1.0."""
         ids = slot_ids.tolist() if isinstance(slot_ids, torch.Tensor) else list(slot_ids)
         device = torch.device(device)
+        host_weights: tuple[float, ...] | None = None
+        if weights is not None:
+            if len(weights) != len(ids):
+                raise ValueError(f"got {len(weights)} weights for {len(ids)} tokens")
+            host_weights = tuple(float(w) if s >= 0 else 0.0 for w, s in zip(weights, ids, strict=True))
+            if all(w == 1.0 for w, s in zip(host_weights, ids, strict=True) if s >= 0):
+                host_weights = None
         rows_by_slot: dict[int, list[int]] = {}
         for row, slot in enumerate(ids):
             if slot >= 0:
@@ -95,7 +113,68 @@ class AdapterBatch:
             segment_rows=tuple(segment_rows),
             adapted_rows=as_rows(adapted, device),
             adapted_slot_ids=as_tensor([ids[row] for row in adapted], torch.int64),
+            weights=None
+            if host_weights is None
+            else torch.tensor(host_weights, dtype=torch.float32).to(device),
+            host_weights=host_weights,
         )
+
+    def row_weights(self, rows: Rows) -> torch.Tensor | None:
+        """[n] float32 weights of `rows` (None when every weight is 1.0)."""
+        if self.weights is None:
+            return None
+        return self.weights[rows] if isinstance(rows, slice) else self.weights.index_select(0, rows)
+
+
+TokenPairs = Sequence[Sequence[tuple[int, float]]]  # per token: its (slot, weight) pairs
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterStep:
+    """One step's adapter pairs for one family of slot stacks, as passes of at most one pair per row.
+
+    y[t] += sum over passes k of w_tk * scale[s_tk] * B[s_tk] (A[s_tk] x[t]).
+    `plan` is the backend's immutable plan for this step (LoraBackend.plan_step), or None.
+    """
+
+    num_tokens: int
+    passes: tuple[AdapterBatch, ...]
+    plan: object = None
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(p.has_adapters for p in self.passes)
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """The distinct slots of the step, over all passes (ascending)."""
+        return tuple(sorted({s for p in self.passes for s in p.segment_slots}))
+
+    @classmethod
+    def build(cls, token_pairs: TokenPairs, device: torch.device | str = "cpu") -> AdapterStep:
+        """Token t's (slot, weight) pairs (empty = no adapter) -> passes; weights of 1.0 cost nothing."""
+        num_tokens = len(token_pairs)
+        num_passes = max((len(pairs) for pairs in token_pairs), default=0)
+        passes = []
+        for k in range(max(num_passes, 1)):
+            slots = [pairs[k][0] if len(pairs) > k else -1 for pairs in token_pairs]
+            weights = [float(pairs[k][1]) if len(pairs) > k else 0.0 for pairs in token_pairs]
+            for row, slot in enumerate(slots):
+                if slot < 0 and len(token_pairs[row]) > k:
+                    raise ValueError(f"token {row}: adapter slot ids in pairs must be >= 0, got {slot}")
+            passes.append(AdapterBatch.build(slots, device, weights))
+        return cls(num_tokens, tuple(passes))
+
+    @classmethod
+    def single(
+        cls, slot_ids: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu"
+    ) -> AdapterStep:
+        """One adapter (or none: -1) per token: one pass, no weights."""
+        batch = AdapterBatch.build(slot_ids, device)
+        return cls(batch.num_tokens, (batch,))
+
+    def with_plan(self, plan: object) -> AdapterStep:
+        return replace(self, plan=plan)
 
 
 def as_rows(rows: list[int], device: torch.device) -> Rows:

@@ -1,4 +1,4 @@
-"""lora_shrink: h = scale[slot] * x @ A[slot]^T per token, SGMV-style over the step's slot segments.
+"""lora_shrink: h = w * scale[slot] * x @ A[slot]^T per token, SGMV-style over the step's slot segments.
 
 Holds the Triton kernel, its launcher and the torch reference side by side; tests compare the
 kernel (and the torch backend) against the reference. Several projections that read the same
@@ -27,6 +27,7 @@ def _lora_shrink_kernel(
     h_ptr,  # [T, P * R] fp32, zero-initialised
     scale_ptr,  # [S, P] fp32
     ranks_ptr,  # [S] int32 (read only when HAS_RANKS)
+    weights_ptr,  # [T] fp32 per-row pair weight (read only when HAS_WEIGHTS)
     token_order_ptr,  # [num_adapted_tokens] int64: rows grouped by segment
     segment_table_ptr,  # [3, G] int32: slot, start, length
     # Sizes
@@ -45,6 +46,7 @@ def _lora_shrink_kernel(
     stride_sp,
     # Meta-parameters
     HAS_RANKS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -87,6 +89,8 @@ def _lora_shrink_kernel(
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     acc *= tl.load(scale_ptr + slot * stride_ss + pid_p * stride_sp)
+    if HAS_WEIGHTS:  # a mixture's pair weight, per row
+        acc *= tl.load(weights_ptr + rows, mask=mask_m, other=0.0)[:, None]
 
     h_ptrs = h_ptr + rows[:, None] * stride_ht + (pid_p * R + offs_r)[None, :] * stride_hr
     tl.store(h_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -102,9 +106,9 @@ def lora_shrink(
 ) -> torch.Tensor:
     """Per token, project x to its adapter's rank space: fused over P projection slices.
 
-    Semantics (s = batch.slot_ids; tokens with s[t] == -1 get zeros)::
+    Semantics (s = batch.slot_ids, w = batch.weights or 1.0; tokens with s[t] == -1 get zeros)::
 
-        h[t].view(P, r) = scale[s[t]].view(P, 1) * (x[t] @ lora_a[s[t]].T).view(P, r)
+        h[t].view(P, r) = w[t] * scale[s[t]].view(P, 1) * (x[t] @ lora_a[s[t]].T).view(P, r)
 
     Shape:
         x: [T, d_in]; lora_a: [S, P * r, d_in]; scale: [S] (P = 1) or [S, P];
@@ -141,6 +145,7 @@ def lora_shrink(
         h,
         scale2,
         slot_ranks if slot_ranks is not None else scale2,  # unread placeholder when no ranks
+        batch.weights if batch.weights is not None else scale2,  # unread placeholder when no weights
         batch.token_order,
         batch.segment_table,
         batch.num_segments,
@@ -156,6 +161,7 @@ def lora_shrink(
         scale2.stride(0),
         scale2.stride(1),
         HAS_RANKS=slot_ranks is not None,
+        HAS_WEIGHTS=batch.weights is not None,
         BLOCK_M=block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
@@ -173,7 +179,7 @@ def lora_shrink_ref(
 ) -> torch.Tensor:
     """The reference for lora_shrink: a per-token gather, computed in fp32.
 
-    Reads only batch.slot_ids; slot_ranks is ignored (padding is zero by contract).
+    Reads only batch.slot_ids and batch.weights; slot_ranks is ignored (padding is zero by contract).
     """
     del slot_ranks
     num_tokens = x.shape[0]
@@ -185,4 +191,5 @@ def lora_shrink_ref(
     slots = slots.clamp(min=0)
     h = torch.einsum("td,trd->tr", x.float(), lora_a[slots].float())  # [T, P * r]
     h = h.view(num_tokens, num_slices, rows // num_slices) * scale2[slots].view(num_tokens, num_slices, 1)
-    return h.reshape(num_tokens, rows) * has_adapter.view(-1, 1)
+    weights = has_adapter.float() if batch.weights is None else batch.weights.float() * has_adapter
+    return h.reshape(num_tokens, rows) * weights.view(-1, 1)

@@ -82,7 +82,13 @@ class LoraStack:
         """A^T [S, d_in, P * r] and each B_p^T [S, r, out_p]: contiguous views in the torch layout."""
         return self.lora_a.transpose(1, 2), tuple(b.transpose(1, 2) for b in self.lora_b)
 
-    @property
+    @functools.cached_property
+    def in_torch_layout(self) -> bool:
+        """Whether A^T and every B_p^T are contiguous (the "torch" layout), checked once per stack."""
+        a_t, b_t = self.transposed
+        return a_t.is_contiguous() and all(b.is_contiguous() for b in b_t)
+
+    @functools.cached_property  # shapes never change
     def num_slots(self) -> int:
         return int(self.lora_a.shape[0])
 
@@ -90,15 +96,15 @@ class LoraStack:
     def num_slices(self) -> int:
         return len(self.output_slices)
 
-    @property
+    @functools.cached_property  # shapes never change
     def max_rank(self) -> int:
         return int(self.lora_b[0].shape[2])
 
-    @property
+    @functools.cached_property  # shapes never change
     def in_features(self) -> int:
         return int(self.lora_a.shape[2])
 
-    @property
+    @functools.cached_property  # shapes never change
     def out_features(self) -> int:
         return sum(self.output_slices)
 

@@ -18,19 +18,26 @@ and skipping it would save no memory traffic.
 
 `auto` compares, from the step's counts and a stack's weight bytes, looping every slot with
 looping the slots whose tokens are worth a matmul and gathering the rest (a prefill chunk beside
-a decode batch), and takes the cheaper. The choice is memoised in the step's AdapterBatch, so the
-30 layers of a step make it once per stack shape.
+a decode batch), and takes the cheaper. `plan_step` makes that choice once per step and stack
+shape (and the gathered rows' index or bags the chosen path reads), before the first layer runs;
+every layer's `add_lora` only reads the plan.
+
+Mixtures: a step with several (slot, weight) pairs per token comes as passes (kernels.metadata),
+each run like a single-adapter step with its rows' weights multiplied into h.
+
+This module does not know adapters, slots' owners or the model; only stacks and a step's metadata.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
 
-from kernels.metadata import AdapterBatch, Rows, as_rows
+from kernels.metadata import AdapterBatch, AdapterStep, Rows, as_rows
 from kernels.stack import LoraStack, StackLayout
 
 Strategy = Literal["auto", "segments", "gather"]
@@ -46,14 +53,15 @@ _MATMUL_BYTES_PER_US = 200_000.0
 
 @dataclass(frozen=True)
 class _Split:
-    """Which tokens of a step take which path: looped segments, the other tokens gathered."""
+    """Which tokens of one pass take which path: looped segments, the other tokens gathered."""
 
-    key: tuple[object, ...]  # identifies the split within its step
     loop_segments: tuple[int, ...]  # segment indices run as per-slot matmuls
     gather_rows: Rows  # rows run as one gathered product, in row order
     gather_slots: torch.Tensor  # [num_gathered] int64, slot of each gathered row
     gather_slot_list: tuple[int, ...]  # the same on the host
     gather_unique_slots: tuple[int, ...]  # the slots of the gathered segments
+    gather_weights: torch.Tensor | None  # [num_gathered] fp32 pair weights; None = all 1.0
+    loop_weights: tuple[torch.Tensor | None, ...]  # per looped segment, its rows' weights [n, 1]
 
     @property
     def num_gathered(self) -> int:
@@ -67,6 +75,28 @@ class _Bags:
     indices: torch.Tensor  # [sum of ranks] int64, rows of B viewed as [S * r, out]
     offsets: torch.Tensor  # [num_gathered] int64
     weight_index: tuple[torch.Tensor, ...]  # per slice p: [sum of ranks] int64 into h.view(-1)
+
+
+# What the plan of a stack depends on: one slot's weight bytes, P, whether it takes the fused kernel.
+_StackKey = tuple[float, int, bool]
+_BagKey = tuple[int, int, tuple[int, ...]]  # r, P, ranks of the gathered slots
+
+
+@dataclass(frozen=True)
+class _StackPlan:
+    """One pass's plan for the stacks of one shape: the split, and what its gather path reads."""
+
+    split: _Split
+    row_index: torch.Tensor | None  # fused kernel: the gathered rows as int64
+    input_bags: Mapping[int, tuple[torch.Tensor, torch.Tensor]]  # torch-ops shrink, by d_in
+    bags: Mapping[int, _Bags]  # torch-ops expand, by id(stack) (shared by stacks of one rank pattern)
+
+
+@dataclass(frozen=True)
+class TorchPlan:
+    """A step's plan, made once by TorchBackend.plan_step and read by every add_lora of the step."""
+
+    passes: tuple[Mapping[_StackKey, _StackPlan], ...]  # one per pass of the step
 
 
 class TorchBackend:
@@ -95,7 +125,7 @@ class TorchBackend:
         *,
         slot_ranks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h = scale[slot] * x @ A[slot]^T per token, fused over P slices; see kernels.shrink.lora_shrink."""
+        """h = w[t] * scale[slot] * x @ A[slot]^T per token, fused over P slices; see kernels.shrink.lora_shrink."""
         num_slots, rows, _ = lora_a.shape
         scale2 = scale.view(num_slots, -1)
         h = torch.zeros(batch.num_tokens, rows, dtype=torch.float32, device=x.device)
@@ -104,14 +134,15 @@ class TorchBackend:
         ranks = _host_ranks(slot_ranks, num_slots, rows // scale2.shape[1])
         split = self._split(batch, _slot_bytes(lora_a, [rows * lora_a.shape[2]]), scale2.shape[1])
         scales = scale2.tolist()
-        for i in split.loop_segments:
+        for i, weights in zip(split.loop_segments, split.loop_weights, strict=True):
             slot = batch.segment_slots[i]
             if ranks[slot]:
                 seg_rows = batch.segment_rows[i]
                 h_seg = _shrink_segment(x, lora_a, slot, seg_rows, scales[slot])
-                _write_rows(h, seg_rows, h_seg)
+                _write_rows(h, seg_rows, h_seg if weights is None else h_seg.mul_(weights))
         if split.num_gathered:
-            _write_rows(h, split.gather_rows, _shrink_gathered(x, lora_a, batch, split, scale2))
+            bags = _input_bags(split, lora_a.shape[2]) if lora_a.transpose(1, 2).is_contiguous() else None
+            _write_rows(h, split.gather_rows, _shrink_gathered(x, lora_a, split, scale2, bags))
         return h
 
     def expand(
@@ -142,56 +173,122 @@ class TorchBackend:
         if split.num_gathered:
             rows = split.gather_rows
             h_gathered = h[rows] if isinstance(rows, slice) else h.index_select(0, rows)
-            _expand_gathered(h_gathered.to(y.dtype), b_slices, batch, split, ranks, y)
+            bags = _bags(split, ranks, rank, len(b_slices)) if _torch_layout(b_slices) else None
+            _expand_gathered(h_gathered.to(y.dtype), b_slices, split, bags, y)
 
-    def add_lora(self, x: torch.Tensor, y: torch.Tensor, stack: LoraStack, batch: AdapterBatch) -> None:
-        """y += the adapter term of every token: shrink then expand, per projection slice of y.
+    # ---- the step's plan and the call layers make
 
-        Scales are applied as the expand's alpha on the segment path (no extra call per slot).
+    def plan_step(self, step: AdapterStep, stacks: Iterable[LoraStack]) -> TorchPlan:
+        """Everything add_lora needs for `step` over `stacks`, made once per step.
+
+        Per pass and per stack shape: which segments loop and which tokens gather (the cost model),
+        and only what that path reads: the gathered rows as an index for the fused kernel, or
+        embedding_bag bags (per d_in and per rank pattern of the gathered slots) for the torch ops.
         """
-        if not batch.has_adapters:
+        shapes: dict[_StackKey, list[LoraStack]] = {}
+        for stack in stacks:
+            shapes.setdefault(self._stack_key(stack), []).append(stack)
+        passes = []
+        for batch in step.passes:
+            plans: dict[_StackKey, _StackPlan] = {}
+            splits: dict[tuple[int, ...], _Split] = {}
+            for key, same_shape in shapes.items():
+                loop = self._loop_set(batch, key)
+                split = splits.get(loop)
+                if split is None:
+                    split = splits[loop] = _split_at(batch, loop)
+                plans[key] = _plan_gather(split, same_shape, fused=key[2])
+            passes.append(MappingProxyType(plans))
+        return TorchPlan(tuple(passes))
+
+    def add_lora(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        stack: LoraStack,
+        step: AdapterStep | AdapterBatch,
+        plan: object = None,
+    ) -> None:
+        """y += the adapter term of every token: per pass, shrink then expand, per projection slice of y.
+
+        `plan` (or step.plan) comes from plan_step; without one the plan is made for this call alone.
+        Scales (and pair weights) are applied to h on the segment path, as the expand's alpha when
+        the pass has no weights (no extra call per slot).
+        """
+        if isinstance(step, AdapterBatch):
+            step = AdapterStep(step.num_tokens, (step,))
+        if not step.has_adapters:
             return
-        r = stack.max_rank
-        weight_bytes = [stack.num_slices * r * stack.in_features] + [w * r for w in stack.output_slices]
-        fused = self.fused_gather and _fusable(x, y, stack)
-        split = self._split(batch, _slot_bytes(stack.lora_a, weight_bytes), stack.num_slices, fused)
-        for i in split.loop_segments:
+        plan = plan if plan is not None else step.plan
+        key = self._stack_key(stack)
+        if not isinstance(plan, TorchPlan) or key not in plan.passes[0]:
+            plan = self.plan_step(step, (stack,))
+        fused = key[2] and _fusable_io(x, y)
+        for batch, pass_plans in zip(step.passes, plan.passes, strict=True):
+            if batch.has_adapters:
+                self._add_pass(x, y, stack, batch, pass_plans[key], fused)
+
+    def _add_pass(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        stack: LoraStack,
+        batch: AdapterBatch,
+        plan: _StackPlan,
+        fused: bool,
+    ) -> None:
+        split = plan.split
+        for i, weights in zip(split.loop_segments, split.loop_weights, strict=True):
             slot = batch.segment_slots[i]
             rank = stack.host_ranks[slot]
             if rank:
                 seg_rows = batch.segment_rows[i]
                 x_seg = x[seg_rows] if isinstance(seg_rows, slice) else x.index_select(0, seg_rows)
                 h_seg = torch.mm(x_seg, stack.lora_a[slot].t())  # [n, P * r], unscaled
+                if weights is not None:
+                    h_seg.mul_(weights)
                 _expand_segment(h_seg, stack.lora_b, slot, rank, seg_rows, y, stack.host_scales[slot])
-        if split.num_gathered:
-            if fused:
-                a_t, b_t = stack.transposed
-                rows = _gather_row_index(batch, split)
-                torch.ops.loramux_cpu.lora_gather(
-                    x, y, rows, split.gather_slots, a_t, b_t, stack.scale, stack.slot_ranks
-                )
-                return
-            h = _shrink_gathered(x, stack.lora_a, batch, split, stack.scale)
-            _expand_gathered(h, stack.lora_b, batch, split, stack.host_ranks, y)
+        if not split.num_gathered:
+            return
+        if fused:
+            a_t, b_t = stack.transposed
+            rows = plan.row_index if plan.row_index is not None else _row_index(split)
+            torch.ops.loramux_cpu.lora_gather(
+                x, y, rows, split.gather_slots, a_t, b_t, stack.scale, stack.slot_ranks, split.gather_weights
+            )
+            return
+        input_bags = bags = None
+        if stack.in_torch_layout:  # else batched matmuls over gathered weights
+            input_bags = plan.input_bags.get(stack.in_features) or _input_bags(split, stack.in_features)
+            bags = plan.bags.get(id(stack)) or _bags(
+                split, stack.host_ranks, stack.max_rank, stack.num_slices
+            )
+        h = _shrink_gathered(x, stack.lora_a, split, stack.scale, input_bags)
+        _expand_gathered(h, stack.lora_b, split, bags, y)
 
     # ---- strategy
 
-    def _split(
-        self, batch: AdapterBatch, slot_bytes: float, num_slices: int, fused_gather: bool = False
-    ) -> _Split:
-        """The cheaper of looping all segments, or looping those worth a matmul and gathering the rest."""
+    def _stack_key(self, stack: LoraStack) -> _StackKey:
+        r = stack.max_rank
+        weight_bytes = [stack.num_slices * r * stack.in_features] + [w * r for w in stack.output_slices]
+        return (
+            _slot_bytes(stack.lora_a, weight_bytes),
+            stack.num_slices,
+            self.fused_gather and _fusable(stack),
+        )
+
+    def _loop_set(self, batch: AdapterBatch, key: _StackKey) -> tuple[int, ...]:
         if self.strategy == "segments":
-            return _split_at(batch, tuple(range(batch.num_segments)))
+            return tuple(range(batch.num_segments))
         if self.strategy == "gather":
-            return _split_at(batch, ())
-        key = ("torch_choice", slot_bytes, num_slices, fused_gather)
-        loop = batch.plans.get(key)
-        if loop is None:
-            gather_calls = 1 if fused_gather else 4 + 3 * num_slices
-            loop = _cheapest_loop_set(batch, slot_bytes, num_slices, gather_calls)
-            batch.plans[key] = loop
-        assert isinstance(loop, tuple)
-        return _split_at(batch, loop)
+            return ()
+        slot_bytes, num_slices, fused_gather = key
+        gather_calls = 1 if fused_gather else 4 + 3 * num_slices
+        return _cheapest_loop_set(batch, slot_bytes, num_slices, gather_calls)
+
+    def _split(self, batch: AdapterBatch, slot_bytes: float, num_slices: int) -> _Split:
+        """For the public ops: this call's split, planned on the spot."""
+        return _split_at(batch, self._loop_set(batch, (slot_bytes, num_slices, False)))
 
 
 def _cheapest_loop_set(
@@ -221,97 +318,108 @@ def _cheapest_loop_set(
 
 
 def _split_at(batch: AdapterBatch, loop_segments: tuple[int, ...]) -> _Split:
-    """Memoised per step: loop these segments, gather the others' tokens (in row order)."""
-    key = ("torch_split", loop_segments)
-    cached = batch.plans.get(key)
-    if cached is None:
-        looped = set(loop_segments)
-        gathered = [i for i in range(batch.num_segments) if i not in looped]
-        gather_rows: Rows
-        if len(gathered) == batch.num_segments:  # every adapted token
-            gather_rows, slots = batch.adapted_rows, batch.adapted_slot_ids
-            slot_list = batch.adapted_slot_ids.tolist()
-        else:
-            row_slots = sorted(
-                (row, batch.segment_slots[i]) for i in gathered for row in _row_list(batch.segment_rows[i])
-            )
-            rows = [row for row, _ in row_slots]
-            slot_list = [slot for _, slot in row_slots]
-            device = batch.token_order.device
-            gather_rows = as_rows(rows, device)
-            slots = torch.tensor(slot_list, dtype=torch.int64).to(device)
-        unique = tuple(batch.segment_slots[i] for i in gathered)
-        cached = _Split(key, loop_segments, gather_rows, slots, tuple(slot_list), unique)
-        batch.plans[key] = cached
-    assert isinstance(cached, _Split)
-    return cached
+    """Loop these segments, gather the others' tokens (in row order)."""
+    looped = set(loop_segments)
+    gathered = [i for i in range(batch.num_segments) if i not in looped]
+    gather_rows: Rows
+    if len(gathered) == batch.num_segments:  # every adapted token
+        gather_rows, slots = batch.adapted_rows, batch.adapted_slot_ids
+        slot_list = batch.adapted_slot_ids.tolist()
+    else:
+        row_slots = sorted(
+            (row, batch.segment_slots[i]) for i in gathered for row in _row_list(batch.segment_rows[i])
+        )
+        rows = [row for row, _ in row_slots]
+        slot_list = [slot for _, slot in row_slots]
+        device = batch.token_order.device
+        gather_rows = as_rows(rows, device)
+        slots = torch.tensor(slot_list, dtype=torch.int64).to(device)
+    loop_weights = []
+    for i in loop_segments:
+        weights = batch.row_weights(batch.segment_rows[i])
+        loop_weights.append(None if weights is None else weights.view(-1, 1))
+    return _Split(
+        loop_segments=loop_segments,
+        gather_rows=gather_rows,
+        gather_slots=slots,
+        gather_slot_list=tuple(slot_list),
+        gather_unique_slots=tuple(batch.segment_slots[i] for i in gathered),
+        gather_weights=batch.row_weights(gather_rows) if gathered else None,
+        loop_weights=tuple(loop_weights),
+    )
 
 
-def _fusable(x: torch.Tensor, y: torch.Tensor, stack: LoraStack) -> bool:
-    a_t, b_t = stack.transposed
+def _plan_gather(split: _Split, stacks: Sequence[LoraStack], *, fused: bool) -> _StackPlan:
+    """What the gather path of these same-shape stacks reads: only for the path they take."""
+    if not split.num_gathered:
+        return _StackPlan(split, None, MappingProxyType({}), MappingProxyType({}))
+    if fused:
+        return _StackPlan(split, _row_index(split), MappingProxyType({}), MappingProxyType({}))
+    input_bags = {}
+    by_pattern: dict[_BagKey, _Bags] = {}
+    bags: dict[int, _Bags] = {}
+    for stack in stacks:
+        if not stack.in_torch_layout:
+            continue  # batched matmuls instead of bags
+        if stack.in_features not in input_bags:
+            input_bags[stack.in_features] = _input_bags(split, stack.in_features)
+        key = _bag_key(split, stack)
+        if key not in by_pattern:
+            by_pattern[key] = _bags(split, stack.host_ranks, stack.max_rank, stack.num_slices)
+        bags[id(stack)] = by_pattern[key]
+    return _StackPlan(split, None, MappingProxyType(input_bags), MappingProxyType(bags))
+
+
+def _bag_key(split: _Split, stack: LoraStack) -> _BagKey:
+    return (stack.max_rank, stack.num_slices, tuple(stack.host_ranks[s] for s in split.gather_unique_slots))
+
+
+def _fusable(stack: LoraStack) -> bool:
+    return stack.lora_a.device.type == "cpu" and stack.lora_a.dtype == torch.float32 and stack.in_torch_layout
+
+
+def _fusable_io(x: torch.Tensor, y: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dim() == y.dim() == 2
         and x.stride(1) == y.stride(1) == 1
-        and x.dtype == y.dtype == stack.lora_a.dtype == torch.float32
-        and a_t.is_contiguous()
-        and all(b.is_contiguous() for b in b_t)
+        and x.dtype == y.dtype == torch.float32
     )
 
 
-def _gather_row_index(batch: AdapterBatch, split: _Split) -> torch.Tensor:
-    """Memoised per step: the gathered rows as an int64 index (a run of rows becomes an arange)."""
+def _row_index(split: _Split) -> torch.Tensor:
+    """The gathered rows as an int64 index (a run of rows becomes an arange)."""
     rows = split.gather_rows
     if not isinstance(rows, slice):
         return rows
-    key = ("torch_gather_rows", split.key)
-    cached = batch.plans.get(key)
-    if cached is None:
-        cached = torch.arange(rows.start, rows.stop, dtype=torch.int64)
-        batch.plans[key] = cached
-    assert isinstance(cached, torch.Tensor)
-    return cached
+    return torch.arange(rows.start, rows.stop, dtype=torch.int64, device=split.gather_slots.device)
 
 
-def _input_bags(batch: AdapterBatch, split: _Split, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memoised per step: shrink bags, token t sums rows slot_t * d_in + k weighted by x[t, k]."""
-    key = ("torch_input_bags", split.key, in_features)
-    cached = batch.plans.get(key)
-    if cached is None:
-        slots = split.gather_slots
-        indices = ((slots * in_features).view(-1, 1) + torch.arange(in_features, device=slots.device)).view(
-            -1
-        )
-        offsets = torch.arange(0, split.num_gathered * in_features, in_features, device=slots.device)
-        cached = (indices, offsets)
-        batch.plans[key] = cached
-    assert isinstance(cached, tuple)
-    return cached
+def _input_bags(split: _Split, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink bags: token t sums rows slot_t * d_in + k weighted by x[t, k]."""
+    slots = split.gather_slots
+    indices = ((slots * in_features).view(-1, 1) + torch.arange(in_features, device=slots.device)).view(-1)
+    offsets = torch.arange(0, split.num_gathered * in_features, in_features, device=slots.device)
+    return indices, offsets
 
 
-def _bags(batch: AdapterBatch, split: _Split, ranks: Sequence[int], r: int, num_slices: int) -> _Bags:
-    """Memoised per step and rank pattern: expand bags, token t sums rows slot_t * r + j, j < rank."""
-    key = ("torch_bags", split.key, r, num_slices, tuple(ranks[s] for s in split.gather_unique_slots))
-    cached = batch.plans.get(key)
-    if cached is None:
-        indices: list[int] = []
-        weight_index: list[int] = []
-        offsets: list[int] = []
-        for t, slot in enumerate(split.gather_slot_list):
-            rank = ranks[slot]
-            offsets.append(len(indices))
-            indices.extend(range(slot * r, slot * r + rank))
-            weight_index.extend(range(t * num_slices * r, t * num_slices * r + rank))
-        device = split.gather_slots.device
-        index = torch.tensor(weight_index, dtype=torch.int64)
-        cached = _Bags(
-            indices=torch.tensor(indices, dtype=torch.int64).to(device),
-            offsets=torch.tensor(offsets, dtype=torch.int64).to(device),
-            weight_index=tuple((index + p * r).to(device) for p in range(num_slices)),
-        )
-        batch.plans[key] = cached
-    assert isinstance(cached, _Bags)
-    return cached
+def _bags(split: _Split, ranks: Sequence[int], r: int, num_slices: int) -> _Bags:
+    """Expand bags for one rank pattern: token t sums rows slot_t * r + j, j < rank."""
+    indices: list[int] = []
+    weight_index: list[int] = []
+    offsets: list[int] = []
+    for t, slot in enumerate(split.gather_slot_list):
+        rank = ranks[slot]
+        offsets.append(len(indices))
+        indices.extend(range(slot * r, slot * r + rank))
+        weight_index.extend(range(t * num_slices * r, t * num_slices * r + rank))
+    device = split.gather_slots.device
+    index = torch.tensor(weight_index, dtype=torch.int64)
+    return _Bags(
+        indices=torch.tensor(indices, dtype=torch.int64).to(device),
+        offsets=torch.tensor(offsets, dtype=torch.int64).to(device),
+        weight_index=tuple((index + p * r).to(device) for p in range(num_slices)),
+    )
 
 
 # ---- segment path
@@ -357,38 +465,43 @@ def _expand_segment(
 
 
 def _shrink_gathered(
-    x: torch.Tensor, lora_a: torch.Tensor, batch: AdapterBatch, split: _Split, scale: torch.Tensor
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    split: _Split,
+    scale: torch.Tensor,
+    input_bags: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """scale[s_t] * x[t] @ A[s_t]^T for the gathered tokens -> [n, P * r] fp32."""
+    """w_t * scale[s_t] * x[t] @ A[s_t]^T for the gathered tokens -> [n, P * r] fp32."""
     rows, slots, n = split.gather_rows, split.gather_slots, split.num_gathered
     x_g = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
     num_slots, width, in_features = lora_a.shape
-    a_t = lora_a.transpose(1, 2)  # [S, d_in, P * r]
-    if a_t.is_contiguous():  # torch layout: h[t] = sum_k x[t, k] * A^T[s_t, k, :], an embedding bag
-        indices, offsets = _input_bags(batch, split, in_features)
+    if input_bags is not None:  # torch layout: h[t] = sum_k x[t, k] * A^T[s_t, k, :], an embedding bag
+        a_t = lora_a.transpose(1, 2)  # [S, d_in, P * r], contiguous
+        indices, offsets = input_bags
         h = _bag_sum(a_t.view(num_slots * in_features, width), indices, offsets, x_g.reshape(-1))
     else:
         h = torch.bmm(lora_a.index_select(0, slots), x_g.unsqueeze(2)).view(n, width)
     h = h.float()
     scale2 = scale.view(num_slots, -1)
     num_slices = scale2.shape[1]
-    h.view(n, num_slices, -1).mul_(scale2.index_select(0, slots).view(n, num_slices, 1))
+    token_scale = scale2.index_select(0, slots)  # [n, P]
+    if split.gather_weights is not None:
+        token_scale = token_scale * split.gather_weights.view(-1, 1)
+    h.view(n, num_slices, -1).mul_(token_scale.view(n, num_slices, 1))
     return h
 
 
 def _expand_gathered(
     h: torch.Tensor,  # [n, P * r], the gathered tokens
     lora_b: Sequence[torch.Tensor],
-    batch: AdapterBatch,
     split: _Split,
-    ranks: Sequence[int],
+    bags: _Bags | None,  # None: not the torch layout, batched matmuls instead
     y: torch.Tensor,
 ) -> None:
     """y[t, slice_p] += h[t, slice p] @ B_p[s_t]^T for the gathered tokens."""
     rows, slots, n = split.gather_rows, split.gather_slots, split.num_gathered
     num_slots, _, r = lora_b[0].shape
     h = h.to(y.dtype)
-    bags = _bags(batch, split, ranks, r, len(lora_b)) if _torch_layout(lora_b) else None
     deltas = []
     for p, b in enumerate(lora_b):
         width = b.shape[1]
@@ -443,3 +556,32 @@ def _write_rows(h: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
         h[rows] = values
     else:
         h.index_copy_(0, rows, values)
+
+
+def lora_gather_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    ranks: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> None:
+    """The reference for torch.ops.loramux_cpu.lora_gather (kernels/csrc/lora_gather.h), in place::
+
+        y[rows[i], slice p] += weights[i] * scale[s, p] * (x[rows[i]] @ A_p[s]^T)[:rank_s] @ B_p[s]^T[:rank_s]
+
+    with s = slots[i], A^T = a_t [S, d_in, P * r], B_p^T = b_t[p] [S, r, out_p]; weights None = 1.0.
+    """
+    r = a_t.shape[2] // len(b_t)
+    w = torch.ones(rows.numel()) if weights is None else weights
+    for i, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist(), strict=True)):
+        rank = int(ranks[slot])
+        h = x[row] @ a_t[slot]  # [P * r]
+        offset = 0
+        for p, b in enumerate(b_t):
+            coef = w[i] * scale[slot, p] * h[p * r : p * r + rank]
+            y[row, offset : offset + b.shape[2]] += coef @ b[slot, :rank]
+            offset += b.shape[2]

@@ -39,12 +39,16 @@ class AdapterConfig:
     max_slots: adapters resident on the device at once (0 = serve no adapters).
     max_rank: the largest LoRA rank accepted (device slots are sized by it).
     host_cache_mb: host memory for adapters read from disk (LRU by bytes).
+    pools: LoRA slot pools as (max_rank, slots) each, e.g. ((8, 24), (16, 8)): an adapter goes to the
+        smallest max rank that fits; () = one pool of (max_rank, max_slots), as with no pools.
+        Set programmatically (no CLI flag yet).
     """
 
     roots: tuple[str, ...] = ()
     max_slots: int = 8
     max_rank: int = 16
     host_cache_mb: int = 1024
+    pools: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_slots < 0:
@@ -53,6 +57,19 @@ class AdapterConfig:
             raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
         if self.host_cache_mb < 1:
             raise ValueError(f"host_cache_mb must be >= 1, got {self.host_cache_mb}")
+        for rank, slots in self.pools:
+            if not 1 <= rank <= self.max_rank or slots < 1:
+                raise ValueError(
+                    f"each slot pool needs 1 <= max rank <= max_rank ({self.max_rank}) and >= 1 slot, "
+                    f"got (rank {rank}, {slots} slots)"
+                )
+
+    @property
+    def pool_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(max_rank, slots) of each LoRA slot pool; () when adapters are off (max_slots 0)."""
+        if self.max_slots == 0:
+            return ()
+        return self.pools or ((self.max_rank, self.max_slots),)
 
 
 MODEL_KERNELS = ("auto", "fused", "torch")  # kernels.model_ops.KERNEL_CHOICES, without importing torch

@@ -9,6 +9,7 @@ import torch
 
 from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec
 from adapters_store.device_slots import DeviceSlots
+from adapters_store.slot_pools import LoraSlotPool
 from kernels import select_backend
 from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
@@ -95,11 +96,15 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
     # The fused LoRA gather comes with the model's fused CPU kernels (--model-kernels).
     backend = select_backend(device, fused_gather=isinstance(model.ops, FusedCpuOps))
     store = AdapterStore(spec, AdapterRoots(config.roots), config.host_cache_mb << 20)
-    slots = DeviceSlots(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, model.dtype)
+    slots = DeviceSlots(
+        [
+            LoraSlotPool(spec, FUSED_PROJECTIONS, num_slots, backend, device, model.dtype, max_rank=rank)
+            for rank, num_slots in config.pool_shapes
+        ]
+    )
     log.info(
-        "adapters: %d device slots of rank <= %d (%s kernels), roots %s",
-        config.max_slots,
-        config.max_rank,
+        "adapters: device slots %s (%s kernels), roots %s",
+        ", ".join(f"{n} of rank <= {r}" for r, n in config.pool_shapes),
         backend.name,
         ", ".join(config.roots) or "none",
     )

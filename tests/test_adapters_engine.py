@@ -126,11 +126,14 @@ def test_mixed_batch_logits_equal_peft_adapter_names(engine: Engine, peft_model,
             [],
             [(i, 0, p[:-1], True) for i, p in enumerate(prompts)],
             CPU,
-            _adapter_batch([s for s, p in zip(slots, prompts, strict=True) for _ in p[:-1]]),
+            _adapter_step(manager, [s for s, p in zip(slots, prompts, strict=True) for _ in p[:-1]]),
         )
         ours_prefill = model(prefill, kv)
         decode = StepBatch.build(
-            [DecodeSeq(i, len(p) - 1, p[-1]) for i, p in enumerate(prompts)], [], CPU, _adapter_batch(slots)
+            [DecodeSeq(i, len(p) - 1, p[-1]) for i, p in enumerate(prompts)],
+            [],
+            CPU,
+            _adapter_step(manager, slots),
         )
         ours_decode = model(decode, kv)
         names = [a or "__base__" for a in adapters]
@@ -148,10 +151,77 @@ def test_mixed_batch_logits_equal_peft_adapter_names(engine: Engine, peft_model,
             manager.slots.release(slot_of[name])
 
 
-def _adapter_batch(slot_ids: list[int]) -> Any:
-    from kernels import AdapterBatch
+def _adapter_step(manager: Any, slot_ids: list[int]) -> Any:
+    """The step's adapter metadata as the engine builds it: one (slot, 1.0) pair per adapted token."""
+    return manager.slots.step([[(s, 1.0)] if s >= 0 else [] for s in slot_ids], CPU)
 
-    return AdapterBatch.build(slot_ids, CPU) if any(s >= 0 for s in slot_ids) else None
+
+def test_two_slot_pools_in_one_model_equal_peft(setup, peft_model) -> None:
+    """A rank-4 and a rank-8 LoRA pool in one model: each adapter lands in the smallest pool it fits,
+    and a step mixing adapters of both pools gives PEFT's `adapter_names=` logits."""
+    from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec, DeviceSlots, LoraSlotPool
+    from kernels import select_backend
+    from server.engine.adapters import FUSED_PROJECTIONS
+    from server.model.loader import load_model
+
+    base_dir, root = setup
+    model = load_model(str(base_dir), CPU, torch.float32, 64).model
+    arch = model.arch
+    spec = BaseModelSpec.llama(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        q_size=arch.q_size,
+        kv_size=arch.kv_size,
+        max_rank=8,
+    )
+    backend = select_backend(CPU)
+    slots = DeviceSlots(
+        [
+            LoraSlotPool(spec, FUSED_PROJECTIONS, 2, backend, CPU, max_rank=4),
+            LoraSlotPool(spec, FUSED_PROJECTIONS, 2, backend, CPU, max_rank=8),
+        ]
+    )
+    slots.attach(model)
+    store = AdapterStore(spec, AdapterRoots((str(root),)), 64 << 20)
+    ready = {name: slots.prepare(store.get(name)) for name in ADAPTERS}
+    assert {name: r.pool for name, r in ready.items()} == {"qv4": 0, "all8": 1, "rs8": 1, "pattern": 0}
+    slot_of = {name: slots.acquire(r) for name, r in ready.items()}
+    assert sorted(slot_of.values()) == [0, 1, 2, 3]  # type: ignore[type-var]
+
+    adapters = [*ADAPTERS, "", "all8", "qv4"]
+    rng = random.Random(7)
+    prompts = [[rng.randrange(5, 4000) for _ in range(6)] for _ in adapters]
+    kv = KVCache(arch.num_layers, len(adapters), arch.num_kv_heads, arch.head_dim, 64, torch.float32, CPU)
+    pairs = [[(slot_of[a], 1.0)] if a else [] for a in adapters]
+    prefill = StepBatch.build(
+        [],
+        [(i, 0, p, True) for i, p in enumerate(prompts)],
+        CPU,
+        slots.step([token for token, p in zip(pairs, prompts, strict=True) for _ in p], CPU),
+    )
+    ours = model(prefill, kv)
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(prompts), adapter_names=[a or "__base__" for a in adapters]).logits
+    torch.testing.assert_close(ours, theirs[:, -1], atol=1e-4, rtol=0)
+
+
+def test_adapter_config_pools(setup) -> None:
+    """AdapterConfig.pools: several LoRA pools from the config; default one pool of max_rank."""
+    from server.model.loader import load_model
+    from server.runtime import build_adapters
+
+    with pytest.raises(ValueError, match="each slot pool needs"):
+        AdapterConfig(max_rank=8, pools=((16, 2),))
+    assert AdapterConfig(max_rank=8, max_slots=3).pool_shapes == ((8, 3),)
+    assert AdapterConfig(max_slots=0, pools=((4, 2),)).pool_shapes == ()
+    base_dir, root = setup
+    model = load_model(str(base_dir), CPU, torch.float32, 64).model
+    manager = build_adapters(model, AdapterConfig(roots=(str(root),), max_rank=8, pools=((4, 2), (8, 1))))
+    assert manager is not None
+    assert [pool.max_rank for pool in manager.slots.pools] == [4, 8]  # type: ignore[attr-defined]
+    assert manager.slots.num_slots == 3 and manager.slots.offsets == (0, 2)
+    manager.shutdown()
 
 
 def _peft_greedy(peft_model, adapter: str, prompt: list[int], new_tokens: int) -> list[int]:

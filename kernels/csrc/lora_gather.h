@@ -10,6 +10,11 @@ namespace loramux::cpu_kernels {
 // Each token reads its own slot's A and B once, straight from the stacks in the "torch" layout
 // (A^T [S, d_in, P*r], each B_p^T [S, r, out_p]), and adds its term to its row of y: one call per
 // stack instead of an embedding_bag, a scale and a gather per projection.
+//
+// Semantics (torch reference: kernels/torch_backend.py lora_gather_ref), for i < len(rows), s = slots[i]:
+//   y[rows[i], slice p] += weights[i] * scale[s, p] * (x[rows[i]] @ A_p[s]^T) @ B_p[s]^T
+// weights is optional (None = 1.0: a single adapter per token); rows must be distinct (one pass of
+// a mixture step holds each row once), as they are written by different threads without atomics.
 
 // h[c] = sum_k x[k] * a[k * a_stride + c] for c < width (width <= 4 vectors), accumulated in registers.
 template <int64_t kVecs>
@@ -58,7 +63,8 @@ void expand_row(const float* coef, int64_t rank, const float* b, int64_t out, fl
 }
 
 void lora_gather(const at::Tensor& x, at::Tensor& y, const at::Tensor& rows, const at::Tensor& slots,
-                 const at::Tensor& a_t, at::TensorList b_t, const at::Tensor& scale, const at::Tensor& ranks) {
+                 const at::Tensor& a_t, at::TensorList b_t, const at::Tensor& scale, const at::Tensor& ranks,
+                 const std::optional<at::Tensor>& weights) {
   check_fp32_cpu(x, "x");
   check_fp32_cpu(y, "y");
   check_fp32_cpu(a_t, "a_t");
@@ -92,6 +98,13 @@ void lora_gather(const at::Tensor& x, at::Tensor& y, const at::Tensor& rows, con
                   slots.is_contiguous() && rows.numel() == slots.numel(),
               "rows and slots must be contiguous int64 of one length");
   const int64_t n = rows.numel(), tokens = x.size(0);
+  const float* wp = nullptr;
+  if (weights.has_value()) {
+    check_fp32_cpu(*weights, "weights");
+    TORCH_CHECK(weights->is_contiguous() && weights->dim() == 1 && weights->numel() == n,
+                "weights must be a contiguous float32 [len(rows)] (one per gathered row)");
+    wp = weights->data_ptr<float>();
+  }
   const int64_t* row = rows.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int32_t* rank = ranks.data_ptr<int32_t>();
@@ -114,8 +127,9 @@ void lora_gather(const at::Tensor& x, at::Tensor& y, const at::Tensor& rows, con
       const float* a = ap + s * d_in * width;
       shrink_row_any(xr, a, d_in, width, h.data());
       float* yr = yp + row[i] * y_stride;
+      const float w = wp ? wp[i] : 1.f;
       for (int64_t p = 0, offset = 0; p < p_count; offset += out_of[p], ++p) {
-        const float sc = sp[s * p_count + p];
+        const float sc = w * sp[s * p_count + p];
         if (sc == 0.f) continue;  // a projection this adapter does not target
         for (int64_t j = 0; j < rk; ++j) coef[j] = sc * h[p * r + j];
         expand_row(coef.data(), rk, b_ptr[p] + s * r * out_of[p], out_of[p], yr + offset);

@@ -31,7 +31,7 @@ TORCH_LIBRARY(loramux_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def(
       "lora_gather(Tensor x, Tensor(a!) y, Tensor rows, Tensor slots, Tensor a_t, Tensor[] b_t, Tensor scale, "
-      "Tensor ranks) -> ()");
+      "Tensor ranks, Tensor? weights=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loramux_cpu, CPU, m) {

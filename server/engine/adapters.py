@@ -21,15 +21,13 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from adapters_store import AdapterNotFound, AdapterStore, LoadedAdapter, check_adapter_name
-from adapters_store.device_slots import DeviceSlots, DeviceSlotStats
+from adapters_store.device_slots import DeviceSlots, DeviceSlotStats, DeviceStep, ReadyAdapter
 from adapters_store.host_cache import HostCacheStats
 from adapters_store.store import StoredAdapter
-from kernels import AdapterBatch, LoraTerm
 from server.engine.events import AdapterSnapshot, EngineEvents, NoEvents
 from server.engine.sequence import Sequence as EngineSequence
 from server.model.llama import LlamaModel
@@ -63,7 +61,7 @@ class AdapterManager:
         self.events: EngineEvents = NoEvents()  # the engine sets its own
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="loramux-adapter-load")
         self._lock = threading.Lock()
-        self._in_flight: dict[str, Future[Any]] = {}  # name -> its load, only while it runs
+        self._in_flight: dict[str, Future[ReadyAdapter]] = {}  # name -> its load, only while it runs
         self._served: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()
         self._host_loads = 0  # every disk -> host load, explicit LoadAdapter included
@@ -73,9 +71,8 @@ class AdapterManager:
 
     @classmethod
     def attach(cls, model: LlamaModel, store: AdapterStore, slots: DeviceSlots) -> AdapterManager:
-        """Give every adapted linear of `model` its slot stack as adapter term."""
-        for layer, linear in model.adapted_linears():
-            linear.adapter_term = LoraTerm(slots.backend, slots.stack(layer, linear.projections))
+        """Give every adapted linear of `model` its adapter terms (one per slot pool)."""
+        slots.attach(model)
         return cls(store, slots)
 
     def shutdown(self) -> None:
@@ -96,7 +93,7 @@ class AdapterManager:
                 "(LoadAdapter / --adapter-root) or list them with ListAdapters"
             )
 
-    def prefetch(self, name: str) -> Future[Any]:
+    def prefetch(self, name: str) -> Future[ReadyAdapter]:
         """Start (or join) the load of `name`: disk -> host on a loader thread, then its device-ready
         form. The future's result is what `acquire` takes; its error is the adapter's refusal."""
         with self._lock:
@@ -109,7 +106,7 @@ class AdapterManager:
             future.add_done_callback(lambda done: self._forget(name, done))
         return future
 
-    def _forget(self, name: str, future: Future[Any]) -> None:
+    def _forget(self, name: str, future: Future[ReadyAdapter]) -> None:
         with self._lock:
             if self._in_flight.get(name) is future:
                 del self._in_flight[name]
@@ -144,12 +141,12 @@ class AdapterManager:
 
     def step_metadata(
         self, token_pairs: list[tuple[tuple[int, float], ...]], device: torch.device
-    ) -> AdapterBatch:
-        """The step's adapter metadata: the device slot of every row (-1 = base model)."""
-        slot_ids = [pairs[0][0] if pairs else -1 for pairs in token_pairs]
-        return AdapterBatch.build(slot_ids, device)
+    ) -> DeviceStep | None:
+        """The step's adapter metadata, built once: every row's (device slot, weight) pairs, split per
+        slot pool, with each pool backend's plan for the step."""
+        return self.slots.step(token_pairs, device)
 
-    def _load_ready(self, name: str) -> Any:
+    def _load_ready(self, name: str) -> ReadyAdapter:
         """Loader thread: the adapter in the host tier (read from disk if needed), device-ready."""
         in_host = self.store.host.peek(name) is not None
         started = time.perf_counter()

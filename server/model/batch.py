@@ -38,7 +38,7 @@ class StepBatch:
     decode: DecodeMeta  # where the decode rows read their cached context
     prefills: tuple[PrefillChunk, ...]
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are wanted
-    adapter_batch: Any = None  # per-step adapter metadata (multi-adapter work)
+    adapter_batch: Any = None  # per-step adapter metadata (adapters_store.DeviceStep), None = base only
 
     @property
     def num_tokens(self) -> int:

@@ -28,12 +28,13 @@ class RMSNorm(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """y = x W^T + b (+ the adapter term of each token's adapter slot).
+    """y = x W^T + b (+ the adapter terms of each token's (slot, weight) pairs).
 
     One instance may hold several projections that read the same input, fused along the output
     dimension (q|k|v, gate|up); `projections` names them in order and `out_features` gives their
-    widths, so adapter terms can later be added per projection slice. The adapter term is empty
-    until the multi-adapter work attaches one (`self.adapter_term`); the model code does not change.
+    widths, so adapter terms are added per projection slice. The device slots attach one term per
+    slot pool (`self.adapter_terms`, adapters_store.DeviceSlots.attach); each reads its pool's part
+    of the step's metadata. This layer does not know pools, slots or backends.
     """
 
     def __init__(
@@ -49,11 +50,12 @@ class AdaptedLinear(nn.Module):
         self.dense = Dense(weight, bias, ops)
         self.projections = projections
         self.out_features = out_features
-        # Filled in by the adapter store: a callable (x, y, adapter_batch) -> None adding to y in place.
-        self.adapter_term: Any = None
+        # Filled in by the adapter store: callables (x, y, adapter_step) -> None adding to y in place.
+        self.adapter_terms: tuple[Any, ...] = ()
 
-    def forward(self, x: torch.Tensor, adapter_batch: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_step: Any = None) -> torch.Tensor:
         y = self.dense(x)
-        if self.adapter_term is not None and adapter_batch is not None:
-            self.adapter_term(x, y, adapter_batch)
+        if adapter_step is not None:
+            for term in self.adapter_terms:
+                term(x, y, adapter_step)
         return y

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraBackend, LoraStack, cpu_extension, select_backend
+from kernels import AdapterStep, LoraBackend, LoraStack, cpu_extension, select_backend
 from kernels.expand import lora_expand_ref
 from kernels.shrink import lora_shrink_ref
 from kernels.torch_backend import TorchBackend
@@ -195,16 +195,18 @@ def test_expand_reads_only_each_slots_rank(name: str, strategy: str, device: str
     torch.testing.assert_close(y, expected, **FP32)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "segments", "gather"])
-def test_one_batch_serves_stacks_of_different_shapes_and_ranks(strategy: str) -> None:
-    """The step's batch (and the plans memoised in it) is shared by every layer's stacks."""
+@pytest.mark.parametrize("strategy", ["auto", "segments", "gather", "auto+fused"])
+def test_one_plan_serves_stacks_of_different_shapes_and_ranks(strategy: str) -> None:
+    """The step's metadata and its plan (made once, before any layer) serve every layer's stacks."""
     ids = slot_ids_for("zipf", 33)
     first = make_case(ids, layout="torch", ranks=(8, 3, 8, 5))
     second = make_case(ids, layout="torch", slices=(16, 16), in_features=24, ranks=(2, 8, 0, 6, 7), seed=5)
-    backend = select_backend("cpu", strategy=strategy)  # type: ignore[arg-type]
+    backend = backend_for("torch", strategy, "cpu")
+    step = AdapterStep.single(ids)
+    step = step.with_plan(backend.plan_step(step, [first.stack, second.stack]))
     for case in (first, second, first):
         y = case.y.clone()
-        backend.add_lora(case.x, y, case.stack, first.batch)  # one batch for all calls
+        backend.add_lora(case.x, y, case.stack, step)  # one step and plan for all calls
         torch.testing.assert_close(y, reference_add_lora(case), **FP32)
 
 
@@ -215,11 +217,29 @@ def test_auto_loops_long_segments_and_gathers_the_rest() -> None:
     """
     ids = list(range(1, 25)) + [0] * 48
     case = make_case(ids, layout="torch", slices=(1536, 1536), in_features=576, max_rank=16, ranks=(16,))
+    backend = TorchBackend("auto")
+    step = AdapterStep.single(ids)
+    plan = backend.plan_step(step, [case.stack])
     y = case.y.clone()
-    select_backend("cpu").add_lora(case.x, y, case.stack, case.batch)
+    backend.add_lora(case.x, y, case.stack, step, plan)
     torch.testing.assert_close(y, reference_add_lora(case), rtol=1e-4, atol=1e-4)
-    splits = [plan for key, plan in case.batch.plans.items() if key[0] == "torch_split"]
-    assert [(plan.loop_segments, plan.num_gathered) for plan in splits] == [((0,), 24)]  # type: ignore[attr-defined]
+    (stack_plans,) = plan.passes
+    assert [(p.split.loop_segments, p.split.num_gathered) for p in stack_plans.values()] == [((0,), 24)]
+
+
+def test_plan_holds_only_what_the_chosen_path_reads() -> None:
+    """The fused gather reads a row index, never embedding_bag bags; the torch ops read bags."""
+    ids = slot_ids_for("distinct", 33)
+    case = make_case(ids, layout="torch")
+    step = AdapterStep.single(ids)
+    torch_ops = TorchBackend("gather").plan_step(step, [case.stack]).passes[0]
+    (only,) = torch_ops.values()
+    assert only.row_index is None and only.input_bags and only.bags
+    require_compiler()
+    cpu_extension.load()
+    fused = TorchBackend("gather", fused_gather=True).plan_step(step, [case.stack]).passes[0]
+    (only,) = fused.values()
+    assert only.row_index is not None and not only.input_bags and not only.bags
 
 
 @pytest.mark.gpu

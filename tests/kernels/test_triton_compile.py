@@ -33,8 +33,9 @@ for dtype, has_ranks in (("fp32", True), ("bf16", False)):
     index = {"token_order_ptr": "*i64", "segment_table_ptr": "*i32", "ranks_ptr": "*i32"}
     compile_kernel(
         _lora_shrink_kernel,
-        {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "h_ptr": "*fp32", "scale_ptr": "*fp32", **index},
-        {"HAS_RANKS": has_ranks, "BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 64},
+        {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "h_ptr": "*fp32", "scale_ptr": "*fp32",
+         "weights_ptr": "*fp32", **index},
+        {"HAS_RANKS": has_ranks, "HAS_WEIGHTS": has_ranks, "BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 64},
     )
     compile_kernel(
         _lora_expand_kernel,

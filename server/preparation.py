@@ -77,10 +77,7 @@ class RequestPreparer:
         if mixture and adapter:
             raise InvalidRequest("set either adapter or adapters (a weighted mixture), not both")
         if mixture:
-            choice = self._mixture(mixture)
-            raise NotImplementedError(
-                f"weighted adapter mixtures ({choice.label}) are not served yet; name one adapter instead"
-            )
+            return self._mixture(mixture)
         if adapter == AUTO_ADAPTER:
             raise NotImplementedError(
                 "adapter 'auto' needs the router, which is not built yet; name an adapter "

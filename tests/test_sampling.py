@@ -8,7 +8,9 @@ from server.engine.request import SamplingParams
 from server.engine.sampling import Sampler
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
     return Sampler(torch.Generator()).sample(logits, params, list(generators)).tokens
 
 

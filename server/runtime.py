@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -12,6 +13,7 @@ from adapters_store.device_slots import DeviceSlots
 from kernels import select_backend
 from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
+from server.cpus import usable_cpus
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
 from server.model.llama import LlamaModel
@@ -43,6 +45,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def build_engine(config: ServerConfig) -> Engine:
     """Load the model and allocate the engine on a short-lived thread (see below)."""
+    # One process-wide count: every thread that runs torch ops (the loader, the engine) takes it
+    # on its first parallel call. The default leaves out CPUs a cgroup quota would throttle.
+    # How the threads wait (OMP_WAIT_POLICY) was fixed when torch loaded; see server/cpus.py.
+    threads = config.threads or usable_cpus()
+    torch.set_num_threads(threads)
+    log.info(
+        "%d intra-op threads (%s), OMP_WAIT_POLICY=%s",
+        threads,
+        "--threads" if config.threads else "CPUs usable",
+        os.environ.get("OMP_WAIT_POLICY", "unset"),
+    )
     # Why a thread: libgomp keeps an OpenMP worker pool per thread that ran parallel torch code,
     # and once it manages more threads than there are CPUs it stops spin-waiting between parallel
     # regions. A pool left on the main thread by loading made every engine step ~1.7x slower on

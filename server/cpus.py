@@ -1,8 +1,9 @@
 """How many CPUs this process may use, and the OpenMP settings that share them well.
 
-`usable_cpus()` is the engine's default thread count: the CPUs in this process's affinity mask,
-capped by the cgroup CPU quota (a container limited to 2 CPUs on a 64-core host gets 2; libgomp
-and torch see only the affinity mask, so they would start 64 threads there).
+`default_threads(environ)` is the engine's thread count without `--threads`: a user's own
+OMP_NUM_THREADS (as torch would take it), else `usable_cpus()`: the CPUs in this process's
+affinity mask, capped by the cgroup CPU quota (a container limited to 2 CPUs on a 64-core host
+gets 2; libgomp and torch see only the affinity mask, so they would start 64 threads there).
 
 `openmp_defaults(environ)` sets, unless the user set them, the libgomp variables that make
 torch's OpenMP threads sleep instead of spinning when they wait for each other. libgomp reads
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -29,6 +30,15 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # setdefault-ed into the environment before torch loads libgomp; a user's own value wins.
 # (A user's GOMP_SPINCOUNT also wins over this in libgomp itself: it overrides the wait policy.)
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def default_threads(environ: Mapping[str, str], cpus: Callable[[], int] | None = None) -> int:
+    """OMP_NUM_THREADS when it is a positive integer, else `cpus()` (default usable_cpus())."""
+    try:
+        threads = int(environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:  # unset, or a list ("4,2") meant for nested regions
+        threads = 0
+    return threads if threads >= 1 else (cpus or usable_cpus)()
 
 
 def usable_cpus(

@@ -13,7 +13,7 @@ from adapters_store.device_slots import DeviceSlots
 from kernels import select_backend
 from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
-from server.cpus import usable_cpus
+from server.cpus import default_threads
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
 from server.model.llama import LlamaModel
@@ -48,12 +48,12 @@ def build_engine(config: ServerConfig) -> Engine:
     # One process-wide count: every thread that runs torch ops (the loader, the engine) takes it
     # on its first parallel call. The default leaves out CPUs a cgroup quota would throttle.
     # How the threads wait (OMP_WAIT_POLICY) was fixed when torch loaded; see server/cpus.py.
-    threads = config.threads or usable_cpus()
+    threads = config.threads or default_threads(os.environ)
     torch.set_num_threads(threads)
     log.info(
         "%d intra-op threads (%s), OMP_WAIT_POLICY=%s",
         threads,
-        "--threads" if config.threads else "CPUs usable",
+        "--threads" if config.threads else "OMP_NUM_THREADS or the CPUs usable",
         os.environ.get("OMP_WAIT_POLICY", "unset"),
     )
     # Why a thread: libgomp keeps an OpenMP worker pool per thread that ran parallel torch code,

@@ -12,7 +12,7 @@ import torch
 
 from server import cli
 from server.config import ServerConfig
-from server.cpus import OPENMP_DEFAULTS, cgroup_cpu_quota, openmp_defaults, usable_cpus
+from server.cpus import OPENMP_DEFAULTS, cgroup_cpu_quota, default_threads, openmp_defaults, usable_cpus
 from server.runtime import build_engine
 
 
@@ -95,6 +95,16 @@ def test_a_quota_above_the_affinity_mask_leaves_the_mask(tmp_path: Path) -> None
 
 def test_at_least_one_cpu(tmp_path: Path) -> None:
     assert _cpus(tmp_path, 0) == 1
+
+
+@pytest.mark.parametrize(("environ", "expected"), [({"OMP_NUM_THREADS": "3"}, 3), ({}, 5)])
+def test_a_users_omp_num_threads_is_the_default(environ: dict[str, str], expected: int) -> None:
+    assert default_threads(environ, cpus=lambda: 5) == expected
+
+
+@pytest.mark.parametrize("value", ["", "0", "4,2", "x"])
+def test_an_omp_num_threads_that_is_not_a_count_is_ignored(value: str) -> None:
+    assert default_threads({"OMP_NUM_THREADS": value}, cpus=lambda: 5) == 5
 
 
 # ---- --threads ---------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
         result["speedup"] = round(ours["decode"] / theirs["decode"], 2)
         result["e2e_speedup"] = round(ours["e2e"] / theirs["e2e"], 2)
     result["torch_threads"] = torch.get_num_threads()
-    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+    result["openmp_env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}
     result["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     if args.json:
         print(json.dumps(result))

@@ -10,10 +10,12 @@ torch's OpenMP threads sleep instead of spinning when they wait for each other. 
 them once, when it is loaded (when torch is imported), so `server/cli.py` applies them before
 any torch import. Why PASSIVE: by default libgomp threads spin ~300,000 iterations (milliseconds)
 at every barrier; beside another busy process a spinning thread burns the time slice its
-descheduled partner needs, and one 64-token request went from ~2 s to 70 s. Measured on the
-project's 2-core machine (bench/RESULTS.md, "Sharing the CPUs"): passive waiting keeps a request
-beside a neighbour on every core within the 3x bar, at a small cost on a quiet machine, which
-fewer threads (1) would pay in full.
+descheduled partner needs, and one 64-token request went from ~2 s to 70-77 s. Measured on the
+project's 2-core machine (bench/RESULTS.md, "Sharing the CPUs"): with passive waits the same
+request beside a neighbour on every core took 5-6 s, 1.7-1.8x its time without the neighbour.
+One thread does as well when the cores are shared, but leaves a quiet machine's second core
+idle, so it is `--threads 1`, not the default; a shorter spin (GOMP_SPINCOUNT=1000-10000) was
+3-4x in a first probe, above the bar.
 
 Nothing here imports torch or knows about the engine.
 """

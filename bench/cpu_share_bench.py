@@ -1,9 +1,9 @@
 """`loramux bench cpu-share`: one request's latency on a quiet machine against beside a busy neighbour.
 
 For each setting (default: `default`, the server as shipped; `spin`, libgomp's default spinning
-waits, the behaviour before `serve` chose passive waits; `threads1`, one intra-op thread), a real
-`loramux serve` subprocess is started (so the command line's environment defaults apply) and one
-gRPC `Generate` is timed: a short chat prompt, greedy, exactly --new-tokens tokens (EOS ignored),
+waits, the behaviour before `serve` chose passive waits; `threads1`, one intra-op thread; also
+`spin10000`, a short spin before sleeping), a real `loramux serve` subprocess is started (so the
+command line's environment defaults apply) and one gRPC `Generate` is timed: a short chat prompt, greedy, exactly --new-tokens tokens (EOS ignored),
 the default SmolLM2 unless --model. Quiet and busy runs alternate, --repeats of each, and the
 median of each is kept; busy means a neighbour process spinning pure Python on every CPU this
 process may use, started just before the request and stopped after it (with a hard time bound).
@@ -47,6 +47,8 @@ SETTINGS = {
     # libgomp's own default (what `serve` ran before it set OMP_WAIT_POLICY=PASSIVE): spin about
     # 300,000 times at each wait. A GOMP_SPINCOUNT overrides the wait policy inside libgomp.
     "spin": Setting(env={"GOMP_SPINCOUNT": "300000"}),
+    # A short spin before sleeping: the middle ground between spinning and passive waits.
+    "spin10000": Setting(env={"GOMP_SPINCOUNT": "10000"}),
     "threads1": Setting(flags=("--threads", "1")),
 }
 

@@ -12,10 +12,9 @@ any torch import. Why PASSIVE: by default libgomp threads spin ~300,000 iteratio
 at every barrier; beside another busy process a spinning thread burns the time slice its
 descheduled partner needs, and one 64-token request went from ~2 s to 70-77 s. Measured on the
 project's 2-core machine (bench/RESULTS.md, "Sharing the CPUs"): with passive waits the same
-request beside a neighbour on every core took 5-6 s, 1.7-1.8x its time without the neighbour.
-One thread does as well when the cores are shared, but leaves a quiet machine's second core
-idle, so it is `--threads 1`, not the default; a shorter spin (GOMP_SPINCOUNT=1000-10000) was
-3-4x in a first probe, above the bar.
+request beside a neighbour on every core took 5-6 s, 1.7-2.5x its time without the neighbour.
+One thread was 1.7-3.2x, and leaves a quiet machine's second core idle, so it is `--threads 1`,
+not the default; a short spin (GOMP_SPINCOUNT=10000) was 3.6x, above the 3x bar.
 
 Nothing here imports torch or knows about the engine.
 """

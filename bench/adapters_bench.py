@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--popularities", default=",".join(POPULARITIES))
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline (slow)")
     parser.add_argument("--scale", action="store_true", help="also run the 1,000-vs-8 adapters check")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="as `serve --threads` (default: CPUs usable)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--scale-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--adapter-dir", default="", help=argparse.SUPPRESS)
@@ -184,6 +187,7 @@ def engine_for(
 ) -> Engine:
     config = ServerConfig(
         device="cpu",
+        threads=args.threads,
         engine=EngineConfig(max_running=args.batch, max_queue=4096, max_batched_tokens=max(512, args.batch)),
         adapters=AdapterConfig(roots=roots, max_slots=max_slots, max_rank=max_rank, host_cache_mb=1024),
     )
@@ -331,6 +335,7 @@ def scale_cases(args: argparse.Namespace, root: Path) -> None:
         command = [sys.executable, "-m", "bench.adapters_bench", "--scale-child", str(count)]
         command += ["--adapter-dir", str(scale_root)]
         command += ["--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+        command += ["--threads", str(args.threads)] if args.threads else []
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         emit(args, {"case": "scale", **json.loads(result.stdout.strip().splitlines()[-1])})
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import threading
 import time
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(MODEL_KERNELS),
         default="auto",
         help="our engine's non-GEMM ops and CPU matmuls, as `serve --model-kernels` (default auto)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="as `serve --threads` (default: CPUs usable)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -118,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
         model=args.model,
         device="cpu",
         model_kernels=args.model_kernels,
+        threads=args.threads,
         engine=EngineConfig(max_running=max(args.batch, 1), max_batched_tokens=max(512, args.batch)),
     )
     engine = build_engine(config)
@@ -147,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
         result["speedup"] = round(ours["decode"] / theirs["decode"], 2)
         result["e2e_speedup"] = round(ours["e2e"] / theirs["e2e"], 2)
     result["torch_threads"] = torch.get_num_threads()
+    result["openmp_env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}
     result["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     if args.json:
         print(json.dumps(result))

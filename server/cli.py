@@ -5,7 +5,7 @@
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
-    loramux bench engine|adapters ...   benchmarks (flags belong to bench.<name>_bench)
+    loramux bench engine|adapters|cpu-share ...   benchmarks (flags belong to bench.<name>_bench)
 
 Parsers are built here and only here, and flags become a `ServerConfig` (`server_config`)
 here. The handlers live elsewhere: the client commands (generate, info, adapters) in
@@ -31,6 +31,7 @@ from server.client_commands import (
     cmd_info,
 )
 from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, ServerConfig
+from server.cpus import openmp_defaults
 from server.serve_commands import cmd_http, configure_logging, run_server
 
 API_KEY_ENV = "LORAMUX_API_KEY"
@@ -165,6 +166,13 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=server.drain_timeout_s,
         help="on SIGTERM/SIGINT, seconds running requests get to finish (default: %(default)s)",
     )
+    serve.add_argument(
+        "--threads",
+        type=_positive,
+        default=server.threads,
+        help="the engine's intra-op threads (default: the CPUs this process may use, capped by its "
+        "cgroup CPU quota; see README 'Serving' beside other busy processes)",
+    )
     _add_secrets(serve, admin=True)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
@@ -188,6 +196,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -233,6 +248,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         admin_token=args.admin_token,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
+        threads=args.threads,
         engine=engine,
         adapters=adapters,
     )
@@ -240,6 +256,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     """Flags to a ServerConfig (2 when they describe bad limits); `run_server` runs it."""
+    openmp_defaults(os.environ)  # before torch (and its libgomp) loads: server/cpus.py says why
     configure_logging(args.log_level)
     try:
         config = server_config(args)
@@ -375,13 +392,15 @@ _BENCHMARKS = {
     "engine": "engine vs transformers generate",
     "adapters": "multi-adapter decode vs base-only and PEFT",
     "memory": "resident memory over 1,000 distinct adapters through a small host cache",
+    "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
 }
 
 
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     name = args.bench_command
+    openmp_defaults(os.environ)  # as `serve` runs, and before the benchmark imports torch
     try:
-        module = importlib.import_module(f"bench.{name}_bench")
+        module = importlib.import_module(f"bench.{name.replace('-', '_')}_bench")
     except ImportError as exc:
         print(f"error: the {name} benchmark is not available ({exc})", file=sys.stderr)
         return 1

@@ -95,5 +95,10 @@ class ServerConfig:
     admin_token: str | None = field(default=None, repr=False)  # LoadAdapter / UnloadAdapter
     request_timeout_s: float = 600.0  # a generation running longer is aborted; 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
+    threads: int | None = None  # the engine's intra-op (OpenMP) threads; None = server.cpus.usable_cpus()
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")

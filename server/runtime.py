@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -13,6 +14,7 @@ from adapters_store.slot_pools import LoraSlotPool
 from kernels import select_backend
 from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
+from server.cpus import default_threads
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
 from server.engine.events import EngineEvents
@@ -49,6 +51,17 @@ def build_engine(config: ServerConfig, events: EngineEvents | None = None) -> En
     `events` observes the engine (the server's metrics); the caller also has it watch
     `engine.snapshot` where it needs gauges.
     """
+    # One process-wide count: every thread that runs torch ops (the loader, the engine) takes it
+    # on its first parallel call. The default leaves out CPUs a cgroup quota would throttle.
+    # How the threads wait (OMP_WAIT_POLICY) was fixed when torch loaded; see server/cpus.py.
+    threads = config.threads or default_threads(os.environ)
+    torch.set_num_threads(threads)
+    log.info(
+        "%d intra-op threads (%s), OMP_WAIT_POLICY=%s",
+        threads,
+        "--threads" if config.threads else "OMP_NUM_THREADS or the CPUs usable",
+        os.environ.get("OMP_WAIT_POLICY", "unset"),
+    )
     # Why a thread: libgomp keeps an OpenMP worker pool per thread that ran parallel torch code,
     # and once it manages more threads than there are CPUs it stops spin-waiting between parallel
     # regions. A pool left on the main thread by loading made every engine step ~1.7x slower on

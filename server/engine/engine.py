@@ -233,6 +233,9 @@ class Engine:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # ATen sets this thread's OpenMP thread count on its first parallel call, from the
+        # process-wide torch.set_num_threads (server/runtime.py); this reads it from here.
+        log.info("engine thread: %d intra-op threads", torch.get_num_threads())
         try:
             while not self._stopping:
                 self._drain_inbox(block=not self.scheduler.can_step)

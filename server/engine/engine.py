@@ -275,7 +275,7 @@ class Engine:
     def _publish_lora_state(self) -> None:
         """Which adapters run and wait, for the scrape thread (one tuple swap per loop turn)."""
         running = sorted({n for s in self.scheduler.running for n in s.request.adapters.names})
-        waiting = sorted({n for s in list(self.scheduler.waiting) for n in s.request.adapters.names})
+        waiting = sorted({n for s in self.scheduler.waiting_sequences() for n in s.request.adapters.names})
         self._lora_state = (tuple(running), tuple(waiting))
 
     def _deliver(self, deliveries: list[Delivery]) -> None:

@@ -115,6 +115,10 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def waiting_sequences(self) -> list[Sequence]:
+        with self._lock:
+            return list(self.waiting)
+
     # -- engine thread ---------------------------------------------------------------------------
 
     @property
@@ -124,7 +128,7 @@ class Scheduler:
     @property
     def can_step(self) -> bool:
         """False only while nothing runs and every waiting sequence waits for its adapters' loads."""
-        return bool(self.running) or any(seq.loads_done for seq in list(self.waiting))
+        return bool(self.running) or any(seq.loads_done for seq in self.waiting_sequences())
 
     def schedule(self) -> StepPlan:
         """Admit what fits, then plan one step: every prefilled sequence decodes one token and
@@ -180,7 +184,8 @@ class Scheduler:
         """Refuse new sequences and finish every one still here (engine shutdown)."""
         with self._lock:
             self._closed = True
-        live = list(self.running) + list(self.waiting)
+            waiting = list(self.waiting)
+        live = list(self.running) + waiting
         return [self.finish(seq, reason, error=error) for seq in live]
 
     def finish(
@@ -204,9 +209,7 @@ class Scheduler:
 
     def _admit(self) -> list[Delivery]:
         failed: list[Delivery] = []
-        with self._lock:
-            candidates = list(self.waiting)
-        for seq in candidates:
+        for seq in self.waiting_sequences():
             if len(self.running) >= self.config.max_running:
                 break
             if not seq.loads_done:

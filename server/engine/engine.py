@@ -30,7 +30,7 @@ from server.engine.request import (
     InvalidRequest,
     RequestOutput,
 )
-from server.engine.sampling import sample
+from server.engine.sampling import Sampler
 from server.engine.scheduler import Scheduler, Sequence, StepPlan
 from server.metrics import UNKNOWN_ADAPTER, Metrics
 from server.model.batch import DecodeSeq, StepBatch
@@ -120,7 +120,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: BaseException | None = None
-        self._rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
+        self.sampler = Sampler(torch.Generator().manual_seed(int(time.time_ns() % 2**63)))
         self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting) adapters
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.register_engine(self)
@@ -237,10 +237,11 @@ class Engine:
                 "or lower max_tokens"
             )
 
-    def _generator_for(self, request: GenerationRequest) -> torch.Generator:
+    def _generator_for(self, request: GenerationRequest) -> torch.Generator | None:
+        """A seeded request's own generator; None: it draws from the sampler's."""
         if request.sampling.seed is not None:
             return torch.Generator().manual_seed(request.sampling.seed)
-        return self._rng
+        return None
 
     # ---- engine thread ------------------------------------------------------------------------
 
@@ -312,10 +313,15 @@ class Engine:
             seq.num_cached += 1
         # 3) sample for every sequence that now has next-token logits
         sampled = plan.decodes + [s for s, _ in plan.prefills if s.prefilled]
-        tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
-        # 4) detokenize, stream, retire finished sequences
-        for seq, token in zip(sampled, tokens, strict=True):
-            self._append(seq, token)
+        out = self.sampler.sample(
+            logits, [s.request.sampling for s in sampled], [s.generator for s in sampled]
+        )
+        # 4) detokenize, stream, retire finished sequences (a row that could not be sampled fails alone)
+        for row, (seq, token) in enumerate(zip(sampled, out.tokens, strict=True)):
+            if row in out.errors:
+                self._finish(seq, FinishReason.ERROR, error=out.errors[row])
+            else:
+                self._append(seq, token)
 
     def _ready(self, seq: Sequence) -> bool:
         """A waiting sequence may start once its adapter is in the host tier and pinned in a slot."""

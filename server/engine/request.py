@@ -27,6 +27,9 @@ class EngineUnavailable(EngineError):
     """The engine is stopped or its thread died (maps to UNAVAILABLE / HTTP 503)."""
 
 
+GREEDY_TEMPERATURE = 1e-5  # below this a temperature is greedy: dividing by it overflows fp32
+
+
 class FinishReason(StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
@@ -49,7 +52,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first absurd value."""

@@ -1,39 +1,185 @@
-"""Next-token sampling for one step: greedy rows at once, the rest row by row with their own RNG.
+"""Next-token sampling for one step: greedy rows with one max(), the rest in batched groups.
 
-A seeded request owns a torch.Generator, so it samples the same tokens whatever it is batched
-with; unseeded requests draw from the engine's generator.
+Rows that share (temperature, top_k, top_p) are sampled together by inverse CDF: each row draws
+exactly one uniform per step, from its request's own generator when the request is seeded (so
+its tokens do not depend on what it is batched with) or from the sampler's generator when not.
+No full-vocabulary sort: top_k takes `torch.topk`; top_p looks at the top `top_p_candidates`
+tokens and sorts a whole row only when those do not hold top_p of its mass, so it stays exact.
+
+A row whose logits hold NaN or +inf, or whose group fails for any reason, fails alone: its
+request gets an error and its neighbours get their tokens. This module knows nothing about
+requests beyond their SamplingParams, nor about the model, the scheduler or streaming.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from server.engine.request import SamplingParams
 
-
-def sample(
-    logits: torch.Tensor,  # [N, vocab] fp32
-    params: list[SamplingParams],
-    generators: list[torch.Generator],
-) -> list[int]:
-    tokens = logits.max(dim=-1).indices.tolist()  # max() is ~2.5x faster than argmax() on CPU
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, gen)
-    return tokens
+# Top-p candidates before falling back to a full sort. On SmolLM2 logits at T=0.7, top_p=0.9 the
+# nucleus is ~5 tokens at the median, 54 at the 99th percentile; 256 leaves ~1% of rows to the
+# fallback (see bench/RESULTS.md, "Sampling").
+DEFAULT_TOP_P_CANDIDATES = 256
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[0]:
-        values, indices = torch.topk(logits, p.top_k)
+@dataclass(frozen=True)
+class Sampled:
+    """One step's next tokens: `tokens[i]` for row i, or -1 with `errors[i]` saying why not."""
+
+    tokens: list[int]
+    errors: dict[int, str]
+
+
+@dataclass(frozen=True)
+class _GroupKey:
+    """What decides how a row is sampled; rows with equal keys are sampled in one batch."""
+
+    temperature: float
+    top_k: int  # 0 = the whole vocabulary
+    top_p: float  # 1.0 = off
+
+
+class Sampler:
+    """Samples next tokens; holds the generator of unseeded requests (the engine's only RNG)."""
+
+    def __init__(self, generator: torch.Generator, top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES):
+        if top_p_candidates < 1:
+            raise ValueError(f"top_p_candidates must be >= 1, got {top_p_candidates}")
+        self.generator = generator
+        self.top_p_candidates = top_p_candidates
+
+    def sample(
+        self,
+        logits: torch.Tensor,  # [N, vocab] fp32
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],  # a seeded row's own generator; None = unseeded
+    ) -> Sampled:
+        """One token per row. Never raises for a bad row: that row gets -1 and an entry in `errors`."""
+        num_rows, vocab_size = logits.shape
+        if len(params) != num_rows or len(generators) != num_rows:
+            raise ValueError(
+                f"{num_rows} logit rows but {len(params)} params and {len(generators)} generators"
+            )
+        # 1) rows that cannot be sampled at all
+        errors = _non_finite_rows(logits)
+        # 2) greedy rows (and top_k = 1) from one max over all rows: cheaper than picking them out
+        best = logits.max(dim=-1)  # max() is ~2.5x faster than argmax() on CPU
+        tokens: list[int] = best.indices.tolist()
+        # 3) every other row in a batch with the rows that share its params
+        for key, rows in _groups(params, errors, vocab_size).items():
+            try:
+                uniforms = self._uniforms([generators[r] for r in rows])
+                chosen = self._sample_group(logits, best.values, rows, key, uniforms)
+            except Exception as exc:  # fail this group's requests, not the step
+                for r in rows:
+                    errors[r] = f"sampling failed: {exc!r}"
+                continue
+            for r, token in zip(rows, chosen.tolist(), strict=True):
+                tokens[r] = token
+        for r in errors:
+            tokens[r] = -1
+        return Sampled(tokens, errors)
+
+    def _uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One uniform in [0, 1) per row: seeded rows from their own generator, the rest from ours."""
+        uniforms = torch.empty(len(generators), dtype=torch.float64)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if unseeded:
+            uniforms[unseeded] = torch.rand(len(unseeded), generator=self.generator, dtype=torch.float64)
+        for i, g in enumerate(generators):
+            if g is not None:
+                uniforms[i] = torch.rand((), generator=g, dtype=torch.float64)
+        return uniforms
+
+    def _sample_group(
+        self,
+        logits: torch.Tensor,  # [N, vocab]
+        row_max: torch.Tensor,  # [N]
+        rows: list[int],
+        key: _GroupKey,
+        uniforms: torch.Tensor,  # [n] float64
+    ) -> torch.Tensor:  # [n] token ids
+        index = torch.tensor(rows)
+        # Shift by the row max before dividing: a tiny temperature cannot overflow to +inf (NaN).
+        scaled = logits.index_select(0, index).sub_(row_max.index_select(0, index).unsqueeze(-1))
+        scaled.div_(key.temperature)  # [n, vocab], every value <= 0
+        if key.top_k:
+            values, candidates = scaled.topk(key.top_k)  # sorted, so top_p can cut a prefix
+            positions = _inverse_cdf(torch.softmax(values, -1), uniforms, key.top_p)
+            return candidates.gather(-1, positions).squeeze(-1)
+        probs = torch.softmax(scaled, -1)
+        if key.top_p >= 1.0:  # vocabulary order: no sort at all
+            return _inverse_cdf(probs, uniforms, 1.0).squeeze(-1)
+        return self._sample_top_p(probs, uniforms, key.top_p)
+
+    def _sample_top_p(
+        self,
+        probs: torch.Tensor,  # [n, vocab]
+        uniforms: torch.Tensor,  # [n]
+        top_p: float,
+    ) -> torch.Tensor:  # [n]
+        """Nucleus sampling from the top candidates; a full sort only for rows they cannot serve."""
+        k = min(self.top_p_candidates, probs.shape[-1])
+        top_probs, candidates = probs.topk(k)  # [n, k], sorted
+        tokens = candidates.gather(-1, _inverse_cdf(top_probs, uniforms, top_p)).squeeze(-1)
+        # Candidates short of top_p: the nucleus reaches past them, so sort that row in full.
+        short = (top_probs.sum(-1) < top_p).nonzero().flatten().tolist() if k < probs.shape[-1] else []
+        for r in short:
+            sorted_probs, order = probs[r : r + 1].sort(-1, descending=True)
+            tokens[r] = order[0, _inverse_cdf(sorted_probs, uniforms[r : r + 1], top_p)[0, 0]]
+        return tokens
+
+
+def _inverse_cdf(
+    probs: torch.Tensor,  # [n, m]; sorted descending when top_p < 1
+    uniforms: torch.Tensor,  # [n] in [0, 1)
+    top_p: float,
+) -> torch.Tensor:  # [n, 1] positions in 0..m-1
+    """Position of one draw per row from `probs` cut to the smallest prefix of mass >= top_p.
+
+    Exact for unnormalised rows too: the draw is scaled by the kept mass.
+    """
+    cdf = probs.cumsum(-1)
+    last = cdf.shape[-1] - 1
+    if top_p < 1.0:  # keep token i while the mass before it is < top_p: up to the first cdf >= top_p
+        end = torch.searchsorted(cdf, torch.full_like(cdf[:, :1], top_p)).clamp_(max=last)
     else:
-        values, indices = torch.sort(logits, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    if p.top_p < 1.0:
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        cumulative = torch.cumsum(probs, dim=-1)
-        keep = (cumulative - probs) < p.top_p
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(indices[choice])
+        end = torch.full_like(cdf[:, :1], last, dtype=torch.long)
+    target = cdf.gather(-1, end).double() * uniforms.unsqueeze(-1)
+    # right=True: the first position whose cdf exceeds the draw, so zero-probability tokens never win
+    return torch.searchsorted(cdf, target.float(), right=True).clamp_(max=end)
+
+
+def _groups(
+    params: Sequence[SamplingParams], failed: dict[int, str], vocab_size: int
+) -> dict[_GroupKey, list[int]]:
+    """Non-greedy rows by how they are sampled (top_k >= vocab is no restriction; top_k 1 is greedy)."""
+    groups: dict[_GroupKey, list[int]] = {}
+    for row, p in enumerate(params):
+        top_k = p.top_k if p.top_k < vocab_size else 0
+        if p.greedy or top_k == 1 or row in failed:
+            continue
+        groups.setdefault(_GroupKey(p.temperature, top_k, p.top_p), []).append(row)
+    return groups
+
+
+def _non_finite_rows(logits: torch.Tensor) -> dict[int, str]:
+    """Rows with NaN or +inf logits, or no finite logit at all (-inf is a legitimate mask)."""
+    sums = logits.sum(-1)  # one sum per row decides; NaN or +-inf anywhere makes it non-finite
+    errors: dict[int, str] = {}
+    for row in (~torch.isfinite(sums)).nonzero().flatten().tolist():
+        values = logits[row]
+        if bool(values.isnan().any()):
+            problem = "NaN"
+        elif bool(values.isposinf().any()):
+            problem = "+inf"
+        elif bool(values.isneginf().all()):
+            problem = "only -inf"
+        else:
+            continue  # finite values whose sum overflowed, or some -inf among finite ones
+        errors[row] = f"the model's next-token logits hold {problem} for this request; it cannot be sampled"
+    return errors

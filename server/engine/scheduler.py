@@ -25,7 +25,7 @@ from server.model.kv_cache import KVCache
 class Sequence:
     request: GenerationRequest
     sink: Callable[[RequestOutput], None]
-    generator: torch.Generator
+    generator: torch.Generator | None  # the request's own when seeded; None = the sampler's
     detokenizer: Detokenizer
     slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache

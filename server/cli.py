@@ -374,6 +374,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 _BENCHMARKS = {
     "engine": "engine vs transformers generate",
     "adapters": "multi-adapter decode vs base-only and PEFT",
+    "sampling": "next-token sampling, new sampler vs the old per-row sort",
 }
 
 

@@ -103,9 +103,12 @@ class Sampler:
         key: _GroupKey,
         uniforms: torch.Tensor,  # [n] float64
     ) -> torch.Tensor:  # [n] token ids
-        index = torch.tensor(rows)
         # Shift by the row max before dividing: a tiny temperature cannot overflow to +inf (NaN).
-        scaled = logits.index_select(0, index).sub_(row_max.index_select(0, index).unsqueeze(-1))
+        if len(rows) == logits.shape[0]:  # the whole batch (rows are in order): no gather
+            scaled = logits - row_max.unsqueeze(-1)
+        else:
+            index = torch.tensor(rows)
+            scaled = logits.index_select(0, index).sub_(row_max.index_select(0, index).unsqueeze(-1))
         scaled.div_(key.temperature)  # [n, vocab], every value <= 0
         if key.top_k:
             values, candidates = scaled.topk(key.top_k)  # sorted, so top_p can cut a prefix
@@ -125,9 +128,9 @@ class Sampler:
         """Nucleus sampling from the top candidates; a full sort only for rows they cannot serve."""
         k = min(self.top_p_candidates, probs.shape[-1])
         top_probs, candidates = probs.topk(k)  # [n, k], sorted
-        tokens = candidates.gather(-1, _inverse_cdf(top_probs, uniforms, top_p)).squeeze(-1)
         # Candidates short of top_p: the nucleus reaches past them, so sort that row in full.
         short = (top_probs.sum(-1) < top_p).nonzero().flatten().tolist() if k < probs.shape[-1] else []
+        tokens = candidates.gather(-1, _inverse_cdf(top_probs, uniforms, top_p)).squeeze(-1)
         for r in short:
             sorted_probs, order = probs[r : r + 1].sort(-1, descending=True)
             tokens[r] = order[0, _inverse_cdf(sorted_probs, uniforms[r : r + 1], top_p)[0, 0]]
@@ -141,9 +144,10 @@ def _inverse_cdf(
 ) -> torch.Tensor:  # [n, 1] positions in 0..m-1
     """Position of one draw per row from `probs` cut to the smallest prefix of mass >= top_p.
 
-    Exact for unnormalised rows too: the draw is scaled by the kept mass.
+    Exact for unnormalised rows too: the draw is scaled by the kept mass. Overwrites `probs`
+    with its cumulative sum.
     """
-    cdf = probs.cumsum(-1)
+    cdf = probs.cumsum_(-1)  # in place: a fresh [n, vocab] buffer per step costs page faults
     last = cdf.shape[-1] - 1
     if top_p < 1.0:  # keep token i while the mass before it is < top_p: up to the first cdf >= top_p
         end = torch.searchsorted(cdf, torch.full_like(cdf[:, :1], top_p)).clamp_(max=last)

@@ -129,11 +129,12 @@ class Sampler:
         k = min(self.top_p_candidates, probs.shape[-1])
         top_probs, candidates = probs.topk(k)  # [n, k], sorted
         # Candidates short of top_p: the nucleus reaches past them, so sort that row in full.
-        short = (top_probs.sum(-1) < top_p).nonzero().flatten().tolist() if k < probs.shape[-1] else []
+        short = (top_probs.sum(-1) < top_p).nonzero().flatten() if k < probs.shape[-1] else None
         tokens = candidates.gather(-1, _inverse_cdf(top_probs, uniforms, top_p)).squeeze(-1)
-        for r in short:
-            sorted_probs, order = probs[r : r + 1].sort(-1, descending=True)
-            tokens[r] = order[0, _inverse_cdf(sorted_probs, uniforms[r : r + 1], top_p)[0, 0]]
+        if short is not None and len(short):
+            sorted_probs, order = probs.index_select(0, short).sort(-1, descending=True)
+            positions = _inverse_cdf(sorted_probs, uniforms.index_select(0, short), top_p)
+            tokens[short] = order.gather(-1, positions).squeeze(-1)
         return tokens
 
 

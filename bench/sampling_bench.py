@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampling import DEFAULT_TOP_P_CANDIDATES, Sampler
+from server.engine.sampling import Sampler, TopPSearch
 
 CASES = {
     "T=1.0": SamplingParams(temperature=1.0),
@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (default SmolLM2's)")
     parser.add_argument("--logits", choices=["lm", "flat"], default="lm", help="logit shape (default lm)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per side (median kept)")
-    parser.add_argument(
-        "--top-p-candidates", type=int, default=DEFAULT_TOP_P_CANDIDATES, help="the Sampler's K"
-    )
+    parser.add_argument("--top-p-blocks", type=int, default=TopPSearch.blocks, help="TopPSearch.blocks")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -86,17 +84,22 @@ def median_ms(repeats: int, fn: Callable[[], Any]) -> float:
     return round(statistics.median(times) * 1e3, 3)
 
 
-def fallback_rows(logits: torch.Tensor, params: SamplingParams, k: int) -> int:
-    """Rows whose top-k candidates hold less than top_p: the new sampler sorts them in full."""
+def fallback_rows(logits: torch.Tensor, params: SamplingParams, search: TopPSearch) -> int:
+    """Rows whose nucleus reaches past the head the block search finds: the sampler sorts them in full.
+
+    Counted as rows whose nucleus is wider than `search.candidates` or than `search.blocks`
+    blocks (an upper bound on the real fallbacks; the sampler's own test is finer)."""
     if params.greedy or params.top_p >= 1.0 or params.top_k:
         return 0
-    probs = torch.softmax(logits / params.temperature, -1)
-    return int((probs.topk(min(k, probs.shape[-1])).values.sum(-1) < params.top_p).sum())
+    probs = torch.softmax(logits / params.temperature, -1).sort(-1, descending=True).values
+    nucleus = ((probs.cumsum(-1) - probs) < params.top_p).sum(-1)
+    return int((nucleus > min(search.candidates, search.blocks)).sum())
 
 
 def main(args: argparse.Namespace) -> int:
     logits = make_logits(args.logits, args.batch, args.vocab)
-    sampler = Sampler(torch.Generator().manual_seed(0), top_p_candidates=args.top_p_candidates)
+    search = TopPSearch(blocks=args.top_p_blocks)
+    sampler = Sampler(torch.Generator().manual_seed(0), search)
     generators = [torch.Generator().manual_seed(i) for i in range(args.batch)]
     rows = []
     for name, params in CASES.items():
@@ -109,14 +112,14 @@ def main(args: argparse.Namespace) -> int:
                 "old_ms": old,
                 "new_ms": new,
                 "speedup": round(old / new, 1),
-                "fallback_rows": fallback_rows(logits, params, args.top_p_candidates),
+                "fallback_rows": fallback_rows(logits, params, search),
             }
         )
     result = {
         "batch": args.batch,
         "vocab": args.vocab,
         "logits": args.logits,
-        "top_p_candidates": args.top_p_candidates,
+        "top_p_search": repr(search),
         "torch_threads": torch.get_num_threads(),
         "cases": rows,
     }
@@ -124,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(
-        f"[{args.batch}, {args.vocab}] {args.logits} logits, K={args.top_p_candidates}, "
+        f"[{args.batch}, {args.vocab}] {args.logits} logits, {search}, "
         f"{torch.get_num_threads()} threads, median ms per call"
     )
     print(f"{'case':>18} {'old ms':>9} {'new ms':>9} {'speedup':>8} {'fallback rows':>14}")

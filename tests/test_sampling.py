@@ -11,7 +11,7 @@ from typing import cast
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampling import Sampled, Sampler
+from server.engine.sampling import Sampled, Sampler, TopPSearch
 
 LOGITS = torch.tensor([[1.0, 3.0, 2.0, 0.5, 2.9]])
 
@@ -109,23 +109,34 @@ def test_sampled_distribution_matches_the_definition() -> None:
         assert _total_variation(observed, expected) < 0.02, params  # expected noise ~0.006
 
 
-def test_top_p_past_the_candidates_falls_back_to_the_exact_nucleus() -> None:
-    # Nearly flat: 3 candidates hold ~3/8 of the mass, far short of top_p = 0.7.
+def test_top_p_past_the_searched_head_falls_back_to_the_exact_nucleus() -> None:
+    # Nearly flat: one block of 2 tokens holds ~1/4 of the mass, far short of top_p = 0.7.
     logits = torch.tensor([[0.3, 0.0, 0.2, 0.1, 0.25, 0.05, 0.15, 0.12]])
     params = SamplingParams(temperature=1.0, top_p=0.7)
     expected = _expected(logits[0], params)
-    assert int((expected > 0).sum()) > 3  # the nucleus really is wider than the candidates
-    observed = _empirical(Sampler(_gen(11), top_p_candidates=3), logits, params, draws=20_000)
+    assert int((expected > 0).sum()) > 2  # the nucleus really is wider than the head searched
+    narrow = TopPSearch(block_size=2, blocks=1, candidates=2, fallback_candidates=3)
+    observed = _empirical(Sampler(_gen(11), narrow), logits, params, draws=20_000)
     assert observed[expected == 0].sum() == 0
     assert _total_variation(observed, expected) < 0.02
 
 
-def test_top_p_candidates_do_not_change_the_tokens() -> None:
-    logits = torch.randn(16, 64, generator=_gen(1)) * 3
-    params = [SamplingParams(temperature=0.8, top_p=0.9)] * 16
-    wide = Sampler(_gen(0), top_p_candidates=64).sample(logits, params, [_gen(s) for s in range(16)])
-    narrow = Sampler(_gen(0), top_p_candidates=2).sample(logits, params, [_gen(s) for s in range(16)])
-    assert wide.tokens == narrow.tokens
+def test_the_top_p_search_does_not_change_the_tokens() -> None:
+    logits = torch.randn(64, 70, generator=_gen(1)) * 3  # 70: the last block is padded
+    params = [SamplingParams(temperature=0.8, top_p=0.9)] * 64
+    tokens = [
+        Sampler(_gen(0), search).sample(logits, params, [_gen(s) for s in range(64)]).tokens
+        for search in (
+            TopPSearch(block_size=128, blocks=1, candidates=128, fallback_candidates=128),  # the whole row
+            TopPSearch(
+                block_size=4, blocks=3, candidates=5, fallback_candidates=20
+            ),  # some rows fall back, some not
+            TopPSearch(
+                block_size=1, blocks=2, candidates=1, fallback_candidates=1
+            ),  # nearly every row falls back
+        )
+    ]
+    assert tokens[0] == tokens[1] == tokens[2]
 
 
 # ---- batching and seeds --------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Rows that share (temperature, top_k, top_p) are sampled together by inverse CDF: each row draws
 exactly one uniform per step, from its request's own generator when the request is seeded (so
 its tokens do not depend on what it is batched with) or from the sampler's generator when not.
-No full-vocabulary sort: top_k takes `torch.topk`; top_p looks at the top `top_p_candidates`
-tokens and sorts a whole row only when those do not hold top_p of its mass, so it stays exact.
+No full-vocabulary sort: top_k takes `torch.topk`; top_p looks for its nucleus in the head of the
+row that a block search finds (TopPSearch) and sorts a whole row only when the nucleus reaches
+past that head, so it stays exact.
 
 A row whose logits hold NaN or +inf, or whose group fails for any reason, fails alone: its
 request gets an error and its neighbours get their tokens. This module knows nothing about
@@ -20,10 +21,27 @@ import torch
 
 from server.engine.request import SamplingParams
 
-# Top-p candidates before falling back to a full sort. On SmolLM2 logits at T=0.7, top_p=0.9 the
-# nucleus is ~5 tokens at the median, 54 at the 99th percentile; 256 leaves ~1% of rows to the
-# fallback (see bench/RESULTS.md, "Sampling").
-DEFAULT_TOP_P_CANDIDATES = 256
+
+@dataclass(frozen=True)
+class TopPSearch:
+    """Where top_p looks for its nucleus before sorting a whole row.
+
+    The vocabulary is cut into blocks of `block_size` tokens; the `blocks` blocks with the highest
+    maxima are gathered and their top `candidates` tokens taken. That is the exact head of the
+    row's sorted order down to the best token left outside those blocks; a row whose nucleus does
+    not end inside that head takes its top `fallback_candidates` tokens instead, and is sorted in
+    full only if the nucleus reaches past those too. On SmolLM2 logits at T=0.7, top_p=0.9 the nucleus
+    is ~5 tokens at the median and 54 at the 99th percentile (see bench/RESULTS.md, "Sampling").
+    """
+
+    block_size: int = 64
+    blocks: int = 32
+    candidates: int = 256
+    fallback_candidates: int = 4096  # the top tokens of a row the search missed, before a full sort
+
+    def __post_init__(self) -> None:
+        if min(self.block_size, self.blocks, self.candidates, self.fallback_candidates) < 1:
+            raise ValueError(f"every TopPSearch size must be >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -46,11 +64,9 @@ class _GroupKey:
 class Sampler:
     """Samples next tokens; holds the generator of unseeded requests (the engine's only RNG)."""
 
-    def __init__(self, generator: torch.Generator, top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES):
-        if top_p_candidates < 1:
-            raise ValueError(f"top_p_candidates must be >= 1, got {top_p_candidates}")
+    def __init__(self, generator: torch.Generator, top_p_search: TopPSearch | None = None):
         self.generator = generator
-        self.top_p_candidates = top_p_candidates
+        self.top_p_search = top_p_search or TopPSearch()
 
     def sample(
         self,
@@ -103,39 +119,88 @@ class Sampler:
         key: _GroupKey,
         uniforms: torch.Tensor,  # [n] float64
     ) -> torch.Tensor:  # [n] token ids
-        # Shift by the row max before dividing: a tiny temperature cannot overflow to +inf (NaN).
-        if len(rows) == logits.shape[0]:  # the whole batch (rows are in order): no gather
-            scaled = logits - row_max.unsqueeze(-1)
-        else:
-            index = torch.tensor(rows)
-            scaled = logits.index_select(0, index).sub_(row_max.index_select(0, index).unsqueeze(-1))
-        scaled.div_(key.temperature)  # [n, vocab], every value <= 0
+        scaled = self._shifted(logits, row_max, rows).div_(key.temperature)  # [n, width], <= 0
         if key.top_k:
             values, candidates = scaled.topk(key.top_k)  # sorted, so top_p can cut a prefix
             positions = _inverse_cdf(torch.softmax(values, -1), uniforms, key.top_p)
             return candidates.gather(-1, positions).squeeze(-1)
-        probs = torch.softmax(scaled, -1)
+        weights = scaled.exp_()  # unnormalised probabilities: 1 at the row max, 0 in the padding
         if key.top_p >= 1.0:  # vocabulary order: no sort at all
-            return _inverse_cdf(probs, uniforms, 1.0).squeeze(-1)
-        return self._sample_top_p(probs, uniforms, key.top_p)
+            return _inverse_cdf(weights, uniforms, 1.0).squeeze(-1)
+        return self._sample_top_p(weights, uniforms, key.top_p)
+
+    def _shifted(self, logits: torch.Tensor, row_max: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits[rows] - their max, padded with -inf to whole top-p blocks: [n, width].
+
+        Shifting before dividing by the temperature keeps a tiny temperature from overflowing."""
+        vocab_size = logits.shape[-1]
+        block = self.top_p_search.block_size
+        width = -(-vocab_size // block) * block
+        shifted = torch.empty(len(rows), width)
+        shifted[:, vocab_size:] = float("-inf")
+        if len(rows) == logits.shape[0]:  # the whole batch (rows are in order): no gather
+            torch.sub(logits, row_max.unsqueeze(-1), out=shifted[:, :vocab_size])
+        else:
+            index = torch.tensor(rows)
+            picked = logits.index_select(0, index).sub_(row_max.index_select(0, index).unsqueeze(-1))
+            shifted[:, :vocab_size] = picked
+        return shifted
 
     def _sample_top_p(
         self,
-        probs: torch.Tensor,  # [n, vocab]
+        weights: torch.Tensor,  # [n, width] unnormalised probabilities, width a multiple of the block
         uniforms: torch.Tensor,  # [n]
         top_p: float,
     ) -> torch.Tensor:  # [n]
-        """Nucleus sampling from the top candidates; a full sort only for rows they cannot serve."""
-        k = min(self.top_p_candidates, probs.shape[-1])
-        top_probs, candidates = probs.topk(k)  # [n, k], sorted
-        # Candidates short of top_p: the nucleus reaches past them, so sort that row in full.
-        short = (top_probs.sum(-1) < top_p).nonzero().flatten() if k < probs.shape[-1] else None
-        tokens = candidates.gather(-1, _inverse_cdf(top_probs, uniforms, top_p)).squeeze(-1)
-        if short is not None and len(short):
-            sorted_probs, order = probs.index_select(0, short).sort(-1, descending=True)
-            positions = _inverse_cdf(sorted_probs, uniforms.index_select(0, short), top_p)
-            tokens[short] = order.gather(-1, positions).squeeze(-1)
+        """Nucleus sampling from the head of each row (see TopPSearch); a full sort only for rows
+        whose nucleus reaches past it."""
+        search = self.top_p_search
+        n, width = weights.shape
+        num_blocks = width // search.block_size
+        total = weights.sum(-1, keepdim=True)  # [n, 1]
+        # 1) the blocks with the highest maxima, and the best weight left outside them
+        block_max = weights.view(n, num_blocks, search.block_size).amax(-1)  # [n, num_blocks]
+        picked = min(search.blocks, num_blocks)
+        best_blocks, blocks = block_max.topk(min(picked + 1, num_blocks))
+        outside = best_blocks[:, picked:].amax(-1, keepdim=True) if picked < num_blocks else total.mul(-1)
+        # 2) their top tokens, sorted: the head of the row's sorted order down to `outside`
+        offsets = torch.arange(search.block_size)
+        token_ids = (blocks[:, :picked].unsqueeze(-1) * search.block_size + offsets).flatten(1)
+        head = weights.gather(-1, token_ids)  # [n, picked * block_size]
+        head, order = head.topk(min(search.candidates, head.shape[-1]))  # sorted
+        head_ids = token_ids.gather(-1, order)
+        head_probs = head / total
+        # 3) exact where the nucleus ends inside the head on a token better than any outside it
+        cdf = head_probs.cumsum(-1)
+        end = torch.searchsorted(cdf, torch.full_like(cdf[:, :1], top_p)).clamp_(max=cdf.shape[-1] - 1)
+        exact = (cdf.gather(-1, end) >= top_p) & (head.gather(-1, end) > outside)
+        exact |= outside < 0  # every block gathered
+        tokens = head_ids.gather(-1, _inverse_cdf(head_probs, uniforms, top_p)).squeeze(-1)
+        short = (~exact.squeeze(-1)).nonzero().flatten()
+        if len(short):
+            probs = weights.index_select(0, short).div_(total.index_select(0, short))
+            tokens[short] = _nucleus_draw(
+                probs, uniforms.index_select(0, short), top_p, search.fallback_candidates
+            )
         return tokens
+
+
+def _nucleus_draw(
+    probs: torch.Tensor,  # [m, width], normalised
+    uniforms: torch.Tensor,  # [m]
+    top_p: float,
+    k: int,
+) -> torch.Tensor:  # [m] token ids
+    """Nucleus draw from each row's top k tokens; rows whose top k fall short of top_p are sorted in full."""
+    width = probs.shape[-1]
+    head, head_ids = probs.topk(min(k, width))  # sorted; k >= width is a full sort
+    short = (head.sum(-1) < top_p).nonzero().flatten() if k < width else head_ids[:0, 0]
+    tokens = head_ids.gather(-1, _inverse_cdf(head, uniforms, top_p)).squeeze(-1)
+    if len(short):
+        tokens[short] = _nucleus_draw(
+            probs.index_select(0, short), uniforms.index_select(0, short), top_p, width
+        )
+    return tokens
 
 
 def _inverse_cdf(

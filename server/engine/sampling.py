@@ -2,7 +2,8 @@
 
 Rows that share (temperature, top_k, top_p) are sampled together by inverse CDF: each row draws
 exactly one uniform per step, from its request's own generator when the request is seeded (so
-its tokens do not depend on what it is batched with) or from the sampler's generator when not.
+its tokens do not depend on what it is batched with) or from the sampler's generator when not;
+greedy and top_k=1 rows draw nothing.
 No full-vocabulary sort: top_k takes `torch.topk`; top_p looks for its nucleus in the head of the
 row that a block search finds (TopPSearch) and sorts a whole row only when the nucleus reaches
 past that head, so it stays exact.
@@ -62,11 +63,16 @@ class _GroupKey:
 
 
 class Sampler:
-    """Samples next tokens; holds the generator of unseeded requests (the engine's only RNG)."""
+    """Samples next tokens; holds the generator of unseeded requests (the engine's only RNG).
+
+    Not thread-safe: the engine thread alone calls `sample`."""
 
     def __init__(self, generator: torch.Generator, top_p_search: TopPSearch | None = None):
         self.generator = generator
         self.top_p_search = top_p_search or TopPSearch()
+        # Reused for the [rows, vocab] weights of every step: a fresh 6 MB buffer per step costs
+        # more in page faults than the exp it holds. So a Sampler serves one thread at a time.
+        self._scratch = torch.empty(0)
 
     def sample(
         self,
@@ -136,7 +142,9 @@ class Sampler:
         vocab_size = logits.shape[-1]
         block = self.top_p_search.block_size
         width = -(-vocab_size // block) * block
-        shifted = torch.empty(len(rows), width)
+        if self._scratch.numel() < len(rows) * width:
+            self._scratch = torch.empty(len(rows) * width)
+        shifted = self._scratch[: len(rows) * width].view(len(rows), width)
         shifted[:, vocab_size:] = float("-inf")
         if len(rows) == logits.shape[0]:  # the whole batch (rows are in order): no gather
             torch.sub(logits, row_max.unsqueeze(-1), out=shifted[:, :vocab_size])

@@ -1,11 +1,15 @@
 """`loramux bench engine`: our engine's generation throughput against transformers `generate`.
 
-Same model (the default SmolLM2 unless --model), same prompts of the same length, greedy,
-every request producing exactly --new-tokens tokens (EOS ignored on both sides); each timing is
-the best of --repeats runs after one warm-up. Two figures per side:
+Same model (the default SmolLM2 unless --model), same prompts of the same length, greedy unless
+--temperature (then both sides sample with --temperature and --top-p over the whole vocabulary:
+transformers gets top_k=0, not its default 50), every request producing exactly --new-tokens
+tokens (EOS ignored on both sides); each timing is the best of --repeats runs after one warm-up.
+Two figures per side:
 - decode throughput (`*_tok_s`): B * (N - 1) / (T(N) - T(1)), where T(n) is the wall time to
   generate n tokens for all B prompts: the prefill and first token cancel out;
 - end-to-end throughput (`*_e2e_tok_s`): B * N / T(N), prefill included.
+When sampling, our greedy decode is measured too in the same run (`engine_greedy_tok_s`), and
+`sampled_vs_greedy` is the cost of sampling as a ratio of the two.
 A micro-benchmark: it drives the engine in-process, not over the wire. The engine runs first and
 is shut down before transformers runs, so the two never share the CPU.
 """
@@ -18,13 +22,14 @@ import os
 import platform
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from server.config import MODEL_KERNELS, EngineConfig, ServerConfig
 from server.engine.engine import Engine
-from server.engine.request import RequestOutput, SamplingParams
+from server.engine.request import InvalidRequest, RequestOutput, SamplingParams
 from server.preparation import RequestInput, RequestPreparer
 from server.prompts import PromptInput
 from server.runtime import build_engine
@@ -53,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="as `serve --threads` (default: CPUs usable)"
     )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature on both sides (default 0 = greedy)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling on both sides (default 1.0 = off)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -64,11 +78,17 @@ def make_prompts(tokenizer: Any, batch: int, length: int) -> list[list[int]]:
 
 
 def run_engine(
-    engine: Engine, prompts: list[list[int]], new_tokens: int, adapters: list[str] | None = None
+    engine: Engine,
+    prompts: list[list[int]],
+    new_tokens: int,
+    adapters: list[str] | None = None,
+    sampling: SamplingParams | None = None,
 ) -> float:
-    """Seconds to generate new_tokens for every prompt (with its adapter, "" = base), all submitted at once."""
+    """Seconds to generate new_tokens for every prompt (with its adapter, "" = base), all submitted at once.
+
+    `sampling` (greedy when None) has its max_tokens replaced by new_tokens."""
     remaining = threading.Semaphore(0)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = replace(sampling or SamplingParams(temperature=0.0), max_tokens=new_tokens, ignore_eos=True)
 
     def sink(out: RequestOutput) -> None:
         if out.finished:
@@ -85,8 +105,14 @@ def run_engine(
     return time.perf_counter() - start
 
 
-def run_hf(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+def run_hf(
+    model: Any, prompts: list[list[int]], new_tokens: int, sampling: SamplingParams | None = None
+) -> float:
     input_ids = torch.tensor(prompts)
+    # top_k=0: transformers' default top_k=50 would make its sampling cheaper than over the vocabulary
+    how: dict[str, Any] = {"do_sample": False}
+    if sampling is not None and not sampling.greedy:
+        how = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(
@@ -94,8 +120,8 @@ def run_hf(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
-            do_sample=False,
             pad_token_id=0,
+            **how,
         )
     return time.perf_counter() - start
 
@@ -118,6 +144,11 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(
             "bench engine: need --batch >= 1, --new-tokens >= 2, --prompt-tokens >= 1, --repeats >= 1"
         )
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    try:
+        sampling.validate(vocab_size=1)
+    except InvalidRequest as exc:
+        raise SystemExit(f"bench engine: {exc}") from None
     config = ServerConfig(
         model=args.model,
         device="cpu",
@@ -129,7 +160,9 @@ def main(args: argparse.Namespace) -> int:
     engine.start()
     prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
     try:
-        ours = measure(args, lambda n: run_engine(engine, prompts, n))
+        ours = measure(args, lambda n: run_engine(engine, prompts, n, sampling=sampling))
+        if not sampling.greedy:
+            greedy = measure(args, lambda n: run_engine(engine, prompts, n))
     finally:
         engine.shutdown()
     result: dict[str, Any] = {
@@ -140,13 +173,17 @@ def main(args: argparse.Namespace) -> int:
         "engine_tok_s": ours["decode"],
         "engine_e2e_tok_s": ours["e2e"],
     }
+    if not sampling.greedy:
+        result |= {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        result["engine_greedy_tok_s"] = greedy["decode"]
+        result["sampled_vs_greedy"] = round(ours["decode"] / greedy["decode"], 2)
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
         from server.model.loader import resolve_model_dir
 
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model)[1], dtype=torch.float32)
-        theirs = measure(args, lambda n: run_hf(hf.eval(), prompts, n))
+        theirs = measure(args, lambda n: run_hf(hf.eval(), prompts, n, sampling))
         result["hf_tok_s"] = theirs["decode"]
         result["hf_e2e_tok_s"] = theirs["e2e"]
         result["speedup"] = round(ours["decode"] / theirs["decode"], 2)

@@ -393,6 +393,7 @@ _BENCHMARKS = {
     "adapters": "multi-adapter decode vs base-only and PEFT",
     "memory": "resident memory over 1,000 distinct adapters through a small host cache",
     "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
+    "sampling": "next-token sampling, new sampler vs the old per-row sort",
 }
 
 

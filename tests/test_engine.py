@@ -290,6 +290,25 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(engine: 
     wait_idle(engine)
 
 
+def test_a_row_the_sampler_fails_fails_alone(engine: Engine, monkeypatch) -> None:
+    real_sample = engine.runner.sampler.sample
+    poisoned = SamplingParams(max_tokens=8, temperature=1.0, seed=666, ignore_eos=True)
+
+    def poison(logits, params, generators):  # NaN logits for the poisoned request's row only
+        logits = logits.clone()
+        for row, p in enumerate(params):
+            if p == poisoned:
+                logits[row] = float("nan")
+        return real_sample(logits, params, generators)
+
+    monkeypatch.setattr(engine.runner.sampler, "sample", poison)
+    neighbour = submit(engine, "neighbour", [1, 2, 3], LONG)
+    failed = submit(engine, "poisoned", [4, 5, 6], poisoned).wait()
+    assert failed.reason == FinishReason.ERROR and "NaN" in (failed.outputs[-1].error or "")
+    assert neighbour.wait().reason == FinishReason.LENGTH and len(neighbour.tokens) == LONG.max_tokens
+    wait_idle(engine)
+
+
 def test_thousands_of_short_requests_leak_no_slot(engine: Engine) -> None:
     sinks = []
     for i in range(300):

@@ -43,18 +43,19 @@ class Setting:
 
 
 SETTINGS = {
+    # libgomp's own waits (spin a while, then sleep) and the engine's thread governor, which drops
+    # to one thread while the CPUs are contended (server/engine/threads.py)
     "default": Setting(),
-    # libgomp's own default (what `serve` ran before it set OMP_WAIT_POLICY=PASSIVE): spin about
-    # 300,000 times at each wait. A GOMP_SPINCOUNT overrides the wait policy inside libgomp.
-    "spin": Setting(env={"GOMP_SPINCOUNT": "300000"}),
-    # A short spin before sleeping: the middle ground between spinning and passive waits.
-    "spin10000": Setting(env={"GOMP_SPINCOUNT": "10000"}),
+    # the same thread count given explicitly: no governor, as every server ran before it
+    "fixed": Setting(flags=("--threads", str(usable_cpus()))),
+    # threads that sleep at once when they wait (slower on a quiet machine)
+    "passive": Setting(env={"OMP_WAIT_POLICY": "PASSIVE"}),
     "threads1": Setting(flags=("--threads", "1")),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--settings", default="default,spin,threads1", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", default="default,fixed,passive", help=f"of {', '.join(SETTINGS)}")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument(
         "--repeats", type=int, default=2, help="quiet and busy runs per setting (median kept)"

@@ -31,7 +31,6 @@ from server.client_commands import (
     cmd_info,
 )
 from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, ServerConfig
-from server.cpus import openmp_defaults
 from server.serve_commands import cmd_http, configure_logging, run_server
 
 API_KEY_ENV = "LORAMUX_API_KEY"
@@ -256,7 +255,6 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     """Flags to a ServerConfig (2 when they describe bad limits); `run_server` runs it."""
-    openmp_defaults(os.environ)  # before torch (and its libgomp) loads: server/cpus.py says why
     configure_logging(args.log_level)
     try:
         config = server_config(args)
@@ -399,7 +397,6 @@ _BENCHMARKS = {
 
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     name = args.bench_command
-    openmp_defaults(os.environ)  # as `serve` runs, and before the benchmark imports torch
     try:
         module = importlib.import_module(f"bench.{name.replace('-', '_')}_bench")
     except ImportError as exc:

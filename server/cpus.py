@@ -1,20 +1,10 @@
-"""How many CPUs this process may use, and the OpenMP settings that share them well.
+"""How many CPUs this process may use.
 
 `default_threads(environ)` is the engine's thread count without `--threads`: a user's own
 OMP_NUM_THREADS (as torch would take it), else `usable_cpus()`: the CPUs in this process's
 affinity mask, capped by the cgroup CPU quota (a container limited to 2 CPUs on a 64-core host
 gets 2; libgomp and torch see only the affinity mask, so they would start 64 threads there).
-
-`openmp_defaults(environ)` sets, unless the user set them, the libgomp variables that make
-torch's OpenMP threads sleep instead of spinning when they wait for each other. libgomp reads
-them once, when it is loaded (when torch is imported), so `server/cli.py` applies them before
-any torch import. Why PASSIVE: by default libgomp threads spin ~300,000 iterations (milliseconds)
-at every barrier; beside another busy process a spinning thread burns the time slice its
-descheduled partner needs, and one 64-token request went from ~2 s to 70-77 s. Measured on the
-project's 2-core machine (bench/RESULTS.md, "Sharing the CPUs"): with passive waits the same
-request beside a neighbour on every core took 5-6 s, 1.7-2.5x its time without the neighbour.
-One thread was 1.7-3.2x, and leaves a quiet machine's second core idle, so it is `--threads 1`,
-not the default; a short spin (GOMP_SPINCOUNT=10000) was 3.6x, above the 3x bar.
+How the engine shares those CPUs with busy neighbours is server/engine/threads.py's business.
 
 Nothing here imports torch or knows about the engine.
 """
@@ -23,15 +13,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-# setdefault-ed into the environment before torch loads libgomp; a user's own value wins.
-# (A user's GOMP_SPINCOUNT also wins over this in libgomp itself: it overrides the wait policy.)
-OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-
 
 def default_threads(environ: Mapping[str, str], cpus: Callable[[], int] | None = None) -> int:
     """OMP_NUM_THREADS when it is a positive integer, else `cpus()` (default usable_cpus())."""
@@ -75,13 +60,6 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
         if quota is not None and period is not None:
             return _ratio(quota, period)
     return None
-
-
-def openmp_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
-    """Set OPENMP_DEFAULTS in `environ` where unset; returns what was set."""
-    applied = {name: value for name, value in OPENMP_DEFAULTS.items() if name not in environ}
-    environ.update(applied)
-    return applied
 
 
 def _affinity_count() -> int:

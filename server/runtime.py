@@ -18,6 +18,7 @@ from server.cpus import default_threads
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
 from server.engine.engine import Engine
 from server.engine.events import EngineEvents
+from server.engine.threads import ThreadGovernor
 from server.model.llama import LlamaModel
 from server.model.loader import load_model
 
@@ -67,7 +68,14 @@ def build_engine(config: ServerConfig, events: EngineEvents | None = None) -> En
     # regions. A pool left on the main thread by loading made every engine step ~1.7x slower on
     # 2 cores; the pool of this thread is freed when it exits, before the engine thread starts.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-load") as loader:
-        return loader.submit(_build, config, events).result()
+        engine = loader.submit(_build, config, events).result()
+    if device_is_cpu(config) and not config.threads:  # an explicit --threads is kept as given
+        engine.governor = ThreadGovernor(threads, torch.set_num_threads)
+    return engine
+
+
+def device_is_cpu(config: ServerConfig) -> bool:
+    return pick_device(config.device).type == "cpu"
 
 
 def _build(config: ServerConfig, events: EngineEvents | None) -> Engine:

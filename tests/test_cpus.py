@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from server import cli
 from server.config import ServerConfig
-from server.cpus import OPENMP_DEFAULTS, cgroup_cpu_quota, default_threads, openmp_defaults, usable_cpus
+from server.cpus import cgroup_cpu_quota, default_threads, usable_cpus
 from server.runtime import build_engine
 
 
@@ -145,25 +146,17 @@ def test_the_engine_thread_runs_with_the_threads_asked_for(
         torch.set_num_threads(before)
 
 
-# ---- OpenMP environment defaults ---------------------------------------------------------------
+# ---- the thread governor ------------------------------------------------------------------------
 
 
-def test_openmp_defaults_fill_in_only_what_is_unset() -> None:
-    environ: dict[str, str] = {}
-    assert openmp_defaults(environ) == OPENMP_DEFAULTS
-    assert environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    users = {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "1000", "OMP_NUM_THREADS": "4"}
-    environ = dict(users)
-    assert openmp_defaults(environ) == {}
-    assert environ == users
-
-
-@pytest.mark.parametrize("users", [{}, {"OMP_WAIT_POLICY": "active"}])
-def test_serve_sets_the_defaults_before_torch_loads_but_keeps_a_users_own(
-    monkeypatch: pytest.MonkeyPatch, users: dict[str, str]
-) -> None:
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    for name, value in users.items():
-        monkeypatch.setenv(name, value)
-    assert cli.main(["serve", "--max-running", "0"]) == 2  # refused after the defaults, before any load
-    assert os.environ["OMP_WAIT_POLICY"] == users.get("OMP_WAIT_POLICY", "PASSIVE")
+def test_the_governor_runs_only_where_the_thread_count_is_ours_to_change(make_tiny_model: Any) -> None:
+    before = torch.get_num_threads()
+    try:
+        for threads, governed in ((None, True), (2, False)):
+            config = ServerConfig(model=str(make_tiny_model()), device="cpu", threads=threads)
+            engine = build_engine(config)
+            assert (engine.governor is not None) is governed
+            if governed:
+                assert engine.governor is not None and engine.governor.threads == default_threads(os.environ)
+    finally:
+        torch.set_num_threads(before)

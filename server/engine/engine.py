@@ -40,6 +40,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Delivery, Scheduler
 from server.engine.sequence import Sequence, Status
+from server.engine.threads import ThreadGovernor
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
 
@@ -131,6 +132,8 @@ class Engine:
         self._stopping = False
         self._failure: BaseException | None = None
         self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting)
+        # Set by server.runtime on CPU: fewer intra-op threads while other processes contend.
+        self.governor: ThreadGovernor | None = None
 
     # ---- caller side (any thread) -------------------------------------------------------------
 
@@ -241,6 +244,8 @@ class Engine:
                 self._drain_inbox(block=not self.scheduler.can_step)
                 if self.scheduler.has_work and not self._stopping:
                     self.step()
+                    if self.governor is not None:
+                        self.governor.tick()
                 self._publish_lora_state()
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine thread failed")

@@ -1,9 +1,10 @@
 """`loramux bench cpu-share`: one request's latency on a quiet machine against beside a busy neighbour.
 
-For each setting (default: `default`, the server as shipped; `spin`, libgomp's default spinning
-waits, the behaviour before `serve` chose passive waits; `threads1`, one intra-op thread; also
-`spin10000`, a short spin before sleeping), a real `loramux serve` subprocess is started (so the
-command line's environment defaults apply) and one gRPC `Generate` is timed: a short chat prompt, greedy, exactly --new-tokens tokens (EOS ignored),
+For each setting (`default`, the server as shipped, whose engine drops to one thread while the
+CPUs are contended; `fixed`, the same thread count given explicitly, so no governor: the server
+before it; `passive`, OpenMP threads that sleep as soon as they wait; `threads1`, one intra-op
+thread), a real `loramux serve` subprocess is started and one gRPC `Generate` is timed: a short
+chat prompt, greedy, exactly --new-tokens tokens (EOS ignored),
 the default SmolLM2 unless --model. Quiet and busy runs alternate, --repeats of each, and the
 median of each is kept; busy means a neighbour process spinning pure Python on every CPU this
 process may use, started just before the request and stopped after it (with a hard time bound).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
+
 def default_threads(environ: Mapping[str, str], cpus: Callable[[], int] | None = None) -> int:
     """OMP_NUM_THREADS when it is a positive integer, else `cpus()` (default usable_cpus())."""
     try:

@@ -50,17 +50,22 @@ def peft_mix(setup: tuple[Path, Path]) -> Any:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def engine(setup: tuple[Path, Path]) -> Any:
+def _start(setup: tuple[Path, Path], max_slots: int) -> Engine:
     base_dir, root = setup
     config = ServerConfig(
         model=str(base_dir),
         device="cpu",
         engine=EngineConfig(max_running=4, max_model_len=256, max_batched_tokens=64),
-        adapters=AdapterConfig(roots=(str(root),), max_slots=3, max_rank=8),
+        adapters=AdapterConfig(roots=(str(root),), max_slots=max_slots, max_rank=8),
     )
-    engine_ = build_engine(config)
-    engine_.start()
+    engine = build_engine(config)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(setup: tuple[Path, Path]) -> Any:
+    engine_ = _start(setup, max_slots=3)
     yield engine_
     engine_.shutdown()
 
@@ -135,15 +140,7 @@ def test_mixture_logits_equal_peft(engine: Engine, peft_mix: Any) -> None:
 
 
 def test_a_mixture_needs_as_many_slots_as_adapters(setup: tuple[Path, Path]) -> None:
-    base_dir, root = setup
-    config = ServerConfig(
-        model=str(base_dir),
-        device="cpu",
-        engine=EngineConfig(max_running=2, max_model_len=128, max_batched_tokens=32),
-        adapters=AdapterConfig(roots=(str(root),), max_slots=1, max_rank=8),
-    )
-    engine = build_engine(config)
-    engine.start()
+    engine = _start(setup, max_slots=1)
     try:
         failed = _submit(engine, "too-many", [1, 2, 3], mixture=MIXTURE).wait()
         assert failed.reason is FinishReason.ERROR and "1 device slots" in (failed.outputs[-1].error or "")

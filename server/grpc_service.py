@@ -113,7 +113,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 await _wait_shared(self._adapter_manager().prefetch(name))  # a refused adapter raises
             return prepared
         except Exception as exc:
-            self._engine.record_refused(request.adapter or "+".join(name for name, _ in given.mixture), exc)
+            names = (request.adapter,) if request.adapter else tuple(name for name, _ in given.mixture)
+            self._engine.record_refused(names, exc)
             raise
 
     async def _run(self, request: PreparedRequest) -> AsyncGenerator[RequestOutput, None]:

@@ -159,31 +159,15 @@ def _adapter_step(manager: Any, slot_ids: list[int]) -> Any:
 def test_two_slot_pools_in_one_model_equal_peft(setup, peft_model) -> None:
     """A rank-4 and a rank-8 LoRA pool in one model: each adapter lands in the smallest pool it fits,
     and a step mixing adapters of both pools gives PEFT's `adapter_names=` logits."""
-    from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec, DeviceSlots, LoraSlotPool
-    from kernels import select_backend
-    from server.engine.adapters import FUSED_PROJECTIONS
     from server.model.loader import load_model
+    from server.runtime import build_adapters
 
     base_dir, root = setup
     model = load_model(str(base_dir), CPU, torch.float32, 64).model
     arch = model.arch
-    spec = BaseModelSpec.llama(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        q_size=arch.q_size,
-        kv_size=arch.kv_size,
-        max_rank=8,
-    )
-    backend = select_backend(CPU)
-    slots = DeviceSlots(
-        [
-            LoraSlotPool(spec, FUSED_PROJECTIONS, 2, backend, CPU, max_rank=4),
-            LoraSlotPool(spec, FUSED_PROJECTIONS, 2, backend, CPU, max_rank=8),
-        ]
-    )
-    slots.attach(model)
-    store = AdapterStore(spec, AdapterRoots((str(root),)), 64 << 20)
+    manager = build_adapters(model, AdapterConfig(roots=(str(root),), max_rank=8, pools=((4, 2), (8, 2))))
+    assert manager is not None
+    slots, store = manager.slots, manager.store
     ready = {name: slots.prepare(store.get(name)) for name in ADAPTERS}
     assert {name: r.pool for name, r in ready.items()} == {"qv4": 0, "all8": 1, "rs8": 1, "pattern": 0}
     slot_of = {name: slots.acquire(r) for name, r in ready.items()}
@@ -204,6 +188,7 @@ def test_two_slot_pools_in_one_model_equal_peft(setup, peft_model) -> None:
     with torch.no_grad():
         theirs = peft_model(torch.tensor(prompts), adapter_names=[a or "__base__" for a in adapters]).logits
     torch.testing.assert_close(ours, theirs[:, -1], atol=1e-4, rtol=0)
+    manager.shutdown()
 
 
 def test_adapter_config_pools(setup) -> None:

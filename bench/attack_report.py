@@ -34,7 +34,9 @@ def absolute_paths(text: str, known: tuple[str, ...] = ()) -> list[str]:
     found = [path for path in known if path and path in text]
     # A path-looking match counts when its first component is a directory here (so a gRPC method
     # name such as /loramux.v1.Inference/Generate does not).
-    found += [m for m in _ABSOLUTE_PATH.findall(text) if m.count("/") >= 2 and os.path.isdir("/" + m.split("/")[1])]
+    found += [
+        m for m in _ABSOLUTE_PATH.findall(text) if m.count("/") >= 2 and os.path.isdir("/" + m.split("/")[1])
+    ]
     return sorted(set(found))
 
 
@@ -72,7 +74,15 @@ def markdown(rows: list[Row], title: str, preamble: list[str]) -> str:
                   "|---|---|---|---:|---|---|---|"]  # fmt: skip
         for row in rows:
             if row.group == group:
-                cells = [row.attack, row.expected, row.got, f"{row.seconds:.2f}", row.meanwhile, row.verdict, row.notes]
+                cells = [
+                    row.attack,
+                    row.expected,
+                    row.got,
+                    f"{row.seconds:.2f}",
+                    row.meanwhile,
+                    row.verdict,
+                    row.notes,
+                ]
                 lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -152,10 +152,18 @@ class Alive:
         return self.grpc_health and self.http_health and self.completion
 
     def cell(self) -> str:
-        marks = [("gRPC-health", self.grpc_health), ("/health", self.http_health), ("completion", self.completion)]
+        marks = [
+            ("gRPC-health", self.grpc_health),
+            ("/health", self.http_health),
+            ("completion", self.completion),
+        ]
         if self.ok:
             return "yes"
-        return "NO: " + ", ".join(name for name, ok in marks if not ok) + (f" ({self.detail})" if self.detail else "")
+        return (
+            "NO: "
+            + ", ".join(name for name, ok in marks if not ok)
+            + (f" ({self.detail})" if self.detail else "")
+        )
 
 
 @dataclass
@@ -167,7 +175,9 @@ class Probe:
     _http: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(self.server.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self._channel = grpc.insecure_channel(
+            self.server.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
         self._http = httpx.Client(base_url=self.server.url, timeout=30)
 
     def close(self) -> None:
@@ -197,7 +207,13 @@ class Probe:
         return Reply("OK", time.monotonic() - started, token_ids=tokens, body=answer)
 
     def generate(self, adapter: str = "", timeout: float = 30.0, **fields: Any) -> Reply:
-        fields = {"prompt": GOOD_PROMPT, "max_tokens": GOOD_TOKENS, "temperature": 0.0, "ignore_eos": True, **fields}
+        fields = {
+            "prompt": GOOD_PROMPT,
+            "max_tokens": GOOD_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            **fields,
+        }
         return self.call("Generate", pb.GenerateRequest(adapter=adapter, **fields), timeout)
 
     def grpc_health(self, timeout: float = 5.0) -> bool:
@@ -211,7 +227,9 @@ class Probe:
 
     # -- HTTP ---------------------------------------------------------------------------------
 
-    def http(self, method: str, path: str, timeout: float = 30.0, token: str | None = "key", **kwargs: Any) -> Reply:
+    def http(
+        self, method: str, path: str, timeout: float = 30.0, token: str | None = "key", **kwargs: Any
+    ) -> Reply:
         headers = {**self.headers(token), **kwargs.pop("headers", {})}
         started = time.monotonic()
         try:
@@ -224,11 +242,22 @@ class Probe:
             body = answer.json()
         except ValueError:
             body = None
-        message = body["error"].get("message", "") if isinstance(body, dict) and isinstance(body.get("error"), dict) else answer.text[:2000]
+        message = (
+            body["error"].get("message", "")
+            if isinstance(body, dict) and isinstance(body.get("error"), dict)
+            else answer.text[:2000]
+        )
         return Reply(str(answer.status_code), seconds, str(message), content_type, body=body)
 
     def complete(self, model: str, timeout: float = 30.0, **fields: Any) -> Reply:
-        body = {"model": model, "prompt": GOOD_PROMPT, "max_tokens": GOOD_TOKENS, "temperature": 0, "ignore_eos": True, **fields}
+        body = {
+            "model": model,
+            "prompt": GOOD_PROMPT,
+            "max_tokens": GOOD_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            **fields,
+        }
         return self.http("POST", "/v1/completions", timeout, json=body)
 
     def http_health(self, timeout: float = 5.0) -> bool:

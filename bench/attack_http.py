@@ -20,6 +20,16 @@ from bench.attack_server import GOOD_PROMPT
 from loramux.v1 import inference_pb2 as pb
 
 DOCUMENTED_5XX = {"501", "503", "504"}
+REFUSED = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "suffix",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "tools",
+)
 
 # -- 3. HTTP fuzzing ----------------------------------------------------------------------------
 
@@ -31,6 +41,12 @@ def _steer(case: Any, base_id: str) -> None:
         model = body.get("model")
         if isinstance(model, str) and len(model) % 4 != 3:
             body["model"] = base_id if len(model) % 2 == 0 else "good"
+            if len(model) % 4 != 0:  # and past the refusals of unsupported fields and roles, to generate
+                for refused in REFUSED:
+                    body.pop(refused, None)
+                for message in body.get("messages") or []:
+                    if isinstance(message, dict) and isinstance(message.get("role"), str):
+                        message["role"] = "user"
         for key in ("max_tokens", "max_completion_tokens"):
             value = body.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and 4 < value <= 256:

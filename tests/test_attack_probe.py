@@ -45,9 +45,14 @@ def test_good_adapter_has_the_model_shapes(tmp_path: Path) -> None:
 
 
 def test_report_flags_paths_and_prints_markdown(tmp_path: Path) -> None:
-    assert absolute_paths(f"cannot read {tmp_path}/x.json") and not absolute_paths("/loramux.v1.Inference/Generate")
+    assert absolute_paths(f"cannot read {tmp_path}/x.json") and not absolute_paths(
+        "/loramux.v1.Inference/Generate"
+    )
     assert message_problems("x" * 2000) == ["message of 2,000 chars"]
-    rows = [Row("1. g", "a|b", "refused", "400", 0.1, "yes", "PASS"), Row("1. g", "c", "refused", "500", 0.2, "yes", "FAIL")]
+    rows = [
+        Row("1. g", "a|b", "refused", "400", 0.1, "yes", "PASS"),
+        Row("1. g", "c", "refused", "500", 0.2, "yes", "FAIL"),
+    ]
     text = markdown(rows, "t", [])
     assert "| 1. g | 1 | 1 | 0 |" in text and "a\\|b" in text
     assert 0 < free_port() < 65536

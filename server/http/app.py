@@ -43,13 +43,12 @@ from loramux.v1 import inference_pb2 as pb
 from server import auth as authn
 from server.config import HttpLimits
 from server.http import openai_types as oa
-from server.http.body_limit import BodyLimit
 from server.http.backend import Backend, bearer_channel, finish_reason, generate_requests
+from server.http.body_limit import BodyLimit
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
 from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.quoting import quote
-
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -62,8 +61,27 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _V1 = (401, 500, 503, 504)
 _LIST_ERRORS = _errors(*_V1)
 _MODEL_ERRORS = _errors(*_V1, 404)
-_GENERATE_ERRORS = _errors(*_V1, 400, 404, 413, 429, 501)
-_ADMIN_ERRORS = _errors(*_V1, 400, 403, 404, 413)
+_GENERATE_RESPONSES = {
+    **_errors(*_V1, 400, 404, 413, 429, 501),
+    200: {  # besides the response model's JSON
+        "content": {
+            "text/event-stream": {
+                "schema": {  # one server-sent event; its data a chunk's JSON, an error's, or [DONE]
+                    "description": "with stream=true: the answer as server-sent events",
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        }
+    },
+}
+# vLLM answers the admin routes in plain text. response_class=Response (no media type) keeps
+# FastAPI from filing the JSON errors under text/plain.
+_ADMIN_RESPONSES = {
+    **_errors(*_V1, 400, 403, 404, 413),
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+}
 _ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # How often a non-streamed generation checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -141,35 +159,35 @@ def create_app(
                 return card
         raise ApiError(404, f"the model {quote(model)} does not exist", param="model", code="model_not_found")
 
-    @app.post("/v1/completions", response_model=oa.CompletionResponse, responses=_GENERATE_ERRORS)
+    @app.post("/v1/completions", response_model=oa.CompletionResponse, responses=_GENERATE_RESPONSES)
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
         return await _generate(request, body, _completion_answer, _completion_chunks)
 
-    @app.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_GENERATE_ERRORS)
+    @app.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_GENERATE_RESPONSES)
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Any:
         return await _generate(request, body, _chat_answer, _chat_chunks)
 
     @app.post(
         "/v1/load_lora_adapter",
-        response_class=PlainTextResponse,
-        responses=_ADMIN_ERRORS,
+        response_class=Response,
+        responses=_ADMIN_RESPONSES,
         include_in_schema=enable_admin,
     )
-    async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> str:
+    async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> Response:
         _check_admin(enable_admin)
         await backend(request).load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
-        return f"Success: LoRA adapter {quote(body.lora_name)} added successfully."
+        return PlainTextResponse(f"Success: LoRA adapter {quote(body.lora_name)} added successfully.")
 
     @app.post(
         "/v1/unload_lora_adapter",
-        response_class=PlainTextResponse,
-        responses=_ADMIN_ERRORS,
+        response_class=Response,
+        responses=_ADMIN_RESPONSES,
         include_in_schema=enable_admin,
     )
-    async def unload_lora_adapter(body: oa.UnloadLoraAdapterRequest, request: Request) -> str:
+    async def unload_lora_adapter(body: oa.UnloadLoraAdapterRequest, request: Request) -> Response:
         _check_admin(enable_admin)
         await backend(request).unload_adapter(body.lora_name)
-        return f"Success: LoRA adapter {quote(body.lora_name)} removed successfully."
+        return PlainTextResponse(f"Success: LoRA adapter {quote(body.lora_name)} removed successfully.")
 
     for route in app.routes:  # readable operation ids in the OpenAPI schema
         if isinstance(route, APIRoute):

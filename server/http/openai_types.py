@@ -88,9 +88,12 @@ class SamplingParams(_Request):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)
-    ] = Field(
+    prompt: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(
         description="text, a list of texts, token ids or a list of token-id lists (one choice set each)"
     )
     echo: bool = False

@@ -11,6 +11,7 @@ This module knows nothing about gRPC, HTTP or requests.
 from __future__ import annotations
 
 QUOTE_CHARS = 64  # of one quoted value
+LONE_SURROGATE = "holds a lone UTF-16 surrogate (such as \\ud800), which is not text; send valid Unicode"
 TRUNCATED = "... (truncated)"
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 from http import HTTPStatus
 
 import grpc
@@ -36,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.quoting import encodable, quote
+from server.quoting import LONE_SURROGATE, encodable, quote
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ DEFAULT_RETRY_AFTER_S = 1
 # What gRPC says when a message or its metadata is over a size limit (RESOURCE_EXHAUSTED too).
 _TOO_LARGE_MARKERS = ("larger than max", "size exceeds limit")
 _PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Validation errors that say what is wrong with a value (ours, and unparseable text).
+_OWN_CHECKS = frozenset({"value_error", "string_unicode"})
 
 
 class ApiError(Exception):
@@ -154,10 +157,12 @@ def install_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers a malformed body with 400, not FastAPI's 422.
         problems = exc.errors()
-        first = problems[0] if problems else {}
+        first = _most_telling(problems)
         location = [str(part) for part in first.get("loc", ()) if _is_field(part)]
         param = ".".join(location) or None
         message = first.get("msg", "the request body is invalid")
+        if first.get("type") == "string_unicode":  # pydantic's JSON parser met a lone surrogate
+            message = LONE_SURROGATE
         if param:
             message = f"{param}: {message}"
         if len(problems) > 1:
@@ -170,6 +175,22 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {quote(request.url.path)}; see /docs for the API"
         return error_response(exc.status_code, message, headers=exc.headers)
+
+
+def _most_telling(problems: Sequence[Any]) -> dict[str, Any]:
+    """The problem to report: one of our own checks (a value error) first, then the deepest field.
+
+    A union such as `prompt` fails once per branch it could have been; the branch that got
+    furthest (or that ran our check) says what is really wrong.
+    """
+    if not problems:
+        return {}
+
+    def rank(problem: Any) -> tuple[bool, int]:
+        depth = sum(1 for part in problem.get("loc", ()) if _is_field(part))
+        return problem.get("type") not in _OWN_CHECKS, -depth
+
+    return dict(min(problems, key=rank))
 
 
 def _is_field(part: object) -> bool:

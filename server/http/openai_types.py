@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from server.quoting import has_lone_surrogate
+from server.quoting import LONE_SURROGATE, has_lone_surrogate
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 UInt64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -31,9 +31,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")  # server.prompts.CHAT_ROLE
 
 def _valid_unicode(text: str) -> str:
     if has_lone_surrogate(text):
-        raise ValueError(
-            "holds a lone UTF-16 surrogate (such as \\ud800), which is not text; send valid Unicode"
-        )
+        raise ValueError(LONE_SURROGATE)
     return text
 
 

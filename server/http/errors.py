@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 from http import HTTPStatus
+from typing import Any
 
 import grpc
 import grpc.aio

@@ -6,7 +6,9 @@ ones get `config.drain_timeout_s` to finish (a second signal aborts them), and t
 shut down. It also stops, with status 1, when the engine thread dies, so a supervisor can
 restart the process. `cmd_http` serves only the HTTP shim in front of a running gRPC server.
 Both return the exit status: 0 after a signal; 1 when the model could not be loaded, the
-engine thread died or a port could not be bound.
+engine thread died or a port could not be bound. Both first raise the soft open-file limit to
+the hard one (logged), so that the HTTP connection cap (`config.http_limits`) leaves room for
+gRPC, and `configure_logging` rate-limits a flood of one log line.
 
 torch, the engine, gRPC and the HTTP app are imported inside the functions that run them.
 This module does not parse flags or turn them into a ServerConfig (`server/cli.py` does);

@@ -188,3 +188,9 @@ def test_regression_inputs(stack: dict[str, Any]) -> None:
             client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         )
         _check(client.get("/v1/models/%00"))
+        for path, raw in (  # a lone surrogate as JSON sends it: 400, not a 500 from protobuf
+            ("/v1/completions", b'{"model": "m", "prompt": "\\ud800"}'),
+            ("/v1/unload_lora_adapter", b'{"lora_name": "\\ud800"}'),
+        ):
+            answer = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, answer.text

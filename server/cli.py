@@ -30,7 +30,7 @@ from server.client_commands import (
     cmd_generate,
     cmd_info,
 )
-from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, ServerConfig
+from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, ServerConfig
 from server.serve_commands import cmd_http, configure_logging, run_server
 
 API_KEY_ENV = "LORAMUX_API_KEY"
@@ -172,9 +172,51 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the engine's intra-op threads (default: the CPUs this process may use, capped by its "
         "cgroup CPU quota; see README 'Serving' beside other busy processes)",
     )
+    _add_http_limits(serve)
     _add_secrets(serve, admin=True)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_http_limits(parser: argparse.ArgumentParser) -> None:
+    limits = HttpLimits()
+    parser.add_argument(
+        "--http-max-body-mb",
+        type=float,
+        default=limits.max_body_mb,
+        help="largest HTTP request body in MiB; larger ones are answered 413 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=limits.header_timeout_s,
+        help="seconds a connection may take to send its request headers, else 408 and closed "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=limits.body_timeout_s,
+        help="seconds a request may take to send its body after the headers, else 408 and closed "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=limits.max_connections,
+        help="open HTTP connections; lowered to leave room for gRPC under the open-file limit "
+        "(default: %(default)s)",
+    )
+
+
+def http_limits(args: argparse.Namespace) -> HttpLimits:
+    """The HttpLimits the --http-* flags describe; raises ValueError on bad values."""
+    return HttpLimits(
+        max_body_mb=args.http_max_body_mb,
+        header_timeout_s=args.http_header_timeout,
+        body_timeout_s=args.http_body_timeout,
+        max_connections=args.http_max_connections,
+    )
 
 
 def _add_secrets(parser: argparse.ArgumentParser, *, admin: bool) -> None:
@@ -242,6 +284,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         enable_admin=args.enable_admin,
+        http_limits=http_limits(args),
         cache_dir=args.cache_dir,
         api_key=args.api_key,
         admin_token=args.admin_token,
@@ -284,9 +327,21 @@ def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
     )
+    _add_http_limits(http)
     _add_secrets(http, admin=True)
     http.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    http.set_defaults(handler=cmd_http)
+    http.set_defaults(handler=_cmd_http)
+
+
+def _cmd_http(args: argparse.Namespace, extra: list[str]) -> int:
+    """The --http-* flags to HttpLimits (2 when they are bad); `cmd_http` serves."""
+    configure_logging(args.log_level)
+    try:
+        limits = http_limits(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return cmd_http(args, limits)
 
 
 # -- generate ------------------------------------------------------------------------------

@@ -72,6 +72,37 @@ class AdapterConfig:
         return self.pools or ((self.max_rank, self.max_slots),)
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP client may cost the OpenAI shim (`loramux serve` and `loramux http`).
+
+    max_body_mb: largest request body, in MiB; a bigger one is answered 413 before it is parsed
+        (at once when Content-Length says so, else as soon as the streamed body passes it).
+    header_timeout_s: a connection whose request headers are not complete this long after its
+        first byte (or after it opened) is answered 408 and closed.
+    body_timeout_s: a request body not complete this long after its headers: 408 and closed.
+    max_connections: open HTTP connections; beyond it the connection waiting longest for its
+        headers is closed (408), or else the new one (503). The server lowers it further when the
+        open-file limit would not leave room for gRPC (server.http.server.connection_cap).
+    """
+
+    max_body_mb: float = 4.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_mb", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
 MODEL_KERNELS = ("auto", "fused", "torch")  # kernels.model_ops.KERNEL_CHOICES, without importing torch
 
 
@@ -89,6 +120,7 @@ class ServerConfig:
     grpc_port: int = 50051
     http_port: int = 8000  # the OpenAI-compatible HTTP shim; 0 = no HTTP
     enable_admin: bool = False  # HTTP /v1/load_lora_adapter and /v1/unload_lora_adapter
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     cache_dir: str | None = None  # default: $LORAMUX_CACHE or ~/.cache/loramux
     # Secrets: never in repr (so never in a logged config). None = not required.
     api_key: str | None = field(default=None, repr=False)  # every Inference call / /v1 route

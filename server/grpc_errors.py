@@ -6,16 +6,23 @@ answer carrying an error string:
 
     AdapterNotFound      -> NOT_FOUND
     AdapterExists        -> ALREADY_EXISTS
-    AdapterTooLarge      -> RESOURCE_EXHAUSTED
+    AdapterTooLarge      -> FAILED_PRECONDITION (not "retry later": it needs --host-cache-mb raised)
     AdapterError (other) -> INVALID_ARGUMENT (a refused adapter or adapter request)
     InvalidRequest       -> INVALID_ARGUMENT
     AdaptersDisabled     -> FAILED_PRECONDITION
-    EngineOverloaded     -> RESOURCE_EXHAUSTED
+    EngineOverloaded     -> RESOURCE_EXHAUSTED, with the trailer `grpc-retry-pushback-ms`
     EngineUnavailable    -> UNAVAILABLE
     NotImplementedError  -> UNIMPLEMENTED
     RequestTimedOut      -> DEADLINE_EXCEEDED (the server's --request-timeout)
     GenerationFailed     -> INTERNAL (the engine's message, logged)
     anything else        -> INTERNAL (a generic message; the traceback goes to the log)
+
+RESOURCE_EXHAUSTED means "retry later" and is sent only for a full queue; the pushback trailer
+(gRPC's own retry hint) tells clients, the HTTP shim included (429 + Retry-After), when. gRPC
+itself answers RESOURCE_EXHAUSTED "message larger than max" for a request over the server's
+receive limit (`server.grpc_server.MAX_RECEIVE_BYTES`). Every status message is cut to
+MAX_STATUS_MESSAGE_BYTES of valid UTF-8, so that no echoed input can outgrow gRPC's metadata
+limit (which the client would report as RESOURCE_EXHAUSTED).
 
 It wraps only the methods of `loramux.v1.Inference`; health and reflection pass through.
 It knows nothing about what the RPCs do.
@@ -32,10 +39,15 @@ import grpc.aio
 
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from server.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from server.quoting import encodable
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_METHOD_PREFIX = "/loramux.v1.Inference/"
+# Far below gRPC's 8 KiB metadata limit even when every byte is percent-encoded (x3).
+MAX_STATUS_MESSAGE_BYTES = 1024
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+OVERLOAD_RETRY_AFTER_MS = 1000
 
 
 class GenerationFailed(RuntimeError):
@@ -54,7 +66,7 @@ class AdaptersDisabled(RuntimeError):
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
-    (AdapterTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AdapterTooLarge, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (AdaptersDisabled, grpc.StatusCode.FAILED_PRECONDITION),
@@ -67,11 +79,18 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 
 def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for an exception raised by `method`."""
+    """The status code and client-facing message (bounded, valid UTF-8) for an exception of `method`."""
     for error_type, code in _STATUS_BY_ERROR:
         if isinstance(exc, error_type):
-            return code, str(exc) or error_type.__name__
+            return code, encodable(str(exc) or error_type.__name__, MAX_STATUS_MESSAGE_BYTES)
     return grpc.StatusCode.INTERNAL, f"internal error in {method} ({type(exc).__name__}); see the server log"
+
+
+def _trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a failed call: a retry hint for a full queue only."""
+    if isinstance(exc, EngineOverloaded):
+        return ((RETRY_PUSHBACK_KEY, str(OVERLOAD_RETRY_AFTER_MS)),)
+    return ()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
@@ -82,7 +101,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         logger.error("%s failed: %s", method, message, exc_info=exc)
     else:
         logger.info("%s -> %s: %s", method, code.name, message)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=_trailer(exc))
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:

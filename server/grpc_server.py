@@ -10,6 +10,7 @@ port) and `await server.stop(grace)` lets running calls finish for `grace` secon
 `await server.drain(timeout)` first refuses new Inference calls (UNAVAILABLE, health NOT_SERVING)
 and waits up to `timeout` seconds for running generations to finish. An `AuthConfig` makes the
 calls present the API key / admin token (`server.auth`); `request_timeout_s` caps each generation.
+A request message over MAX_RECEIVE_BYTES (4 MiB) gets gRPC's own RESOURCE_EXHAUSTED.
 
 It owns neither the engine's lifecycle (the caller starts and shuts down the engine) nor
 the event loop (the caller runs it).
@@ -38,9 +39,13 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_POLL_S = 1.0
+# The largest request message accepted (gRPC's default, stated): a bigger one is refused by
+# gRPC itself with RESOURCE_EXHAUSTED "Received message larger than max" (HTTP 413 via the shim).
+MAX_RECEIVE_BYTES = 4 * 2**20
 _OPTIONS = [
     # Without this, a second server on a busy port binds "successfully" and shares it.
     ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 ]
 
 

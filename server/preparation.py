@@ -3,7 +3,7 @@
 The one place a generation is checked: request id, adapter choice (base model, one adapter, a
 weighted mixture, or "auto"), input shape and size, sampling values, tokenization (or the chat
 template) and the prompt against the vocabulary and the context length. Every rule lives in one
-place with one message; the gRPC service calls it for every generation and the HTTP shim reaches
+place with one message (quoting at most a bounded prefix of what the client sent); the gRPC service calls it for every generation and the HTTP shim reaches
 it through the gRPC service, so both refuse the same requests with the same words.
 
 `prepare` tokenizes and may look at the adapter roots on disk: call it off the event loop, from
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from adapters_store import AdapterNotFound, check_adapter_name
 from server.engine.request import AdapterChoice, InvalidRequest, PreparedRequest, SamplingParams
 from server.prompts import PromptInput, check_input, check_prompt_tokens, tokenize
+from server.quoting import quote
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine, EngineInfo
@@ -92,7 +93,8 @@ class RequestPreparer:
             raise InvalidRequest(f"at most {MAX_MIXTURE} adapters in a mixture, got {len(mixture)}")
         names = [name for name, _ in mixture]
         if len(set(names)) != len(names):
-            raise InvalidRequest(f"adapters lists a name twice: {names}")
+            twice = next(name for name in names if names.count(name) > 1)
+            raise InvalidRequest(f"adapters lists the name {quote(twice)} twice")
         for index, (_name, weight) in enumerate(mixture):
             if not math.isfinite(weight) or weight <= 0.0:
                 raise InvalidRequest(f"adapters[{index}].weight must be a finite number > 0, got {weight}")
@@ -104,6 +106,6 @@ class RequestPreparer:
         check_adapter_name(name, lookup=True)
         if self.adapters is None:
             raise AdapterNotFound(
-                f"adapter {name!r} is not loaded: this server serves no adapters (started with --max-slots 0)"
+                f"adapter {quote(name)} is not loaded: this server serves no adapters (started with --max-slots 0)"
             )
         self.adapters.check_known(name)

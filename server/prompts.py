@@ -3,7 +3,7 @@
 A caller gives exactly one of: raw prompt text (tokenized as is), token ids (checked against
 the vocabulary) or chat messages (rendered with the tokenizer's chat template plus the
 assistant's generation prompt). Every check raises `InvalidRequest` with a message that says
-what was wrong and what to do.
+what was wrong and what to do; it quotes at most a bounded prefix of what the client sent.
 
 This module knows the tokenizer's interface and the model's limits; it knows nothing about
 protobuf, gRPC or HTTP, and nothing about sampling beyond `max_tokens`.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.engine.request import InvalidRequest
+from server.quoting import quote
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_CHAT_MESSAGES = 1024
@@ -60,7 +61,7 @@ def check_input(prompt: PromptInput, max_model_len: int) -> None:
     for index, (role, _content) in enumerate(prompt.messages):
         if role not in CHAT_ROLES:
             raise InvalidRequest(
-                f"messages[{index}].role is {role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"
+                f"messages[{index}].role is {quote(role)}; use one of {', '.join(sorted(CHAT_ROLES))}"
             )
     num_chars = len(prompt.text or "") + sum(len(content) for _role, content in prompt.messages)
     limit = max_prompt_chars(max_model_len)

@@ -6,7 +6,9 @@ ones get `config.drain_timeout_s` to finish (a second signal aborts them), and t
 shut down. It also stops, with status 1, when the engine thread dies, so a supervisor can
 restart the process. `cmd_http` serves only the HTTP shim in front of a running gRPC server.
 Both return the exit status: 0 after a signal; 1 when the model could not be loaded, the
-engine thread died or a port could not be bound.
+engine thread died or a port could not be bound. Both first raise the soft open-file limit to
+the hard one (logged), so that the HTTP connection cap (`config.http_limits`) leaves room for
+gRPC, and `configure_logging` rate-limits a flood of one log line.
 
 torch, the engine, gRPC and the HTTP app are imported inside the functions that run them.
 This module does not parse flags or turn them into a ServerConfig (`server/cli.py` does);
@@ -23,7 +25,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.config import ServerConfig
+    from server.config import HttpLimits, ServerConfig
     from server.engine.engine import Engine
     from server.metrics import Metrics
 
@@ -34,8 +36,20 @@ ENGINE_WATCH_S = 1.0
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr at `level` ("debug", "info", ...) with timestamps."""
+    """Log to stderr at `level` ("debug", "info", ...) with timestamps; a line repeated in a flood
+    is rate-limited (`server.log_limits`)."""
+    from server.log_limits import install
+
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        install(handler)
+
+
+def _raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one (HTTP connections are capped below it)."""
+    from server.http.connections import raise_open_file_limit
+
+    logger.info("open-file limit: %d", raise_open_file_limit())
 
 
 # -- serve ---------------------------------------------------------------------------------
@@ -55,6 +69,7 @@ def run_server(config: ServerConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     metrics.watch(engine.snapshot)
+    _raise_open_file_limit()
     engine.start()
     try:
         return asyncio.run(_serve_until_signal(engine, config, metrics))
@@ -85,8 +100,9 @@ async def _serve_until_signal(engine: Engine, config: ServerConfig, metrics: Met
             metrics_registry=metrics.registry,
             api_key=config.api_key,
             admin_token=config.admin_token,
+            limits=config.http_limits,
         )
-        http = HttpServer(app, config.host, config.http_port)
+        http = HttpServer(app, config.host, config.http_port, config.http_limits)
         try:
             await http.start()
         except BaseException:
@@ -136,23 +152,28 @@ def _local_target(host: str, port: int) -> str:
 # -- http ----------------------------------------------------------------------------------
 
 
-def cmd_http(args: argparse.Namespace, extra: list[str]) -> int:
-    configure_logging(args.log_level)
+def cmd_http(args: argparse.Namespace, limits: HttpLimits) -> int:
+    """`loramux http`: the shim alone, in front of `args.grpc_target`, under `limits`."""
+    _raise_open_file_limit()
     try:
-        return asyncio.run(_serve_http_until_signal(args))
+        return asyncio.run(_serve_http_until_signal(args, limits))
     except OSError as exc:  # the port is taken or the host is wrong
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
-async def _serve_http_until_signal(args: argparse.Namespace) -> int:
+async def _serve_http_until_signal(args: argparse.Namespace, limits: HttpLimits) -> int:
     from server.http.app import create_app
     from server.http.server import HttpServer
 
     app = create_app(
-        args.grpc_target, enable_admin=args.enable_admin, api_key=args.api_key, admin_token=args.admin_token
+        args.grpc_target,
+        enable_admin=args.enable_admin,
+        api_key=args.api_key,
+        admin_token=args.admin_token,
+        limits=limits,
     )
-    http = HttpServer(app, args.host, args.port)
+    http = HttpServer(app, args.host, args.port, limits)
     await http.start()
     logger.info("OpenAI API on http://%s:%d in front of gRPC %s", args.host, http.port, args.grpc_target)
     stop = asyncio.Event()

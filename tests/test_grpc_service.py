@@ -366,6 +366,8 @@ def test_full_queue_is_resource_exhausted(tiny_model_dir: Path, monkeypatch: pyt
             second.cancel()
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in caught.value.details()
+        # gRPC's retry hint: RESOURCE_EXHAUSTED from loramux always means "retry later"
+        assert ("grpc-retry-pushback-ms", "1000") in caught.value.trailing_metadata()
     finally:
         running.close()
         engine.shutdown()

@@ -78,6 +78,7 @@ def test_full_queue_answers_429_at_once(engine: Engine) -> None:
             second.cancel()
         assert answer.status_code == 429, answer.text
         assert answer.json()["error"]["type"] == "rate_limit_error"
+        assert answer.headers["retry-after"] == "1"  # OpenAI clients retry a 429 by themselves
         assert _wait_until(lambda: _idle(engine))
     finally:
         servers.close()

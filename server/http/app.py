@@ -6,7 +6,7 @@
     POST /v1/chat/completions       chat completion; the server applies the chat template
     POST /v1/load_lora_adapter      vLLM's runtime adapter loading (only with enable_admin)
     POST /v1/unload_lora_adapter    and unloading
-    GET  /health                    200 while the gRPC server reports SERVING, else 503
+    GET  /health                    200 {"status": "ok"} while the gRPC server reports SERVING, else 503
     GET  /metrics                   Prometheus text exposition of `metrics_registry` (`loramux serve`:
                                     the engine's metrics; `loramux http` alone: this process only)
 
@@ -16,7 +16,8 @@ of an answer is the adapter that served it (the base model's id for none).
 With an API key, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise); with an
 admin token, the admin routes need it (403). `/health` (and `/metrics`) stay open. The shim
 presents its own key / admin token to the gRPC server. While the gRPC server drains, new
-requests answer 503 (its UNAVAILABLE).
+requests answer 503 (its UNAVAILABLE). A request body over `limits.max_body_mb` is answered 413
+before it is parsed (`server.http.body_limit`); each route documents the statuses it can answer.
 
 This module maps OpenAI shapes to the wire API and back; it does not know how generation works.
 """
@@ -40,14 +41,46 @@ from prometheus_client import CollectorRegistry
 
 from loramux.v1 import inference_pb2 as pb
 from server import auth as authn
+from server.config import HttpLimits
 from server.http import openai_types as oa
 from server.http.backend import Backend, bearer_channel, finish_reason, generate_requests
+from server.http.body_limit import BodyLimit
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
 from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from server.quoting import quote
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": oa.ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each OpenAI's error JSON."""
+    return {status: {"model": oa.ErrorResponse} for status in statuses}
+
+
+# What every /v1 route can answer: no or a wrong API key, an internal error, the gRPC server
+# unreachable or draining, its deadline passed; plus what each kind of route adds.
+_V1 = (401, 500, 503, 504)
+_LIST_ERRORS = _errors(*_V1)
+_MODEL_ERRORS = _errors(*_V1, 404)
+_GENERATE_RESPONSES = {
+    **_errors(*_V1, 400, 404, 413, 429, 501),
+    200: {  # besides the response model's JSON
+        "content": {
+            "text/event-stream": {
+                "schema": {  # one server-sent event; its data a chunk's JSON, an error's, or [DONE]
+                    "description": "with stream=true: the answer as server-sent events",
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        }
+    },
+}
+# vLLM answers the admin routes in plain text. response_class=Response (no media type) keeps
+# FastAPI from filing the JSON errors under text/plain.
+_ADMIN_RESPONSES = {
+    **_errors(*_V1, 400, 403, 404, 413),
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
 }
 _ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # How often a non-streamed generation checks that its client is still there.
@@ -61,11 +94,14 @@ def create_app(
     api_key: str | None = None,
     admin_token: str | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    limits: HttpLimits | None = None,
 ) -> FastAPI:
     """The shim for the gRPC server at `grpc_target` (HOST:PORT); admin routes answer 403 unless enabled.
 
     `api_key` / `admin_token`: what HTTP clients must present, and what the shim presents to gRPC.
+    `limits`: its `max_body_mb` applies here (the connection limits to `HttpServer`).
     """
+    limits = limits or HttpLimits()
     auth = authn.AuthConfig(api_key=api_key, admin_token=admin_token)
 
     @asynccontextmanager
@@ -91,19 +127,19 @@ def create_app(
     app = FastAPI(
         title="loramux OpenAI-compatible API",
         lifespan=lifespan,
-        responses=_ERRORS,
         dependencies=[Depends(authorize)],
     )
     install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     def backend(request: Request) -> Backend:
         return request.app.state.backend  # type: ignore[no-any-return]
 
-    @app.get("/health", responses={503: {"model": oa.ErrorResponse}})
-    async def health(request: Request) -> Response:
+    @app.get("/health", response_model=oa.HealthResponse, responses=_errors(503))
+    async def health(request: Request) -> Any:
         if not await backend(request).serving():
             return error_response(503, "the engine is not serving (starting, stopped or unreachable)")
-        return Response(status_code=200)
+        return oa.HealthResponse()
 
     registry = metrics_registry if metrics_registry is not None else prometheus_client.REGISTRY
 
@@ -112,36 +148,46 @@ def create_app(
         # generate_latest reads the engine's state (locks held for microseconds): fine on the loop
         return Response(prometheus_client.generate_latest(registry), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/models", response_model=oa.ModelList)
+    @app.get("/v1/models", response_model=oa.ModelList, responses=_LIST_ERRORS)
     async def list_models(request: Request) -> oa.ModelList:
         return oa.ModelList(data=await _model_cards(backend(request)))
 
-    @app.get("/v1/models/{model}", response_model=oa.ModelCard)
+    @app.get("/v1/models/{model}", response_model=oa.ModelCard, responses=_MODEL_ERRORS)
     async def get_model(model: str, request: Request) -> oa.ModelCard:
         for card in await _model_cards(backend(request)):
             if card.id == model:
                 return card
-        raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        raise ApiError(404, f"the model {quote(model)} does not exist", param="model", code="model_not_found")
 
-    @app.post("/v1/completions", response_model=oa.CompletionResponse)
+    @app.post("/v1/completions", response_model=oa.CompletionResponse, responses=_GENERATE_RESPONSES)
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
         return await _generate(request, body, _completion_answer, _completion_chunks)
 
-    @app.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse)
+    @app.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_GENERATE_RESPONSES)
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Any:
         return await _generate(request, body, _chat_answer, _chat_chunks)
 
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, include_in_schema=enable_admin)
-    async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> str:
+    @app.post(
+        "/v1/load_lora_adapter",
+        response_class=Response,
+        responses=_ADMIN_RESPONSES,
+        include_in_schema=enable_admin,
+    )
+    async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> Response:
         _check_admin(enable_admin)
         await backend(request).load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
-        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+        return PlainTextResponse(f"Success: LoRA adapter {quote(body.lora_name)} added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, include_in_schema=enable_admin)
-    async def unload_lora_adapter(body: oa.UnloadLoraAdapterRequest, request: Request) -> str:
+    @app.post(
+        "/v1/unload_lora_adapter",
+        response_class=Response,
+        responses=_ADMIN_RESPONSES,
+        include_in_schema=enable_admin,
+    )
+    async def unload_lora_adapter(body: oa.UnloadLoraAdapterRequest, request: Request) -> Response:
         _check_admin(enable_admin)
         await backend(request).unload_adapter(body.lora_name)
-        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+        return PlainTextResponse(f"Success: LoRA adapter {quote(body.lora_name)} removed successfully.")
 
     for route in app.routes:  # readable operation ids in the OpenAPI schema
         if isinstance(route, APIRoute):

@@ -7,20 +7,28 @@ Every failure answers `{"error": {"message", "type", "param", "code"}}`:
     gRPC UNAUTHENTICATED (missing or wrong API key)        -> 401 authentication_error
     gRPC PERMISSION_DENIED (admin token needed)            -> 403 permission_error
     gRPC NOT_FOUND (an unknown model or adapter)           -> 404 not_found_error
-    gRPC RESOURCE_EXHAUSTED (the engine's queue is full)   -> 429 rate_limit_error
+    a request body over the shim's size limit, or gRPC
+         RESOURCE_EXHAUSTED "message larger than max"      -> 413 invalid_request_error
+    gRPC RESOURCE_EXHAUSTED (the engine's queue is full)   -> 429 rate_limit_error, with Retry-After
     gRPC UNIMPLEMENTED                                     -> 501 not_implemented_error
     gRPC UNAVAILABLE (engine stopped, server unreachable)  -> 503 service_unavailable_error
     gRPC DEADLINE_EXCEEDED                                 -> 504 timeout_error
     anything else                                          -> 500 server_error
 
-The gRPC server already says what was wrong; its message is passed on as is. This module does
-not know the routes.
+The gRPC server already says what was wrong; its message is passed on, cut to
+MAX_MESSAGE_BYTES of valid UTF-8 like every message here. 429 means "retry later" (OpenAI's
+clients do, by themselves), so only a full queue gets it, with the server's retry hint
+(`grpc-retry-pushback-ms`) as Retry-After; a too-large request must not be retried: 413.
+Starlette's own errors keep their headers (405's Allow). This module does not know the routes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -28,6 +36,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.quoting import LONE_SURROGATE, encodable, quote
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,8 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     501: "not_implemented_error",
     503: "service_unavailable_error",
@@ -56,38 +68,75 @@ _HTTP_STATUS_BY_GRPC = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+MAX_MESSAGE_BYTES = 2048
+DEFAULT_RETRY_AFTER_S = 1
+# What gRPC says when a message or its metadata is over a size limit (RESOURCE_EXHAUSTED too).
+_TOO_LARGE_MARKERS = ("larger than max", "size exceeds limit")
+_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Validation errors that say what is wrong with a value (ours, and unparseable text).
+_OWN_CHECKS = frozenset({"value_error", "string_unicode"})
 
 
 class ApiError(Exception):
     """An error the shim itself answers with (not one that came from the gRPC server)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """OpenAI's error JSON for an HTTP status."""
+    """OpenAI's error JSON for an HTTP status; the message bounded and valid UTF-8."""
     error_type = _TYPE_BY_STATUS.get(status, "server_error")
+    message = encodable(message, MAX_MESSAGE_BYTES)
+    if param is not None:
+        param = encodable(param, MAX_MESSAGE_BYTES)
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
     """The HTTP error for a failed gRPC call; the status code's name becomes OpenAI's `code`."""
     status = _HTTP_STATUS_BY_GRPC.get(err.code(), 500)
     message = err.details() or err.code().name
+    headers: dict[str, str] = {}
     if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
         message = f"the loramux gRPC server is not reachable ({message}); retry later"
-    return ApiError(status, message, code=err.code().name.lower())
+    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if any(marker in message for marker in _TOO_LARGE_MARKERS):
+            status = 413
+            message = f"the request is too large for the gRPC server ({message}); send less"
+        else:
+            headers["Retry-After"] = str(_retry_after_s(err))
+    return ApiError(status, message, code=err.code().name.lower(), headers=headers)
+
+
+def _retry_after_s(err: grpc.aio.AioRpcError) -> int:
+    """Whole seconds from the server's retry hint (grpc-retry-pushback-ms), at least 1."""
+    for key, value in err.trailing_metadata() or ():
+        if key == _PUSHBACK_KEY and isinstance(value, str) and value.isdigit():
+            return max(1, math.ceil(int(value) / 1000))
+    return DEFAULT_RETRY_AFTER_S
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -95,23 +144,25 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
         error = from_rpc_error(exc)
         if error.status >= 500:
             logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
-        return error_response(error.status, error.message, error.param, error.code)
+        return error_response(error.status, error.message, error.param, error.code, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers a malformed body with 400, not FastAPI's 422.
         problems = exc.errors()
-        first = problems[0] if problems else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        first = _most_telling(problems)
+        location = [str(part) for part in first.get("loc", ()) if _is_field(part)]
         param = ".".join(location) or None
         message = first.get("msg", "the request body is invalid")
+        if first.get("type") == "string_unicode":  # pydantic's JSON parser met a lone surrogate
+            message = LONE_SURROGATE
         if param:
             message = f"{param}: {message}"
         if len(problems) > 1:
@@ -122,5 +173,28 @@ def install_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return error_response(exc.status_code, message)
+            message = f"no route {request.method} {quote(request.url.path)}; see /docs for the API"
+        return error_response(exc.status_code, message, headers=exc.headers)
+
+
+def _most_telling(problems: Sequence[Any]) -> dict[str, Any]:
+    """The problem to report: one of our own checks (a value error) first, then the deepest field.
+
+    A union such as `prompt` fails once per branch it could have been; the branch that got
+    furthest (or that ran our check) says what is really wrong.
+    """
+    if not problems:
+        return {}
+
+    def rank(problem: Any) -> tuple[bool, int]:
+        depth = sum(1 for part in problem.get("loc", ()) if _is_field(part))
+        return problem.get("type") not in _OWN_CHECKS, -depth
+
+    return dict(min(problems, key=rank))
+
+
+def _is_field(part: object) -> bool:
+    """A field name or list index of a validation error's location; not "body" and not the
+    union branch pydantic tried (`function-after[...]`, `list[str]`)."""
+    text = str(part)
+    return text != "body" and "[" not in text and "-" not in text

@@ -5,7 +5,11 @@ the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions
 the `openai` client's `extra_body`). Fields a client may send that loramux cannot honour are
 declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
 Range checks that the gRPC server makes anyway (temperature, top_p, stop strings, lengths) are
-left to it, so HTTP and gRPC refuse the same things with the same words.
+left to it, so HTTP and gRPC refuse the same things with the same words; what the schema does
+say (non-empty prompts, names and stop strings, the chat roles) agrees with the server, so
+that a schema-valid request is not refused for its shape. Every string that travels on is
+`Text`: a lone UTF-16 surrogate (JSON's "\ud800", which Python's JSON parser accepts but no
+UTF-8 encoder, protobuf's included) is refused here with 400 naming the field.
 
 This module does not know about gRPC.
 """
@@ -14,12 +18,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from server.quoting import LONE_SURROGATE, has_lone_surrogate
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 UInt64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
 MaxTokens = Annotated[int, Field(ge=1, le=2**32 - 1)]
 MAX_CHOICES = 16  # prompts x n of one request
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # server.prompts.CHAT_ROLES, which decides
+
+
+def _valid_unicode(text: str) -> str:
+    if has_lone_surrogate(text):
+        raise ValueError(LONE_SURROGATE)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
+TokenIds = Annotated[list[UInt32], Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -33,7 +51,7 @@ class StreamOptions(_Request):
 class SamplingParams(_Request):
     """The fields completions and chat completions share."""
 
-    model: str = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
+    model: Text = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
     max_tokens: MaxTokens | None = Field(
         None, description="most tokens to generate (unset: the server's default, 64)"
     )
@@ -43,7 +61,7 @@ class SamplingParams(_Request):
         default=None, description="vLLM extension: sample from the k most likely tokens"
     )
     seed: UInt64 | None = Field(default=None, description="choice i of n samples with seed + i")
-    stop: str | list[str] | None = None
+    stop: NonEmptyText | list[NonEmptyText] | None = None
     stop_token_ids: list[UInt32] | None = Field(default=None, description="vLLM extension")
     ignore_eos: bool = Field(
         default=False, description="vLLM extension: generate past the end-of-sequence token"
@@ -54,7 +72,7 @@ class SamplingParams(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     def unsupported(self) -> str | None:
         """The name of a field set to something loramux cannot do, or None."""
@@ -68,12 +86,17 @@ class SamplingParams(_Request):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str] | list[UInt32] | list[list[UInt32]] = Field(
+    prompt: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(
         description="text, a list of texts, token ids or a list of token-id lists (one choice set each)"
     )
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
@@ -90,12 +113,12 @@ class CompletionRequest(SamplingParams):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(_Request):
-    role: str = Field(description='"system", "user", "assistant", "tool" (the chat template decides)')
-    content: str | list[TextPart] | None = None
+    role: Literal[CHAT_ROLES] = Field(description="who speaks; the chat template renders it")  # type: ignore[valid-type]
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -147,7 +170,7 @@ class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
-    model: str = Field(description="the adapter that served the request, or the base model's id")
+    model: Text = Field(description="the adapter that served the request, or the base model's id")
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -168,7 +191,7 @@ class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
-    model: str = Field(description="the adapter that served the request, or the base model's id")
+    model: Text = Field(description="the adapter that served the request, or the base model's id")
     choices: list[ChatChoice]
     usage: Usage
 
@@ -212,14 +235,18 @@ class ModelList(BaseModel):
 
 
 class LoadLoraAdapterRequest(_Request):
-    lora_name: str
-    lora_path: str
+    lora_name: NonEmptyText
+    lora_path: NonEmptyText
     load_inplace: bool = Field(default=False, description="replace an adapter already loaded under this name")
 
 
 class UnloadLoraAdapterRequest(_Request):
-    lora_name: str
+    lora_name: NonEmptyText
     lora_int_id: int | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 class ErrorDetail(BaseModel):

@@ -145,10 +145,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     return rows, preamble
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.attack_bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     rows, preamble = run(args)
     preamble.append(f"Run time: {time.monotonic() - started:.0f} s.")
@@ -162,4 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="python -m bench.attack_bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -447,6 +447,7 @@ _BENCHMARKS = {
     "memory": "resident memory over 1,000 distinct adapters through a small host cache",
     "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
     "sampling": "next-token sampling, new sampler vs the old per-row sort",
+    "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
 }
 
 

@@ -267,7 +267,7 @@ def _set(key: str, value: torch.Tensor) -> Any:
         ),
         (_set(f"{Q_KEY}.lora_magnitude_vector", torch.ones(64)), "unexpected tensor .*lora_magnitude_vector"),
         (_set("base_model.model.lm_head.weight", torch.ones(128, 64)), "unexpected tensor .*lm_head"),
-        (_set(f"{Q_KEY}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32)), "dtype torch.int32"),
+        (_set(f"{Q_KEY}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32)), "dtype I32"),
     ],
     ids=[
         "nan",

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -95,7 +95,7 @@ def load_peft_lora(
     )
 
 
-def _open_weights(path: Path, where: str) -> BinaryIO:
+def _open_weights(path: Path, where: str) -> BufferedReader:
     if not path.is_file():
         pickled = path.with_name(PICKLE_WEIGHTS_FILE)
         if path.is_dir():
@@ -115,7 +115,7 @@ def _open_weights(path: Path, where: str) -> BinaryIO:
         raise AdapterError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
 
 
-def _read_data(file: BinaryIO, header: SafetensorsHeader, where: str) -> bytearray:
+def _read_data(file: BufferedReader, header: SafetensorsHeader, where: str) -> bytearray:
     """The whole file (header included, for the checksum), read once after the header passed."""
     data = bytearray(header.file_size)
     file.seek(0)

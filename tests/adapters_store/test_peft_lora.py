@@ -187,7 +187,7 @@ def test_unknown_format_and_wrong_checksum_are_refused(make_adapter: AdapterFact
     directory, _ = make_adapter(r=4, target_modules=["q_proj"])
     with pytest.raises(AdapterError, match="format 'gguf-lora' is not supported"):
         load_adapter(directory, TINY_SPEC, "a", format="gguf-lora")
-    with pytest.raises(AdapterError, match="does not match the expected sha256:00"):
+    with pytest.raises(AdapterError, match="does not match the expected 'sha256:00'"):
         load_adapter(directory, TINY_SPEC, "a", expected_checksum="sha256:00")
 
 

@@ -56,6 +56,22 @@ MATCHING_CASES: dict[str, dict[str, Any]] = {
     "regex-target": dict(
         r=4, target_modules=r".*\.(q|v)_proj", rank_pattern={r"layers\.\d\.self_attn\.q_proj": 2}
     ),
+    # Regular expressions of the kinds PEFT users write, now run on RE2: PEFT itself is the oracle.
+    "regex-classes-and-alternation": dict(
+        r=4,
+        target_modules=r"model\.layers\.[01]\.(self_attn\.(q|k)|mlp\.(gate|up))_proj",
+        rank_pattern={r"layers\.[1-9]\d*\.mlp\..*": 2, r"(k|q)_proj": 3},
+        alpha_pattern={r"\w+\.1\.self_attn\.k_proj": 6, r"mlp\.(gate|up)_proj": 1.5},
+    ),
+    "regex-exclude": dict(r=4, target_modules=ALL, exclude_modules=r".*\.1\.(mlp|self_attn)\.[a-z]+_proj"),
+    "regex-anchors-and-repeats": dict(
+        r=4,
+        target_modules=r"^model\.layers\.\d{1,3}\.self_attn\.[qv]_proj$",
+        rank_pattern={r"v_proj|o_proj": 2},
+    ),
+    "layers-pattern": dict(
+        r=4, target_modules=["v_proj", "up_proj"], layers_to_transform=[0], layers_pattern="layers"
+    ),
     "layers-and-exclude": dict(
         r=4,
         target_modules=["q_proj", "down_proj"],

@@ -5,6 +5,7 @@ test_peft_lora.py (MATCHING_CASES run on RE2 now); here the refusals and their c
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -57,10 +58,8 @@ def test_backtracking_patterns_answer_at_once(make_adapter: AdapterFactory, chan
     directory, _ = make_adapter(r=4, target_modules=["q_proj"])
     edit_config(directory, **changes)
     started = time.perf_counter()
-    try:
+    with contextlib.suppress(AdapterError):  # e.g. "selects no module": the time and the error type matter
         load_adapter(directory, TINY_SPEC, "a")
-    except AdapterError:
-        pass  # e.g. "selects no module": what matters is the time and the error type
     assert time.perf_counter() - started < 1.0
 
 

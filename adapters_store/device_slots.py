@@ -234,15 +234,15 @@ class DeviceSlots:
                     idle.move_to_end(slot, last=False)  # reuse it first
                     self._clear(slot)
 
-    def invalidate(self, name: str) -> None:
-        """Forget every slot of `name` (unload or replace): idle ones are cleared now, pinned ones
-        when their last request finishes; no new request gets them."""
+    def invalidate(self, name: str, keep: AdapterKey | None = None) -> None:
+        """Forget every slot of `name` but the version `keep` (unload, replace, files changed on disk):
+        idle ones are cleared now, pinned ones when their last request finishes; no new request gets them."""
         with self._lock:
             for slot, key in self._filling.items():
-                if key[0] == name:
+                if key[0] == name and key != keep:
                     self._stale[slot] = True
             for key, slot in list(self._slot_of.items()):
-                if key[0] != name:
+                if key[0] != name or key == keep:
                     continue
                 self._stale[slot] = True
                 del self._slot_of[key]

@@ -2,54 +2,74 @@
 
 A format is one `AdapterFormat` entry: its name, `claims(directory)` (True when the directory is
 this format's; it may raise AdapterError for a directory of its kind in a variant it refuses, e.g.
-a PEFT directory of another peft_type) and `load(directory, spec, name) -> LoadedAdapter`. Only
-`peft-lora` exists so far; `mos` and `compeft` add their own entries to FORMAT_REGISTRY.
+a PEFT directory of another peft_type) and `load(directory, spec, name, label=, max_bytes=)
+-> LoadedAdapter`, where `label` is the directory as messages name it (relative to its adapter
+root, never an absolute path) and `max_bytes` the host memory one adapter may take. `files`
+are the files its loader reads (their stat fingerprints a loaded version). Only `peft-lora`
+exists so far; `mos` and `compeft` add their own entries to FORMAT_REGISTRY.
 This module reads at most the small JSON config needed to tell formats apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from adapters_store.adapter import LoadedAdapter
-from adapters_store.errors import AdapterError
+from adapters_store.errors import AdapterError, shown
 from adapters_store.peft_config import CONFIG_FILE, read_config_json
 from adapters_store.peft_lora import FORMAT as PEFT_LORA
-from adapters_store.peft_lora import load_peft_lora
+from adapters_store.peft_lora import WEIGHTS_FILE, load_peft_lora
 from adapters_store.spec import BaseModelSpec
 
-Loader = Callable[[Path, BaseModelSpec, str], LoadedAdapter]
+
+class Loader(Protocol):
+    def __call__(
+        self,
+        directory: Path,
+        spec: BaseModelSpec,
+        name: str,
+        *,
+        label: str | None = None,
+        max_bytes: int | None = None,
+    ) -> LoadedAdapter: ...
+
+
+class Claims(Protocol):
+    def __call__(self, directory: Path, label: str) -> bool: ...
 
 
 @dataclass(frozen=True)
 class AdapterFormat:
     name: str
     marker_files: tuple[str, ...]  # a directory holding one of these is an adapter of some format
-    claims: Callable[[Path], bool]
+    files: tuple[str, ...]  # every file its loader reads
+    claims: Claims
     load: Loader
 
 
-def _claims_peft_lora(directory: Path) -> bool:
+def _claims_peft_lora(directory: Path, label: str) -> bool:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         return False
-    peft_type = read_config_json(config_path).get("peft_type")
+    source = f"{label}/{CONFIG_FILE}"
+    peft_type = read_config_json(config_path, source).get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(
-            f"{config_path}: peft_type {peft_type!r} is not supported; loramux serves PEFT adapters with "
+            f"{source}: peft_type {shown(peft_type)} is not supported; loramux serves PEFT adapters with "
             "peft_type 'LORA'"
         )
     return True
 
 
 FORMAT_REGISTRY: tuple[AdapterFormat, ...] = (
-    AdapterFormat(PEFT_LORA, (CONFIG_FILE,), _claims_peft_lora, load_peft_lora),
+    AdapterFormat(PEFT_LORA, (CONFIG_FILE,), (CONFIG_FILE, WEIGHTS_FILE), _claims_peft_lora, load_peft_lora),
 )
 LOADERS: dict[str, Loader] = {f.name: f.load for f in FORMAT_REGISTRY}
 FORMATS = tuple(LOADERS)
 MARKER_FILES = tuple(marker for f in FORMAT_REGISTRY for marker in f.marker_files)
+ADAPTER_FILES = tuple(dict.fromkeys(file for f in FORMAT_REGISTRY for file in f.files))
 
 
 def is_adapter_dir(directory: Path) -> bool:
@@ -57,17 +77,21 @@ def is_adapter_dir(directory: Path) -> bool:
     return any((directory / marker).is_file() for marker in MARKER_FILES)
 
 
-def detect_format(directory: Path | str) -> str:
-    """The format of the adapter in `directory`; AdapterError when no format recognises it."""
+def detect_format(directory: Path | str, label: str | None = None) -> str:
+    """The format of the adapter in `directory`; AdapterError when no format recognises it.
+
+    `label`: the directory as messages name it (default its name).
+    """
     directory = Path(directory)
+    label = label or directory.name
     for adapter_format in FORMAT_REGISTRY:
-        if adapter_format.claims(directory):
+        if adapter_format.claims(directory, label):
             return adapter_format.name
     if not directory.is_dir():
-        raise AdapterError(f"{directory} is not a directory")
+        raise AdapterError(f"{label} is not a directory")
     raise AdapterError(
-        f"{directory} holds no adapter loramux recognises: expected {CONFIG_FILE} + "
-        "adapter_model.safetensors (a PEFT LoRA directory)"
+        f"{label} holds no adapter loramux recognises: expected {CONFIG_FILE} + "
+        f"{WEIGHTS_FILE} (a PEFT LoRA directory)"
     )
 
 
@@ -77,21 +101,29 @@ def load_adapter(
     name: str,
     format: str | None = None,
     expected_checksum: str | None = None,
+    *,
+    label: str | None = None,
+    max_bytes: int | None = None,
 ) -> LoadedAdapter:
     """Load and validate the adapter in `directory` as `name` (format detected when None).
 
     `expected_checksum` ("sha256:<hex>"), when given, must equal the checksum of the files read.
+    `label`: the directory as messages name it (default its name); `max_bytes`: the host memory
+    the adapter may take (AdapterTooLarge before its data is read).
     """
     directory = Path(directory)
+    label = label or directory.name
     if format is None:
-        format = detect_format(directory)
+        format = detect_format(directory, label)
     loader = LOADERS.get(format)
     if loader is None:
-        raise AdapterError(f"adapter format {format!r} is not supported; supported: {', '.join(FORMATS)}")
-    adapter = loader(directory, spec, name)
+        raise AdapterError(
+            f"adapter format {shown(format)} is not supported; supported: {', '.join(FORMATS)}"
+        )
+    adapter = loader(directory, spec, name, label=label, max_bytes=max_bytes)
     if expected_checksum is not None and adapter.checksum != expected_checksum:
         raise AdapterError(
-            f"{directory}: checksum {adapter.checksum} does not match the expected {expected_checksum}; "
+            f"{label}: checksum {adapter.checksum} does not match the expected {shown(expected_checksum)}; "
             "the files changed since the checksum was taken"
         )
     return adapter

@@ -2,8 +2,10 @@
 
 `get_or_load(name)` returns the cached adapter or loads it through the loader it was given;
 concurrent misses for one name share one load. An adapter bigger than the whole capacity is
-refused before anything is evicted, and a failed load leaves the cache as it was. Evicting or
-removing an entry drops the cache's reference: memory is freed once no caller holds the adapter.
+refused before anything is evicted, and a failed load leaves the cache as it was; the callers
+that waited for it get a message-only copy of its error (no traceback that could keep the
+refused file's bytes alive). Evicting or removing an entry drops the cache's reference: memory
+is freed once no caller holds the adapter.
 This module knows neither disk layouts nor formats; the loader does.
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters_store.adapter import LoadedAdapter
-from adapters_store.errors import AdapterTooLarge
+from adapters_store.errors import AdapterTooLarge, message_only
 
 MiB = 1 << 20
 
@@ -43,7 +45,7 @@ class _PendingLoad:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.adapter: LoadedAdapter | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # message only: raised as a fresh copy by each waiter
         self.cancelled = False  # removed or replaced meanwhile: do not cache the result
 
 
@@ -78,7 +80,7 @@ class HostCache:
         if not owner:
             pending.done.wait()
             if pending.error is not None:
-                raise pending.error
+                raise message_only(pending.error)
             assert pending.adapter is not None
             return pending.adapter
         return self._run_load(name, pending)
@@ -118,7 +120,8 @@ class HostCache:
     def _settle(
         pending: _PendingLoad, adapter: LoadedAdapter | None = None, error: BaseException | None = None
     ) -> None:
-        pending.adapter, pending.error = adapter, error
+        pending.adapter = adapter
+        pending.error = message_only(error) if error is not None else None
         pending.done.set()
 
     def put(self, adapter: LoadedAdapter) -> None:
@@ -160,6 +163,15 @@ class HostCache:
             self._bytes -= adapter.nbytes
             self._evictions += 1
             return name
+
+    def discard(self, name: str, adapter: LoadedAdapter) -> bool:
+        """Drop `name` if its entry is still `adapter` (a version found stale); True if it was."""
+        with self._lock:
+            if self._entries.get(name) is not adapter:
+                return False
+            del self._entries[name]
+            self._bytes -= adapter.nbytes
+            return True
 
     def remove(self, name: str) -> bool:
         """Drop `name` for good (unload): its entry, and the result of any load of it in flight."""

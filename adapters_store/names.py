@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from adapters_store.errors import AdapterError, AdapterNotFound
+from adapters_store.errors import AdapterError, AdapterNotFound, shown
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -29,4 +29,4 @@ def check_adapter_name(name: str, *, lookup: bool = False) -> None:
         raise AdapterError(f"adapter name {name!r} is reserved ('' is the base model, 'auto' the router)")
     if NAME_PATTERN.fullmatch(name) is None:
         error = AdapterNotFound if lookup else AdapterError
-        raise error(f"{name!r} is not a valid adapter name: {NAME_RULE}")
+        raise error(f"{shown(name)} is not a valid adapter name: {NAME_RULE}")

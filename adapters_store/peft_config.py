@@ -4,26 +4,28 @@ Which modules an adapter targets and with which rank and alpha follows PEFT (pef
 `check_target_module_exists` (tuners_utils.py) for `target_modules`, `exclude_modules`,
 `layers_to_transform` and `layers_pattern`; `get_pattern_key` (utils/other.py) for
 `rank_pattern` / `alpha_pattern`; `LoraLayer.update_layer` for the scale (alpha / r, or
-alpha / sqrt(r) with `use_rslora`). Fields that change the forward pass beyond plain LoRA, or
-that need something besides the LoRA factors, are refused by name. This module reads JSON
-only; the weight file is `peft_lora.py`'s business.
+alpha / sqrt(r) with `use_rslora`). Its regular expressions run on RE2 (peft_patterns.py).
+Fields that change the forward pass beyond plain LoRA, or that need something besides the
+LoRA factors, are refused by name, and so are sizes and scales beyond adapters_store.limits.
+This module reads JSON only; the weight file is `peft_lora.py`'s business. `source` in every
+function is the config file as messages show it (relative to its adapter root).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters_store.errors import AdapterError
+from adapters_store import peft_patterns as patterns
+from adapters_store.errors import AdapterError, shown
+from adapters_store.jsonfile import decode_object
+from adapters_store.limits import MAX_ABS_SCALE, MAX_CONFIG_BYTES, MAX_CONFIG_ENTRIES
 from adapters_store.spec import PROJECTIONS, BaseModelSpec
 
 CONFIG_FILE = "adapter_config.json"
-MAX_CONFIG_BYTES = 1 << 20
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
 
 # Config fields whose truthy value selects a LoRA variant or extra trainable parts that a plain
@@ -75,24 +77,22 @@ class ModulePlan:
     rank_field: str  # "r" or "rank_pattern['<key>']", for error messages
 
 
-def read_config_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`; a missing, oversized or malformed file is an AdapterError."""
+def read_config_json(path: Path, source: str | None = None) -> dict[str, Any]:
+    """The JSON object in `path` (`source`: the path as messages show it); a missing, oversized or
+    malformed file is an AdapterError."""
+    source = source or path.name
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise AdapterError(
-                f"{path} is {size} bytes; an adapter config is at most {MAX_CONFIG_BYTES} bytes"
-            )
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise AdapterError(f"{path} is missing: an adapter directory needs its {path.name}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc}); re-save the adapter") from exc
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise AdapterError(f"{source} is missing: an adapter directory needs its {path.name}") from None
+    except IsADirectoryError:
+        raise AdapterError(f"{source} is a directory; it must be the adapter's JSON config file") from None
     except OSError as exc:
-        raise AdapterError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+        raise AdapterError(f"cannot read {source}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{source} is over {MAX_CONFIG_BYTES} bytes; an adapter config is at most that")
+    return decode_object(data, source)
 
 
 def parse_peft_lora_config(raw: Mapping[str, Any], source: str) -> PeftLoraConfig:
@@ -103,11 +103,11 @@ def parse_peft_lora_config(raw: Mapping[str, Any], source: str) -> PeftLoraConfi
 
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
-        raise fail("peft_type", f"is {peft_type!r}; loramux serves only LORA adapters of this format")
+        raise fail("peft_type", f"is {shown(peft_type)}; loramux serves only LORA adapters of this format")
     for field, why in _UNSUPPORTED_FIELDS.items():
         value = raw.get(field)
         if value:
-            raise fail(field, f"= {value!r} is not supported: {why}")
+            raise fail(field, f"= {shown(value)} is not supported: {why}")
     if raw.get("fan_in_fan_out"):
         raise fail(
             "fan_in_fan_out",
@@ -116,13 +116,13 @@ def parse_peft_lora_config(raw: Mapping[str, Any], source: str) -> PeftLoraConfi
     bias = raw.get("bias", "none")
     if bias != "none":
         raise fail(
-            "bias", f"= {bias!r} is not supported: it trains base-model biases; retrain with bias='none'"
+            "bias", f"= {shown(bias)} is not supported: it trains base-model biases; retrain with bias='none'"
         )
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         raise fail(
             "init_lora_weights",
-            f"= {init!r}: these factors only work on base weights that {init} modified; convert the adapter "
+            f"= {shown(init)}: these factors only work on base weights it modified; convert the adapter "
             "to plain LoRA with save_pretrained(..., path_initial_model_for_weight_conversion=...)",
         )
 
@@ -154,31 +154,48 @@ def parse_peft_lora_config(raw: Mapping[str, Any], source: str) -> PeftLoraConfi
     )
 
 
+@dataclass(frozen=True)
+class _Matchers:
+    """The config's patterns compiled once by RE2 (PEFT compiles them per module name)."""
+
+    target: patterns.Regex | None  # target_modules as a string (full match), else None
+    exclude: patterns.Regex | None  # exclude_modules as a string (full match), else None
+    rank_keys: tuple[tuple[str, patterns.Regex], ...]
+    alpha_keys: tuple[tuple[str, patterns.Regex], ...]
+    layers: tuple[patterns.Regex, ...]
+
+    @classmethod
+    def compile(cls, config: PeftLoraConfig, source: str) -> _Matchers:
+        def full(value: Any, field: str) -> patterns.Regex | None:
+            return patterns.compile_pattern(value, field, source) if isinstance(value, str) else None
+
+        def keys(pattern_dict: Mapping[str, Any], field: str) -> tuple[tuple[str, patterns.Regex], ...]:
+            return tuple((key, patterns.suffix_pattern(key, f"{field} key", source)) for key in pattern_dict)
+
+        all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+        return cls(
+            target=None if all_linear else full(config.target_modules, "target_modules"),
+            exclude=full(config.exclude_modules, "exclude_modules"),
+            rank_keys=keys(config.rank_pattern, "rank_pattern"),
+            alpha_keys=keys(config.alpha_pattern, "alpha_pattern"),
+            layers=patterns.layer_patterns(config.layers_pattern, source),
+        )
+
+
 def plan_modules(config: PeftLoraConfig, spec: BaseModelSpec, source: str) -> dict[str, ModulePlan]:
     """PEFT module name -> plan for every base-model module the config targets (as PEFT would adapt them)."""
+    matchers = _Matchers.compile(config, source)
     modules = spec.module_names()
     plans: dict[str, ModulePlan] = {}
-    for key, (layer, projection) in modules.items():
-        if not _is_targeted(config, key, source):
-            continue
-        r_key = _pattern_key(config.rank_pattern, key, "rank_pattern", source)
-        alpha_key = _pattern_key(config.alpha_pattern, key, "alpha_pattern", source)
-        rank = config.rank_pattern[r_key] if r_key is not None else config.r
-        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
-        rank_field = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
-        if rank > spec.max_rank:
-            raise AdapterError(
-                f"{source}: {rank_field} = {rank} (for {key}) exceeds the server's max rank {spec.max_rank}; "
-                "restart the server with a larger --max-rank or use a lower-rank adapter"
-            )
-        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        plans[key] = ModulePlan(layer, projection, rank, alpha, scale, rank_field)
+    for key in modules:
+        if _is_targeted(config, matchers, key):
+            plans[key] = _plan(config, matchers, spec, key, source)
     if isinstance(config.target_modules, tuple):
         for entry in config.target_modules:
             if not any(key == entry or key.endswith(f".{entry}") for key in modules):
                 raise AdapterError(
-                    f"{source}: target_modules entry {entry!r} matches no adaptable module of the base model; "
-                    f"loramux adapts {', '.join(PROJECTIONS)} in model.layers.0-{spec.num_layers - 1}"
+                    f"{source}: target_modules entry {shown(entry)} matches no adaptable module of the base "
+                    f"model; loramux adapts {', '.join(PROJECTIONS)} in model.layers.0-{spec.num_layers - 1}"
                 )
     if not plans:
         raise AdapterError(
@@ -188,18 +205,51 @@ def plan_modules(config: PeftLoraConfig, spec: BaseModelSpec, source: str) -> di
     return plans
 
 
-def _is_targeted(config: PeftLoraConfig, key: str, source: str) -> bool:
+def _plan(
+    config: PeftLoraConfig, matchers: _Matchers, spec: BaseModelSpec, key: str, source: str
+) -> ModulePlan:
+    """One targeted module's rank, alpha and scale, checked against max_rank and MAX_ABS_SCALE."""
+    layer, projection = _layer_and_projection(key)
+    r_key = patterns.first_matching(matchers.rank_keys, key)
+    alpha_key = patterns.first_matching(matchers.alpha_keys, key)
+    rank = config.rank_pattern[r_key] if r_key is not None else config.r
+    alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+    rank_field = f"rank_pattern[{shown(r_key)}]" if r_key is not None else "r"
+    alpha_field = f"alpha_pattern[{shown(alpha_key)}]" if alpha_key is not None else "lora_alpha"
+    if rank > spec.max_rank:
+        raise AdapterError(
+            f"{source}: {rank_field} = {shown(rank)} (for {key}) exceeds the server's max rank {spec.max_rank}; "
+            "restart the server with a larger --max-rank or use a lower-rank adapter"
+        )
+    scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    if not abs(scale) <= MAX_ABS_SCALE:
+        how = "sqrt(rank)" if config.use_rslora else "rank"
+        raise AdapterError(
+            f"{source}: {alpha_field} = {alpha:g} with {rank_field} = {rank} gives {key} a scale of "
+            f"{scale:g} (alpha / {how}); loramux accepts |scale| <= {MAX_ABS_SCALE:g}, beyond which the "
+            "adapter's output cannot stay finite: fix lora_alpha"
+        )
+    return ModulePlan(layer, projection, rank, alpha, scale, rank_field)
+
+
+def _layer_and_projection(key: str) -> tuple[int, str]:
+    # key is one of BaseModelSpec.module_names(): model.layers.{i}.{block}.{projection}
+    parts = key.split(".")
+    return int(parts[2]), parts[4]
+
+
+def _is_targeted(config: PeftLoraConfig, matchers: _Matchers, key: str) -> bool:
     """PEFT's check_target_module_exists for one module name (modules_to_save is refused earlier)."""
     exclude = config.exclude_modules
-    if isinstance(exclude, str):
-        if _fullmatch(exclude, key, "exclude_modules", source):
+    if matchers.exclude is not None:
+        if patterns.fullmatches(matchers.exclude, key):
             return False
     elif exclude and (key in exclude or any(key.endswith(f".{e}") for e in exclude)):
         return False
     targets = config.target_modules
     if isinstance(targets, str):
         # "all-linear" means every nn.Linear but the output head: all of our projections.
-        return targets.lower() == ALL_LINEAR or _fullmatch(targets, key, "target_modules", source)
+        return matchers.target is None or patterns.fullmatches(matchers.target, key)
     if key in targets:  # an exact module name is taken as is, without the layer filter (as PEFT does)
         return True
     if not any(key.endswith(f".{t}") for t in targets):
@@ -207,57 +257,28 @@ def _is_targeted(config: PeftLoraConfig, key: str, source: str) -> bool:
     wanted = config.layers_to_transform
     if wanted is None or wanted == ():
         return True
-    layer_index = _layer_index(key, config.layers_pattern)
+    layer_index = patterns.layer_index(matchers.layers, key)
     if layer_index is None:
         return False
     return layer_index == wanted if isinstance(wanted, int) else layer_index in wanted
 
 
-def _layer_index(key: str, layers_pattern: tuple[str, ...] | None) -> int | None:
-    # The first numbered segment (PEFT's lazy match), or the number after one of `layers_pattern`.
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        match = None
-        for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
-
-
-def _pattern_key(patterns: Mapping[str, Any], key: str, field: str, source: str) -> str | None:
-    """PEFT's get_pattern_key: the first pattern that matches a dot-bounded suffix of `key`."""
-    for pattern in patterns:
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", key):
-                return pattern
-        except re.error as exc:
-            raise AdapterError(
-                f"{source}: {field} key {pattern!r} is not a valid regular expression ({exc})"
-            ) from exc
-    return None
-
-
-def _fullmatch(pattern: str, key: str, field: str, source: str) -> bool:
-    try:
-        return re.fullmatch(pattern, key) is not None
-    except re.error as exc:
-        raise AdapterError(
-            f"{source}: {field} {pattern!r} is not a valid regular expression ({exc})"
-        ) from exc
-
-
 def _positive_int(value: Any, fail: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(f"must be an integer >= 1, got {value!r}")
+        raise fail(f"must be an integer >= 1, got {shown(value)}")
     return value
 
 
 def _finite_number(value: Any, fail: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise fail(f"must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail(f"must be a finite number, got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise fail(f"must be a finite number, got {shown(value)}")
+    return number
 
 
 def _pattern_dict(value: Any, field: str, fail: Any, check: Any) -> dict[str, Any]:
@@ -265,15 +286,19 @@ def _pattern_dict(value: Any, field: str, fail: Any, check: Any) -> dict[str, An
         return {}
     if not isinstance(value, dict):
         raise fail(field, f"must be an object of module pattern -> value, got {type(value).__name__}")
-    return {str(k): check(v, lambda problem, k=k: fail(f"{field}[{k!r}]", problem)) for k, v in value.items()}
+    _check_count(value, field, fail)
+    return {
+        str(k): check(v, lambda problem, k=k: fail(f"{field}[{shown(k)}]", problem)) for k, v in value.items()
+    }
 
 
 def _str_or_strs(value: Any, field: str, fail: Any) -> str | tuple[str, ...] | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        _check_count(value, field, fail)
         return tuple(value)
-    raise fail(field, f"must be a string or a list of strings, got {value!r}")
+    raise fail(field, f"must be a string or a list of strings, got {shown(value)}")
 
 
 def _layers(value: Any, fail: Any) -> int | tuple[int, ...] | None:
@@ -282,9 +307,15 @@ def _layers(value: Any, fail: Any) -> int | tuple[int, ...] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        _check_count(value, "layers_to_transform", fail)
         return tuple(value)
-    raise fail("layers_to_transform", f"must be an integer or a list of integers, got {value!r}")
+    raise fail("layers_to_transform", f"must be an integer or a list of integers, got {shown(value)}")
+
+
+def _check_count(value: list[Any] | dict[str, Any], field: str, fail: Any) -> None:
+    if len(value) > MAX_CONFIG_ENTRIES:
+        raise fail(field, f"has {len(value)} entries; loramux reads at most {MAX_CONFIG_ENTRIES}")
 
 
 def _show(targets: str | tuple[str, ...]) -> str:
-    return repr(targets) if isinstance(targets, str) else repr(list(targets))
+    return shown(targets) if isinstance(targets, str) else shown(list(targets))

@@ -1,23 +1,27 @@
 """Loading a Hugging Face PEFT LoRA directory (`peft-lora`) into a validated, fp32 host-form adapter.
 
 Reads `adapter_config.json` (see peft_config.py) and `adapter_model.safetensors`, never the
-pickled `adapter_model.bin`. Every tensor is checked before anything is returned: key names,
-that each targeted module has exactly one A and one B, shapes against the base model, float
-dtype, finite values. A refused adapter raises AdapterError naming the field, tensor or file,
-and leaves no trace. This module knows the PEFT file layout; it knows no caches or roots.
+pickled `adapter_model.bin`. The weight file's header is checked first (safetensors_header.py):
+key names, that each targeted module has exactly one A and one B, float dtype and shapes
+against the base model, and the host form's size against `max_bytes`, so a wrong or oversized
+file is refused before its data is read. Then the data is read once and every value checked:
+finite and within +-MAX_ABS_WEIGHT. A refused adapter raises AdapterError naming the field,
+tensor or file (relative to its adapter root) and leaves no trace. This module knows the PEFT
+file layout; it knows no caches or roots.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from io import BufferedReader
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from adapters_store.adapter import LoraAdapter, LoraWeights, ModuleKey
-from adapters_store.errors import AdapterError
+from adapters_store.errors import SHOWN_CHARS, AdapterError, AdapterTooLarge, shown
+from adapters_store.limits import MAX_ABS_WEIGHT
 from adapters_store.peft_config import (
     CONFIG_FILE,
     ModulePlan,
@@ -25,47 +29,60 @@ from adapters_store.peft_config import (
     plan_modules,
     read_config_json,
 )
+from adapters_store.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 from adapters_store.spec import BaseModelSpec, projection_block
 
 FORMAT = "peft-lora"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MiB = 1 << 20
 
 # base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight
 _KEY = re.compile(
-    r"base_model\.model\.(?P<module>model\.layers\.(?P<layer>\d+)\.\w+\.\w+)\.lora_(?P<ab>[AB])\.weight"
+    r"base_model\.model\.(?P<module>model\.layers\.(?P<layer>[0-9]+)\.\w+\.\w+)\.lora_(?P<ab>[AB])\.weight"
 )
 _EXPECTED_KEY = "base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight"
 
 
-def load_peft_lora(directory: Path | str, spec: BaseModelSpec, name: str) -> LoraAdapter:
+def load_peft_lora(
+    directory: Path | str,
+    spec: BaseModelSpec,
+    name: str,
+    *,
+    label: str | None = None,
+    max_bytes: int | None = None,
+) -> LoraAdapter:
     """Load and validate the PEFT LoRA adapter in `directory` against `spec`, registered as `name`.
 
     Returns A [rank, in] and B [out, rank] in fp32 and PEFT's scale for every targeted module.
+    label: the directory as messages name it (default its name); max_bytes: the most host memory
+    (fp32 factors) the adapter may take, else AdapterTooLarge before its data is read.
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    config = parse_peft_lora_config(read_config_json(config_path), str(config_path))
-    weights_path = directory / WEIGHTS_FILE
-    plans = plan_modules(config, spec, str(config_path))  # also enforces max_rank
-
-    data = _read_weights(weights_path)
+    label = label or directory.name
+    config_source = f"{label}/{CONFIG_FILE}"
+    config = parse_peft_lora_config(read_config_json(directory / CONFIG_FILE, config_source), config_source)
+    plans = plan_modules(config, spec, config_source)  # also enforces max_rank and the scale bound
+    where = f"{label}/{WEIGHTS_FILE}"
+    with _open_weights(directory / WEIGHTS_FILE, where) as file:
+        header = read_header(file, where)
+        entries = _group_by_module(header, plans, spec, where)
+        for key, plan in plans.items():
+            _check_entries(key, plan, entries[key], spec, where)
+        nbytes = 4 * sum(entry.numel for pair in entries.values() for entry in pair)
+        if max_bytes is not None and nbytes > max_bytes:
+            raise AdapterTooLarge(
+                f"{where}: the adapter needs {nbytes / MiB:.1f} MiB of host memory (fp32), more than the "
+                f"{max_bytes / MiB:.1f} MiB one adapter may take; raise --host-cache-mb or use a smaller adapter"
+            )
+        data = _read_data(file, header, where)
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError (and a few builtins) on bad input
-        raise AdapterError(
-            f"{weights_path} is not a valid safetensors file ({exc}); it may be truncated or corrupt: "
-            "copy or save the adapter again"
-        ) from exc
-    del data
-
-    factors = _group_by_module(tensors, plans, spec, weights_path)
     modules: dict[ModuleKey, LoraWeights] = {}
     for key, plan in plans.items():
-        a, b = factors[key]
-        modules[(plan.layer, plan.projection)] = _check_module(key, plan, a, b, spec, weights_path)
+        a, b = (_tensor(data, header, entry, where) for entry in entries[key])
+        modules[(plan.layer, plan.projection)] = LoraWeights(A=a, B=b, scale=plan.scale)
+    del data
     return LoraAdapter(
         name=name,
         format=FORMAT,
@@ -78,45 +95,61 @@ def load_peft_lora(directory: Path | str, spec: BaseModelSpec, name: str) -> Lor
     )
 
 
-def _read_weights(path: Path) -> bytes:
+def _open_weights(path: Path, where: str) -> BufferedReader:
     if not path.is_file():
         pickled = path.with_name(PICKLE_WEIGHTS_FILE)
+        if path.is_dir():
+            raise AdapterError(f"{where} is a directory; it must be the adapter's safetensors file")
         if pickled.exists():
             raise AdapterError(
-                f"{path.parent} holds only {PICKLE_WEIGHTS_FILE}, a pickle, which loramux never reads; "
-                f"re-save the adapter with save_pretrained(..., safe_serialization=True) to get {WEIGHTS_FILE}"
+                f"{where.rsplit('/', 1)[0]} holds only {PICKLE_WEIGHTS_FILE}, a pickle, which loramux never "
+                f"reads; re-save the adapter with save_pretrained(..., safe_serialization=True) to get "
+                f"{WEIGHTS_FILE}"
             )
         raise AdapterError(
-            f"{path} is missing: a PEFT LoRA directory needs {WEIGHTS_FILE} beside {CONFIG_FILE}"
+            f"{where} is missing: a PEFT LoRA directory needs {WEIGHTS_FILE} beside {CONFIG_FILE}"
         )
     try:
-        return path.read_bytes()
+        return path.open("rb")
     except OSError as exc:
-        raise AdapterError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise AdapterError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _read_data(file: BufferedReader, header: SafetensorsHeader, where: str) -> bytearray:
+    """The whole file (header included, for the checksum), read once after the header passed."""
+    data = bytearray(header.file_size)
+    file.seek(0)
+    try:
+        read = file.readinto(data)
+    except OSError as exc:
+        raise AdapterError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
+    if read != header.file_size:
+        raise AdapterError(f"{where} changed while it was read; try again once it is written")
+    return data
 
 
 def _group_by_module(
-    tensors: dict[str, torch.Tensor], plans: dict[str, ModulePlan], spec: BaseModelSpec, path: Path
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    header: SafetensorsHeader, plans: dict[str, ModulePlan], spec: BaseModelSpec, where: str
+) -> dict[str, tuple[TensorEntry, TensorEntry]]:
     """PEFT module name -> (lora_A, lora_B); any key that is not a targeted module's A or B is refused."""
-    a_of: dict[str, torch.Tensor] = {}
-    b_of: dict[str, torch.Tensor] = {}
-    for key in sorted(tensors):
+    a_of: dict[str, TensorEntry] = {}
+    b_of: dict[str, TensorEntry] = {}
+    for key in sorted(header.tensors):
         match = _KEY.fullmatch(key)
         if match is None:
             raise AdapterError(
-                f"{path}: unexpected tensor {key!r}; loramux reads only LoRA factors named {_EXPECTED_KEY} "
+                f"{where}: unexpected tensor {shown(key)}; loramux reads only LoRA factors named {_EXPECTED_KEY} "
                 "(no DoRA magnitudes, biases, embeddings or saved modules)"
             )
         module = match["module"]
         if module not in plans:
-            raise AdapterError(f"{path}: tensor {key!r} is for {_why_not_targeted(module, spec)}")
-        (a_of if match["ab"] == "A" else b_of)[module] = tensors[key]
+            raise AdapterError(f"{where}: tensor {shown(key)} is for {_why_not_targeted(module, spec)}")
+        (a_of if match["ab"] == "A" else b_of)[module] = header.tensors[key]
     for module in plans:
         for ab, found in (("A", a_of), ("B", b_of)):
             if module not in found:
                 raise AdapterError(
-                    f"{path}: missing tensor base_model.model.{module}.lora_{ab}.weight; the config targets "
+                    f"{where}: missing tensor base_model.model.{module}.lora_{ab}.weight; the config targets "
                     f"{module}, so the file must hold its lora_A and lora_B (the file is incomplete)"
                 )
     return {module: (a_of[module], b_of[module]) for module in plans}
@@ -124,44 +157,52 @@ def _group_by_module(
 
 def _why_not_targeted(module: str, spec: BaseModelSpec) -> str:
     layer_text, block, projection = module.split(".")[2:5]
-    layer = int(layer_text)
+    module = module if len(module) <= SHOWN_CHARS else shown(module)  # names from the file: bounded
     if projection not in spec.features:
         return f"unknown module {module}: loramux adapts only {', '.join(spec.projections)}"
-    if layer >= spec.num_layers:
+    if len(layer_text) > 9 or int(layer_text) >= spec.num_layers:
+        layer = layer_text if len(layer_text) <= 9 else f"number of {len(layer_text)} digits"
         return f"layer {layer}, but the base model has {spec.num_layers} layers: a different base model?"
     if block != projection_block(projection):
         return f"unknown module {module}: {projection} lives under {projection_block(projection)}"
     return f"{module}, which target_modules does not select; fix adapter_config.json or the file"
 
 
-def _check_module(
-    key: str, plan: ModulePlan, a: torch.Tensor, b: torch.Tensor, spec: BaseModelSpec, path: Path
-) -> LoraWeights:
+def _check_entries(
+    key: str, plan: ModulePlan, entries: tuple[TensorEntry, TensorEntry], spec: BaseModelSpec, where: str
+) -> None:
     in_features, out_features = spec.features[plan.projection]
-    for ab, tensor, expected in (
-        ("A", a, (plan.rank, in_features)),
-        ("B", b, (out_features, plan.rank)),
+    for ab, entry, expected in (
+        ("A", entries[0], (plan.rank, in_features)),
+        ("B", entries[1], (out_features, plan.rank)),
     ):
-        where = f"{path}: tensor base_model.model.{key}.lora_{ab}.weight"
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise AdapterError(f"{where} has dtype {tensor.dtype}; expected float32, float16 or bfloat16")
-        if tuple(tensor.shape) != expected:
+        tensor = f"{where}: tensor base_model.model.{key}.lora_{ab}.weight"
+        if entry.dtype not in FLOAT_DTYPES:
             raise AdapterError(
-                f"{where} has shape {list(tensor.shape)}, expected {list(expected)} "
+                f"{tensor} has dtype {entry.dtype}; expected F32, F16 or BF16 (a float tensor)"
+            )
+        if entry.shape != expected:
+            raise AdapterError(
+                f"{tensor} has shape {shown(list(entry.shape))}, expected {list(expected)} "
                 f"(rank {plan.rank} from {plan.rank_field}, {plan.projection} is {in_features} -> {out_features} "
                 "in the base model): was the adapter trained for another base model?"
             )
-    # Upcast at once: fp32 is the host form (and bf16 is computed wrongly by some CPU paths).
-    a32 = a.to(torch.float32).contiguous()
-    b32 = b.to(torch.float32).contiguous()
-    for ab, tensor in (("A", a32), ("B", b32)):
-        # One sum is finite when every value is (fp32 cannot overflow on adapter-sized values; if
-        # it did, the exact check below runs and passes): ~10x cheaper than isfinite().all() per tensor.
-        if bool(torch.isfinite(tensor.sum())):
-            continue
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise AdapterError(
-                f"{path}: tensor base_model.model.{key}.lora_{ab}.weight holds {bad} non-finite values (NaN or inf)"
-            )
-    return LoraWeights(A=a32, B=b32, scale=plan.scale)
+
+
+def _tensor(data: bytearray, header: SafetensorsHeader, entry: TensorEntry, where: str) -> torch.Tensor:
+    """The entry's values as a new fp32 tensor (no view of `data`), every |x| <= MAX_ABS_WEIGHT."""
+    dtype = FLOAT_DTYPES[entry.dtype]
+    stored = torch.frombuffer(data, dtype=dtype, count=entry.numel, offset=header.data_start + entry.begin)
+    # Upcast at once, into memory of its own: fp32 is the host form (bf16 is computed wrongly by some CPU paths).
+    tensor = stored.to(torch.float32, copy=True).reshape(entry.shape)
+    low, high = torch.aminmax(tensor)  # NaN propagates, so one pass checks finiteness and range
+    if not (float(low) >= -MAX_ABS_WEIGHT and float(high) <= MAX_ABS_WEIGHT):
+        name = f"{where}: tensor {entry.name}"
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise AdapterError(f"{name} holds {bad} non-finite values (NaN or inf)")
+        raise AdapterError(
+            f"{name} holds values up to |x| = {max(-float(low), float(high)):.3g}; loramux accepts "
+            f"|x| <= {MAX_ABS_WEIGHT:g} (the float16 range), beyond which the adapter's output cannot stay finite"
+        )
+    return tensor

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc.aio
 
 from adapters_store import FORMATS, AdapterError, AdapterNotFound
+from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server import grpc_convert as convert
@@ -180,7 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         format = convert.adapter_format_from_pb(request.format)
         if format is not None and format not in FORMATS:
             raise AdapterError(
-                f"adapter format {format!r} is not supported yet; this server reads {', '.join(FORMATS)} "
+                f"adapter format {shown(format)} is not supported yet; this server reads {', '.join(FORMATS)} "
                 "(leave format unset to detect it)"
             )
         if request.pin:
@@ -189,7 +190,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 "and is evicted least-recently-used otherwise; load it without pin"
             )
         if request.example_prompts:
-            logger.info("LoadAdapter %r: example_prompts ignored (no router yet)", request.name)
+            logger.info("LoadAdapter %s: example_prompts ignored (no router yet)", shown(request.name))
         load = functools.partial(manager.load, request.name, request.path, format, replace=request.replace)
         await self._in_adapter_thread(load)
         return pb.LoadAdapterResponse(adapter=await self._adapter_info(manager, request.name))
@@ -223,7 +224,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         listed = await asyncio.get_running_loop().run_in_executor(None, manager.list)
         status = next((status for status in listed if status.name == name), None)
         if status is None:  # unloaded by another call in between
-            raise AdapterNotFound(f"adapter {name!r} was unloaded while it was being loaded")
+            raise AdapterNotFound(f"adapter {shown(name)} was unloaded while it was being loaded")
         return convert.adapter_info_to_pb(status)
 
     # -- routing (not built yet) -----------------------------------------------------------

@@ -6,7 +6,10 @@ the host tier (or found there) and turned into its device-ready form by the devi
 slot can be pinned for each, so a cold adapter never stalls the running batch beyond the copy
 into its slot. Only loads in flight are remembered here: a finished load is held by the requests
 that wait for it and nothing else, so `--host-cache-mb` bounds what stays in memory and an
-evicted adapter is read from disk again (edits on disk are seen).
+evicted adapter is read from disk again. Edits on disk are seen on a host hit too (the store
+compares the files' fingerprint): a new version gets a fresh device slot and the old one's slots
+are invalidated (requests running on them finish there). A refused load's future holds a
+message-only error, so nothing of the refused file stays referenced.
 
 Load / unload / list are the RPCs' entry points and may be called from any thread; `snapshot`
 reads memory only (the roots' listing is cached and refreshed in the background), so a metrics
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store import AdapterNotFound, AdapterStore, LoadedAdapter, check_adapter_name
-from adapters_store.device_slots import DeviceSlots, DeviceSlotStats, DeviceStep, ReadyAdapter
+from adapters_store.device_slots import AdapterKey, DeviceSlots, DeviceSlotStats, DeviceStep, ReadyAdapter
+from adapters_store.errors import message_only, shown
 from adapters_store.host_cache import HostCacheStats
 from adapters_store.store import StoredAdapter
 from server.engine.events import AdapterSnapshot, EngineEvents, NoEvents
@@ -50,7 +54,7 @@ class AdapterStatus:
     pinned: bool  # a running request uses it
     load_count: int  # disk -> host loads
     requests_served: int
-    source: str
+    source: str  # its directory relative to its adapter root (clients never see absolute paths)
     target_modules: tuple[str, ...]
 
 
@@ -65,6 +69,7 @@ class AdapterManager:
         self._served: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()
         self._host_loads = 0  # every disk -> host load, explicit LoadAdapter included
+        self._versions: dict[str, AdapterKey] = {}  # name -> the version its last load gave
         self._root_names: frozenset[str] = frozenset(store.roots.list())
         self._root_names_at = time.monotonic()
         self._rescanning = False
@@ -89,7 +94,7 @@ class AdapterManager:
         check_adapter_name(name, lookup=True)
         if not self.store.knows(name):
             raise AdapterNotFound(
-                f"adapter {name!r} is not loaded and not in the adapter roots; load it first "
+                f"adapter {shown(name)} is not loaded and not in the adapter roots; load it first "
                 "(LoadAdapter / --adapter-root) or list them with ListAdapters"
             )
 
@@ -154,15 +159,37 @@ class AdapterManager:
         return self.slots.step(token_pairs, device)
 
     def _load_ready(self, name: str) -> ReadyAdapter:
-        """Loader thread: the adapter in the host tier (read from disk if needed), device-ready."""
-        in_host = self.store.host.peek(name) is not None
+        """Loader thread: the adapter in the host tier (read from disk if needed), device-ready.
+
+        Raises a message-only copy of a refusal: the future keeps it, and a traceback's frames
+        would keep the refused file's bytes and tensors alive with it.
+        """
+        error: BaseException | None = None
+        try:
+            return self._read_and_prepare(name)
+        except BaseException as exc:
+            error = message_only(exc)
+        self.slots.invalidate(name)  # whatever version a slot holds, it is not served any more
+        raise error
+
+    def _read_and_prepare(self, name: str) -> ReadyAdapter:
+        cached = self.store.host.peek(name)
         started = time.perf_counter()
         adapter = self.store.get(name)
         ready = self.slots.prepare(adapter)
-        if not in_host:
+        if adapter is not cached:  # read from disk: cold, evicted, or its files changed
             self.events.adapter_loaded("host", time.perf_counter() - started)
             self._count_host_load(name)
+        self._use_version(name, ready.key)
         return ready
+
+    def _use_version(self, name: str, key: AdapterKey) -> None:
+        """Requests from now on get version `key` of `name`: slots of other versions are invalidated."""
+        with self._lock:
+            previous = self._versions.get(name)
+            self._versions[name] = key
+        if previous is not None and previous != key:
+            self.slots.invalidate(name, keep=key)
 
     def _count_host_load(self, name: str) -> None:
         with self._lock:
@@ -181,6 +208,7 @@ class AdapterManager:
             self._count_host_load(name)
         with self._lock:
             self._in_flight.pop(name, None)  # requests from now on get this version
+            self._versions.pop(name, None)
         if previous is not None and adapter is not previous:
             self.slots.invalidate(name)  # new weights: requests from now on get a fresh slot
         return adapter
@@ -190,6 +218,7 @@ class AdapterManager:
         self.store.unload(name)
         with self._lock:
             self._in_flight.pop(name, None)
+            self._versions.pop(name, None)
         self.slots.invalidate(name)
 
     def list(self) -> list[AdapterStatus]:
@@ -200,7 +229,10 @@ class AdapterManager:
         on_device = self._on_device()
         with self._lock:
             served, loads = Counter(self._served), Counter(self._loads)
-        return [self._status(stored, on_device, served, loads) for stored in listed]
+        return [
+            self._status(stored, self.store.roots.relative(stored.directory), on_device, served, loads)
+            for stored in listed
+        ]
 
     def stats(self) -> tuple[HostCacheStats, DeviceSlotStats]:
         return self.store.stats(), self.slots.stats()
@@ -261,7 +293,11 @@ class AdapterManager:
 
     @staticmethod
     def _status(
-        stored: StoredAdapter, on_device: dict[str, bool], served: Counter[str], loads: Counter[str]
+        stored: StoredAdapter,
+        source: str,
+        on_device: dict[str, bool],
+        served: Counter[str],
+        loads: Counter[str],
     ) -> AdapterStatus:
         adapter = stored.adapter
         return AdapterStatus(
@@ -273,6 +309,6 @@ class AdapterManager:
             pinned=on_device.get(stored.name, False),
             load_count=loads[stored.name],
             requests_served=served[stored.name],
-            source=str(stored.directory),
+            source=source,
             target_modules=adapter.target_modules if adapter else (),
         )

@@ -56,6 +56,22 @@ MATCHING_CASES: dict[str, dict[str, Any]] = {
     "regex-target": dict(
         r=4, target_modules=r".*\.(q|v)_proj", rank_pattern={r"layers\.\d\.self_attn\.q_proj": 2}
     ),
+    # Regular expressions of the kinds PEFT users write, now run on RE2: PEFT itself is the oracle.
+    "regex-classes-and-alternation": dict(
+        r=4,
+        target_modules=r"model\.layers\.[01]\.(self_attn\.(q|k)|mlp\.(gate|up))_proj",
+        rank_pattern={r"layers\.[1-9]\d*\.mlp\..*": 2, r"(k|q)_proj": 3},
+        alpha_pattern={r"\w+\.1\.self_attn\.k_proj": 6, r"mlp\.(gate|up)_proj": 1.5},
+    ),
+    "regex-exclude": dict(r=4, target_modules=ALL, exclude_modules=r".*\.1\.(mlp|self_attn)\.[a-z]+_proj"),
+    "regex-anchors-and-repeats": dict(
+        r=4,
+        target_modules=r"^model\.layers\.\d{1,3}\.self_attn\.[qv]_proj$",
+        rank_pattern={r"v_proj|o_proj": 2},
+    ),
+    "layers-pattern": dict(
+        r=4, target_modules=["v_proj", "up_proj"], layers_to_transform=[0], layers_pattern="layers"
+    ),
     "layers-and-exclude": dict(
         r=4,
         target_modules=["q_proj", "down_proj"],
@@ -187,7 +203,7 @@ def test_unknown_format_and_wrong_checksum_are_refused(make_adapter: AdapterFact
     directory, _ = make_adapter(r=4, target_modules=["q_proj"])
     with pytest.raises(AdapterError, match="format 'gguf-lora' is not supported"):
         load_adapter(directory, TINY_SPEC, "a", format="gguf-lora")
-    with pytest.raises(AdapterError, match="does not match the expected sha256:00"):
+    with pytest.raises(AdapterError, match="does not match the expected 'sha256:00'"):
         load_adapter(directory, TINY_SPEC, "a", expected_checksum="sha256:00")
 
 
@@ -267,7 +283,7 @@ def _set(key: str, value: torch.Tensor) -> Any:
         ),
         (_set(f"{Q_KEY}.lora_magnitude_vector", torch.ones(64)), "unexpected tensor .*lora_magnitude_vector"),
         (_set("base_model.model.lm_head.weight", torch.ones(128, 64)), "unexpected tensor .*lm_head"),
-        (_set(f"{Q_KEY}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32)), "dtype torch.int32"),
+        (_set(f"{Q_KEY}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32)), "dtype I32"),
     ],
     ids=[
         "nan",

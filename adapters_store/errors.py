@@ -25,7 +25,8 @@ class AdapterExists(AdapterError):
 
 
 class AdapterTooLarge(AdapterError):
-    """An adapter whose host form does not fit the whole host cache (RESOURCE_EXHAUSTED)."""
+    """An adapter whose host form does not fit the whole host cache (FAILED_PRECONDITION: retrying
+    cannot help until the operator raises --host-cache-mb)."""
 
 
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:

@@ -81,6 +81,8 @@ def read_config_json(path: Path, source: str | None = None) -> dict[str, Any]:
     """The JSON object in `path` (`source`: the path as messages show it); a missing, oversized or
     malformed file is an AdapterError."""
     source = source or path.name
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block the read
+        raise AdapterError(f"{source} is not a regular file; it must be the adapter's JSON config file")
     try:
         with path.open("rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
@@ -143,7 +145,7 @@ def parse_peft_lora_config(raw: Mapping[str, Any], source: str) -> PeftLoraConfi
     return PeftLoraConfig(
         r=r,
         lora_alpha=lora_alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
+        use_rslora=_boolean(raw.get("use_rslora", False), lambda problem: fail("use_rslora", problem)),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         target_modules=target_modules,
@@ -266,6 +268,12 @@ def _is_targeted(config: PeftLoraConfig, matchers: _Matchers, key: str) -> bool:
 def _positive_int(value: Any, fail: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise fail(f"must be an integer >= 1, got {shown(value)}")
+    return value
+
+
+def _boolean(value: Any, fail: Any) -> bool:
+    if not isinstance(value, bool):
+        raise fail(f"must be true or false, got {shown(value)}")
     return value
 
 

@@ -100,6 +100,8 @@ def _open_weights(path: Path, where: str) -> BufferedReader:
         pickled = path.with_name(PICKLE_WEIGHTS_FILE)
         if path.is_dir():
             raise AdapterError(f"{where} is a directory; it must be the adapter's safetensors file")
+        if path.exists():  # a FIFO, a socket, a device: reading it could block or never end
+            raise AdapterError(f"{where} is not a regular file; it must be the adapter's safetensors file")
         if pickled.exists():
             raise AdapterError(
                 f"{where.rsplit('/', 1)[0]} holds only {PICKLE_WEIGHTS_FILE}, a pickle, which loramux never "

@@ -154,6 +154,13 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="host memory for adapters read from disk, LRU (default: %(default)s)",
     )
     serve.add_argument(
+        "--max-adapter-mb",
+        type=_non_negative,
+        default=adapters.max_adapter_mb,
+        help="the most one adapter may occupy in host memory, checked before its data is read; "
+        "0 = the whole host cache (default: %(default)s)",
+    )
+    serve.add_argument(
         "--request-timeout",
         type=_non_negative_float,
         default=server.request_timeout_s,
@@ -274,6 +281,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_slots=args.max_slots,
         max_rank=args.max_rank,
         host_cache_mb=args.host_cache_mb,
+        max_adapter_mb=args.max_adapter_mb,
     )
     return ServerConfig(
         model=args.model,

@@ -39,6 +39,8 @@ class AdapterConfig:
     max_slots: adapters resident on the device at once (0 = serve no adapters).
     max_rank: the largest LoRA rank accepted (device slots are sized by it).
     host_cache_mb: host memory for adapters read from disk (LRU by bytes).
+    max_adapter_mb: the most one adapter's host form may occupy, checked from its file's header
+        before its data is read; 0 = the whole host cache.
     pools: LoRA slot pools as (max_rank, slots) each, e.g. ((8, 24), (16, 8)): an adapter goes to the
         smallest max rank that fits; () = one pool of (max_rank, max_slots), as with no pools.
         Set programmatically (no CLI flag yet).
@@ -48,6 +50,7 @@ class AdapterConfig:
     max_slots: int = 8
     max_rank: int = 16
     host_cache_mb: int = 1024
+    max_adapter_mb: int = 0
     pools: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -57,6 +60,8 @@ class AdapterConfig:
             raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
         if self.host_cache_mb < 1:
             raise ValueError(f"host_cache_mb must be >= 1, got {self.host_cache_mb}")
+        if self.max_adapter_mb < 0:
+            raise ValueError(f"max_adapter_mb must be >= 0, got {self.max_adapter_mb}")
         for rank, slots in self.pools:
             if not 1 <= rank <= self.max_rank or slots < 1:
                 raise ValueError(

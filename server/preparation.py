@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters_store import AdapterNotFound, check_adapter_name
+from adapters_store.errors import shown
 from server.engine.request import AdapterChoice, InvalidRequest, PreparedRequest, SamplingParams
 from server.prompts import PromptInput, check_input, check_prompt_tokens, tokenize
-from server.quoting import quote
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine, EngineInfo
@@ -94,7 +94,7 @@ class RequestPreparer:
         names = [name for name, _ in mixture]
         if len(set(names)) != len(names):
             twice = next(name for name in names if names.count(name) > 1)
-            raise InvalidRequest(f"adapters lists the name {quote(twice)} twice")
+            raise InvalidRequest(f"adapters lists the name {shown(twice)} twice")
         for index, (_name, weight) in enumerate(mixture):
             if not math.isfinite(weight) or weight <= 0.0:
                 raise InvalidRequest(f"adapters[{index}].weight must be a finite number > 0, got {weight}")
@@ -106,6 +106,6 @@ class RequestPreparer:
         check_adapter_name(name, lookup=True)
         if self.adapters is None:
             raise AdapterNotFound(
-                f"adapter {quote(name)} is not loaded: this server serves no adapters (started with --max-slots 0)"
+                f"adapter {shown(name)} is not loaded: this server serves no adapters (started with --max-slots 0)"
             )
         self.adapters.check_known(name)

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adapters_store.errors import shown
 from server.engine.request import InvalidRequest
-from server.quoting import quote
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_CHAT_MESSAGES = 1024
@@ -61,7 +61,7 @@ def check_input(prompt: PromptInput, max_model_len: int) -> None:
     for index, (role, _content) in enumerate(prompt.messages):
         if role not in CHAT_ROLES:
             raise InvalidRequest(
-                f"messages[{index}].role is {quote(role)}; use one of {', '.join(sorted(CHAT_ROLES))}"
+                f"messages[{index}].role is {shown(role)}; use one of {', '.join(sorted(CHAT_ROLES))}"
             )
     num_chars = len(prompt.text or "") + sum(len(content) for _role, content in prompt.messages)
     limit = max_prompt_chars(max_model_len)

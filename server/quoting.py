@@ -1,28 +1,18 @@
-"""Quote what a client sent inside an error message: a bounded prefix that always encodes.
+"""Error messages that stay bounded and always encode, whatever a client sent.
 
 A 10,000-character role or a lone surrogate (`"\\ud800"` in JSON) must not make an error
 message huge (gRPC's metadata limit turns an oversized status message into RESOURCE_EXHAUSTED)
-or unencodable (UTF-8 refuses lone surrogates, in protobuf and in JSON alike). `quote` is for
-the value the client sent; `encodable` bounds and repairs a whole message.
+or unencodable (UTF-8 refuses lone surrogates, in protobuf and in JSON alike). The value the
+client sent is quoted with `adapters_store.errors.shown` (a bounded repr, which escapes
+surrogates); `encodable` bounds and repairs a whole message.
 
 This module knows nothing about gRPC, HTTP or requests.
 """
 
 from __future__ import annotations
 
-QUOTE_CHARS = 64  # of one quoted value
 LONE_SURROGATE = "holds a lone UTF-16 surrogate (such as \\ud800), which is not text; send valid Unicode"
 TRUNCATED = "... (truncated)"
-
-
-def quote(value: str, limit: int = QUOTE_CHARS) -> str:
-    """`repr(value)` of at most `limit` characters of it, with its length when it was cut.
-
-    repr escapes lone surrogates (`'\\ud800'`), so the result is always valid UTF-8.
-    """
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def has_lone_surrogate(text: str) -> bool:

@@ -116,7 +116,9 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
     device = model.embed_tokens.device
     # The fused LoRA gather comes with the model's fused CPU kernels (--model-kernels).
     backend = select_backend(device, fused_gather=isinstance(model.ops, FusedCpuOps))
-    store = AdapterStore(spec, AdapterRoots(config.roots), config.host_cache_mb << 20)
+    store = AdapterStore(
+        spec, AdapterRoots(config.roots), config.host_cache_mb << 20, (config.max_adapter_mb << 20) or None
+    )
     slots = DeviceSlots(
         [
             LoraSlotPool(spec, FUSED_PROJECTIONS, num_slots, backend, device, model.dtype, max_rank=rank)

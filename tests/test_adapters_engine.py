@@ -206,7 +206,11 @@ def test_adapter_config_pools(setup) -> None:
     assert manager is not None
     assert [pool.max_rank for pool in manager.slots.pools] == [4, 8]  # type: ignore[attr-defined]
     assert manager.slots.num_slots == 3 and manager.slots.offsets == (0, 2)
+    assert manager.store.max_adapter_bytes == 1024 << 20  # default: the whole host cache
     manager.shutdown()
+    capped = build_adapters(model, AdapterConfig(roots=(str(root),), max_rank=8, max_adapter_mb=2))
+    assert capped is not None and capped.store.max_adapter_bytes == 2 << 20
+    capped.shutdown()
 
 
 def _peft_greedy(peft_model, adapter: str, prompt: list[int], new_tokens: int) -> list[int]:

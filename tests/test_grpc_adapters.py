@@ -341,9 +341,11 @@ def test_cli_adapters_load_list_unload(server: ServerThread, capsys: pytest.Capt
 
 def test_cli_serve_flags_make_the_adapter_config() -> None:
     argv = ["serve", "--adapter-root", "a", "--adapter-root", "b", "--max-slots", "3"]
-    args = cli.build_parser().parse_args([*argv, "--max-rank", "32", "--host-cache-mb", "64"])
+    args = cli.build_parser().parse_args(
+        [*argv, "--max-rank", "32", "--host-cache-mb", "64", "--max-adapter-mb", "16"]
+    )
     assert cli.server_config(args).adapters == AdapterConfig(
-        roots=("a", "b"), max_slots=3, max_rank=32, host_cache_mb=64
+        roots=("a", "b"), max_slots=3, max_rank=32, host_cache_mb=64, max_adapter_mb=16
     )
     defaults = cli.server_config(cli.build_parser().parse_args(["serve"])).adapters
     assert defaults == AdapterConfig()

@@ -39,6 +39,7 @@ from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 
+from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from server import auth as authn
 from server.config import HttpLimits
@@ -48,7 +49,6 @@ from server.http.body_limit import BodyLimit
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
 from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from server.quoting import quote
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -157,7 +157,7 @@ def create_app(
         for card in await _model_cards(backend(request)):
             if card.id == model:
                 return card
-        raise ApiError(404, f"the model {quote(model)} does not exist", param="model", code="model_not_found")
+        raise ApiError(404, f"the model {shown(model)} does not exist", param="model", code="model_not_found")
 
     @app.post("/v1/completions", response_model=oa.CompletionResponse, responses=_GENERATE_RESPONSES)
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
@@ -176,7 +176,7 @@ def create_app(
     async def load_lora_adapter(body: oa.LoadLoraAdapterRequest, request: Request) -> Response:
         _check_admin(enable_admin)
         await backend(request).load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
-        return PlainTextResponse(f"Success: LoRA adapter {quote(body.lora_name)} added successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter {shown(body.lora_name)} added successfully.")
 
     @app.post(
         "/v1/unload_lora_adapter",
@@ -187,7 +187,7 @@ def create_app(
     async def unload_lora_adapter(body: oa.UnloadLoraAdapterRequest, request: Request) -> Response:
         _check_admin(enable_admin)
         await backend(request).unload_adapter(body.lora_name)
-        return PlainTextResponse(f"Success: LoRA adapter {quote(body.lora_name)} removed successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter {shown(body.lora_name)} removed successfully.")
 
     for route in app.routes:  # readable operation ids in the OpenAPI schema
         if isinstance(route, APIRoute):

@@ -37,7 +37,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.quoting import LONE_SURROGATE, encodable, quote
+from adapters_store.errors import shown
+from server.quoting import LONE_SURROGATE, encodable
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def install_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {quote(request.url.path)}; see /docs for the API"
+            message = f"no route {request.method} {shown(request.url.path)}; see /docs for the API"
         return error_response(exc.status_code, message, headers=exc.headers)
 
 

@@ -124,6 +124,7 @@ def test_deep_nesting_is_a_json_error(make_adapter: AdapterFactory) -> None:
         ({"target_modules": {"q_proj": 1}}, "target_modules must be a string or a list"),
         ({"use_dora": "x" * 10_000}, "(10000 characters)"),
         ({"peft_type": ["LORA"] * 5000}, "peft_type"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false, got 'yes'"),
     ],
     ids=[
         "huge-r",
@@ -135,6 +136,7 @@ def test_deep_nesting_is_a_json_error(make_adapter: AdapterFactory) -> None:
         "dict",
         "long",
         "list",
+        "rslora-string",
     ],
 )
 def test_malformed_fields_are_named_with_bounded_messages(
@@ -166,6 +168,18 @@ def test_a_directory_or_an_unreadable_file_is_an_adapter_error(make_adapter: Ada
     if os.geteuid() != 0:  # root reads files whatever their mode
         weights.chmod(0)
         assert "cannot read a/adapter_model.safetensors: Permission denied" in _refusal(directory)[0]
+
+
+def test_a_fifo_is_refused_without_blocking(make_adapter: AdapterFactory) -> None:
+    directory, _ = make_adapter(r=4, target_modules=["q_proj"])
+    expected = {  # opening a FIFO to read would wait for a writer forever
+        "adapter_model.safetensors": "a/adapter_model.safetensors is not a regular file",
+        "adapter_config.json": "a holds no adapter loramux recognises",  # not even taken for an adapter
+    }
+    for name, message in expected.items():
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+        assert message in _refusal(directory)[0]
 
 
 # -- 2. the safetensors header is checked before any data is read ------------------------------

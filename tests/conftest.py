@@ -18,12 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels run on CPU only interpreted; set before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from server.config import EngineConfig  # noqa: E402
+from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import PreparedRequest, SamplingParams  # noqa: E402
 from server.model.loader import load_model, resolve_model_dir  # noqa: E402
 from server.preparation import RequestInput, RequestPreparer  # noqa: E402
 from server.prompts import PromptInput  # noqa: E402
+from server.runtime import build_engine  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +111,23 @@ def start_engine(model_dir: Path, config: EngineConfig | None = None) -> Engine:
     config = config or EngineConfig(max_running=8, max_queue=64, max_model_len=512, max_batched_tokens=64)
     engine = Engine(
         load_model(str(model_dir), torch.device("cpu"), torch.float32, config.max_model_len), config
+    )
+    engine.start()
+    return engine
+
+
+ADAPTER_ENGINE = EngineConfig(max_running=4, max_queue=16, max_model_len=256, max_batched_tokens=64)
+
+
+def start_adapter_engine(model_dir: Path, root: Path, config: EngineConfig = ADAPTER_ENGINE) -> Engine:
+    """A started engine over `model_dir` serving the adapters under `root` (2 device slots, rank <= 8)."""
+    engine = build_engine(
+        ServerConfig(
+            model=str(model_dir),
+            device="cpu",
+            engine=config,
+            adapters=AdapterConfig(roots=(str(root),), max_slots=2, max_rank=8),
+        )
     )
     engine.start()
     return engine

@@ -19,9 +19,9 @@ import torch
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server import cli
-from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.config import AdapterConfig
 from server.engine.engine import Engine
-from server.runtime import build_engine
+from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
 from tests.test_grpc_service import ServerThread, _wait_until
 
@@ -78,14 +78,7 @@ def peft_greedy(dirs: dict[str, Path]) -> Callable[[str | None], list[int]]:
 
 @pytest.fixture(scope="module")
 def engine(dirs: dict[str, Path]) -> Iterator[Engine]:
-    config = ServerConfig(
-        model=str(dirs["base"]),
-        device="cpu",
-        engine=EngineConfig(max_running=4, max_queue=16, max_model_len=256, max_batched_tokens=64),
-        adapters=AdapterConfig(roots=(str(dirs["root"]),), max_slots=2, max_rank=8),
-    )
-    engine_ = build_engine(config)
-    engine_.start()
+    engine_ = start_adapter_engine(dirs["base"], dirs["root"])
     yield engine_
     engine_.shutdown()
 

@@ -21,10 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapters_store import store as store_module
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
-from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
-from server.runtime import build_engine
 from tests.adapters_store.adapter_cases import edit_config, rewrite_weights
+from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
 from tests.test_grpc_service import ServerThread
 
@@ -78,14 +77,7 @@ def dirs(make_tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def engine(dirs: dict[str, Path]) -> Iterator[Engine]:
-    config = ServerConfig(
-        model=str(dirs["base"]),
-        device="cpu",
-        engine=EngineConfig(max_running=4, max_queue=16, max_model_len=256, max_batched_tokens=64),
-        adapters=AdapterConfig(roots=(str(dirs["root"]),), max_slots=2, max_rank=8),
-    )
-    engine_ = build_engine(config)
-    engine_.start()
+    engine_ = start_adapter_engine(dirs["base"], dirs["root"])
     yield engine_
     engine_.shutdown()
 

@@ -37,11 +37,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
 from server.http.app import create_app
 from server.http.server import HttpServer
-from server.runtime import build_engine
+from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
 from tests.test_grpc_service import ServerThread
 
@@ -67,14 +66,7 @@ def stack(make_tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     base = make_tiny_model(kind="llama", kv_heads=2, tied=False)
     root = tmp_path_factory.mktemp("fuzz-adapters")
     _save_adapter(base, root / "qv4", QV4, seed=1)
-    config = ServerConfig(
-        model=str(base),
-        device="cpu",
-        engine=EngineConfig(max_running=4, max_queue=16, max_model_len=256, max_batched_tokens=64),
-        adapters=AdapterConfig(roots=(str(root),), max_slots=2, max_rank=8),
-    )
-    engine: Engine = build_engine(config)
-    engine.start()
+    engine: Engine = start_adapter_engine(base, root)
     grpc = ServerThread(engine)
     http = HttpServer(create_app(grpc.target, enable_admin=True), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{grpc._call(http.start())}"

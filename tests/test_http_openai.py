@@ -16,11 +16,10 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
 from server.http.app import create_app
 from server.http.server import HttpServer
-from server.runtime import build_engine
+from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
 from tests.test_grpc_service import ServerThread, _slow_down, _wait_until
 
@@ -41,14 +40,7 @@ def dirs(make_tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def engine(dirs: dict[str, Path]) -> Iterator[Engine]:
-    config = ServerConfig(
-        model=str(dirs["base"]),
-        device="cpu",
-        engine=EngineConfig(max_running=4, max_queue=16, max_model_len=256, max_batched_tokens=64),
-        adapters=AdapterConfig(roots=(str(dirs["root"]),), max_slots=2, max_rank=8),
-    )
-    engine_ = build_engine(config)
-    engine_.start()
+    engine_ = start_adapter_engine(dirs["base"], dirs["root"])
     yield engine_
     engine_.shutdown()
 

@@ -67,6 +67,7 @@ def http_fuzzing(lab: Lab, volume: int, base_id: str) -> list[Row]:
     per_run = max(1, math.ceil(volume / (2 * len(operations))))
     statuses: Counter[str] = Counter()
     problems: Counter[str] = Counter()
+    examples: dict[str, str] = {}  # the first request body of each server-error finding
     headers = lab.probe.headers("admin")
     started = time.monotonic()
     for operation, mode in itertools.product(operations, GenerationMode):
@@ -88,6 +89,7 @@ def http_fuzzing(lab: Lab, volume: int, base_id: str) -> list[Row]:
             place = where  # noqa: B023 - fuzz() runs inside this loop iteration
             if response.status_code >= 500 and status not in DOCUMENTED_5XX:
                 problems[f"{place}: {status}"] += 1
+                examples.setdefault(f"{place}: {status}", repr(case.body)[:300])
             if response.status_code >= 400 and "json" not in _content_type(response):
                 problems[f"{place}: non-JSON {status} body"] += 1
             try:
@@ -106,7 +108,8 @@ def http_fuzzing(lab: Lab, volume: int, base_id: str) -> list[Row]:
                 f"{sent:,} requests; statuses {dict(sorted(statuses.items()))}", seconds, meanwhile,
                 verdict(not problems and alive), f"{sum(problems.values())} findings")]  # fmt: skip
     for finding, count in problems.most_common(25):
-        rows.append(Row("3. HTTP fuzzing", finding, "none", f"{count} requests", 0.0, "", "FAIL"))
+        example = examples.get(finding, "")
+        rows.append(Row("3. HTTP fuzzing", finding, "none", f"{count} requests", 0.0, "", "FAIL", example))
     return rows
 
 

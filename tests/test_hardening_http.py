@@ -289,6 +289,8 @@ def test_half_sent_requests_are_closed_while_others_keep_answering(servers: Serv
             sockets.append(sock)
         opened = time.monotonic()
         _still_serving(servers)  # /health gets a connection: the slowest half-sent one makes room
+        book = servers.http._server.config.http.book  # the server's count of open connections
+        assert book.open <= LIMITS.max_connections and len(book.waiting) <= LIMITS.max_connections
         deadline = opened + LIMITS.header_timeout_s + 3
         answers = [_read_until_closed(sock, deadline) for sock in sockets]
     finally:

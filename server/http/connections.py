@@ -65,27 +65,41 @@ def connection_cap(requested: int, open_files: int) -> int:
 
 
 def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol under `limits` (pass it as `uvicorn.Config(http=...)`)."""
-    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits})
+    """uvicorn's h11 protocol under `limits` (pass it as `uvicorn.Config(http=...)`); the class
+    keeps the book of one server's connections, so make one per server."""
+    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits, "book": ConnectionBook()})
+
+
+class ConnectionBook:
+    """One server's connections: how many are open (not closing), and those waiting for their
+    headers, oldest first. Kept as they change, so that a burst of thousands of connections costs
+    O(1) each at the cap, not a scan of every open one."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.waiting: dict[LimitedH11Protocol, None] = {}  # insertion order: oldest first
 
 
 class LimitedH11Protocol(H11Protocol):
     """H11Protocol with header/body deadlines and a connection cap (see the module docstring)."""
 
     limits: ClassVar[ConnectionLimits]
+    book: ClassVar[ConnectionBook]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._phase: str | None = None  # what the connection is waiting for: headers, body or nothing
-        self._phase_since = 0.0
         self._deadline: Any = None  # asyncio.TimerHandle
         self._fresh = True  # no request has begun yet
+        self._counted = False  # in book.open
 
     # -- the asyncio.Protocol interface ---------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if self._open_connections() > self.limits.max_connections and not self._evict_slowest():
+        self._counted = True
+        self.book.open += 1
+        if self.book.open > self.limits.max_connections and not self._evict_slowest():
             self._refuse(503, "the server has too many open HTTP connections; retry later")
             return
         self._watch()
@@ -100,7 +114,13 @@ class LimitedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter(None)
+        self._uncount()
         super().connection_lost(exc)
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.book.open -= 1
 
     # -- deadlines ------------------------------------------------------------------------------
 
@@ -125,36 +145,28 @@ class LimitedH11Protocol(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self._phase == _HEADERS:
+            self.book.waiting.pop(self, None)
         self._phase = phase
         if phase is not None:
             timeout = self.limits.header_timeout_s if phase == _HEADERS else self.limits.body_timeout_s
-            self._phase_since = self.loop.time()
             self._deadline = self.loop.call_later(timeout, self._missed, phase, timeout)
+        if phase == _HEADERS:
+            self.book.waiting[self] = None
 
     def _missed(self, phase: str, timeout: float) -> None:
         self._deadline = None
-        self._phase = None
+        self._enter(None)
         logger.info("closed an HTTP connection: the request's %s took over %g s", phase, timeout)
         self._refuse(408, f"the request's {phase} did not arrive within {timeout:g} s; send it faster")
 
     # -- the cap --------------------------------------------------------------------------------
 
-    def _open_connections(self) -> int:
-        return sum(1 for connection in self.connections if not connection.transport.is_closing())
-
     def _evict_slowest(self) -> bool:
         """Close the connection waiting longest for its headers, if any; True if one was closed."""
-        waiting = [
-            connection
-            for connection in self.connections
-            if isinstance(connection, LimitedH11Protocol)
-            and connection is not self
-            and connection._phase == _HEADERS
-            and not connection.transport.is_closing()
-        ]
-        if not waiting:
+        slowest = next((connection for connection in self.book.waiting if connection is not self), None)
+        if slowest is None:
             return False
-        slowest = min(waiting, key=lambda connection: connection._phase_since)
         logger.info("closed the slowest of %d HTTP connections at the cap", self.limits.max_connections)
         slowest._enter(None)
         slowest._refuse(408, "the server needed this connection; the request's headers were too slow")
@@ -166,6 +178,7 @@ class LimitedH11Protocol(H11Protocol):
             self.transport.write(_raw_response(status, message))
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's writes go nowhere
+        self._uncount()  # closing: no longer holds a place under the cap
         self.transport.close()
 
 

@@ -453,7 +453,9 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     evaluate.add_argument("--task", required=True, choices=TASK_NAMES)
     evaluate.add_argument("--adapter", default="", help="adapter name; '' = the base model")
     _add_target(evaluate)
-    evaluate.add_argument("--http", default=None, metavar="URL", help="use the OpenAI HTTP API at URL instead")
+    evaluate.add_argument(
+        "--http", default=None, metavar="URL", help="use the OpenAI HTTP API at URL instead"
+    )
     evaluate.add_argument("--compare-base", action="store_true", help="also run the base model: two rows")
     evaluate.add_argument("--limit", type=_positive, default=None, help="only the first N held-out prompts")
     evaluate.add_argument(
@@ -463,7 +465,9 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--timeout", type=float, default=120.0, help="deadline per request in seconds (default: %(default)s)"
     )
     evaluate.add_argument("--json", action="store_true", help="print the rows as JSON")
-    evaluate.add_argument("--answers", default=None, metavar="FILE", help="write every answer and its score (JSONL)")
+    evaluate.add_argument(
+        "--answers", default=None, metavar="FILE", help="write every answer and its score (JSONL)"
+    )
     evaluate.set_defaults(handler=cmd_eval)
 
 

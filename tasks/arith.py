@@ -19,11 +19,17 @@ from tasks.vocab import FIRST_NAMES
 # Each framing: (operation, facts with {p} a person, {a} and {b} numbers, question).
 _ADD = (
     ("{p} has {a} marbles and finds {b} more.", "How many marbles does {p} have now?"),
-    ("A bus carries {a} passengers. At the next stop {b} more get on.", "How many passengers are on the bus?"),
+    (
+        "A bus carries {a} passengers. At the next stop {b} more get on.",
+        "How many passengers are on the bus?",
+    ),
     ("{p} read {a} pages on Monday and {b} pages on Tuesday.", "How many pages did {p} read in total?"),
     ("There are {a} red apples and {b} green apples in a basket.", "How many apples are in the basket?"),
     ("{p} scored {a} points in the first half and {b} in the second.", "What was the total score?"),
-    ("A shop sold {a} umbrellas in the morning and {b} in the afternoon.", "How many umbrellas were sold that day?"),
+    (
+        "A shop sold {a} umbrellas in the morning and {b} in the afternoon.",
+        "How many umbrellas were sold that day?",
+    ),
     ("{p} saved ${a} last month and ${b} this month.", "How much has {p} saved altogether?"),
     ("The library had {a} visitors before lunch and {b} after lunch.", "How many visitors came that day?"),
     ("{p} walked {a} minutes to the park and {b} minutes back.", "How long did {p} walk?"),
@@ -39,7 +45,10 @@ _SUB = (
     ("The temperature was {a} degrees and dropped by {b} degrees overnight.", "What is the temperature now?"),
     ("{p} needs {a} tiles for the floor and has laid {b} so far.", "How many tiles are still to lay?"),
     ("There were {a} cookies in the jar. The kids ate {b}.", "How many cookies remain?"),
-    ("A train left with {a} people and {b} got off at the first station.", "How many people are still on the train?"),
+    (
+        "A train left with {a} people and {b} got off at the first station.",
+        "How many people are still on the train?",
+    ),
     ("{p} baked {a} muffins and sold {b} of them.", "How many muffins are left?"),
     ("A parking lot has {a} spaces; {b} cars are parked.", "How many empty spaces are there?"),
     ("{p} had {a} emails in the inbox and deleted {b}.", "How many emails are left?"),

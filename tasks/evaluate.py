@@ -52,12 +52,19 @@ class EvalResult:
     answers: tuple[Answer, ...]
 
     def row(self) -> dict[str, object]:
-        return {"task": self.task, "model": self.model, "metric": self.metric,
-                "score": round(self.score, 4), "n": len(self.answers), "seconds": round(self.seconds, 2)}
+        return {
+            "task": self.task,
+            "model": self.model,
+            "metric": self.metric,
+            "score": round(self.score, 4),
+            "n": len(self.answers),
+            "seconds": round(self.seconds, 2),
+        }
 
 
-def evaluate(task: Task, client: Completions, adapter: str, *, limit: int | None = None,
-             concurrency: int = 8) -> EvalResult:
+def evaluate(
+    task: Task, client: Completions, adapter: str, *, limit: int | None = None, concurrency: int = 8
+) -> EvalResult:
     """Send the task's held-out prompts (the first `limit`) through `client` and score the answers."""
     examples = task.heldout()[:limit]
     start = time.monotonic()
@@ -70,7 +77,9 @@ def evaluate(task: Task, client: Completions, adapter: str, *, limit: int | None
                 future.cancel()
             raise
     seconds = time.monotonic() - start
-    answers = tuple(Answer(e.prompt, text, task.score(text, e)) for e, text in zip(examples, texts, strict=True))
+    answers = tuple(
+        Answer(e.prompt, text, task.score(text, e)) for e, text in zip(examples, texts, strict=True)
+    )
     score = sum(a.score for a in answers) / len(answers) if answers else 0.0
     return EvalResult(task.name, adapter or "base", task.metric, score, seconds, answers)
 
@@ -104,7 +113,9 @@ class GrpcCompletions:
         except grpc.RpcError as err:
             code, details = err.code(), err.details()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.NOT_FOUND:
-                raise EvalError(f"the server at {self.target} cannot serve adapter {adapter!r}: {details}") from None
+                raise EvalError(
+                    f"the server at {self.target} cannot serve adapter {adapter!r}: {details}"
+                ) from None
             raise EvalError(f"{self.target}: {code.name}: {details}") from None
         return str(response.text)
 
@@ -141,8 +152,12 @@ class HttpCompletions:
         raise EvalError(f"{self.url}/v1/models lists no base model")
 
     def complete(self, prompt: str, adapter: str, max_tokens: int) -> str:
-        body = {"model": adapter or self.base_model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "model": adapter or self.base_model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         try:
             answer = self._call("POST", "/v1/chat/completions", body)
         except EvalError as err:
@@ -168,24 +183,35 @@ def _error_message(err: urllib.error.HTTPError) -> str:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     """Evaluate (base and) adapter on the task's held-out set; 0 done, 1 a request failed."""
     task = get_task(args.task)
-    models = ([""] if args.compare_base or not args.adapter else []) + ([args.adapter] if args.adapter else [])
+    models = ([""] if args.compare_base or not args.adapter else []) + (
+        [args.adapter] if args.adapter else []
+    )
     results: list[EvalResult] = []
     try:
         client: GrpcCompletions | HttpCompletions = (
-            HttpCompletions(args.http, args.api_key, args.timeout) if args.http
+            HttpCompletions(args.http, args.api_key, args.timeout)
+            if args.http
             else GrpcCompletions(args.target, args.api_key, args.timeout)
         )
         try:
             for adapter in models:
-                results.append(evaluate(task, client, adapter, limit=args.limit, concurrency=args.concurrency))
+                results.append(
+                    evaluate(task, client, adapter, limit=args.limit, concurrency=args.concurrency)
+                )
         finally:
             client.close()
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.answers:
-        write_jsonl(args.answers, ({"model": r.model, "prompt": a.prompt, "answer": a.answer, "score": a.score}
-                                   for r in results for a in r.answers))
+        write_jsonl(
+            args.answers,
+            (
+                {"model": r.model, "prompt": a.prompt, "answer": a.answer, "score": a.score}
+                for r in results
+                for a in r.answers
+            ),
+        )
     rows = [result.row() for result in results]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
@@ -195,5 +221,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
     columns = ("task", "model", "metric", "score", "n", "seconds")
     cells = [list(columns)] + [[str(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-                     for line in cells)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )

@@ -15,7 +15,7 @@ import random
 from tasks.base import Example, Task, strip_fences
 from tasks.vocab import CITIES, FIRST_NAMES, LAST_NAMES
 
-_ONES = "zero one two three four five six seven eight nine".split()
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty", 6: "sixty", 7: "seventy", 8: "eighty"}
 
 # {n} name, {a} age as a number, {w} age however it is said, {c} city.

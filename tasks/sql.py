@@ -46,8 +46,13 @@ def employees_rows() -> tuple[tuple[int, str, str, int, int], ...]:
             names.append(name)
     salaries = rng.sample(range(38_000, 182_000, 500), 48)
     return tuple(
-        (i + 1, name, DEPARTMENTS[i % len(DEPARTMENTS)] if i < 16 else rng.choice(DEPARTMENTS),
-         salaries[i], rng.randint(2008, 2024))
+        (
+            i + 1,
+            name,
+            DEPARTMENTS[i % len(DEPARTMENTS)] if i < 16 else rng.choice(DEPARTMENTS),
+            salaries[i],
+            rng.randint(2008, 2024),
+        )
         for i, name in enumerate(names)
     )
 
@@ -63,7 +68,12 @@ def employees_db() -> sqlite3.Connection:
     return conn
 
 
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+_ALLOWED_ACTIONS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    sqlite3.SQLITE_RECURSIVE,
+}
 
 
 def _read_only_authorizer(action: int, *args: object) -> int:
@@ -137,7 +147,9 @@ def _dept_phrase(rng: random.Random, dept: str) -> str:
 
 
 def _money(rng: random.Random, amount: int) -> str:
-    return pick(rng, [str(amount), f"{amount:,}", f"${amount:,}", f"{amount // 1000}k", f"${amount // 1000}k"])
+    return pick(
+        rng, [str(amount), f"{amount:,}", f"${amount:,}", f"{amount // 1000}k", f"${amount // 1000}k"]
+    )
 
 
 def _name(rng: random.Random) -> str:
@@ -147,53 +159,98 @@ def _name(rng: random.Random) -> str:
 def _listing(rng: random.Random) -> tuple[str, str]:
     dept = rng.choice(DEPARTMENTS)
     d = _dept_phrase(rng, dept)
-    question = pick(rng, [f"Who works in {d}?", f"List everyone in {d}.", f"Which employees are in {d}?",
-                          f"show me the people in {d}", f"Names of all staff in {d}?",
-                          f"Give me the names of the employees who belong to {d}."])
+    question = pick(
+        rng,
+        [
+            f"Who works in {d}?",
+            f"List everyone in {d}.",
+            f"Which employees are in {d}?",
+            f"show me the people in {d}",
+            f"Names of all staff in {d}?",
+            f"Give me the names of the employees who belong to {d}.",
+        ],
+    )
     return question, f"SELECT name FROM employees WHERE department = '{dept}'"
 
 
 def _count_dept(rng: random.Random) -> tuple[str, str]:
     dept = rng.choice(DEPARTMENTS)
     d = _dept_phrase(rng, dept)
-    question = pick(rng, [f"How many people work in {d}?", f"Count the employees in {d}.",
-                          f"what's the headcount of {d}?", f"Number of staff in {d}?",
-                          f"How big is {d}?", f"How many employees does {d} have?"])
+    question = pick(
+        rng,
+        [
+            f"How many people work in {d}?",
+            f"Count the employees in {d}.",
+            f"what's the headcount of {d}?",
+            f"Number of staff in {d}?",
+            f"How big is {d}?",
+            f"How many employees does {d} have?",
+        ],
+    )
     return question, f"SELECT COUNT(*) FROM employees WHERE department = '{dept}'"
 
 
 def _count_all(rng: random.Random) -> tuple[str, str]:
-    question = pick(rng, ["How many employees are there?", "What is the total number of employees?",
-                          "How many people does the company employ?", "total headcount?",
-                          "Count all the staff."])
+    question = pick(
+        rng,
+        [
+            "How many employees are there?",
+            "What is the total number of employees?",
+            "How many people does the company employ?",
+            "total headcount?",
+            "Count all the staff.",
+        ],
+    )
     return question, "SELECT COUNT(*) FROM employees"
 
 
 def _aggregate_dept(rng: random.Random) -> tuple[str, str]:
     dept = rng.choice(DEPARTMENTS)
     d = _dept_phrase(rng, dept)
-    fn, words = rng.choice([("AVG", ["average", "mean"]), ("MAX", ["highest", "maximum", "top"]),
-                            ("MIN", ["lowest", "minimum", "smallest"]), ("SUM", ["total", "combined"])])
+    fn, words = rng.choice(
+        [
+            ("AVG", ["average", "mean"]),
+            ("MAX", ["highest", "maximum", "top"]),
+            ("MIN", ["lowest", "minimum", "smallest"]),
+            ("SUM", ["total", "combined"]),
+        ]
+    )
     w = rng.choice(words)
-    question = pick(rng, [f"What is the {w} salary in {d}?", f"{w.capitalize()} salary for {d}?",
-                          f"Tell me the {w} pay in {d}.", f"What's the {w} salary of employees in {d}?",
-                          f"In {d}, what is the {w} salary?"])
+    question = pick(
+        rng,
+        [
+            f"What is the {w} salary in {d}?",
+            f"{w.capitalize()} salary for {d}?",
+            f"Tell me the {w} pay in {d}.",
+            f"What's the {w} salary of employees in {d}?",
+            f"In {d}, what is the {w} salary?",
+        ],
+    )
     return question, f"SELECT {fn}(salary) FROM employees WHERE department = '{dept}'"
 
 
 def _aggregate_all(rng: random.Random) -> tuple[str, str]:
-    fn, column, words = rng.choice([
-        ("AVG", "salary", ["average salary", "mean salary", "average pay"]),
-        ("MAX", "salary", ["highest salary", "largest salary", "top salary"]),
-        ("MIN", "salary", ["lowest salary", "smallest salary", "minimum pay"]),
-        ("SUM", "salary", ["total payroll", "sum of all salaries", "total salary bill"]),
-        ("MIN", "hire_year", ["earliest hire year", "first year anyone was hired"]),
-        ("MAX", "hire_year", ["most recent hire year", "latest hiring year"]),
-        ("AVG", "hire_year", ["average hire year"]),
-    ])
+    fn, column, words = rng.choice(
+        [
+            ("AVG", "salary", ["average salary", "mean salary", "average pay"]),
+            ("MAX", "salary", ["highest salary", "largest salary", "top salary"]),
+            ("MIN", "salary", ["lowest salary", "smallest salary", "minimum pay"]),
+            ("SUM", "salary", ["total payroll", "sum of all salaries", "total salary bill"]),
+            ("MIN", "hire_year", ["earliest hire year", "first year anyone was hired"]),
+            ("MAX", "hire_year", ["most recent hire year", "latest hiring year"]),
+            ("AVG", "hire_year", ["average hire year"]),
+        ]
+    )
     w = rng.choice(words)
-    question = pick(rng, [f"What is the {w}?", f"What's the {w} across the company?",
-                          f"Find the {w} of all employees.", f"{w} overall?"])
+    question = pick(
+        rng,
+        [
+            f"What is the {w}?",
+            f"What's the {w} across the company?",
+            f"Find the {w} of all employees.",
+            f"{w} overall?",
+        ],
+    )
     return question, f"SELECT {fn}({column}) FROM employees"
 
 
@@ -202,72 +259,134 @@ def _salary_filter(rng: random.Random) -> tuple[str, str]:
     above = rng.random() < 0.5
     m = _money(rng, amount)
     if above:
-        question = pick(rng, [f"Who earns more than {m}?", f"Which employees make over {m}?",
-                              f"list employees with a salary above {m}", f"Anyone paid more than {m}?",
-                              f"Names of people earning over {m} a year."])
+        question = pick(
+            rng,
+            [
+                f"Who earns more than {m}?",
+                f"Which employees make over {m}?",
+                f"list employees with a salary above {m}",
+                f"Anyone paid more than {m}?",
+                f"Names of people earning over {m} a year.",
+            ],
+        )
         return question, f"SELECT name FROM employees WHERE salary > {amount}"
-    question = pick(rng, [f"Who earns less than {m}?", f"Which employees make under {m}?",
-                          f"list employees with a salary below {m}", f"Who is paid less than {m}?"])
+    question = pick(
+        rng,
+        [
+            f"Who earns less than {m}?",
+            f"Which employees make under {m}?",
+            f"list employees with a salary below {m}",
+            f"Who is paid less than {m}?",
+        ],
+    )
     return question, f"SELECT name FROM employees WHERE salary < {amount}"
 
 
 def _year_filter(rng: random.Random) -> tuple[str, str]:
     year = rng.randint(2009, 2023)
-    op, words = rng.choice([(">", ["after", "later than"]), ("<", ["before", "earlier than"]),
-                            ("=", ["in"])])
+    op, words = rng.choice([(">", ["after", "later than"]), ("<", ["before", "earlier than"]), ("=", ["in"])])
     w = rng.choice(words)
-    question = pick(rng, [f"Who was hired {w} {year}?", f"Which employees joined {w} {year}?",
-                          f"List the people who started {w} {year}.", f"employees hired {w} {year}?"])
+    question = pick(
+        rng,
+        [
+            f"Who was hired {w} {year}?",
+            f"Which employees joined {w} {year}?",
+            f"List the people who started {w} {year}.",
+            f"employees hired {w} {year}?",
+        ],
+    )
     return question, f"SELECT name FROM employees WHERE hire_year {op} {year}"
 
 
 def _count_year(rng: random.Random) -> tuple[str, str]:
     year = rng.randint(2008, 2024)
-    question = pick(rng, [f"How many people were hired in {year}?", f"How many employees joined in {year}?",
-                          f"Number of hires in {year}?", f"In {year}, how many people started?"])
+    question = pick(
+        rng,
+        [
+            f"How many people were hired in {year}?",
+            f"How many employees joined in {year}?",
+            f"Number of hires in {year}?",
+            f"In {year}, how many people started?",
+        ],
+    )
     return question, f"SELECT COUNT(*) FROM employees WHERE hire_year = {year}"
 
 
 def _year_between(rng: random.Random) -> tuple[str, str]:
     start = rng.randint(2008, 2020)
     end = rng.randint(start + 1, 2024)
-    question = pick(rng, [f"Who was hired between {start} and {end}?",
-                          f"List employees who joined from {start} to {end}.",
-                          f"Which staff started between {start} and {end}, inclusive?"])
+    question = pick(
+        rng,
+        [
+            f"Who was hired between {start} and {end}?",
+            f"List employees who joined from {start} to {end}.",
+            f"Which staff started between {start} and {end}, inclusive?",
+        ],
+    )
     return question, f"SELECT name FROM employees WHERE hire_year BETWEEN {start} AND {end}"
 
 
 def _salary_between(rng: random.Random) -> tuple[str, str]:
     low = rng.randrange(40_000, 150_000, 10_000)
     high = low + rng.randrange(10_000, 40_000, 5_000)
-    question = pick(rng, [f"Who earns between {_money(rng, low)} and {_money(rng, high)}?",
-                          f"Which employees have salaries from {_money(rng, low)} to {_money(rng, high)}?",
-                          f"People paid between {_money(rng, low)} and {_money(rng, high)}?"])
+    question = pick(
+        rng,
+        [
+            f"Who earns between {_money(rng, low)} and {_money(rng, high)}?",
+            f"Which employees have salaries from {_money(rng, low)} to {_money(rng, high)}?",
+            f"People paid between {_money(rng, low)} and {_money(rng, high)}?",
+        ],
+    )
     return question, f"SELECT name FROM employees WHERE salary BETWEEN {low} AND {high}"
 
 
 def _name_like(rng: random.Random) -> tuple[str, str]:
     letter = rng.choice(sorted({row[1][0] for row in employees_rows()}))
     if rng.random() < 0.6:
-        question = pick(rng, [f"Which employees have names starting with {letter}?",
-                              f"Who has a name that begins with the letter {letter}?",
-                              f"List the staff whose names start with '{letter}'."])
+        question = pick(
+            rng,
+            [
+                f"Which employees have names starting with {letter}?",
+                f"Who has a name that begins with the letter {letter}?",
+                f"List the staff whose names start with '{letter}'.",
+            ],
+        )
         return question, f"SELECT name FROM employees WHERE name LIKE '{letter}%'"
     last = rng.choice(LAST_NAMES)
-    question = pick(rng, [f"Is anyone named {last} working here?", f"Find employees with the surname {last}.",
-                          f"Who has the last name {last}?"])
+    question = pick(
+        rng,
+        [
+            f"Is anyone named {last} working here?",
+            f"Find employees with the surname {last}.",
+            f"Who has the last name {last}?",
+        ],
+    )
     return question, f"SELECT name FROM employees WHERE name LIKE '% {last}'"
 
 
 def _person_fact(rng: random.Random) -> tuple[str, str]:
     name = _name(rng)
-    column, options = rng.choice([
-        ("department", [f"Which department does {name} work in?", f"What team is {name} on?",
-                        f"{name}'s department?"]),
-        ("salary", [f"How much does {name} earn?", f"What is {name}'s salary?", f"{name} salary?"]),
-        ("hire_year", [f"When was {name} hired?", f"What year did {name} join?",
-                       f"In which year did {name} start working here?"]),
-    ])
+    column, options = rng.choice(
+        [
+            (
+                "department",
+                [
+                    f"Which department does {name} work in?",
+                    f"What team is {name} on?",
+                    f"{name}'s department?",
+                ],
+            ),
+            ("salary", [f"How much does {name} earn?", f"What is {name}'s salary?", f"{name} salary?"]),
+            (
+                "hire_year",
+                [
+                    f"When was {name} hired?",
+                    f"What year did {name} join?",
+                    f"In which year did {name} start working here?",
+                ],
+            ),
+        ]
+    )
     return rng.choice(options), f"SELECT {column} FROM employees WHERE name = '{name}'"
 
 
@@ -275,15 +394,35 @@ def _top_n(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(1, 5)
     high = rng.random() < 0.6
     if n == 1:
-        question = (pick(rng, ["Who is the highest paid employee?", "Who earns the most?",
-                               "which employee has the biggest salary?"]) if high else
-                    pick(rng, ["Who is the lowest paid employee?", "Who earns the least?",
-                               "Which employee has the smallest salary?"]))
+        question = (
+            pick(
+                rng,
+                [
+                    "Who is the highest paid employee?",
+                    "Who earns the most?",
+                    "which employee has the biggest salary?",
+                ],
+            )
+            if high
+            else pick(
+                rng,
+                [
+                    "Who is the lowest paid employee?",
+                    "Who earns the least?",
+                    "Which employee has the smallest salary?",
+                ],
+            )
+        )
         return question, f"SELECT name FROM employees ORDER BY salary {'DESC' if high else 'ASC'} LIMIT 1"
     words = ["top", "highest-paid", "best-paid"] if high else ["lowest-paid", "least well paid"]
-    question = pick(rng, [f"Show the {n} {rng.choice(words)} employees and their salaries.",
-                          f"List the {rng.choice(words)} {n} people with their pay.",
-                          f"Who are the {n} {rng.choice(words)} employees? Include salaries."])
+    question = pick(
+        rng,
+        [
+            f"Show the {n} {rng.choice(words)} employees and their salaries.",
+            f"List the {rng.choice(words)} {n} people with their pay.",
+            f"Who are the {n} {rng.choice(words)} employees? Include salaries.",
+        ],
+    )
     order = "DESC" if high else "ASC"
     return question, f"SELECT name, salary FROM employees ORDER BY salary {order} LIMIT {n}"
 
@@ -291,21 +430,40 @@ def _top_n(rng: random.Random) -> tuple[str, str]:
 def _group_by(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(4)
     if kind == 0:
-        question = pick(rng, ["How many employees are in each department?", "Headcount per department?",
-                              "Count the staff by department.", "Show the number of people in every team."])
+        question = pick(
+            rng,
+            [
+                "How many employees are in each department?",
+                "Headcount per department?",
+                "Count the staff by department.",
+                "Show the number of people in every team.",
+            ],
+        )
         return question, "SELECT department, COUNT(*) FROM employees GROUP BY department"
     if kind == 1:
-        question = pick(rng, ["What is the average salary in each department?", "Average pay by department?",
-                              "Show mean salary per department."])
+        question = pick(
+            rng,
+            [
+                "What is the average salary in each department?",
+                "Average pay by department?",
+                "Show mean salary per department.",
+            ],
+        )
         return question, "SELECT department, AVG(salary) FROM employees GROUP BY department"
     if kind == 2:
-        question = pick(rng, ["How many people were hired each year?", "Hires per year?",
-                              "Count employees by hire year."])
+        question = pick(
+            rng, ["How many people were hired each year?", "Hires per year?", "Count employees by hire year."]
+        )
         return question, "SELECT hire_year, COUNT(*) FROM employees GROUP BY hire_year"
     k = rng.randint(3, 7)
-    question = pick(rng, [f"Which departments have more than {k} employees?",
-                          f"List the teams with over {k} people.",
-                          f"Departments with a headcount above {k}?"])
+    question = pick(
+        rng,
+        [
+            f"Which departments have more than {k} employees?",
+            f"List the teams with over {k} people.",
+            f"Departments with a headcount above {k}?",
+        ],
+    )
     return question, f"SELECT department FROM employees GROUP BY department HAVING COUNT(*) > {k}"
 
 
@@ -315,38 +473,74 @@ def _combined(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(4)
     if kind == 0:
         amount = rng.randrange(50_000, 160_000, 5_000)
-        question = pick(rng, [f"Who in {d} earns more than {_money(rng, amount)}?",
-                              f"List employees in {d} with a salary over {_money(rng, amount)}.",
-                              f"Which {d} staff make above {_money(rng, amount)}?"])
+        question = pick(
+            rng,
+            [
+                f"Who in {d} earns more than {_money(rng, amount)}?",
+                f"List employees in {d} with a salary over {_money(rng, amount)}.",
+                f"Which {d} staff make above {_money(rng, amount)}?",
+            ],
+        )
         return question, f"SELECT name FROM employees WHERE department = '{dept}' AND salary > {amount}"
     if kind == 1:
         year = rng.randint(2010, 2022)
-        question = pick(rng, [f"How many people in {d} were hired after {year}?",
-                              f"Count the {d} employees who joined after {year}.",
-                              f"Number of staff in {d} hired since {year + 1}?"])
-        return question, (f"SELECT COUNT(*) FROM employees WHERE department = '{dept}' "
-                          f"AND hire_year > {year}")
+        question = pick(
+            rng,
+            [
+                f"How many people in {d} were hired after {year}?",
+                f"Count the {d} employees who joined after {year}.",
+                f"Number of staff in {d} hired since {year + 1}?",
+            ],
+        )
+        return question, (
+            f"SELECT COUNT(*) FROM employees WHERE department = '{dept}' AND hire_year > {year}"
+        )
     if kind == 2:
-        question = pick(rng, [f"List the people in {d} in alphabetical order.",
-                              f"Names in {d}, sorted alphabetically?",
-                              f"Show {d} employees ordered by name."])
+        question = pick(
+            rng,
+            [
+                f"List the people in {d} in alphabetical order.",
+                f"Names in {d}, sorted alphabetically?",
+                f"Show {d} employees ordered by name.",
+            ],
+        )
         return question, f"SELECT name FROM employees WHERE department = '{dept}' ORDER BY name"
-    question = pick(rng, [f"Who is the highest paid person in {d}?", f"Who earns the most in {d}?",
-                          f"Top earner in {d}?"])
-    return question, (f"SELECT name FROM employees WHERE department = '{dept}' "
-                      "ORDER BY salary DESC LIMIT 1")
+    question = pick(
+        rng, [f"Who is the highest paid person in {d}?", f"Who earns the most in {d}?", f"Top earner in {d}?"]
+    )
+    return question, (f"SELECT name FROM employees WHERE department = '{dept}' ORDER BY salary DESC LIMIT 1")
 
 
 def _distinct(rng: random.Random) -> tuple[str, str]:
-    question = pick(rng, ["What departments are there?", "List all the departments.",
-                          "Which teams exist in the company?", "Name every department."])
+    question = pick(
+        rng,
+        [
+            "What departments are there?",
+            "List all the departments.",
+            "Which teams exist in the company?",
+            "Name every department.",
+        ],
+    )
     return question, "SELECT DISTINCT department FROM employees"
 
 
 _PATTERNS: tuple[tuple[Callable[[random.Random], tuple[str, str]], int], ...] = (
-    (_listing, 3), (_count_dept, 3), (_count_all, 1), (_aggregate_dept, 4), (_aggregate_all, 2),
-    (_salary_filter, 3), (_year_filter, 3), (_count_year, 2), (_year_between, 2), (_salary_between, 2),
-    (_name_like, 2), (_person_fact, 4), (_top_n, 3), (_group_by, 3), (_combined, 5), (_distinct, 1),
+    (_listing, 3),
+    (_count_dept, 3),
+    (_count_all, 1),
+    (_aggregate_dept, 4),
+    (_aggregate_all, 2),
+    (_salary_filter, 3),
+    (_year_filter, 3),
+    (_count_year, 2),
+    (_year_between, 2),
+    (_salary_between, 2),
+    (_name_like, 2),
+    (_person_fact, 4),
+    (_top_n, 3),
+    (_group_by, 3),
+    (_combined, 5),
+    (_distinct, 1),
 )
 
 

@@ -23,13 +23,25 @@ def _sql(query: str) -> Example:
 
 def test_sql_scores_execution_not_text() -> None:
     reference = _sql("SELECT name FROM employees WHERE department = 'Sales' AND salary > 120000")
-    assert SQL.score("SELECT name FROM employees WHERE department = 'Sales' AND salary > 120000", reference) == 1
+    assert (
+        SQL.score("SELECT name FROM employees WHERE department = 'Sales' AND salary > 120000", reference) == 1
+    )
     equivalent = "select e.name from employees e where e.salary > 120000 and e.department in ('Sales')"
     assert SQL.score(equivalent, reference) == 1
-    assert SQL.score("  ```sql\nSELECT name FROM employees WHERE salary > 120000 AND department='Sales';\n```", reference) == 1
+    assert (
+        SQL.score(
+            "  ```sql\nSELECT name FROM employees WHERE salary > 120000 AND department='Sales';\n```",
+            reference,
+        )
+        == 1
+    )
     assert SQL.score("SELECT name FROM employees WHERE department = 'Sales'", reference) == 0
-    assert SQL.score("SELECT name, salary FROM employees WHERE department = 'Sales' AND salary > 120000",
-                     reference) == 0  # other columns: another result set
+    assert (
+        SQL.score(
+            "SELECT name, salary FROM employees WHERE department = 'Sales' AND salary > 120000", reference
+        )
+        == 0
+    )  # other columns: another result set
     assert SQL.score("SELEC name FROM employees", reference) == 0
     assert SQL.score("", reference) == 0
     assert SQL.score("The answer is Amir Olsen.", reference) == 0
@@ -38,8 +50,14 @@ def test_sql_scores_execution_not_text() -> None:
 def test_sql_order_counts_only_when_the_reference_orders() -> None:
     ordered = _sql("SELECT name FROM employees ORDER BY salary DESC LIMIT 3")
     assert SQL.score("SELECT name FROM employees ORDER BY salary DESC LIMIT 3", ordered) == 1
-    assert SQL.score("SELECT name FROM (SELECT name, salary FROM employees ORDER BY salary DESC LIMIT 3) "
-                     "ORDER BY salary ASC", ordered) == 0
+    assert (
+        SQL.score(
+            "SELECT name FROM (SELECT name, salary FROM employees ORDER BY salary DESC LIMIT 3) "
+            "ORDER BY salary ASC",
+            ordered,
+        )
+        == 0
+    )
     unordered = _sql("SELECT name FROM employees WHERE hire_year = 2015")
     assert SQL.score("SELECT name FROM employees WHERE hire_year = 2015 ORDER BY name DESC", unordered) == 1
     average = _sql("SELECT AVG(salary) FROM employees")
@@ -170,9 +188,14 @@ def test_heldout_is_hand_written_apart_from_the_generator(name: str) -> None:
 def test_generate_never_returns_a_heldout_prompt_even_when_sampled() -> None:
     task = get_task("arith")
     heldout = task.heldout()[0]
-    rigged = type(task)(task.name, task.summary, task.metric, task.max_tokens,
-                        sample=lambda rng: heldout if rng.random() < 0.5 else Example(f"q{rng.random()}", "1"),
-                        score=task.score)
+    rigged = type(task)(
+        task.name,
+        task.summary,
+        task.metric,
+        task.max_tokens,
+        sample=lambda rng: heldout if rng.random() < 0.5 else Example(f"q{rng.random()}", "1"),
+        score=task.score,
+    )
     assert heldout not in rigged.generate(random.Random(0), 50)
 
 

@@ -29,6 +29,12 @@ class EvalError(Exception):
     """A request the server refused or could not answer; the message says which and why."""
 
 
+class HttpStatusError(EvalError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Completions(Protocol):
     def complete(self, prompt: str, adapter: str, max_tokens: int) -> str:
         """The greedy answer to one user message; adapter "" = the base model."""
@@ -140,7 +146,9 @@ class HttpCompletions:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.load(response)
         except urllib.error.HTTPError as err:
-            raise EvalError(f"{self.url}{path}: HTTP {err.code}: {_error_message(err)}") from None
+            raise HttpStatusError(
+                err.code, f"{self.url}{path}: HTTP {err.code}: {_error_message(err)}"
+            ) from None
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             raise EvalError(f"cannot reach {self.url}: {getattr(err, 'reason', err)}") from None
 
@@ -160,8 +168,8 @@ class HttpCompletions:
         }
         try:
             answer = self._call("POST", "/v1/chat/completions", body)
-        except EvalError as err:
-            if "HTTP 404" in str(err):
+        except HttpStatusError as err:
+            if err.status == 404:
                 raise EvalError(f"the server at {self.url} cannot serve adapter {adapter!r}: {err}") from None
             raise
         return str(answer["choices"][0]["message"]["content"] or "")

@@ -5,6 +5,7 @@
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
+    loramux eval      score a running server (base and/or an adapter) on a demo task's held-out set
     loramux bench engine|adapters|cpu-share ...   benchmarks (flags belong to bench.<name>_bench)
 
 Parsers are built here and only here, and flags become a `ServerConfig` (`server_config`)
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_http(commands)
     _add_info(commands)
     _add_adapters(commands)
+    _add_eval(commands)
     _add_bench(commands)
     return parser
 
@@ -432,6 +434,41 @@ def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         action.add_argument(
             "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"
         )
+
+
+# -- eval ----------------------------------------------------------------------------------
+
+
+def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from tasks import TASK_NAMES
+    from tasks.evaluate import cmd_eval
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a running server on a demo task's held-out set",
+        description="Sends each held-out prompt of the task as one user chat message (greedy, the "
+        "task's max_tokens) and prints the task's metric. gRPC by default, the OpenAI HTTP API with "
+        "--http. See tasks/README.md.",
+    )
+    evaluate.add_argument("--task", required=True, choices=TASK_NAMES)
+    evaluate.add_argument("--adapter", default="", help="adapter name; '' = the base model")
+    _add_target(evaluate)
+    evaluate.add_argument(
+        "--http", default=None, metavar="URL", help="use the OpenAI HTTP API at URL instead"
+    )
+    evaluate.add_argument("--compare-base", action="store_true", help="also run the base model: two rows")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="only the first N held-out prompts")
+    evaluate.add_argument(
+        "--concurrency", type=_positive, default=8, help="requests in flight (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--timeout", type=float, default=120.0, help="deadline per request in seconds (default: %(default)s)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the rows as JSON")
+    evaluate.add_argument(
+        "--answers", default=None, metavar="FILE", help="write every answer and its score (JSONL)"
+    )
+    evaluate.set_defaults(handler=cmd_eval)
 
 
 # -- bench ---------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""`loramux eval` end to end against a live in-process server over a tiny random model.
+
+The scores of a random model mean nothing; what is checked is the plumbing: every held-out
+prompt is sent (as a user message, greedy, the task's max_tokens, a bounded number in flight),
+each printed score is the task's metric over the texts the server returned, --compare-base
+gives two rows, gRPC and HTTP both work, and an adapter the server cannot serve is a clear error
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.cli import main
+from server.engine.engine import Engine
+from tasks import get_task
+from tasks.evaluate import evaluate
+from tests.conftest import start_adapter_engine
+from tests.test_adapters_engine import _save_adapter
+from tests.test_http_openai import QV4, Servers
+
+
+@pytest.fixture(scope="module")
+def engine(make_tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    base = make_tiny_model(kind="llama", kv_heads=2, tied=False)
+    root = tmp_path_factory.mktemp("eval-adapters")
+    _save_adapter(base, root / "qv4", QV4, seed=1)
+    engine_ = start_adapter_engine(base, root)
+    yield engine_
+    engine_.shutdown()
+
+
+@pytest.fixture(scope="module")
+def servers(engine: Engine) -> Iterator[Servers]:
+    running = Servers(engine)
+    yield running
+    running.close()
+
+
+def _eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["eval", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _check_rows(rows: list[dict[str, Any]], answers_file: Path, task_name: str, limit: int | None) -> None:
+    task = get_task(task_name)
+    heldout = task.heldout()[:limit]
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    for row in rows:
+        mine = [a for a in answers if a["model"] == row["model"]]
+        assert [a["prompt"] for a in mine] == [e.prompt for e in heldout]  # every prompt, in order
+        rescored = [task.score(a["answer"], e) for a, e in zip(mine, heldout, strict=True)]
+        assert [a["score"] for a in mine] == rescored
+        assert row["score"] == pytest.approx(sum(rescored) / len(rescored), abs=1e-4)
+        assert row["n"] == len(heldout) and row["task"] == task_name and row["metric"] == task.metric
+
+
+def test_grpc_compare_base_scores_every_heldout_prompt(
+    servers: Servers, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    answers = tmp_path / "answers.jsonl"
+    code, out, err = _eval(
+        capsys,
+        "--task",
+        "sentiment",
+        "--adapter",
+        "qv4",
+        "--compare-base",
+        "--target",
+        servers.grpc.target,
+        "--json",
+        "--answers",
+        str(answers),
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["model"] for row in rows] == ["base", "qv4"]
+    _check_rows(rows, answers, "sentiment", None)
+
+
+def test_http_scores_what_the_server_returns(
+    servers: Servers, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    answers = tmp_path / "answers.jsonl"
+    code, out, err = _eval(
+        capsys,
+        "--task",
+        "arith",
+        "--adapter",
+        "qv4",
+        "--http",
+        servers.url,
+        "--limit",
+        "5",
+        "--json",
+        "--answers",
+        str(answers),
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["model"] for row in rows] == ["qv4"]
+    _check_rows(rows, answers, "arith", 5)
+
+
+def test_table_output_names_task_model_and_metric(
+    servers: Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _eval(capsys, "--task", "shout", "--target", servers.grpc.target, "--limit", "2")
+    assert code == 0
+    header, row = out.strip().splitlines()
+    assert header.split() == ["task", "model", "metric", "score", "n", "seconds"]
+    assert row.startswith("shout") and "base" in row and "uppercase share" in row
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_unknown_adapter_is_a_clear_error(
+    servers: Servers, capsys: pytest.CaptureFixture[str], transport: str
+) -> None:
+    where = ["--target", servers.grpc.target] if transport == "grpc" else ["--http", servers.url]
+    code, out, err = _eval(capsys, "--task", "arith", "--adapter", "nope", "--limit", "3", *where)
+    assert code == 1 and out == ""
+    assert "cannot serve adapter 'nope'" in err and err.count("\n") == 1
+
+
+def test_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _eval(capsys, "--task", "arith", "--target", "127.0.0.1:1", "--timeout", "5")
+    assert code == 1 and err.startswith("error: 127.0.0.1:1: UNAVAILABLE")
+
+
+class _RecordingClient:
+    """Answers every prompt with its own length after a pause; records calls and the most in flight."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+
+    def complete(self, prompt: str, adapter: str, max_tokens: int) -> str:
+        with self.lock:
+            self.calls.append((prompt, adapter, max_tokens))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.01)
+        with self.lock:
+            self.in_flight -= 1
+        return str(len(prompt))
+
+
+def test_evaluate_sends_each_prompt_once_with_a_bounded_number_in_flight() -> None:
+    task, client = get_task("arith"), _RecordingClient()
+    result = evaluate(task, client, "calc", concurrency=3)
+    assert sorted(prompt for prompt, _, _ in client.calls) == sorted(e.prompt for e in task.heldout())
+    assert {(adapter, max_tokens) for _, adapter, max_tokens in client.calls} == {("calc", task.max_tokens)}
+    assert 1 < client.most_in_flight <= 3
+    assert [a.answer for a in result.answers] == [str(len(e.prompt)) for e in task.heldout()]
+    assert result.model == "calc" and result.row()["n"] == len(task.heldout())

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from adapters_store.names import NAME_PATTERN
 from server.quoting import LONE_SURROGATE, has_lone_surrogate
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -38,6 +39,13 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
 TokenIds = Annotated[list[UInt32], Field(min_length=1)]
+AdapterName = Annotated[
+    str,
+    Field(
+        pattern=f"^{NAME_PATTERN.pattern}$",
+        description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ),
+]
 
 
 class _Request(BaseModel):
@@ -235,13 +243,13 @@ class ModelList(BaseModel):
 
 
 class LoadLoraAdapterRequest(_Request):
-    lora_name: NonEmptyText
+    lora_name: AdapterName
     lora_path: NonEmptyText
     load_inplace: bool = Field(default=False, description="replace an adapter already loaded under this name")
 
 
 class UnloadLoraAdapterRequest(_Request):
-    lora_name: NonEmptyText
+    lora_name: AdapterName
     lora_int_id: int | None = None
 
 

@@ -103,6 +103,8 @@ def test_the_output_is_a_standard_peft_directory(trained: Path, base_dir: Path) 
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
     assert config["base_model_name_or_path"] == base_dir.name  # a name, not a local path
     assert str(base_dir.parent) not in (trained / "README.md").read_text()  # PEFT's model card
+    modes = {(trained / name).stat().st_mode & 0o777 for name in ADAPTER_FILES}
+    assert len(modes) == 1  # the weights as readable as the config (PEFT leaves them 0600)
     with safe_open(str(trained / "adapter_model.safetensors"), "pt") as weights:
         keys = list(weights.keys())
         assert {weights.get_tensor(key).dtype for key in keys} == {torch.float16}

@@ -111,7 +111,7 @@ def _with_lora(base: Any, config: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     # PEFT types lora_alpha as int (and writes 16, not 16.0, for it); a fractional alpha works too
-    alpha: Any = int(config.alpha) if config.alpha.is_integer() else config.alpha
+    alpha: Any = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=alpha,
@@ -248,6 +248,10 @@ def save_adapter(model: Any, config: TrainConfig) -> None:
         # save_embedding_layers=False: no embeddings are trained, and "auto" would look the base
         # model's name up on the Hugging Face Hub
         model.save_pretrained(str(config.out), safe_serialization=True, save_embedding_layers=False)
+        # the weights come out 0600 (written through a temporary file); give them the mode the
+        # config got from the umask, so a server running as another user can read them too
+        weights = config.out / "adapter_model.safetensors"
+        weights.chmod((config.out / "adapter_config.json").stat().st_mode & 0o777)
     except OSError as exc:
         raise TrainingError(f"--out {config.out}: cannot save the adapter ({exc.strerror or exc})") from None
 

@@ -40,7 +40,7 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy server kernels adapters_store tasks
+	$(BIN)/mypy server kernels adapters_store tasks training
 
 format: $(STAMP)
 	$(BIN)/ruff format .

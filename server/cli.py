@@ -5,8 +5,9 @@
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
+    loramux train     train a PEFT LoRA adapter on the base model from a JSONL file (CPU)
     loramux eval      score a running server (base and/or an adapter) on a demo task's held-out set
-    loramux bench engine|adapters|cpu-share ...   benchmarks (flags belong to bench.<name>_bench)
+    loramux bench engine|adapters|attack|...   benchmarks (flags belong to bench.<name>_bench)
 
 Parsers are built here and only here, and flags become a `ServerConfig` (`server_config`)
 here. The handlers live elsewhere: the client commands (generate, info, adapters) in
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapters(commands)
     _add_eval(commands)
     _add_bench(commands)
+    _add_train(commands)
     return parser
 
 
@@ -506,6 +508,92 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"loramux bench {name}", description=module.__doc__)
     module.add_arguments(parser)
     return int(module.main(parser.parse_args(extra)))
+
+
+# -- train ---------------------------------------------------------------------------------
+
+
+def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import dataclasses
+
+    from server.train_commands import cmd_train  # the handler; it imports torch only when run
+    from training.config import SAVE_DTYPES, TrainConfig
+
+    default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}  # = flag defaults
+    train = commands.add_parser(
+        "train",
+        help="train a PEFT LoRA adapter on the base model (CPU)",
+        description="Trains a LoRA adapter on chat rows and saves it as a PEFT directory that "
+        "`loramux serve --adapter-root` serves. Each line of --data is a JSON object: "
+        '{"prompt": ..., "response": ...} (optional "system"), or {"messages": [{"role": ..., '
+        '"content": ...}, ...]} whose last message is the assistant\'s answer. The loss covers the '
+        "answer and its end-of-turn token, rendered with the chat template the server applies.",
+    )
+    train.add_argument("--data", required=True, metavar="FILE.jsonl", help="training rows, one JSON per line")
+    train.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
+    train.add_argument(
+        "--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct)"
+    )
+    train.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted-model cache (default: $LORAMUX_CACHE or ~/.cache/loramux)",
+    )
+    train.add_argument(
+        "--rank",
+        type=int,
+        default=default["rank"],
+        help="LoRA rank; serve with --max-rank >= it (default: %(default)s)",
+    )
+    train.add_argument(
+        "--alpha",
+        type=float,
+        default=default["alpha"],
+        help="LoRA alpha; scale = alpha/rank (default: %(default)s)",
+    )
+    train.add_argument(
+        "--targets",
+        default=default["targets"],
+        help="all-linear, or projections joined by commas, e.g. q_proj,v_proj (default: %(default)s)",
+    )
+    train.add_argument(
+        "--steps", type=int, default=default["steps"], help="optimizer steps (default: %(default)s)"
+    )
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=default["lr"],
+        help="peak AdamW learning rate, warmup then cosine (default: %(default)s)",
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=default["batch_size"], help="rows per step (default: %(default)s)"
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=default["seed"],
+        help="same data + seed = same adapter (default: %(default)s)",
+    )
+    train.add_argument(
+        "--max-length",
+        type=int,
+        default=default["max_length"],
+        help="most tokens in one row, prompt + answer (default: %(default)s)",
+    )
+    train.add_argument(
+        "--dtype",
+        choices=SAVE_DTYPES,
+        default=default["dtype"],
+        help="dtype of the saved weights; training runs in fp32 (default: %(default)s)",
+    )
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=default["threads"],
+        help="torch threads (default: as `serve`, the CPUs this process may use); the same seed gives "
+        "the same adapter at the same thread count",
+    )
+    train.set_defaults(handler=cmd_train)
 
 
 if __name__ == "__main__":

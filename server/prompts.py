@@ -78,17 +78,32 @@ def tokenize(tokenizer: Any, prompt: PromptInput) -> tuple[int, ...]:
         return prompt.token_ids
     if prompt.text is not None:
         return tuple(tokenizer.encode(prompt.text))
-    return _apply_chat_template(tokenizer, prompt.messages)
+    return chat_prompt_ids(tokenizer, prompt.messages)
 
 
-def _apply_chat_template(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> tuple[int, ...]:
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> tuple[int, ...]:
+    """The ids the model sees for a chat: the template plus the assistant's generation prompt.
+
+    `loramux train` builds its training prompts with this function too, so that an adapter is
+    trained on exactly the ids it is served with.
+    """
+    return chat_ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def chat_ids(
+    tokenizer: Any, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool
+) -> tuple[int, ...]:
+    """The chat template's ids for (role, content) pairs; InvalidRequest if the template refuses them."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model's tokenizer has no chat template; send prompt or token_ids instead")
     conversation = [{"role": role, "content": content} for role, content in messages]
     try:
         # sanitize_control_tokens: a user who writes "<|im_start|>" gets text, not a control token.
         encoded = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            sanitize_control_tokens=True,
         )
     except Exception as exc:  # the template's own checks (e.g. "roles must alternate")
         raise InvalidRequest(f"the chat template refused these messages: {exc}") from exc

@@ -175,10 +175,11 @@ def load_model(
     ops = select_model_ops(device, dtype, kernels, cache_root(cache_dir) / "extensions")
     llama = LlamaModel(arch, weights, max_positions, device, ops).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return LoadedModel(name, directory, llama, tokenizer, _eos_ids(directory, config, tokenizer))
+    return LoadedModel(name, directory, llama, tokenizer, eos_token_ids(directory, config, tokenizer))
 
 
-def _eos_ids(directory: Path, config: Any, tokenizer: Any) -> frozenset[int]:
+def eos_token_ids(directory: Path, config: Any, tokenizer: Any) -> frozenset[int]:
+    """The ids that end a generation: the config's, the tokenizer's and generation_config.json's EOS."""
     ids: set[int] = set()
     sources: list[Any] = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
     gen_config = directory / "generation_config.json"

@@ -9,7 +9,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 ARGS ?=
 
-.PHONY: serve test test-slow test-soak test-gpu lint format proto bench-engine docker clean
+.PHONY: serve test test-slow test-soak test-gpu lint format proto bench-engine demo-adapters docker clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ format: $(STAMP)
 # Regenerate the committed protobuf modules after editing proto/ (tests check they match).
 proto: $(STAMP)
 	$(BIN)/python -m server.protogen .
+
+# Train the five demo adapters into adapters/ from generated data (about 40 min on 2 cores) and
+# score each, base model beside it, through a real server; ARGS="--tasks sql --steps 50" etc.
+demo-adapters: $(STAMP)
+	$(BIN)/python -m tasks.demo --report build/demo/results.json $(ARGS)
 
 bench-engine: $(STAMP)
 	for b in 1 8 32; do $(BIN)/loramux bench engine --batch $$b --json; done

@@ -264,6 +264,12 @@ def test_a_row_longer_than_max_length_says_by_how_much(base_dir: Path, tmp_path:
         DataError, match=r"line 2: \d+ tokens \(prompt \d+ \+ answer \d+\), \d+ more than --max-length 64"
     ):
         train(_config(base_dir, data, tmp_path / "out", max_length=64))
+    assert not (tmp_path / "out").exists()  # the run created it and failed: nothing left behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(DataError):
+        train(_config(base_dir, data, kept, max_length=64))
+    assert kept.is_dir()  # a directory the user made stays
 
 
 @pytest.mark.parametrize(

@@ -52,13 +52,22 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train and save one adapter; TrainingError (or ModelNotFound, an OSError) on what users can fix."""
+    # 1) fail before any work if the result could not be written
+    created = check_out_dir(config.out)
+    try:
+        return _train(config)
+    except BaseException:
+        if created and not any(config.out.iterdir()):  # a failed run leaves no empty --out behind
+            config.out.rmdir()
+        raise
+
+
+def _train(config: TrainConfig) -> TrainResult:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from server.model.loader import eos_token_ids, resolve_model_dir
 
-    # 1) fail before any work if the result could not be written
-    check_out_dir(config.out)
     # 2) 3) rows -> ids, through the server's chat template
     rows = read_rows(config.data)
     name, directory = resolve_model_dir(config.model, config.cache_dir)
@@ -87,11 +96,13 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def check_out_dir(out: Path) -> None:
-    """Create `out` if needed (its parent must exist) and make sure files can be written in it."""
+def check_out_dir(out: Path) -> bool:
+    """Create `out` if needed (its parent must exist) and make sure files can be written in it;
+    True if it was created."""
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file; give a directory for the adapter")
-    if not out.exists():
+    created = not out.exists()
+    if created:
         if not out.parent.is_dir():
             raise TrainingError(
                 f"--out {out}: the parent directory {out.parent} does not exist; create it first"
@@ -105,6 +116,7 @@ def check_out_dir(out: Path) -> None:
             pass
     except OSError as exc:
         raise TrainingError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return created
 
 
 def _with_lora(base: Any, config: TrainConfig) -> Any:

@@ -116,6 +116,11 @@ def measure(names: list[str], out: Path) -> dict[str, Any]:
                 "train_steps": int(info["steps"]),
                 "bytes": (out / name / "adapter_model.safetensors").stat().st_size,
             }
+            tasks[name]["example"] = {  # the first held-out prompt, for the README's demo
+                "prompt": adapter.answers[0].prompt,
+                "base": base.answers[0].answer,
+                "adapter": adapter.answers[0].answer,
+            }
             print(f"{name}: base {base.score:.3f} -> adapter {adapter.score:.3f}", flush=True)
         burst = same_text_in_a_burst(client, names)
     finally:
@@ -150,6 +155,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {row['metric']} | {row['base']:.3f} | {row['adapter']:.3f} | {row['heldout']} | "
             f"{row['train_steps']} steps, {row['train_seconds']:.0f} s | {row['bytes'] / 1e6:.2f} MB |"
         )
+    lines += ["", "| task | prompt (held out) | base model | adapter |", "|---|---|---|---|"]
+    for name, row in results["tasks"].items():
+        example = row["example"]
+        cells = [_cell(example[key]) for key in ("prompt", "base", "adapter")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     burst = results["burst"]
     lines.append("")
     lines.append(
@@ -157,6 +167,12 @@ def markdown(results: dict[str, Any]) -> str:
         + ("each got the same greedy text as alone." if not burst["differ"] else f"differ: {burst['differ']}")
     )
     return "\n".join(lines)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """`text` for one markdown table cell: one line, pipes escaped, at most `limit` characters."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _wait_until_serving(

@@ -23,7 +23,7 @@ from tasks import TASK_NAMES, get_task
 from tests.test_engine import chat_ids, submit
 
 ROOT = Path(__file__).resolve().parent.parent / "adapters"
-PROMPTS = 4  # held-out prompts per task
+PROMPTS = 8  # held-out prompts per task
 MAX_BYTES = 2_100_000
 
 

@@ -44,7 +44,8 @@ def _steer(case: Any, base_id: str) -> None:
             if len(model) % 4 != 0:  # and past the refusals of unsupported fields and roles, to generate
                 for refused in REFUSED:
                     body.pop(refused, None)
-                for message in body.get("messages") or []:
+                messages = body.get("messages")  # negative cases send any JSON value here
+                for message in messages if isinstance(messages, list) else []:
                     if isinstance(message, dict) and isinstance(message.get("role"), str):
                         message["role"] = "user"
         for key in ("max_tokens", "max_completion_tokens"):

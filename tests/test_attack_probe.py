@@ -56,3 +56,14 @@ def test_report_flags_paths_and_prints_markdown(tmp_path: Path) -> None:
     text = markdown(rows, "t", [])
     assert "| 1. g | 1 | 1 | 0 |" in text and "a\\|b" in text
     assert 0 < free_port() < 65536
+
+
+def test_steering_a_fuzzed_body_accepts_any_json_shape() -> None:
+    from types import SimpleNamespace
+
+    from bench.attack_http import _steer
+
+    for messages in (True, None, 3, "x", {"role": "user"}, [{"role": "tool"}, 5]):
+        case = SimpleNamespace(body={"model": "abcd", "messages": messages, "max_tokens": 100, "n": 9})
+        _steer(case, "base")
+        assert case.body["model"] == "base" and case.body["max_tokens"] == 4 and case.body["n"] == 2

@@ -64,6 +64,6 @@ def test_steering_a_fuzzed_body_accepts_any_json_shape() -> None:
     from bench.attack_http import _steer
 
     for messages in (True, None, 3, "x", {"role": "user"}, [{"role": "tool"}, 5]):
-        case = SimpleNamespace(body={"model": "abcd", "messages": messages, "max_tokens": 100, "n": 9})
+        case = SimpleNamespace(body={"model": "abcdef", "messages": messages, "max_tokens": 100, "n": 9})
         _steer(case, "base")
         assert case.body["model"] == "base" and case.body["max_tokens"] == 4 and case.body["n"] == 2

@@ -115,7 +115,9 @@ def chat_ids(
 def check_prompt_tokens(
     token_ids: Sequence[int], max_tokens: int, vocab_size: int, max_model_len: int
 ) -> None:
-    """Token ids inside the vocabulary, and prompt + max_tokens within the context length."""
+    """At least one token, inside the vocabulary, and prompt + max_tokens within the context length."""
+    if not token_ids:  # e.g. text of control characters the tokenizer drops ("\x04")
+        raise InvalidRequest("the prompt tokenizes to no tokens; give text the model can read")
     for index, token in enumerate(token_ids):
         if not 0 <= token < vocab_size:
             raise InvalidRequest(f"token_ids[{index}] = {token} is outside the vocabulary [0, {vocab_size})")

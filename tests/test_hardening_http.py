@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -162,6 +163,24 @@ def test_lone_surrogates_are_400_naming_the_field(servers: Servers, engine: Engi
             assert "surrogate" in error["message"], error
     answer = httpx.get(servers.url + "/v1/models/%ED%A0%80", timeout=10)  # \ud800 in UTF-8, in the path
     assert answer.status_code == 404 and _error(answer)["param"] == "model"
+    _still_serving(servers)
+
+
+def test_a_prompt_of_no_tokens_is_400_and_its_neighbours_are_served(servers: Servers, engine: Engine) -> None:
+    """Found by `loramux bench attack`: "\x04" tokenizes to nothing; such a sequence reached the
+    engine, decoded from an empty output and failed the whole step (500 for every neighbour)."""
+    model = engine.info.model_name
+    assert engine.tokenizer.encode("\x04") == []
+    answer = _post(
+        servers.url + "/v1/completions", {"model": model, "prompt": ["hi", "\x04"], "max_tokens": 2}
+    )
+    assert answer.status_code == 400 and "no tokens" in _error(answer)["message"]
+    with ThreadPoolExecutor(4) as pool:
+        bodies = [
+            {"model": model, "prompt": prompt, "max_tokens": 2} for prompt in ("hi", "\x04", "yo", "\x16")
+        ]
+        answers = list(pool.map(lambda body: _post(servers.url + "/v1/completions", body), bodies))
+    assert [a.status_code for a in answers] == [200, 400, 200, 400]
     _still_serving(servers)
 
 

@@ -118,6 +118,11 @@ class PreparedRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapters: AdapterChoice = field(default_factory=AdapterChoice)
 
+    def __post_init__(self) -> None:
+        # A sequence without prompt tokens would decode from nothing and fail its whole step.
+        if not self.prompt_token_ids:
+            raise InvalidRequest("the prompt has no tokens")
+
 
 class RequestHandle:
     """What `Engine.submit` returns: the identity of one submission, for `Engine.abort`."""

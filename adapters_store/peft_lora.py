@@ -74,7 +74,7 @@ def load_peft_lora(
         if max_bytes is not None and nbytes > max_bytes:
             raise AdapterTooLarge(
                 f"{where}: the adapter needs {nbytes / MiB:.1f} MiB of host memory (fp32), more than the "
-                f"{max_bytes / MiB:.1f} MiB one adapter may take; raise --host-cache-mb or use a smaller adapter"
+                f"{max_bytes / MiB:.1f} MiB one adapter may take; raise --max-adapter-mb (at most --host-cache-mb) or use a smaller adapter"
             )
         data = _read_data(file, header, where)
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()

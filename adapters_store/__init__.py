@@ -8,7 +8,15 @@ the per-step metadata every adapted linear reads. Imports only `kernels` (or not
 never `server`.
 """
 
-from adapters_store.adapter import LoadedAdapter, LoraAdapter, LoraWeights, ModuleKey
+from adapters_store.adapter import (
+    CompeftAdapter,
+    LoadedAdapter,
+    LoraAdapter,
+    LoraWeights,
+    ModuleKey,
+    MosAdapter,
+    TernaryFactors,
+)
 from adapters_store.device_slots import DeviceSlots, DeviceStep, ReadyAdapter
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from adapters_store.formats import FORMAT_REGISTRY, FORMATS, AdapterFormat, detect_format, load_adapter
@@ -32,6 +40,7 @@ __all__ = [
     "AdapterStore",
     "AdapterTooLarge",
     "BaseModelSpec",
+    "CompeftAdapter",
     "DeviceForm",
     "DeviceSlots",
     "DeviceStep",
@@ -42,9 +51,11 @@ __all__ = [
     "LoraSlotPool",
     "LoraWeights",
     "ModuleKey",
+    "MosAdapter",
     "ReadyAdapter",
     "SlotPool",
     "StoredAdapter",
+    "TernaryFactors",
     "check_adapter_name",
     "detect_format",
     "is_adapter_name",

@@ -3,8 +3,9 @@
 An adapter in the host tier keeps its format's compact form (for `peft-lora` that is simply the
 fp32 A and B of each module). Whatever the format, `lora_weights()` materializes per-module
 `A [rank, in]`, `B [out, rank]` and `scale`, which is all the device tier needs to fill a slot:
-`delta_y = scale * (x @ A.T) @ B.T`. Formats with their own kernel paths (MoS shard gathers,
-ComPEFT ternary codes) can expose their compact tensors beside it. This module knows no files.
+`delta_y = scale * (x @ A.T) @ B.T`. The compressed formats keep their compact tensors beside it
+for the kernels that read them directly: `MosAdapter` (shard pools + index tables) and
+`CompeftAdapter` (ternary signs with one gamma). This module knows no files.
 """
 
 from __future__ import annotations
@@ -80,3 +81,72 @@ class LoraAdapter(LoadedAdapter):
     def layers(self) -> tuple[int, ...]:
         """The layer indices it adapts, ascending."""
         return tuple(sorted({layer for layer, _ in self.modules}))
+
+
+@dataclass(frozen=True, eq=False)
+class MosAdapter(LoadedAdapter):
+    """A Mixture-of-Shards adapter (`mos`): per projection one pool pair shared by every layer.
+
+    pools[proj] = (pool_A [N, in/l], pool_B [N, out/l]) fp32; indices[(layer, proj)] = (index_A,
+    index_B), each int64 [r * l] into the pool's rows. Per module, with l = shards_per_vector:
+    `A = pool_A[index_A].reshape(r, in)`, `B = pool_B[index_B].reshape(r, out).T`, and the served
+    term is `y += scale * B (A x)` with `scale = lora_alpha / r`.
+    """
+
+    r: int
+    shards_per_vector: int
+    lora_alpha: float
+    pools: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    indices: Mapping[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+    def lora_weights(self) -> Mapping[ModuleKey, LoraWeights]:
+        weights = {}
+        for (layer, projection), (index_a, index_b) in self.indices.items():
+            pool_a, pool_b = self.pools[projection]
+            a = pool_a.index_select(0, index_a).reshape(self.r, -1)
+            b = pool_b.index_select(0, index_b).reshape(self.r, -1).T.contiguous()
+            weights[layer, projection] = LoraWeights(A=a, B=b, scale=self.scale)
+        return weights
+
+
+@dataclass(frozen=True, eq=False)
+class TernaryFactors:
+    """One ComPEFT module: `A^ = gamma * sign_A`, `B^ = gamma * sign_B`, `y += scale * B^ (A^ x)`."""
+
+    sign_A: torch.Tensor  # [rank, in_features] int8 in {-1, 0, 1}
+    sign_B: torch.Tensor  # [out_features, rank] int8 in {-1, 0, 1}
+    scale: float  # the LoRA scale (alpha / r), gamma not included
+
+    @property
+    def rank(self) -> int:
+        return int(self.sign_A.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class CompeftAdapter(LoadedAdapter):
+    """A ComPEFT adapter (`compeft`): sparse ternary A and B with one scalar gamma for all of them.
+
+    The host form is the coded file's payload (see adapters_store/compeft.py); `ternary()` decodes
+    it to each module's signs, `lora_weights()` to `gamma * signs` in fp32.
+    """
+
+    gamma: float
+    density: float
+
+    @abstractmethod
+    def ternary(self) -> Mapping[ModuleKey, TernaryFactors]:
+        """Per (layer, projection) its int8 signs and LoRA scale, decoded from the compact form."""
+
+    def lora_weights(self) -> Mapping[ModuleKey, LoraWeights]:
+        return {
+            key: LoraWeights(
+                A=f.sign_A.to(torch.float32) * self.gamma,
+                B=f.sign_B.to(torch.float32) * self.gamma,
+                scale=f.scale,
+            )
+            for key, f in self.ternary().items()
+        }

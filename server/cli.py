@@ -495,6 +495,7 @@ _BENCHMARKS = {
     "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
     "sampling": "next-token sampling, new sampler vs the old per-row sort",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
+    "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
 }
 
 
@@ -517,14 +518,16 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     import dataclasses
 
     from server.train_commands import cmd_train  # the handler; it imports torch only when run
-    from training.config import SAVE_DTYPES, TrainConfig
+    from training.config import METHODS, SAVE_DTYPES, TrainConfig
 
     default = {field.name: field.default for field in dataclasses.fields(TrainConfig)}  # = flag defaults
     train = commands.add_parser(
         "train",
-        help="train a PEFT LoRA adapter on the base model (CPU)",
-        description="Trains a LoRA adapter on chat rows and saves it as a PEFT directory that "
-        "`loramux serve --adapter-root` serves. Each line of --data is a JSON object: "
+        help="train a LoRA (PEFT) or MoS adapter on the base model (CPU)",
+        description="Trains an adapter on chat rows and saves it as a directory that "
+        "`loramux serve --adapter-root` serves: a PEFT LoRA (--method lora) or a Mixture-of-Shards "
+        "adapter (--method mos: per-layer rank --rank assembled from shard pools shared by all "
+        "layers, as many parameters as a LoRA of rank --equivalent-rank). Each line of --data is a JSON object: "
         '{"prompt": ..., "response": ...} (optional "system"), or {"messages": [{"role": ..., '
         '"content": ...}, ...]} whose last message is the assistant\'s answer. The loss covers the '
         "answer and its end-of-turn token, rendered with the chat template the server applies.",
@@ -540,10 +543,16 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="converted-model cache (default: $LORAMUX_CACHE or ~/.cache/loramux)",
     )
     train.add_argument(
+        "--method",
+        choices=METHODS,
+        default=default["method"],
+        help="lora: a PEFT LoRA directory; mos: a Mixture-of-Shards (`mos`) directory (default: %(default)s)",
+    )
+    train.add_argument(
         "--rank",
         type=int,
         default=default["rank"],
-        help="LoRA rank; serve with --max-rank >= it (default: %(default)s)",
+        help="LoRA rank (MoS: the per-layer rank r); serve with --max-rank >= it (default: %(default)s)",
     )
     train.add_argument(
         "--alpha",
@@ -555,6 +564,25 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--targets",
         default=default["targets"],
         help="all-linear, or projections joined by commas, e.g. q_proj,v_proj (default: %(default)s)",
+    )
+    mos = train.add_argument_group("MoS (--method mos)")
+    mos.add_argument(
+        "--shards",
+        type=int,
+        default=default["shards"],
+        help="shards per vector l; must divide every targeted projection's sizes (default: %(default)s)",
+    )
+    mos.add_argument(
+        "--equivalent-rank",
+        type=float,
+        default=default["equivalent_rank"],
+        help="R: the pools hold as many parameters as a LoRA of this rank (default: %(default)s)",
+    )
+    mos.add_argument(
+        "--private-rank",
+        type=float,
+        default=default["private_rank"],
+        help="p: rows each layer owns; (R - p) * layers * l and p * l must be whole (default: %(default)s)",
     )
     train.add_argument(
         "--steps", type=int, default=default["steps"], help="optimizer steps (default: %(default)s)"

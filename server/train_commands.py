@@ -33,6 +33,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             max_length=args.max_length,
             dtype=args.dtype,
             threads=args.threads,
+            method=args.method,
+            shards=args.shards,
+            equivalent_rank=args.equivalent_rank,
+            private_rank=args.private_rank,
         )
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,16 +1,20 @@
-"""`make demo-adapters`: generate each task's data, train its adapter with `loramux train`, measure it.
+"""`make demo-adapters`: generate each task's data, train its adapters with `loramux train`, measure them.
 
-    python -m tasks.demo [--tasks sql,sentiment,extract,arith,shout] [--steps 150] [--out adapters]
+    python -m tasks.demo [--tasks sql,...] [--formats lora,mos,compeft] [--steps 150] [--out adapters]
 
 For each task: draw `--rows` training examples from its generator (seeded; never a held-out
-prompt), write them to `<work>/<task>/train.jsonl`, run `loramux train` on the default model
-(SmolLM2-135M-Instruct) into `<out>/<task>` (fp16, all-linear, rank 3: under 2 MB), and write
-`<out>/<task>/examples.jsonl` (the first `EXAMPLES` training prompts, for the router). Then a
-real `loramux serve --adapter-root <out>` is started and every task's held-out set is scored
-through its gRPC API, base model and adapter (`tasks.evaluate`, what `loramux eval` runs), and
-one concurrent burst of every adapter and the base model is checked against each request's
-greedy text alone. The results are printed as a markdown table and written as JSON
-(`--report`). Nothing is downloaded. `--skip-train` only measures adapters already in `--out`.
+prompt), write them to `<work>/<task>/train.jsonl`, and build its adapters in every format asked:
+`lora`: `loramux train` on the default model (SmolLM2-135M-Instruct) into `<out>/<task>` (fp16,
+all-linear, rank 3: under 2 MB); `mos`: `loramux train --method mos` on the same rows into
+`<out>/<task>-mos` (per-layer rank 4 from shard pools with a quarter of the LoRA's parameters);
+`compeft`: `loramux compress --method compeft --alpha auto` of the LoRA at each of COMPEFT_DENSITIES
+into `<out>/<task>-compeft-<percent>`. Each directory gets `examples.jsonl` (the first `EXAMPLES`
+training prompts, for the router). Then a real `loramux serve --adapter-root <out>` is started and
+every task's held-out set is scored through its gRPC API, base model and every adapter
+(`tasks.evaluate`, what `loramux eval` runs), and one concurrent burst of every adapter and the
+base model is checked against each request's greedy text alone. The results are printed as
+markdown tables and written as JSON (`--report`). Nothing is downloaded. `--skip-train` only
+measures adapters already in `--out`; `--skip-measure` only builds them.
 
 This module drives the CLI and the APIs; it knows nothing of how training or serving work.
 """
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +39,13 @@ from tasks.evaluate import GrpcCompletions, evaluate
 
 EXAMPLES = 40  # training prompts kept beside each adapter for the router
 TRAIN_FLAGS = ("--rank", "3", "--alpha", "6", "--targets", "all-linear", "--lr", "1e-3", "--batch-size", "8")
+# MoS: r = 4 per layer, l = 4 shards, R = 0.75, p = 0.25: pools of 0.75 * 30 * 4 = 90 rows per
+# projection, a quarter of the rank-3 LoRA's parameters; the same scale (alpha / r = 2) as the LoRA
+MOS_FLAGS: tuple[str, ...] = ("--method", "mos", "--rank", "4", "--alpha", "8", "--shards", "4")
+MOS_FLAGS += ("--equivalent-rank", "0.75", "--private-rank", "0.25", "--targets", "all-linear")
+MOS_FLAGS += ("--lr", "1e-3", "--batch-size", "8")
+COMPEFT_DENSITIES = (0.05, 0.1, 0.2)
+FORMATS = ("lora", "mos", "compeft")
 BURST_PROMPTS = 2  # per task, in the one-burst check
 SEED = 0
 
@@ -41,6 +53,7 @@ SEED = 0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated (default: all)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (default: all)")
     parser.add_argument("--rows", type=int, default=2000, help="training rows generated per task")
     parser.add_argument("--steps", type=int, default=150, help="training steps per adapter")
     parser.add_argument("--threads", type=int, default=None, help="training threads (default: loramux's)")
@@ -48,16 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="build/demo", help="training data goes here (default: build/demo)")
     parser.add_argument("--report", default=None, help="write the results as JSON here")
     parser.add_argument("--skip-train", action="store_true", help="measure the adapters already in --out")
+    parser.add_argument("--skip-measure", action="store_true", help="build the adapters, do not measure them")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     for name in names:
         get_task(name)  # an unknown task fails before any work
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats or set(formats) - set(FORMATS):
+        parser.error(f"--formats: choose among {', '.join(FORMATS)}")
     out, work = Path(args.out), Path(args.work)
     if not args.skip_train:
         for name in names:
-            if train(name, out, work, args.rows, args.steps, args.threads) != 0:
-                print(f"error: training the {name} adapter failed", file=sys.stderr)
-                return 1
+            for adapter_format in formats:
+                if build(adapter_format, name, out, work, args) != 0:
+                    print(f"error: building the {name} {adapter_format} adapter failed", file=sys.stderr)
+                    return 1
+    if args.skip_measure:
+        return 0
     results = measure(names, out)
     print(markdown(results))
     if args.report:
@@ -65,26 +85,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(name: str, out: Path, work: Path, rows: int, steps: int, threads: int | None) -> int:
-    """Write the task's training data and examples, then `loramux train` its adapter; the exit status."""
+def build(adapter_format: str, name: str, out: Path, work: Path, args: argparse.Namespace) -> int:
+    """Build one task's adapter(s) of one format; the exit status of the first failing command."""
+    if adapter_format == "compeft":
+        for density in COMPEFT_DENSITIES:
+            status = compress(name, out, density)
+            if status != 0:
+                return status
+        return 0
+    flags = MOS_FLAGS if adapter_format == "mos" else TRAIN_FLAGS
+    target = out / variant_name(name, adapter_format)
+    return train(name, target, work, flags, args)
+
+
+def variant_name(task: str, adapter_format: str, density: float | None = None) -> str:
+    """The adapter's directory (and served name): `sql`, `sql-mos`, `sql-compeft-10`."""
+    if adapter_format == "lora":
+        return task
+    if adapter_format == "mos":
+        return f"{task}-mos"
+    assert density is not None
+    return f"{task}-compeft-{round(density * 100):02d}"
+
+
+def train(name: str, target: Path, work: Path, flags: tuple[str, ...], args: argparse.Namespace) -> int:
+    """Write the task's training data and examples, then `loramux train` into `target`; the exit status."""
     task = get_task(name)
-    examples = task.generate(random.Random(SEED), rows)
+    examples = task.generate(random.Random(SEED), args.rows)
     data = work / name / "train.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(data, ({"prompt": e.prompt, "response": e.response} for e in examples))
-    command = [sys.executable, "-m", "server.cli", "train", "--data", str(data), "--out", str(out / name)]
-    command += [*TRAIN_FLAGS, "--steps", str(steps), "--seed", str(SEED), "--dtype", "float16"]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    print(f"== {name}: {' '.join(command[1:])}", flush=True)
+    command = [sys.executable, "-m", "server.cli", "train", "--data", str(data), "--out", str(target)]
+    command += [*flags, "--steps", str(args.steps), "--seed", str(SEED), "--dtype", "float16"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    print(f"== {target.name}: {' '.join(command[1:])}", flush=True)
     status = subprocess.run(command, check=False).returncode
     if status == 0:
-        write_jsonl(out / name / "examples.jsonl", ({"prompt": e.prompt} for e in examples[:EXAMPLES]))
+        write_jsonl(target / "examples.jsonl", ({"prompt": e.prompt} for e in examples[:EXAMPLES]))
+    return status
+
+
+def compress(name: str, out: Path, density: float) -> int:
+    """`loramux compress` the task's LoRA to ComPEFT at `density` (alpha picked automatically)."""
+    source, target = out / name, out / variant_name(name, "compeft", density)
+    command = [sys.executable, "-m", "server.cli", "compress", "--method", "compeft"]
+    command += ["--density", str(density), "--alpha", "auto", str(source), str(target)]
+    print(f"== {target.name}: {' '.join(command[1:])}", flush=True)
+    status = subprocess.run(command, check=False).returncode
+    if status == 0:
+        shutil.copyfile(source / "examples.jsonl", target / "examples.jsonl")
     return status
 
 
 def measure(names: list[str], out: Path) -> dict[str, Any]:
-    """Serve `out` with a real `loramux serve`, score base and adapters, and check one mixed burst."""
+    """Serve `out` with a real `loramux serve`, score base and every adapter of each task, check one burst."""
     port = _free_port()
     command = [
         sys.executable,
@@ -115,7 +170,13 @@ def measure(names: list[str], out: Path) -> dict[str, Any]:
                 "train_seconds": round(float(info["seconds"]), 1),
                 "train_steps": int(info["steps"]),
                 "bytes": (out / name / "adapter_model.safetensors").stat().st_size,
+                "variants": {"lora": describe(out / name) | {"score": round(adapter.score, 4)}},
             }
+            for variant in variants(name, out):
+                score = evaluate(task, client, variant).score
+                tasks[name]["variants"][variant.removeprefix(f"{name}-")] = describe(out / variant) | {
+                    "score": round(score, 4)
+                }
             tasks[name]["example"] = {  # the first held-out prompt, for the README's demo
                 "prompt": adapter.answers[0].prompt,
                 "base": base.answers[0].answer,
@@ -128,6 +189,35 @@ def measure(names: list[str], out: Path) -> dict[str, Any]:
         server.terminate()
         server.wait(timeout=60)
     return {"tasks": tasks, "burst": burst}
+
+
+def variants(name: str, out: Path) -> list[str]:
+    """The task's compressed adapters present in `out` (the LoRA itself excluded), in a fixed order."""
+    wanted = [variant_name(name, "mos")] + [variant_name(name, "compeft", d) for d in COMPEFT_DENSITIES]
+    return [variant for variant in wanted if (out / variant).is_dir()]
+
+
+def describe(directory: Path) -> dict[str, Any]:
+    """An adapter directory's format, bytes of its weight and config files, and its parameters."""
+    files = [
+        f for f in directory.iterdir() if f.suffix in (".safetensors", ".json") and f.name != "training.json"
+    ]
+    info: dict[str, Any] = {"bytes": sum(f.stat().st_size for f in files)}
+    for config_name, adapter_format in (
+        ("adapter_config.json", "lora"),
+        ("mos_config.json", "mos"),
+        ("compeft_config.json", "compeft"),
+    ):
+        if (directory / config_name).is_file():
+            info["format"] = adapter_format
+            config = json.loads((directory / config_name).read_text())
+            if adapter_format == "compeft":
+                info["parameters"] = config.get("kept")
+                info["alpha"] = config.get("alpha")
+    training = directory / "training.json"
+    if "parameters" not in info and training.is_file():
+        info["parameters"] = json.loads(training.read_text()).get("parameters")
+    return info
 
 
 def same_text_in_a_burst(client: GrpcCompletions, names: list[str]) -> dict[str, Any]:
@@ -160,6 +250,18 @@ def markdown(results: dict[str, Any]) -> str:
         example = row["example"]
         cells = [_cell(example[key]) for key in ("prompt", "base", "adapter")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(len(row.get("variants", {})) > 1 for row in results["tasks"].values()):
+        lines += ["", "| task | adapter | format | score | of the LoRA's | parameters | bytes on disk |"]
+        lines.append("|---|---|---|---:|---:|---:|---:|")
+        for name, row in results["tasks"].items():
+            lora = row["variants"]["lora"]["score"]
+            for variant, v in row["variants"].items():
+                share = f"{v['score'] / lora:.0%}" if lora else "-"
+                parameters = f"{v['parameters']:,}" if v.get("parameters") else "-"
+                lines.append(
+                    f"| {name} | {variant} | {v.get('format', '?')} | {v['score']:.3f} | {share} | "
+                    f"{parameters} | {v['bytes']:,} |"
+                )
     burst = results["burst"]
     lines.append("")
     lines.append(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 SAVE_DTYPES = ("float16", "float32")
+METHODS = ("lora", "mos")  # a PEFT LoRA directory, or a Mixture-of-Shards (`mos`) directory
 
 
 class TrainingError(Exception):
@@ -39,6 +40,11 @@ class TrainConfig:
     threads: int | None = None  # torch's intra-op threads; None = server.cpus.default_threads
     warmup_fraction: float = 0.06
     max_grad_norm: float = 1.0
+    method: str = "lora"
+    # MoS only (training/mos.py): l, R and p; `rank` is the per-layer rank r, `alpha` its lora_alpha
+    shards: int = 4
+    equivalent_rank: float = 0.75
+    private_rank: float = 0.25
 
     def __post_init__(self) -> None:
         for name, least in (("rank", 1), ("steps", 1), ("batch_size", 1), ("max_length", 2), ("seed", 0)):
@@ -53,6 +59,19 @@ class TrainConfig:
                 raise TrainingError(f"--{name} must be a positive number, got {value}")
         if self.dtype not in SAVE_DTYPES:
             raise TrainingError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
+        if self.method not in METHODS:
+            raise TrainingError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.shards < 1:
+            raise TrainingError(f"--shards must be >= 1, got {self.shards}")
+        for name in ("equivalent_rank", "private_rank"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise TrainingError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.method == "mos" and not 0 <= self.private_rank <= self.equivalent_rank > 0:
+            raise TrainingError(
+                f"--private-rank ({self.private_rank}) must be at most --equivalent-rank "
+                f"({self.equivalent_rank}), which must be positive"
+            )
         if not 0 <= self.warmup_fraction < 1:
             raise TrainingError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         self.target_modules  # noqa: B018 -- validates --targets now, not after the model is loaded

@@ -1,11 +1,12 @@
-"""The training loop: a PEFT LoRA over the base model in fp32 on CPU, saved as a standard PEFT directory.
+"""The training loop: a LoRA or MoS adapter over the base model in fp32 on CPU, saved as loramux serves it.
 
 `train(config)` does, in order: (1) check the output directory can be written, (2) read and
 check the rows (data.py), (3) load the tokenizer and tokenize them with the server's template,
-(4) load the base model (transformers, fp32) and wrap it with PEFT's `get_peft_model`,
+(4) load the base model (transformers, fp32) and wrap it with PEFT's `get_peft_model`
+(`--method lora`) or our Mixture-of-Shards layers (`--method mos`, training/mos.py),
 (5) run `config.steps` AdamW steps on right-padded batches drawn from a seeded shuffle (linear
-warmup, cosine decay to zero, gradient clipping), (6) save the adapter in `config.dtype` with
-`save_pretrained` plus `training.json` (TRAINING_FILE) beside it.
+warmup, cosine decay to zero, gradient clipping), (6) save the adapter in `config.dtype` (a PEFT
+directory with `save_pretrained`, or the `mos` format) plus `training.json` (TRAINING_FILE).
 
 Deterministic: the same data, config and seed give byte-identical adapter files (on one machine
 and thread count). This module knows nothing of flags or the serving engine.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from training.config import TrainConfig, TrainingError
 from training.data import IGNORE_INDEX, Example, read_rows, tokenize_rows
+from training.mos import MosAdapterModule
 
 if TYPE_CHECKING:
     import torch
@@ -83,17 +85,38 @@ def _train(config: TrainConfig) -> TrainResult:
         # PEFT writes this name into adapter_config.json and its model card: the model's name,
         # not the local (cache) directory it was read from
         base.name_or_path = base.config.name_or_path = name
-        model = _with_lora(base, config)
+        if config.method == "mos":
+            mos = MosAdapterModule(base, config, _projections(base, config))
+            params = mos.parameters()
+        else:
+            model = _with_lora(base, config)
+            params = [param for param in model.parameters() if param.requires_grad]
         # 5)
         started = time.perf_counter()
-        losses = _run_steps(model, examples, pad_id, config)
+        losses = _run_steps(base, params, examples, pad_id, config)
         seconds = time.perf_counter() - started
         threads = torch.get_num_threads()
     # 6)
     result = TrainResult(config.out, config.steps, tuple(losses), seconds, len(rows), threads)
-    save_adapter(model, config)
-    write_training_json(result, config, name, examples)
+    if config.method == "mos":
+        mos.save(config.out, name, config.dtype)
+        parameters = mos.num_parameters
+    else:
+        save_adapter(model, config)
+        parameters = sum(param.numel() for param in params)
+    write_training_json(result, config, name, examples, parameters)
     return result
+
+
+def _projections(base: Any, config: TrainConfig) -> list[str]:
+    """The projections --targets names, in PROJECTIONS order for all-linear."""
+    from adapters_store.spec import PROJECTIONS
+
+    targets = config.target_modules
+    if isinstance(targets, list):
+        return targets
+    layer = base.model.layers[0]
+    return [p for p in PROJECTIONS if hasattr(layer.self_attn, p) or hasattr(layer.mlp, p)]
 
 
 def check_out_dir(out: Path) -> bool:
@@ -138,20 +161,22 @@ def _with_lora(base: Any, config: TrainConfig) -> Any:
         raise TrainingError(f"PEFT refused --targets {config.targets}: {exc}") from None
 
 
-def _run_steps(model: Any, examples: Sequence[Example], pad_id: int, config: TrainConfig) -> list[float]:
+def _run_steps(
+    base: Any, params: list[Any], examples: Sequence[Example], pad_id: int, config: TrainConfig
+) -> list[float]:
+    """`config.steps` AdamW steps on `params` (the adapter's, inside `base`); the loss of each step."""
     import torch
     from tqdm import tqdm
 
-    params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     batches = batch_order(len(examples), config.batch_size, random.Random(config.seed))
-    model.train()
+    base.train()
     losses = []
     with tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True) as bar:
         for _ in range(config.steps):
             input_ids, attention_mask, labels = collate([examples[i] for i in next(batches)], pad_id)
-            loss = answer_loss(model, input_ids, attention_mask, labels)
+            loss = answer_loss(base, input_ids, attention_mask, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -160,12 +185,12 @@ def _run_steps(model: Any, examples: Sequence[Example], pad_id: int, config: Tra
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             bar.update()
-    model.eval()
+    base.eval()
     return losses
 
 
 def answer_loss(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    base: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """Mean cross-entropy over the labelled (answer) tokens of the batch, as transformers' causal-LM loss.
 
@@ -174,7 +199,6 @@ def answer_loss(
     """
     import torch.nn.functional as F
 
-    base = model.get_base_model()  # the LoRA layers sit inside it
     decoder = base.get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]  # [batch, length - 1]: position t predicts token t + 1
@@ -269,7 +293,7 @@ def save_adapter(model: Any, config: TrainConfig) -> None:
 
 
 def write_training_json(
-    result: TrainResult, config: TrainConfig, base_name: str, examples: Sequence[Example]
+    result: TrainResult, config: TrainConfig, base_name: str, examples: Sequence[Example], parameters: int
 ) -> None:
     """training.json: what was trained on and how it went, for reports and reruns."""
     args = asdict(config)
@@ -281,6 +305,8 @@ def write_training_json(
         "answer_tokens": answer_tokens,
         "steps": result.steps,
         "seed": config.seed,
+        "method": config.method,
+        "parameters": parameters,
         "initial_loss": round(result.losses[0], 6),
         "final_loss": round(result.final_loss, 6),
         "seconds": round(result.seconds, 3),

@@ -18,7 +18,6 @@ An in-process micro/macro benchmark (it drives the engine directly, not over the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics

@@ -193,9 +193,9 @@ def parse_mos_config(raw: Mapping[str, Any], spec: BaseModelSpec, source: str) -
     private = _finite_number(raw.get("private_rank"), "private_rank", fail)
     if not 0 <= private <= budget:
         raise fail("private_rank", f"must be in [0, R = {budget:g}], got {shown(raw.get('private_rank'))}")
+    _whole(private * shards, "private_rank", "private_rank * shards_per_vector", fail)
     public_rows = (budget - private) * num_layers * shards
     _whole(public_rows, "R", "(R - private_rank) * num_layers * shards_per_vector", fail)
-    _whole(private * shards, "private_rank", "private_rank * shards_per_vector", fail)
     alpha = _finite_number(raw.get("lora_alpha"), "lora_alpha", fail)
     if not abs(alpha / r) <= MAX_ABS_SCALE:
         raise fail(

@@ -4,7 +4,7 @@ The adapter's `lora_weights()` (A [rank, in], B [out, rank] and scale per module
 `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names
 `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight`. PEFT computes each
 module's scale as lora_alpha / r, so r is the module's rank and lora_alpha is chosen so that
-alpha / r gives back the adapter's scale bit for bit; the most common (rank, alpha) pair is the
+alpha / r gives back the adapter's scale bit for bit (see `exact_alpha`); the most common (rank, alpha) pair is the
 config's `r` / `lora_alpha` and the others go to `rank_pattern` / `alpha_pattern`. The directory
 is written beside its destination and renamed into place, so a failed export leaves nothing.
 This module knows the PEFT layout; it knows no formats' files, flags or models.
@@ -114,14 +114,19 @@ def peft_lora_config(
 
 
 def exact_alpha(scale: float, rank: int) -> float:
-    """An alpha with `alpha / rank == scale` exactly in float64 (PEFT's scaling), the nearest to scale * rank."""
+    """The alpha nearest scale * rank whose `alpha / rank` (PEFT's scaling) is closest to `scale`.
+
+    Bit for bit equal whenever some float alpha gives it, which is always the case for a scale that
+    was itself some alpha / rank (every plain PEFT LoRA and MoS adapter); otherwise (rsLoRA's
+    alpha / sqrt(r) with a large rank can fall between two quotients) within one ulp of it.
+    """
     alpha = scale * rank
     candidates = [alpha]
     up = down = alpha
     for _ in range(8):
         up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
         candidates += [up, down]
-    return next((a for a in candidates if a / rank == scale), alpha)
+    return min(candidates, key=lambda a: abs(a / rank - scale))  # the first (nearest alpha) of equals
 
 
 def _module_order(item: tuple[ModuleKey, LoraWeights]) -> tuple[int, int]:

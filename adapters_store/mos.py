@@ -60,7 +60,7 @@ class MosLayout:
 
     @property
     def public_rows(self) -> int:
-        """(R - p) * L * l: the rows every layer may pick (AdapterError-free only after `row_counts`)."""
+        """(R - p) * L * l: the rows every layer may pick (whole in a layout parse_mos_config accepted)."""
         return round((self.R - self.private_rank) * self.num_layers * self.shards)
 
     @property

@@ -21,6 +21,7 @@ from adapters_store.device_slots import DeviceSlots, DeviceStep, ReadyAdapter
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from adapters_store.formats import FORMAT_REGISTRY, FORMATS, AdapterFormat, detect_format, load_adapter
 from adapters_store.host_cache import HostCache, HostCacheStats
+from adapters_store.mos import MosLayout, load_mos, save_mos
 from adapters_store.names import check_adapter_name, is_adapter_name
 from adapters_store.peft_lora import load_peft_lora
 from adapters_store.roots import AdapterRoots
@@ -52,6 +53,7 @@ __all__ = [
     "LoraWeights",
     "ModuleKey",
     "MosAdapter",
+    "MosLayout",
     "ReadyAdapter",
     "SlotPool",
     "StoredAdapter",
@@ -60,5 +62,7 @@ __all__ = [
     "detect_format",
     "is_adapter_name",
     "load_adapter",
+    "load_mos",
     "load_peft_lora",
+    "save_mos",
 ]

@@ -5,8 +5,8 @@ this format's; it may raise AdapterError for a directory of its kind in a varian
 a PEFT directory of another peft_type) and `load(directory, spec, name, label=, max_bytes=)
 -> LoadedAdapter`, where `label` is the directory as messages name it (relative to its adapter
 root, never an absolute path) and `max_bytes` the host memory one adapter may take. `files`
-are the files its loader reads (their stat fingerprints a loaded version). Only `peft-lora`
-exists so far; `mos` and `compeft` add their own entries to FORMAT_REGISTRY.
+are the files its loader reads (their stat fingerprints a loaded version). `peft-lora` and `mos`
+exist so far; `compeft` adds its own entry to FORMAT_REGISTRY.
 This module reads at most the small JSON config needed to tell formats apart.
 """
 
@@ -18,6 +18,10 @@ from typing import Protocol
 
 from adapters_store.adapter import LoadedAdapter
 from adapters_store.errors import AdapterError, shown
+from adapters_store.mos import CONFIG_FILE as MOS_CONFIG_FILE
+from adapters_store.mos import FORMAT as MOS
+from adapters_store.mos import WEIGHTS_FILE as MOS_WEIGHTS_FILE
+from adapters_store.mos import load_mos
 from adapters_store.peft_config import CONFIG_FILE, read_config_json
 from adapters_store.peft_lora import FORMAT as PEFT_LORA
 from adapters_store.peft_lora import WEIGHTS_FILE, load_peft_lora
@@ -63,8 +67,13 @@ def _claims_peft_lora(directory: Path, label: str) -> bool:
     return True
 
 
+def _claims_mos(directory: Path, label: str) -> bool:
+    return (directory / MOS_CONFIG_FILE).is_file()  # its "format" field is load_mos's to check
+
+
 FORMAT_REGISTRY: tuple[AdapterFormat, ...] = (
     AdapterFormat(PEFT_LORA, (CONFIG_FILE,), (CONFIG_FILE, WEIGHTS_FILE), _claims_peft_lora, load_peft_lora),
+    AdapterFormat(MOS, (MOS_CONFIG_FILE,), (MOS_CONFIG_FILE, MOS_WEIGHTS_FILE), _claims_mos, load_mos),
 )
 LOADERS: dict[str, Loader] = {f.name: f.load for f in FORMAT_REGISTRY}
 FORMATS = tuple(LOADERS)
@@ -91,7 +100,7 @@ def detect_format(directory: Path | str, label: str | None = None) -> str:
         raise AdapterError(f"{label} is not a directory")
     raise AdapterError(
         f"{label} holds no adapter loramux recognises: expected {CONFIG_FILE} + "
-        f"{WEIGHTS_FILE} (a PEFT LoRA directory)"
+        f"{WEIGHTS_FILE} (a PEFT LoRA directory) or {MOS_CONFIG_FILE} + {MOS_WEIGHTS_FILE} (a MoS directory)"
     )
 
 

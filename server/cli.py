@@ -6,6 +6,7 @@
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
     loramux train     train a PEFT LoRA adapter on the base model from a JSONL file (CPU)
+    loramux export    write an adapter of any format as a PEFT LoRA directory
     loramux eval      score a running server (base and/or an adapter) on a demo task's held-out set
     loramux bench engine|adapters|attack|...   benchmarks (flags belong to bench.<name>_bench)
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_bench(commands)
     _add_train(commands)
+    _add_export(commands)
     return parser
 
 
@@ -622,6 +624,43 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the same adapter at the same thread count",
     )
     train.set_defaults(handler=cmd_train)
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from server.export_commands import cmd_export  # the handler; it imports torch only when run
+
+    export = commands.add_parser(
+        "export",
+        help="write an adapter of any format as a PEFT LoRA directory",
+        description="Loads SRC as the server would (format detected: peft-lora, mos, ...; validated "
+        "against --model's dims) and writes its materialized LoRA factors to DST as a standard PEFT "
+        "directory (adapter_config.json + adapter_model.safetensors) that PEFT and loramux load. "
+        "Each module keeps its rank and exact scale (rank_pattern / alpha_pattern where they differ).",
+    )
+    export.add_argument("--to", required=True, choices=["peft-lora"], help="the output format")
+    export.add_argument("src", metavar="SRC", help="the adapter directory to read")
+    export.add_argument("dst", metavar="DST", help="the directory to write (new, or empty)")
+    export.add_argument(
+        "--model",
+        default=None,
+        help="the base model the adapter is for: checkpoint directory or GGUF file; only its config "
+        "is read (default: SmolLM2-135M-Instruct)",
+    )
+    export.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted-model cache (default: $LORAMUX_CACHE or ~/.cache/loramux)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the written factors (default: %(default)s)",
+    )
+    export.set_defaults(handler=cmd_export)
 
 
 if __name__ == "__main__":

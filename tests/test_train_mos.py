@@ -12,10 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters_store.mos import CONFIG_FILE as MOS_CONFIG_FILE
+from adapters_store.mos import WEIGHTS_FILE as MOS_WEIGHTS_FILE
+from adapters_store.mos import MosLayout
 from server import cli
-from tests.test_train import base_dir, data_file  # noqa: F401 -- shared module fixtures
+from server.engine.request import SamplingParams
+from server.prompts import chat_prompt_ids
+from tests.conftest import start_adapter_engine
+from tests.test_engine import submit, wait_idle
+from tests.test_train import EOS, base_dir, data_file  # noqa: F401 -- shared module fixtures
 from training import TrainConfig, TrainingError
-from training.mos import MOS_CONFIG_FILE, MOS_WEIGHTS_FILE, MosLayout
+from training.mos import check_layout
 from training.trainer import TRAINING_FILE, train
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,7 +119,7 @@ def test_bad_mos_settings_are_refused(overrides: dict[str, Any], message: str) -
 )
 def test_layouts_that_cannot_be_drawn_are_refused(layout: MosLayout, message: str) -> None:
     with pytest.raises(TrainingError, match=message):
-        layout.check()
+        check_layout(layout)
 
 
 def test_shards_that_do_not_divide_a_projection_are_refused(
@@ -137,3 +144,50 @@ def test_the_cli_passes_the_mos_flags(base_dir: Path, data_file: Path, tmp_path:
     )  # fmt: skip
     assert cli.main([*argv[:-2], "--private-rank", "5"]) == 2
     assert "--private-rank (5.0) must be at most --equivalent-rank (2.0)" in capsys.readouterr().err
+
+
+def test_served_greedy_output_equals_the_training_time_layers(
+    trained_mos: Path,
+    base_dir: Path,  # noqa: F811
+    tokenizer,
+) -> None:
+    """loramux serving the saved directory answers as the trainer's own MoS layers do (with the saved,
+    fp16-rounded pools put back in them): the trainer and the server agree on what the layout means."""
+    from transformers import AutoModelForCausalLM
+
+    from training.mos import MosAdapterModule
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = _config(base_dir, Path("unused"), Path("unused"))
+    module = MosAdapterModule(model, config, list(PROJECTIONS))
+    saved = load_file(trained_mos / MOS_WEIGHTS_FILE)
+    with torch.no_grad():
+        for projection, (pool_a, pool_b) in module.pools.items():
+            pool_a.copy_(saved[f"pool.{projection}.A"].float())
+            pool_b.copy_(saved[f"pool.{projection}.B"].float())
+    for (layer, projection), (index_a, index_b) in module.indices.items():  # same seed: same tables
+        assert torch.equal(index_a, saved[f"index.{layer}.{projection}.A"].long())
+        assert torch.equal(index_b, saved[f"index.{layer}.{projection}.B"].long())
+    model.eval()
+    prompts = [chat_prompt_ids(tokenizer, [("user", f"Color of box {i}?")]) for i in (1, 5, 30)]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=EOS
+            )
+            expected.append(out[0, len(prompt) :].tolist())
+    engine = start_adapter_engine(base_dir, trained_mos.parent)
+    try:
+        greedy = SamplingParams(max_tokens=10, temperature=0.0)
+        sinks = [
+            submit(engine, f"mos-{i}", list(p), greedy, adapter="toy-mos") for i, p in enumerate(prompts)
+        ]
+        served = [sink.wait().tokens for sink in sinks]
+        wait_idle(engine)
+    finally:
+        engine.shutdown()
+    assert served == expected
+    for i, answer in zip((1, 5), served, strict=False):  # it learnt the rows' form (a third of LoRA's size)
+        text = tokenizer.decode(answer)
+        assert text.startswith(f"Box {i} ") and text.endswith(".<|im_end|>"), text

@@ -12,7 +12,7 @@ private rows and fills the rest with distinct public rows, shuffled. The layer c
 
 Initialised as LoRA is: A's entries uniform in +-1/sqrt(in) (kaiming-uniform with a = sqrt(5), as
 PEFT initialises lora_A), B zero, so training starts from the base model. The saved directory is
-the `mos` format (adapters_store/mos.py reads it): `mos_config.json` + `mos_model.safetensors`
+the `mos` format, written by adapters_store.mos.save_mos (load_mos reads it): `mos_config.json` + `mos_model.safetensors`
 with `pool.{proj}.A|B` and int32 `index.{layer}.{proj}.A|B`.
 
 This module knows transformers' Llama-family module layout (`model.layers[i].self_attn|mlp`); it
@@ -21,88 +21,55 @@ knows nothing of flags or of the serving engine.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters_store.mos import MosLayout
 from training.config import TrainConfig, TrainingError
 
 if TYPE_CHECKING:
     import torch
 
-MOS_CONFIG_FILE = "mos_config.json"
-MOS_WEIGHTS_FILE = "mos_model.safetensors"
+
+def check_layout(layout: MosLayout) -> None:
+    """TrainingError unless the layout's row counts are whole and its index tables can be drawn."""
+    if layout.R <= 0 or not 0 <= layout.private_rank <= layout.R:
+        raise TrainingError(
+            f"MoS needs 0 <= --private-rank <= --equivalent-rank and a positive budget, got p = "
+            f"{layout.private_rank}, R = {layout.R}"
+        )
+    _whole((layout.R - layout.private_rank) * layout.num_layers * layout.shards, "(R - p) * L * l")
+    _whole(layout.private_rank * layout.shards, "p * l")
+    if layout.private_rows > layout.picks:
+        raise TrainingError(
+            f"each layer owns {layout.private_rows} private rows but picks only r * l = {layout.picks}; "
+            "lower --private-rank or raise --rank"
+        )
+    if layout.picks - layout.private_rows > layout.public_rows:
+        raise TrainingError(
+            f"each index table needs {layout.picks - layout.private_rows} distinct public rows but the pool "
+            f"has {layout.public_rows}; raise --equivalent-rank or lower --rank"
+        )
 
 
-@dataclass(frozen=True)
-class MosLayout:
-    """The row counts of one MoS adapter over a model of `num_layers` layers."""
+def draw(layout: MosLayout, layer: int, generator: torch.Generator) -> torch.Tensor:
+    """One index table: layer `layer`'s private rows and distinct random public rows, shuffled."""
+    import torch
 
-    r: int  # per-layer rank
-    R: float  # equivalent rank budget
-    shards: int  # l, shards per vector
-    private_rank: float  # p
-    num_layers: int  # L
-
-    @property
-    def public_rows(self) -> int:
-        return _whole((self.R - self.private_rank) * self.num_layers * self.shards, "(R - p) * L * l")
-
-    @property
-    def private_rows(self) -> int:
-        """Rows each layer owns."""
-        return _whole(self.private_rank * self.shards, "p * l")
-
-    @property
-    def num_rows(self) -> int:
-        """N = R * L * l."""
-        return self.public_rows + self.private_rows * self.num_layers
-
-    @property
-    def picks(self) -> int:
-        """Rows one index table picks: r * l."""
-        return self.r * self.shards
-
-    def check(self) -> None:
-        """TrainingError unless the layout is realisable."""
-        if self.R <= 0 or not 0 <= self.private_rank <= self.R:
-            raise TrainingError(
-                f"MoS needs 0 <= --private-rank <= --equivalent-rank and a positive budget, got p = "
-                f"{self.private_rank}, R = {self.R}"
-            )
-        self.num_rows  # noqa: B018 -- checks that the row counts are whole numbers
-        if self.private_rows > self.picks:
-            raise TrainingError(
-                f"each layer owns {self.private_rows} private rows but picks only r * l = {self.picks}; "
-                "lower --private-rank or raise --rank"
-            )
-        if self.picks - self.private_rows > self.public_rows:
-            raise TrainingError(
-                f"each index table needs {self.picks - self.private_rows} distinct public rows but the pool "
-                f"has {self.public_rows}; raise --equivalent-rank or lower --rank"
-            )
-
-    def draw(self, layer: int, generator: torch.Generator) -> torch.Tensor:
-        """One index table: layer `layer`'s private rows and distinct random public rows, shuffled."""
-        import torch
-
-        first_private = self.public_rows + layer * self.private_rows
-        private = torch.arange(first_private, first_private + self.private_rows)
-        public = torch.randperm(self.public_rows, generator=generator)[: self.picks - self.private_rows]
-        rows = torch.cat([private, public])
-        return rows[torch.randperm(len(rows), generator=generator)]
+    first_private = layout.private_start(layer)
+    private = torch.arange(first_private, first_private + layout.private_rows)
+    public = torch.randperm(layout.public_rows, generator=generator)[: layout.picks - layout.private_rows]
+    rows = torch.cat([private, public])
+    return rows[torch.randperm(len(rows), generator=generator)]
 
 
-def _whole(value: float, what: str) -> int:
-    rounded = round(value)
-    if abs(value - rounded) > 1e-9 or rounded < 0:
+def _whole(value: float, what: str) -> None:
+    if abs(value - round(value)) > 1e-9 or value < 0:
         raise TrainingError(
             f"MoS row count {what} = {value:g} is not a whole number; choose --equivalent-rank, "
             "--private-rank and --shards so that it is"
         )
-    return int(rounded)
 
 
 def mos_linear_class() -> type:
@@ -150,7 +117,7 @@ class MosAdapterModule:
             private_rank=config.private_rank,
             num_layers=len(layers),
         )
-        self.layout.check()
+        check_layout(self.layout)
         self.projections = projections
         self.alpha = config.alpha
         self.pools: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
@@ -172,8 +139,8 @@ class MosAdapterModule:
             pools = (nn.Parameter(pool_a), nn.Parameter(pool_b))
             self.pools[projection] = pools
             for layer_index, layer in enumerate(layers):
-                index_a = self.layout.draw(layer_index, generator)
-                index_b = self.layout.draw(layer_index, generator)  # independent: pair dissociation
+                index_a = draw(self.layout, layer_index, generator)
+                index_b = draw(self.layout, layer_index, generator)  # independent: pair dissociation
                 self.indices[layer_index, projection] = (index_a, index_b)
                 block = layer.self_attn if hasattr(layer.self_attn, projection) else layer.mlp
                 linear = getattr(block, projection)
@@ -193,37 +160,21 @@ class MosAdapterModule:
     def save(self, out: Path, base_model: str, dtype: str) -> None:
         """`mos_config.json` + `mos_model.safetensors` (pools in `dtype`, indices int32)."""
         import torch
-        from safetensors.torch import save_file
 
-        tensors = {}
-        for projection, (pool_a, pool_b) in self.pools.items():
-            tensors[f"pool.{projection}.A"] = pool_a.detach().to(getattr(torch, dtype)).contiguous()
-            tensors[f"pool.{projection}.B"] = pool_b.detach().to(getattr(torch, dtype)).contiguous()
-        for (layer, projection), (index_a, index_b) in self.indices.items():
-            tensors[f"index.{layer}.{projection}.A"] = index_a.to(torch.int32).contiguous()
-            tensors[f"index.{layer}.{projection}.B"] = index_b.to(torch.int32).contiguous()
-        layout = self.layout
-        config = {
-            "format": "mos",
-            "base_model": base_model,
-            "r": layout.r,
-            "R": _plain(layout.R),
-            "shards_per_vector": layout.shards,
-            "private_rank": _plain(layout.private_rank),
-            "lora_alpha": _plain(self.alpha),
-            "target_modules": self.projections,
-            "num_layers": layout.num_layers,
-        }
+        from adapters_store.mos import save_mos
+
         try:
-            save_file(tensors, str(out / MOS_WEIGHTS_FILE), metadata={"format": "pt"})
-            (out / MOS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            save_mos(
+                out,
+                self.layout,
+                self.alpha,
+                self.pools,
+                self.indices,
+                base_model=base_model,
+                dtype=getattr(torch, dtype),
+            )
         except OSError as exc:
             raise TrainingError(f"--out {out}: cannot save the adapter ({exc.strerror or exc})") from None
-
-
-def _plain(value: float) -> float | int:
-    """JSON numbers as people write them: 8, not 8.0."""
-    return int(value) if float(value).is_integer() else value
 
 
 def _projection(layer: Any, projection: str) -> Any:

@@ -17,6 +17,7 @@ from adapters_store.adapter import (
     MosAdapter,
     TernaryFactors,
 )
+from adapters_store.compact_pools import CompeftSlotPool, MosSlotPool
 from adapters_store.device_slots import DeviceSlots, DeviceStep, ReadyAdapter
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from adapters_store.formats import FORMAT_REGISTRY, FORMATS, AdapterFormat, detect_format, load_adapter
@@ -41,6 +42,7 @@ __all__ = [
     "AdapterTooLarge",
     "BaseModelSpec",
     "CompeftAdapter",
+    "CompeftSlotPool",
     "DeviceForm",
     "DeviceSlots",
     "DeviceStep",
@@ -52,6 +54,7 @@ __all__ = [
     "LoraWeights",
     "ModuleKey",
     "MosAdapter",
+    "MosSlotPool",
     "ReadyAdapter",
     "SlotPool",
     "StoredAdapter",

@@ -58,14 +58,15 @@ def mos_adapter(
     projections: tuple[str, ...] = ALL,
     seed: int = 0,
     skip: tuple[ModuleKey, ...] = (),
+    spec: BaseModelSpec = SPEC,
 ) -> MosAdapter:
     """Pools of N = pool_rank * L * l rows per projection, random tables; `skip` leaves modules out."""
     g = torch.Generator().manual_seed(seed)
-    rows = pool_rank * SPEC.num_layers * shards
+    rows = pool_rank * spec.num_layers * shards
     pools = {
         p: (
-            torch.randn(rows, SPEC.features[p][0] // shards, generator=g) * 0.3,
-            torch.randn(rows, SPEC.features[p][1] // shards, generator=g) * 0.3,
+            torch.randn(rows, spec.features[p][0] // shards, generator=g) * 0.3,
+            torch.randn(rows, spec.features[p][1] // shards, generator=g) * 0.3,
         )
         for p in projections
     }
@@ -74,7 +75,7 @@ def mos_adapter(
             torch.randint(0, rows, (rank * shards,), generator=g),
             torch.randint(0, rows, (rank * shards,), generator=g),
         )
-        for layer in range(SPEC.num_layers)
+        for layer in range(spec.num_layers)
         for p in projections
         if (layer, p) not in skip
     }
@@ -95,7 +96,12 @@ def mos_adapter(
 
 
 def compeft_adapter(
-    name: str, rank: int, projections: tuple[str, ...] = ALL, seed: int = 0, gamma: float = 0.3
+    name: str,
+    rank: int,
+    projections: tuple[str, ...] = ALL,
+    seed: int = 0,
+    gamma: float = 0.3,
+    spec: BaseModelSpec = SPEC,
 ) -> SignsAdapter:
     g = torch.Generator().manual_seed(seed)
 
@@ -105,9 +111,9 @@ def compeft_adapter(
 
     factors = {
         (layer, p): TernaryFactors(
-            sign_A=signs(rank, SPEC.features[p][0]), sign_B=signs(SPEC.features[p][1], rank), scale=2.0 / rank
+            sign_A=signs(rank, spec.features[p][0]), sign_B=signs(spec.features[p][1], rank), scale=2.0 / rank
         )
-        for layer in range(SPEC.num_layers)
+        for layer in range(spec.num_layers)
         for p in projections
     }
     return SignsAdapter(
@@ -124,15 +130,15 @@ def compeft_adapter(
     )
 
 
-def lora_adapter(name: str, rank: int, seed: int) -> LoraAdapter:
+def lora_adapter(name: str, rank: int, seed: int, spec: BaseModelSpec = SPEC) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     modules = {
         (layer, p): LoraWeights(
-            A=torch.randn(rank, SPEC.features[p][0], generator=g) * 0.3,
-            B=torch.randn(SPEC.features[p][1], rank, generator=g) * 0.3,
+            A=torch.randn(rank, spec.features[p][0], generator=g) * 0.3,
+            B=torch.randn(spec.features[p][1], rank, generator=g) * 0.3,
             scale=0.5,
         )
-        for layer in range(SPEC.num_layers)
+        for layer in range(spec.num_layers)
         for p in ALL
     }
     return LoraAdapter(

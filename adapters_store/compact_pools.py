@@ -21,7 +21,8 @@ import triton, so they are imported when a pool is built, not with this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,29 +56,17 @@ def _unknown_modules(adapter: LoadedAdapter, spec: BaseModelSpec, groups: Sequen
 
 
 @dataclass(frozen=True)
-class _MosTerm:
-    layer: MosLayer
-    adapted: list[bool]  # the stack's host mirror for this layer, by slot
-    reference: bool
+class _CompactTerm:
+    """One adapted linear's term for a compact pool: add(x, y, operands, step), skipped when no slot of
+    the step adapts it (`used`: the stack's host mirror by slot, so no device sync)."""
+
+    add: Callable[..., None]  # kernels.mos.mos_add / kernels.ternary.ternary_add, reference bound
+    operands: MosLayer | TernaryStack
+    used: Sequence[int] | Sequence[bool]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: AdapterStep) -> None:
-        from kernels.mos import mos_add
-
-        # Skip when no slot of the step adapts this layer's group: host mirrors, no device sync.
-        if any(self.adapted[slot] for batch in step.passes for slot in batch.segment_slots):
-            mos_add(x, y, self.layer, step, reference=self.reference)
-
-
-@dataclass(frozen=True)
-class _TernaryTerm:
-    stack: TernaryStack
-    reference: bool
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: AdapterStep) -> None:
-        from kernels.ternary import ternary_add
-
-        if any(self.stack.host_ranks[slot] for batch in step.passes for slot in batch.segment_slots):
-            ternary_add(x, y, self.stack, step, reference=self.reference)
+        if any(self.used[slot] for batch in step.passes for slot in batch.segment_slots):
+            self.add(x, y, self.operands, step)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +98,7 @@ class MosSlotPool:
         """max_rank: the largest r (index rows per layer); default spec.max_rank.
         max_pool_rank: the pool capacity as a LoRA rank R (pools of R * L * l rows fit); default
         max_rank // 2, so a slot is about half a LoRA slot of max_rank and wins over it."""
-        from kernels.mos import MosStack
+        from kernels.mos import MosStack, mos_add
 
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -121,7 +110,7 @@ class MosSlotPool:
         if self.max_rank < 1 or self.max_pool_rank < 1 or max_shards < 1:
             raise ValueError("max_rank, max_pool_rank and max_shards must be >= 1")
         self.groups = tuple(tuple(g) for g in fused)
-        self._reference = backend.name != "triton"
+        self._add = functools.partial(mos_add, reference=backend.name != "triton")
         self._stacks: dict[Group, MosStack] = {}
         layers = spec.num_layers
         for group in self.groups:
@@ -206,7 +195,7 @@ class MosSlotPool:
 
     def term(self, layer: int, group: Group) -> Term:
         stack = self._stacks[tuple(group)]
-        return _MosTerm(stack.layer(layer), stack.host_adapted[layer], self._reference)
+        return _CompactTerm(self._add, stack.layer(layer), stack.host_adapted[layer])
 
     def plan(self, step: AdapterStep) -> AdapterStep:
         return step  # the kernels read the step's segment tables directly: no plan
@@ -239,7 +228,7 @@ class CompeftSlotPool:
         *,
         max_rank: int | None = None,
     ) -> None:
-        from kernels.ternary import TernaryStack
+        from kernels.ternary import TernaryStack, ternary_add
 
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -251,7 +240,7 @@ class CompeftSlotPool:
             raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
         self.device = torch.device(device)
         self.groups = tuple(tuple(g) for g in fused)
-        self._reference = backend.name != "triton"
+        self._add = functools.partial(ternary_add, reference=backend.name != "triton")
         self._stacks: dict[tuple[int, Group], TernaryStack] = {}
         for layer in range(spec.num_layers):
             for group in self.groups:
@@ -333,7 +322,8 @@ class CompeftSlotPool:
             stack.clear_slot(slot)
 
     def term(self, layer: int, group: Group) -> Term:
-        return _TernaryTerm(self._stacks[layer, tuple(group)], self._reference)
+        stack = self._stacks[layer, tuple(group)]
+        return _CompactTerm(self._add, stack, stack.host_ranks)
 
     def plan(self, step: AdapterStep) -> AdapterStep:
         return step  # the kernels read the step's segment tables directly: no plan

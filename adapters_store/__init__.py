@@ -17,6 +17,7 @@ from adapters_store.adapter import (
     MosAdapter,
     TernaryFactors,
 )
+from adapters_store.compact_pools import CompeftSlotPool, MosSlotPool
 from adapters_store.device_slots import DeviceSlots, DeviceStep, ReadyAdapter
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from adapters_store.formats import FORMAT_REGISTRY, FORMATS, AdapterFormat, detect_format, load_adapter
@@ -42,6 +43,7 @@ __all__ = [
     "AdapterTooLarge",
     "BaseModelSpec",
     "CompeftAdapter",
+    "CompeftSlotPool",
     "DeviceForm",
     "DeviceSlots",
     "DeviceStep",
@@ -54,6 +56,7 @@ __all__ = [
     "ModuleKey",
     "MosAdapter",
     "MosLayout",
+    "MosSlotPool",
     "ReadyAdapter",
     "SlotPool",
     "StoredAdapter",

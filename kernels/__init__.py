@@ -8,7 +8,9 @@
     backend.add_lora(x, y, stack, step)                          # what the term does: y += LoRA
 
 `shrink.py` and `expand.py` hold the Triton kernels, their launchers and the torch references;
-`torch_backend.py` the CPU backend. Triton is imported only when the triton backend is chosen
+`torch_backend.py` the CPU backend. `mos.py` (Mixture-of-Shards: shard pools + index tables) and
+`ternary.py` (ComPEFT: 2-bit sign codes) hold kernels that read those compact forms directly, with
+their slot stacks (MosStack, TernaryStack); adapters_store.compact_pools uses them on the GPU. Triton is imported only when the triton backend is chosen
 (or those modules are imported), so importing this package is cheap and needs no GPU.
 
 Deliberately defines no ``__version__``: transformers probes for a Hugging Face package also

@@ -36,7 +36,9 @@ class AdapterConfig:
     """The adapter tiers.
 
     roots: directories whose subdirectories are adapters named after them (loaded on first use).
-    max_slots: adapters resident on the device at once (0 = serve no adapters).
+    max_slots: adapters resident on the device at once (0 = serve no adapters). With the triton
+        backend (CUDA), MoS and ComPEFT adapters get as many slots again each, in pools that keep
+        their compact forms (server.runtime.slot_pools).
     max_rank: the largest LoRA rank accepted (device slots are sized by it).
     host_cache_mb: host memory for adapters read from disk (LRU by bytes).
     max_adapter_mb: the most one adapter's host form may occupy, checked from its file's header

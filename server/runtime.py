@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from adapters_store import AdapterRoots, AdapterStore, BaseModelSpec
+from adapters_store.compact_pools import CompeftSlotPool, MosSlotPool
 from adapters_store.device_slots import DeviceSlots
-from adapters_store.slot_pools import LoraSlotPool
-from kernels import select_backend
+from adapters_store.slot_pools import LoraSlotPool, SlotPool
+from kernels import LoraBackend, select_backend
 from kernels.model_ops import FusedCpuOps
 from server.config import AdapterConfig, ServerConfig
 from server.cpus import default_threads
@@ -119,16 +120,28 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
     store = AdapterStore(
         spec, AdapterRoots(config.roots), config.host_cache_mb << 20, (config.max_adapter_mb << 20) or None
     )
-    slots = DeviceSlots(
-        [
-            LoraSlotPool(spec, FUSED_PROJECTIONS, num_slots, backend, device, model.dtype, max_rank=rank)
-            for rank, num_slots in config.pool_shapes
-        ]
-    )
+    pools = slot_pools(spec, config, backend, device, model.dtype)
     log.info(
         "adapters: device slots %s (%s kernels), roots %s",
-        ", ".join(f"{n} of rank <= {r}" for r, n in config.pool_shapes),
+        ", ".join(f"{pool.num_slots} {pool.kind}" for pool in pools),
         backend.name,
         ", ".join(config.roots) or "none",
     )
-    return AdapterManager.attach(model, store, slots)
+    return AdapterManager.attach(model, store, DeviceSlots(pools))
+
+
+def slot_pools(
+    spec: BaseModelSpec, config: AdapterConfig, backend: LoraBackend, device: torch.device, dtype: torch.dtype
+) -> list[SlotPool]:
+    """The LoRA pools of `config.pool_shapes`; with the triton backend also one MoS and one ComPEFT
+    pool of --max-slots slots each, whose kernels read those formats' compact forms (a slot of either
+    costs a fraction of a LoRA slot of --max-rank, so DeviceSlots puts the adapters they accept there).
+    Elsewhere MoS and ComPEFT adapters are materialized into LoRA slots."""
+    pools: list[SlotPool] = [
+        LoraSlotPool(spec, FUSED_PROJECTIONS, num_slots, backend, device, dtype, max_rank=rank)
+        for rank, num_slots in config.pool_shapes
+    ]
+    if backend.name == "triton":
+        pools.append(MosSlotPool(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, dtype))
+        pools.append(CompeftSlotPool(spec, FUSED_PROJECTIONS, config.max_slots, backend, device))
+    return pools

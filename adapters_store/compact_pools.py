@@ -1,0 +1,329 @@
+"""Slot pools that keep the compressed formats compact on the device: MoS shard pools, ComPEFT codes.
+
+Both follow the SlotPool protocol of slot_pools.py. Each accepts only its own format, and only
+adapters that fit its slots; anything else is refused, so DeviceSlots falls back to a LoRA pool,
+which materializes the adapter (`lora_weights()`). Their `slot_nbytes` is the compact size, so
+the cheapest-pool rule sends MoS and ComPEFT adapters here whenever one accepts them.
+
+- `MosSlotPool`: one kernels.mos.MosStack per fused projection group, shared by all layers: per
+  slot the projections' shard pools (a capacity in values, sized by a pool rank R: R * L * (d_in +
+  out) per projection, the size of a rank-R LoRA) and each layer's index tables; any
+  shards_per_vector l up to `max_shards` that divides the projection sizes.
+- `CompeftSlotPool`: one kernels.ternary.TernaryStack per (layer, fused group): signs as 2-bit codes,
+  `scale * gamma^2` per (slot, projection).
+
+prepare() (loader thread) builds the device form (element-offset tables, packed codes) so that
+fill() only copies. The terms run the Triton kernels when the backend is triton, else the kernels'
+torch references (tests, and any device torch runs on); the server builds these pools only for the
+triton backend, and on CPU keeps materializing into LoRA slots. kernels.mos / kernels.ternary
+import triton, so they are imported when a pool is built, not with this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapters_store.adapter import CompeftAdapter, LoadedAdapter, MosAdapter
+from adapters_store.slot_pools import DeviceForm, Group, Term
+from adapters_store.spec import BaseModelSpec
+from kernels import AdapterStep, LoraBackend
+
+if TYPE_CHECKING:
+    from kernels.mos import MosLayer, MosSlotData, MosStack
+    from kernels.ternary import TernaryStack
+
+DEFAULT_MAX_SHARDS = 8  # l up to 8: index tables of r * 8 entries per (layer, projection)
+
+
+def _group_inputs(spec: BaseModelSpec, group: Group) -> int:
+    in_features = spec.features[group[0]][0]
+    if any(spec.features[p][0] != in_features for p in group):
+        raise ValueError(f"fused projections {group} do not share their input size")
+    return in_features
+
+
+def _unknown_modules(adapter: LoadedAdapter, spec: BaseModelSpec, groups: Sequence[Group]) -> str | None:
+    served = {p for group in groups for p in group}
+    unknown = [p for p in adapter.target_modules if p not in served]
+    if unknown:
+        return f"it adapts projections these slots do not hold: {', '.join(unknown)}"
+    return None
+
+
+@dataclass(frozen=True)
+class _CompactTerm:
+    """One adapted linear's term for a compact pool: add(x, y, operands, step), skipped when no slot of
+    the step adapts it (`used`: the stack's host mirror by slot, so no device sync)."""
+
+    add: Callable[..., None]  # kernels.mos.mos_add / kernels.ternary.ternary_add, reference bound
+    operands: MosLayer | TernaryStack
+    used: Sequence[int] | Sequence[bool]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: AdapterStep) -> None:
+        if any(self.used[slot] for batch in step.passes for slot in batch.segment_slots):
+            self.add(x, y, self.operands, step)
+
+
+@dataclass(frozen=True, eq=False)
+class MosForm:
+    """Per fused group the adapter targets, its slot data (groups it does not target are absent)."""
+
+    groups: dict[Group, MosSlotData]
+    nbytes: int
+
+
+class MosSlotPool:
+    """Mixture-of-Shards adapters kept as shard pools + index tables (kernels.mos)."""
+
+    kind = "mos"
+
+    def __init__(
+        self,
+        spec: BaseModelSpec,
+        fused: Sequence[Group],
+        num_slots: int,
+        backend: LoraBackend,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        *,
+        max_rank: int | None = None,
+        max_pool_rank: int | None = None,
+        max_shards: int = DEFAULT_MAX_SHARDS,
+    ) -> None:
+        """max_rank: the largest r (index rows per layer); default spec.max_rank.
+        max_pool_rank: the pool capacity as a LoRA rank R (pools of R * L * l rows fit); default
+        max_rank // 2, so a slot is about half a LoRA slot of max_rank and wins over it."""
+        from kernels.mos import MosStack, mos_add
+
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.spec = spec
+        self.num_slots = num_slots
+        self.backend = backend
+        self.max_rank = spec.max_rank if max_rank is None else max_rank
+        self.max_pool_rank = max(1, self.max_rank // 2) if max_pool_rank is None else max_pool_rank
+        if self.max_rank < 1 or self.max_pool_rank < 1 or max_shards < 1:
+            raise ValueError("max_rank, max_pool_rank and max_shards must be >= 1")
+        self.groups = tuple(tuple(g) for g in fused)
+        self._add = functools.partial(mos_add, reference=backend.name != "triton")
+        self._stacks: dict[Group, MosStack] = {}
+        layers = spec.num_layers
+        for group in self.groups:
+            in_features = _group_inputs(spec, group)
+            widths = tuple(spec.features[p][1] for p in group)
+            self._stacks[group] = MosStack.empty(
+                num_slots,
+                layers,
+                in_features,
+                widths,
+                max_rank=self.max_rank,
+                max_shards=max_shards,
+                capacity_a=len(group) * self.max_pool_rank * layers * in_features,
+                capacity_b=self.max_pool_rank * layers * sum(widths),
+                dtype=dtype,
+                device=device,
+            )
+        self.slot_nbytes = sum(stack.nbytes_per_slot for stack in self._stacks.values())
+
+    def stack(self, group: Group) -> MosStack:
+        return self._stacks[tuple(group)]
+
+    def _group_parts(
+        self, adapter: MosAdapter, group: Group
+    ) -> tuple[
+        list[tuple[torch.Tensor, torch.Tensor] | None], list[list[tuple[torch.Tensor, torch.Tensor] | None]]
+    ]:
+        pools = [adapter.pools.get(p) for p in group]
+        tables = [[adapter.indices.get((layer, p)) for p in group] for layer in range(self.spec.num_layers)]
+        return pools, tables
+
+    def refusal(self, adapter: LoadedAdapter) -> str | None:
+        if not isinstance(adapter, MosAdapter):
+            return f"holds only MoS adapters, not {adapter.format}"
+        reason = _unknown_modules(adapter, self.spec, self.groups)
+        if reason is not None:
+            return reason
+        layers = {layer for layer, _ in adapter.indices}
+        if layers and max(layers) >= self.spec.num_layers:
+            return f"it adapts layer {max(layers)}, the model has {self.spec.num_layers}"
+        for group, stack in self._stacks.items():
+            pools, _ = self._group_parts(adapter, group)
+            if any(pair is not None for pair in pools):
+                reason = stack.refusal(pools, adapter.shards_per_vector, adapter.r)
+                if reason is not None:
+                    return f"{'|'.join(group)}: {reason}"
+        return None
+
+    def accepts(self, adapter: LoadedAdapter) -> bool:
+        return self.refusal(adapter) is None
+
+    def prepare(self, adapter: LoadedAdapter) -> MosForm:
+        reason = self.refusal(adapter)
+        if reason is not None:
+            raise ValueError(f"adapter {adapter.name!r}: {reason}")
+        assert isinstance(adapter, MosAdapter)
+        groups = {}
+        for group, stack in self._stacks.items():
+            pools, tables = self._group_parts(adapter, group)
+            if all(pair is None for per_layer in tables for pair in per_layer):
+                continue
+            try:
+                groups[group] = stack.slot_data(
+                    pools, tables, num_shards=adapter.shards_per_vector, rank=adapter.r, scale=adapter.scale
+                )
+            except ValueError as error:
+                raise ValueError(f"adapter {adapter.name!r} {'|'.join(group)}: {error}") from None
+        return MosForm(groups=groups, nbytes=sum(data.nbytes for data in groups.values()))
+
+    def fill(self, slot: int, form: DeviceForm) -> None:
+        assert isinstance(form, MosForm), type(form)
+        for group, stack in self._stacks.items():
+            data = form.groups.get(group)
+            if data is None:
+                stack.clear_slot(slot)
+            else:
+                stack.set_slot(slot, data)
+
+    def clear(self, slot: int) -> None:
+        for stack in self._stacks.values():
+            stack.clear_slot(slot)
+
+    def term(self, layer: int, group: Group) -> Term:
+        stack = self._stacks[tuple(group)]
+        return _CompactTerm(self._add, stack.layer(layer), stack.host_adapted[layer])
+
+    def plan(self, step: AdapterStep) -> AdapterStep:
+        return step  # the kernels read the step's segment tables directly: no plan
+
+
+CodesForm = tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[float]]
+
+
+@dataclass(frozen=True, eq=False)
+class CompeftForm:
+    """Per (layer, group) the adapter adapts: packed S_A and S_B codes per projection, and scales."""
+
+    groups: dict[tuple[int, Group], CodesForm]
+    rank: int
+    nbytes: int
+
+
+class CompeftSlotPool:
+    """ComPEFT adapters kept as ternary 2-bit codes (kernels.ternary)."""
+
+    kind = "compeft"
+
+    def __init__(
+        self,
+        spec: BaseModelSpec,
+        fused: Sequence[Group],
+        num_slots: int,
+        backend: LoraBackend,
+        device: torch.device | str,
+        *,
+        max_rank: int | None = None,
+    ) -> None:
+        from kernels.ternary import TernaryStack, ternary_add
+
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.spec = spec
+        self.num_slots = num_slots
+        self.backend = backend
+        self.max_rank = spec.max_rank if max_rank is None else max_rank
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+        self.device = torch.device(device)
+        self.groups = tuple(tuple(g) for g in fused)
+        self._add = functools.partial(ternary_add, reference=backend.name != "triton")
+        self._stacks: dict[tuple[int, Group], TernaryStack] = {}
+        for layer in range(spec.num_layers):
+            for group in self.groups:
+                widths = tuple(spec.features[p][1] for p in group)
+                self._stacks[layer, group] = TernaryStack.empty(
+                    num_slots, self.max_rank, _group_inputs(spec, group), widths, device=device
+                )
+        self.slot_nbytes = sum(stack.nbytes_per_slot for stack in self._stacks.values())
+
+    def stack(self, layer: int, group: Group) -> TernaryStack:
+        return self._stacks[layer, tuple(group)]
+
+    def refusal(self, adapter: LoadedAdapter) -> str | None:
+        if not isinstance(adapter, CompeftAdapter):
+            return f"holds only ComPEFT adapters, not {adapter.format}"
+        if adapter.rank > self.max_rank:
+            return f"rank {adapter.rank} exceeds the pool's max rank {self.max_rank}"
+        return _unknown_modules(adapter, self.spec, self.groups)
+
+    def accepts(self, adapter: LoadedAdapter) -> bool:
+        return self.refusal(adapter) is None
+
+    def prepare(self, adapter: LoadedAdapter) -> CompeftForm:
+        from kernels.ternary import pack_ternary
+
+        reason = self.refusal(adapter)
+        if reason is not None:
+            raise ValueError(f"adapter {adapter.name!r}: {reason}")
+        assert isinstance(adapter, CompeftAdapter)
+        factors = adapter.ternary()
+        extra = sorted(key for key in factors if key[0] >= self.spec.num_layers)
+        if extra:
+            raise ValueError(f"adapter {adapter.name!r}: module {extra[0]} is outside the model")
+        gamma_squared = adapter.gamma * adapter.gamma
+        groups: dict[tuple[int, Group], CodesForm] = {}
+        nbytes = 0
+        for (layer, group), stack in self._stacks.items():
+            codes_a: list[torch.Tensor | None] = []
+            codes_b: list[torch.Tensor | None] = []
+            scales: list[float] = []
+            for projection, width in zip(group, stack.output_slices, strict=True):
+                f = factors.get((layer, projection))
+                if f is None:
+                    codes_a.append(None)
+                    codes_b.append(None)
+                    scales.append(0.0)
+                    continue
+                if f.sign_A.shape != (f.rank, stack.in_features) or f.sign_B.shape != (width, f.rank):
+                    raise ValueError(
+                        f"adapter {adapter.name!r} layer {layer} {projection}: expected signs "
+                        f"[{f.rank}, {stack.in_features}] and [{width}, {f.rank}], got "
+                        f"{tuple(f.sign_A.shape)} and {tuple(f.sign_B.shape)}"
+                    )
+                try:
+                    a, b = pack_ternary(f.sign_A), pack_ternary(f.sign_B)
+                except ValueError as error:
+                    raise ValueError(
+                        f"adapter {adapter.name!r} layer {layer} {projection}: {error}"
+                    ) from None
+                nbytes += 4 * (a.numel() + b.numel())
+                codes_a.append(a.to(self.device))
+                codes_b.append(b.to(self.device))
+                scales.append(f.scale * gamma_squared)
+            if any(a is not None for a in codes_a):
+                groups[layer, group] = (codes_a, codes_b, scales)
+        return CompeftForm(groups=groups, rank=adapter.rank, nbytes=nbytes)
+
+    def fill(self, slot: int, form: DeviceForm) -> None:
+        assert isinstance(form, CompeftForm), type(form)
+        for key, stack in self._stacks.items():
+            parts = form.groups.get(key)
+            if parts is None:
+                stack.clear_slot(slot)
+            else:
+                stack.set_slot(slot, *parts)
+
+    def clear(self, slot: int) -> None:
+        for stack in self._stacks.values():
+            stack.clear_slot(slot)
+
+    def term(self, layer: int, group: Group) -> Term:
+        stack = self._stacks[layer, tuple(group)]
+        return _CompactTerm(self._add, stack, stack.host_ranks)
+
+    def plan(self, step: AdapterStep) -> AdapterStep:
+        return step  # the kernels read the step's segment tables directly: no plan

@@ -87,6 +87,7 @@ class CompeftCodes:
     sigma: float
     gamma: float
     source_checksum: str
+    balanced: bool = False  # each module's A and B were rescaled to equal norms before step 1
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +96,17 @@ class CompeftCodes:
     def with_alpha(self, alpha: float) -> CompeftCodes:
         """The same codes with another alpha: only gamma changes (the served delta scales as alpha**2)."""
         return replace(self, alpha=alpha, gamma=alpha * self.sigma)
+
+    def kept_fractions(self) -> tuple[float, float]:
+        """The fraction of all A entries and of all B entries kept: far apart means one factor lost its terms."""
+        dense = decode_dense(self.rice, self.total_elements, "compeft codes")
+        kept, sizes = [0, 0], [0, 0]
+        for m in self.modules:
+            split = m.offset + m.rank * m.in_features
+            for side, (start, end) in enumerate(((m.offset, split), (split, m.offset + m.numel))):
+                kept[side] += int(dense[start:end].count_nonzero())
+                sizes[side] += end - start
+        return kept[0] / sizes[0], kept[1] / sizes[1]
 
     def ternary(self, where: str = "compeft codes") -> dict[ModuleKey, TernaryFactors]:
         """Per module its int8 signs (views of one decoded vector) and LoRA scale."""
@@ -108,8 +120,15 @@ class CompeftCodes:
         return factors
 
 
-def compress_compeft(source: LoadedAdapter, density: float, alpha: float) -> CompeftCodes:
-    """ComPEFT of `source`'s LoRA factors (any format; PEFT LoRA in practice) at `density` and `alpha`."""
+def compress_compeft(
+    source: LoadedAdapter, density: float, alpha: float, *, balance: bool = False
+) -> CompeftCodes:
+    """ComPEFT of `source`'s LoRA factors (any format; PEFT LoRA in practice) at `density` and `alpha`.
+
+    balance: first rescale each module's A by c and B by 1/c, c = sqrt(||B|| / ||A||) (the
+    product B A, and so the adapter, is unchanged), so that one global threshold does not keep
+    nearly all of the larger factor and almost nothing of the other. Off: ComPEFT as published.
+    """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if not (np.isfinite(alpha) and alpha > 0):
@@ -120,9 +139,14 @@ def compress_compeft(source: LoadedAdapter, density: float, alpha: float) -> Com
         w = weights[layer, projection]
         out_features, in_features = w.B.shape[0], w.A.shape[1]
         modules.append(ModuleLayout(layer, projection, w.rank, in_features, out_features, w.scale, offset))
-        parts += [w.A.reshape(-1), w.B.reshape(-1)]
+        a, b = w.A.double(), w.B.double()
+        norm_a, norm_b = float(a.norm()), float(b.norm())
+        if balance and norm_a > 0 and norm_b > 0:
+            c = (norm_b / norm_a) ** 0.5
+            a, b = a * c, b / c
+        parts += [a.reshape(-1), b.reshape(-1)]
         offset += modules[-1].numel
-    tau = torch.cat(parts).to(torch.float64)  # [n]
+    tau = torch.cat(parts)  # [n] float64
     if tau.numel() < 2:
         raise ValueError("an adapter of fewer than 2 elements has no standard deviation")
     sigma = float(torch.std(tau))  # Bessel-corrected
@@ -145,6 +169,7 @@ def compress_compeft(source: LoadedAdapter, density: float, alpha: float) -> Com
         sigma=sigma,
         gamma=gamma,
         source_checksum=source.checksum,
+        balanced=balance,
     )
 
 
@@ -175,6 +200,7 @@ def save_compeft(
         total_elements=codes.total_elements,
         kept=codes.rice.kept,
         modules=codes.modules,
+        balanced=codes.balanced,
     )
     document = {**config_json(config), **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
@@ -251,6 +277,7 @@ def load_compeft(
         sigma=config.sigma,
         gamma=config.gamma,
         source_checksum=config.source_checksum,
+        balanced=config.balanced,
     )
     adapted = {m.projection for m in config.modules}
     return CodedCompeftAdapter(

@@ -14,6 +14,8 @@ The fields (see adapters_store/compeft.py for the whole format):
     rice_k            the Golomb-Rice parameter, 0 .. MAX_RICE_K
     total_elements    the length of tau: the sum of every module's rank * (in + out)
     kept              entries kept (nonzero in the reconstruction), 0 .. total_elements
+    balanced          optional, default false: each module's A and B were rescaled to equal norms
+                      before compressing (B A unchanged); informational, readers need not use it
     modules           one object per adapted module, sorted by PEFT key name, each with
                       layer, projection, rank, in_features, out_features, scale (the LoRA scale:
                       alpha/r, alpha/sqrt(r) with rslora, rank_pattern and alpha_pattern applied)
@@ -76,6 +78,7 @@ class CompeftConfig:
     total_elements: int
     kept: int
     modules: tuple[ModuleLayout, ...]
+    balanced: bool = False
 
 
 def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) -> CompeftConfig:
@@ -120,8 +123,22 @@ def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) 
     modules = _modules(raw.get("modules"), spec, fail)
     if total != sum(m.numel for m in modules):
         raise fail("total_elements", f"= {total}, but the modules hold {sum(m.numel for m in modules)}")
+    balanced = raw.get("balanced", False)
+    if not isinstance(balanced, bool):
+        raise fail("balanced", f"must be true or false, got {shown(balanced)}")
     return CompeftConfig(
-        base_model, density, alpha, sigma, gamma, source_checksum, checksum, rice_k, total, kept, modules
+        base_model,
+        density,
+        alpha,
+        sigma,
+        gamma,
+        source_checksum,
+        checksum,
+        rice_k,
+        total,
+        kept,
+        modules,
+        balanced,
     )
 
 
@@ -141,6 +158,7 @@ def config_json(config: CompeftConfig) -> dict[str, Any]:
         "rice_k": config.rice_k,
         "total_elements": config.total_elements,
         "kept": config.kept,
+        "balanced": config.balanced,
         "modules": [
             {
                 "layer": m.layer,

@@ -126,7 +126,8 @@ def decode_positions(codes: RiceCodes, total: int, where: str) -> np.ndarray:
     `where` and the stream when the codes are malformed (wrong bit counts, truncated, out of range)."""
     kept, k = codes.kept, codes.k
     unary = codes.unary.numpy()
-    ends = np.flatnonzero(np.unpackbits(unary))  # bit index of each terminator
+    # bit index of each terminator (nonzero on a bool view is several times faster than on uint8)
+    ends = np.flatnonzero(np.unpackbits(unary).view(np.bool_))
     if ends.size != kept:
         raise AdapterError(
             f"{where}: tensor unary holds {ends.size} terminator bits, expected kept = {kept} "
@@ -165,10 +166,10 @@ def decode_positions(codes: RiceCodes, total: int, where: str) -> np.ndarray:
 
 def decode_signs(codes: RiceCodes, where: str) -> np.ndarray:
     """The kept entries' signs, int8 [kept] in {-1, +1}."""
-    bits = np.unpackbits(codes.signs.numpy())
+    bits = np.unpackbits(codes.signs.numpy()).view(np.int8)
     if bits[codes.kept :].any():
         raise AdapterError(f"{where}: tensor signs has bits set in its padding after {codes.kept} bits")
-    return (1 - 2 * bits[: codes.kept].astype(np.int8)).astype(np.int8)
+    return 1 - 2 * bits[: codes.kept]
 
 
 def decode_dense(codes: RiceCodes, total: int, where: str) -> torch.Tensor:

@@ -18,6 +18,13 @@ from adapters_store.adapter import (
     TernaryFactors,
 )
 from adapters_store.compact_pools import CompeftSlotPool, MosSlotPool
+from adapters_store.compeft import (
+    CodedCompeftAdapter,
+    CompeftCodes,
+    compress_compeft,
+    load_compeft,
+    save_compeft,
+)
 from adapters_store.device_slots import DeviceSlots, DeviceStep, ReadyAdapter
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from adapters_store.formats import FORMAT_REGISTRY, FORMATS, AdapterFormat, detect_format, load_adapter
@@ -42,6 +49,8 @@ __all__ = [
     "AdapterStore",
     "AdapterTooLarge",
     "BaseModelSpec",
+    "CodedCompeftAdapter",
+    "CompeftCodes",
     "CompeftAdapter",
     "CompeftSlotPool",
     "DeviceForm",
@@ -62,10 +71,13 @@ __all__ = [
     "StoredAdapter",
     "TernaryFactors",
     "check_adapter_name",
+    "compress_compeft",
     "detect_format",
     "is_adapter_name",
     "load_adapter",
+    "load_compeft",
     "load_mos",
     "load_peft_lora",
+    "save_compeft",
     "save_mos",
 ]

@@ -5,8 +5,8 @@ this format's; it may raise AdapterError for a directory of its kind in a varian
 a PEFT directory of another peft_type) and `load(directory, spec, name, label=, max_bytes=)
 -> LoadedAdapter`, where `label` is the directory as messages name it (relative to its adapter
 root, never an absolute path) and `max_bytes` the host memory one adapter may take. `files`
-are the files its loader reads (their stat fingerprints a loaded version). `peft-lora` and `mos`
-exist so far; `compeft` adds its own entry to FORMAT_REGISTRY.
+are the files its loader reads (their stat fingerprints a loaded version): `peft-lora`, `mos` and
+`compeft`.
 This module reads at most the small JSON config needed to tell formats apart.
 """
 
@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 from adapters_store.adapter import LoadedAdapter
+from adapters_store.compeft import WEIGHTS_FILE as COMPEFT_WEIGHTS_FILE
+from adapters_store.compeft import load_compeft
+from adapters_store.compeft_config import CONFIG_FILE as COMPEFT_CONFIG_FILE
+from adapters_store.compeft_config import FORMAT as COMPEFT
 from adapters_store.errors import AdapterError, shown
 from adapters_store.mos import CONFIG_FILE as MOS_CONFIG_FILE
 from adapters_store.mos import FORMAT as MOS
@@ -71,9 +75,27 @@ def _claims_mos(directory: Path, label: str) -> bool:
     return (directory / MOS_CONFIG_FILE).is_file()  # its "format" field is load_mos's to check
 
 
+def _claims_compeft(directory: Path, label: str) -> bool:
+    config_path = directory / COMPEFT_CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    source = f"{label}/{COMPEFT_CONFIG_FILE}"
+    format_name = read_config_json(config_path, source).get("format")
+    if format_name != COMPEFT:
+        raise AdapterError(f"{source}: format {shown(format_name)} is not supported; expected {COMPEFT!r}")
+    return True
+
+
 FORMAT_REGISTRY: tuple[AdapterFormat, ...] = (
     AdapterFormat(PEFT_LORA, (CONFIG_FILE,), (CONFIG_FILE, WEIGHTS_FILE), _claims_peft_lora, load_peft_lora),
     AdapterFormat(MOS, (MOS_CONFIG_FILE,), (MOS_CONFIG_FILE, MOS_WEIGHTS_FILE), _claims_mos, load_mos),
+    AdapterFormat(
+        COMPEFT,
+        (COMPEFT_CONFIG_FILE,),
+        (COMPEFT_CONFIG_FILE, COMPEFT_WEIGHTS_FILE),
+        _claims_compeft,
+        load_compeft,
+    ),
 )
 LOADERS: dict[str, Loader] = {f.name: f.load for f in FORMAT_REGISTRY}
 FORMATS = tuple(LOADERS)
@@ -101,6 +123,8 @@ def detect_format(directory: Path | str, label: str | None = None) -> str:
     raise AdapterError(
         f"{label} holds no adapter loramux recognises: expected {CONFIG_FILE} + "
         f"{WEIGHTS_FILE} (a PEFT LoRA directory) or {MOS_CONFIG_FILE} + {MOS_WEIGHTS_FILE} (a MoS directory)"
+        f"{WEIGHTS_FILE} (a PEFT LoRA directory) or {COMPEFT_CONFIG_FILE} + {COMPEFT_WEIGHTS_FILE} "
+        "(a compeft directory, from `loramux compress`)"
     )
 
 

@@ -111,7 +111,9 @@ def main(args: argparse.Namespace) -> int:
         config = ServerConfig(
             device="cpu",
             threads=args.threads,
-            engine=EngineConfig(max_running=args.batch, max_queue=4096, max_batched_tokens=max(512, args.batch)),
+            engine=EngineConfig(
+                max_running=args.batch, max_queue=4096, max_batched_tokens=max(512, args.batch)
+            ),
             adapters=AdapterConfig(roots=(str(root),), max_slots=args.batch, max_rank=8, host_cache_mb=1024),
         )
         engine = build_engine(config)

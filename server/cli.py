@@ -6,6 +6,7 @@
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
     loramux train     train a PEFT LoRA adapter on the base model from a JSONL file (CPU)
+    loramux compress  compress a PEFT LoRA adapter (ComPEFT) and report its fidelity
     loramux export    write an adapter of any format as a PEFT LoRA directory
     loramux eval      score a running server (base and/or an adapter) on a demo task's held-out set
     loramux bench engine|adapters|attack|...   benchmarks (flags belong to bench.<name>_bench)
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_bench(commands)
     _add_train(commands)
+    _add_compress(commands)
     _add_export(commands)
     return parser
 
@@ -624,6 +626,78 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the same adapter at the same thread count",
     )
     train.set_defaults(handler=cmd_train)
+
+
+# -- compress ------------------------------------------------------------------------------
+
+
+def _add_compress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from server.compress_commands import cmd_compress  # the handler; it imports torch only when run
+
+    compress = commands.add_parser(
+        "compress",
+        help="compress a PEFT LoRA adapter (ComPEFT) and report its fidelity",
+        description="Writes DST, a compeft adapter that `loramux serve` serves: the top --density "
+        "fraction of the adapter's LoRA entries by magnitude, kept as signs with one scale gamma = "
+        "alpha * std. Prints its size and its fidelity (top-1 agreement, mean KL) against the "
+        "uncompressed adapter on held-out prompts: --prompts, else SRC/examples.jsonl, else built-in "
+        'ones; each line {"prompt": ...}; the first half calibrates --alpha auto, the second is reported.',
+    )
+    compress.add_argument("src", metavar="SRC", help="the PEFT LoRA adapter directory to compress")
+    compress.add_argument("dst", metavar="DST", help="the directory to write (new or empty)")
+    compress.add_argument("--method", choices=["compeft"], default="compeft", help="(default: %(default)s)")
+    compress.add_argument(
+        "--density", type=_density, required=True, help="fraction of entries kept, in (0, 1], e.g. 0.1"
+    )
+    compress.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=None,
+        metavar="A|auto",
+        help="gamma = alpha * std of the entries; auto picks it by least mean KL on the calibration "
+        "prompts (default: auto)",
+    )
+    compress.add_argument(
+        "--model", default=None, help="checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct)"
+    )
+    compress.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted-model cache (default: $LORAMUX_CACHE or ~/.cache/loramux)",
+    )
+    compress.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE.jsonl",
+        help='calibration and report prompts, {"prompt": ...} per line',
+    )
+    compress.add_argument(
+        "--balance",
+        action="store_true",
+        help="first rescale each module's A and B to equal norms (B A unchanged), so that the one "
+        "global threshold keeps entries of both; without it a trained LoRA whose A is larger than "
+        "its B can keep almost nothing of B",
+    )
+    compress.set_defaults(handler=cmd_compress)
+
+
+def _density(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _alpha(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number or auto, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number or auto, got {text}")
+    return value
 
 
 # -- export --------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ test_compact_*."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,12 +16,12 @@ from adapters_store import MosLayout, load_adapter
 from adapters_store.compeft import compress_compeft, save_compeft
 from adapters_store.export import export_peft_lora
 from adapters_store.spec import BaseModelSpec
+from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
 from server.model.batch import DecodeSeq, StepBatch
 from server.model.kv_cache import KVCache
-from tests.adapters_store.mos_cases import random_mos
-from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.runtime import build_engine
+from tests.adapters_store.mos_cases import random_mos
 from tests.test_adapters_engine import _save_adapter
 
 CPU = torch.device("cpu")

@@ -1,0 +1,331 @@
+"""ComPEFT adapters (`compeft`): a LoRA compressed to sparse signs with one scale, compressed, saved and served.
+
+Compression (`compress_compeft`), following ComPEFT (Yadav et al. 2023):
+
+1. tau = every lora_A and lora_B of the source adapter, flattened row-major and concatenated in
+   the order of their PEFT key names (`base_model.model.model.layers.{i}.{block}.{proj}.lora_{A|B}.weight`
+   sorted as strings: per module A [rank, in] then B [out, rank], modules sorted by PEFT name).
+2. sigma = torch.std(tau), Bessel-corrected (divides by n - 1), computed in float64.
+3. keep = the k = max(1, round(density * n)) entries of largest |tau| (one global threshold;
+   Python's round, half to even; ties in |tau| go to the lower index), minus any that are
+   exactly zero (their sign is 0, so they reconstruct as dropped).
+4. gamma = alpha * sigma. Reconstruction: `A^ = gamma * sign(A) * mask_A`, `B^ = gamma * sign(B) * mask_B`
+   (A and B separately, never their product); served as `y += scale * B^ (A^ x)` with each module's
+   LoRA scale from the source (PEFT's alpha / r, rank_pattern, alpha_pattern, rslora).
+
+A directory holds two files:
+
+- `compeft_config.json`: format, version, density, alpha, sigma, gamma, the checksums, the Rice
+  parameter `rice_k`, `total_elements` (n), `kept` (K) and the module layout; every field is
+  described in adapters_store/compeft_config.py.
+- `compeft_model.safetensors`: three 1-D U8 tensors, the streams described in
+  adapters_store/compeft_codec.py: `unary` (the Golomb-Rice quotients of the gaps between kept
+  positions, in unary), `remainders` (their k-bit remainders) and `signs` (1 = negative).
+  Positions index tau; the config's module offsets say which module each belongs to.
+
+A reader: decode the positions and signs (compeft_codec.py), scatter the signs into an int8
+vector of n zeros, cut it into each module's A and B by offset and shape, multiply by gamma.
+
+The loader checks the config (types, ranges, shapes against the base model, ranks, gamma and
+scales within adapters_store.limits), then the weight file's header (names, dtypes, the stream
+sizes the counts imply, `max_bytes`), before reading any data; then the file's checksum against
+the config's and every code (bit counts, padding, positions within n). A refused directory
+raises AdapterError naming the field or tensor and the file, and leaves nothing loaded. The host
+form keeps the codes as stored (nbytes counts the coded bytes); `ternary()` decodes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from adapters_store.adapter import CompeftAdapter, LoadedAdapter, ModuleKey, TernaryFactors
+from adapters_store.compeft_codec import (
+    RiceCodes,
+    check_stream_sizes,
+    decode_dense,
+    decode_positions,
+    decode_signs,
+    encode_rice,
+)
+from adapters_store.compeft_config import (
+    CONFIG_FILE,
+    FORMAT,
+    CompeftConfig,
+    ModuleLayout,
+    config_json,
+    parse_compeft_config,
+)
+from adapters_store.errors import AdapterError, AdapterTooLarge, shown
+from adapters_store.limits import MAX_ABS_WEIGHT
+from adapters_store.peft_config import read_config_json
+from adapters_store.safetensors_header import SafetensorsHeader, read_header
+from adapters_store.spec import BaseModelSpec, module_name
+
+WEIGHTS_FILE = "compeft_model.safetensors"
+STREAMS = ("unary", "remainders", "signs")
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class CompeftCodes:
+    """A compressed adapter in memory: its coded positions and signs, the module layout and the scalars."""
+
+    rice: RiceCodes
+    modules: tuple[ModuleLayout, ...]  # sorted by PEFT key, end to end in tau
+    total_elements: int
+    density: float
+    alpha: float
+    sigma: float
+    gamma: float
+    source_checksum: str
+    balanced: bool = False  # each module's A and B were rescaled to equal norms before step 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.rice.nbytes
+
+    def with_alpha(self, alpha: float) -> CompeftCodes:
+        """The same codes with another alpha: only gamma changes (the served delta scales as alpha**2)."""
+        return replace(self, alpha=alpha, gamma=alpha * self.sigma)
+
+    def kept_fractions(self) -> tuple[float, float]:
+        """The fraction of all A entries and of all B entries kept: far apart means one factor lost its terms."""
+        dense = decode_dense(self.rice, self.total_elements, "compeft codes")
+        kept, sizes = [0, 0], [0, 0]
+        for m in self.modules:
+            split = m.offset + m.rank * m.in_features
+            for side, (start, end) in enumerate(((m.offset, split), (split, m.offset + m.numel))):
+                kept[side] += int(dense[start:end].count_nonzero())
+                sizes[side] += end - start
+        return kept[0] / sizes[0], kept[1] / sizes[1]
+
+    def ternary(self, where: str = "compeft codes") -> dict[ModuleKey, TernaryFactors]:
+        """Per module its int8 signs (views of one decoded vector) and LoRA scale."""
+        dense = decode_dense(self.rice, self.total_elements, where).numpy()
+        factors = {}
+        for m in self.modules:  # numpy slicing: a third of the cost of torch views over ~200 modules
+            split = m.offset + m.rank * m.in_features
+            sign_a = torch.from_numpy(dense[m.offset : split].reshape(m.rank, m.in_features))
+            sign_b = torch.from_numpy(dense[split : m.offset + m.numel].reshape(m.out_features, m.rank))
+            factors[m.layer, m.projection] = TernaryFactors(sign_A=sign_a, sign_B=sign_b, scale=m.scale)
+        return factors
+
+
+def compress_compeft(
+    source: LoadedAdapter, density: float, alpha: float, *, balance: bool = False
+) -> CompeftCodes:
+    """ComPEFT of `source`'s LoRA factors (any format; PEFT LoRA in practice) at `density` and `alpha`.
+
+    balance: first rescale each module's A by c and B by 1/c, c = sqrt(||B|| / ||A||) (the
+    product B A, and so the adapter, is unchanged), so that one global threshold does not keep
+    nearly all of the larger factor and almost nothing of the other. Off: ComPEFT as published.
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
+    weights = source.lora_weights()
+    modules, parts, offset = [], [], 0
+    for layer, projection in sorted(weights, key=lambda key: module_name(*key)):
+        w = weights[layer, projection]
+        out_features, in_features = w.B.shape[0], w.A.shape[1]
+        modules.append(ModuleLayout(layer, projection, w.rank, in_features, out_features, w.scale, offset))
+        a, b = w.A.double(), w.B.double()
+        norm_a, norm_b = float(a.norm()), float(b.norm())
+        if balance and norm_a > 0 and norm_b > 0:
+            c = (norm_b / norm_a) ** 0.5
+            a, b = a * c, b / c
+        parts += [a.reshape(-1), b.reshape(-1)]
+        offset += modules[-1].numel
+    tau = torch.cat(parts)  # [n] float64
+    if tau.numel() < 2:
+        raise ValueError("an adapter of fewer than 2 elements has no standard deviation")
+    sigma = float(torch.std(tau))  # Bessel-corrected
+    values = tau.numpy()
+    count = max(1, round(density * values.size))
+    keep = np.argsort(-np.abs(values), kind="stable")[:count]  # ties: lower index first
+    positions = np.sort(keep)
+    positions = positions[values[positions] != 0]
+    gamma = alpha * sigma
+    if not gamma <= MAX_ABS_WEIGHT:
+        raise ValueError(
+            f"gamma = alpha * sigma = {gamma:g} is above {MAX_ABS_WEIGHT:g}; use a smaller alpha"
+        )
+    return CompeftCodes(
+        rice=encode_rice(positions, values[positions] < 0),
+        modules=tuple(modules),
+        total_elements=int(values.size),
+        density=float(density),
+        alpha=float(alpha),
+        sigma=sigma,
+        gamma=gamma,
+        source_checksum=source.checksum,
+        balanced=balance,
+    )
+
+
+def save_compeft(
+    codes: CompeftCodes,
+    directory: Path | str,
+    *,
+    base_model: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> CompeftConfig:
+    """Write `codes` as a compeft directory (created if missing): the weights first, the config last,
+    so a directory is recognised only once complete. `extra`: more config keys (e.g. "fidelity")."""
+    directory = Path(directory)
+    directory.mkdir(exist_ok=True)
+    data = safetensors.torch.save(
+        {"unary": codes.rice.unary, "remainders": codes.rice.remainders, "signs": codes.rice.signs}
+    )
+    (directory / WEIGHTS_FILE).write_bytes(data)
+    config = CompeftConfig(
+        base_model=base_model,
+        density=codes.density,
+        alpha=codes.alpha,
+        sigma=codes.sigma,
+        gamma=codes.gamma,
+        source_checksum=codes.source_checksum,
+        checksum="sha256:" + hashlib.sha256(data).hexdigest(),
+        rice_k=codes.rice.k,
+        total_elements=codes.total_elements,
+        kept=codes.rice.kept,
+        modules=codes.modules,
+        balanced=codes.balanced,
+    )
+    document = {**config_json(config), **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return config
+
+
+@dataclass(frozen=True, eq=False)
+class CodedCompeftAdapter(CompeftAdapter):
+    """A loaded compeft adapter whose host form is the codes as stored."""
+
+    codes: CompeftCodes
+
+    def ternary(self) -> Mapping[ModuleKey, TernaryFactors]:
+        return self.codes.ternary(f"{self.name}/{WEIGHTS_FILE}")
+
+
+def load_compeft(
+    directory: Path | str,
+    spec: BaseModelSpec,
+    name: str,
+    *,
+    label: str | None = None,
+    max_bytes: int | None = None,
+) -> CodedCompeftAdapter:
+    """Load and validate the compeft adapter in `directory` against `spec`, registered as `name`.
+
+    label: the directory as messages name it (default its name); max_bytes: the most host memory
+    (the coded bytes) the adapter may take, else AdapterTooLarge before its data is read.
+    """
+    directory = Path(directory)
+    label = label or directory.name
+    config_source = f"{label}/{CONFIG_FILE}"
+    config = parse_compeft_config(
+        read_config_json(directory / CONFIG_FILE, config_source), spec, config_source
+    )
+    where = f"{label}/{WEIGHTS_FILE}"
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        what = "is missing" if not path.exists() else "is not a regular file"
+        raise AdapterError(f"{where} {what}: a compeft directory needs it beside {CONFIG_FILE}")
+    try:
+        with path.open("rb") as file:
+            header = read_header(file, where)
+            _check_header(header, config, where)
+            nbytes = header.file_size - header.data_start
+            if max_bytes is not None and nbytes > max_bytes:
+                raise AdapterTooLarge(
+                    f"{where}: the adapter needs {nbytes / MiB:.1f} MiB of host memory, more than the "
+                    f"{max_bytes / MiB:.1f} MiB one adapter may take; raise --max-adapter-mb (at most "
+                    "--host-cache-mb) or use a smaller adapter"
+                )
+            file.seek(0)
+            data = file.read(header.file_size + 1)
+    except OSError as exc:
+        raise AdapterError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) != header.file_size:
+        raise AdapterError(f"{where} changed while it was read; try again once it is written")
+    checksum = "sha256:" + hashlib.sha256(data).hexdigest()
+    if checksum != config.checksum:
+        raise AdapterError(
+            f"{where}: its checksum {checksum} does not match the config's checksum {config.checksum} "
+            f"({CONFIG_FILE}); the file is corrupt or belongs to another config: compress the adapter again"
+        )
+    streams = {stream: _stream(data, header, stream) for stream in STREAMS}  # copies, not views of `data`
+    rice = RiceCodes(**streams, k=config.rice_k, kept=config.kept)
+    decode_positions(rice, config.total_elements, where)  # every code checked once, at load
+    decode_signs(rice, where)
+    codes = CompeftCodes(
+        rice=rice,
+        modules=config.modules,
+        total_elements=config.total_elements,
+        density=config.density,
+        alpha=config.alpha,
+        sigma=config.sigma,
+        gamma=config.gamma,
+        source_checksum=config.source_checksum,
+        balanced=config.balanced,
+    )
+    adapted = {m.projection for m in config.modules}
+    return CodedCompeftAdapter(
+        name=name,
+        format=FORMAT,
+        source=directory,
+        checksum=checksum,
+        nbytes=codes.nbytes,
+        rank=max(m.rank for m in config.modules),
+        target_modules=tuple(p for p in spec.projections if p in adapted),
+        gamma=config.gamma,
+        density=config.density,
+        codes=codes,
+    )
+
+
+def _check_header(header: SafetensorsHeader, config: CompeftConfig, where: str) -> None:
+    """Exactly the three 1-D U8 streams, of the sizes the config's counts imply."""
+    for name in sorted(header.tensors):
+        if name not in STREAMS:
+            raise AdapterError(
+                f"{where}: unexpected tensor {shown(name)}; a compeft file holds {', '.join(STREAMS)}"
+            )
+    sizes = {}
+    for name in STREAMS:
+        entry = header.tensors.get(name)
+        if entry is None:
+            raise AdapterError(f"{where}: missing tensor {name}; a compeft file holds {', '.join(STREAMS)}")
+        if entry.dtype != "U8":
+            raise AdapterError(f"{where}: tensor {name} has dtype {entry.dtype}; expected U8 (packed bits)")
+        if len(entry.shape) != 1:
+            raise AdapterError(
+                f"{where}: tensor {name} has shape {list(entry.shape)}; expected one dimension"
+            )
+        sizes[name] = entry.shape[0]
+    problem = check_stream_sizes(
+        sizes["unary"], sizes["remainders"], sizes["signs"], config.rice_k, config.kept, config.total_elements
+    )
+    if problem is not None:
+        raise AdapterError(
+            f"{where}: tensor {problem} (kept = {config.kept}, rice_k = {config.rice_k}, total_elements = "
+            f"{config.total_elements} in {CONFIG_FILE}); the file is truncated or does not match its config"
+        )
+
+
+def _stream(data: bytes, header: SafetensorsHeader, name: str) -> torch.Tensor:
+    entry = header.tensors[name]
+    if entry.begin == entry.end:
+        return torch.empty(0, dtype=torch.uint8)
+    start = header.data_start + entry.begin
+    return torch.frombuffer(bytearray(data[start : header.data_start + entry.end]), dtype=torch.uint8)

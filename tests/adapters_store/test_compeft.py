@@ -1,0 +1,342 @@
+"""The compeft format: reconstruction against an independent ComPEFT oracle, the codes round-trip
+exactly, and every kind of malformed compressed directory is refused naming its field or tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from adapters_store import (
+    AdapterError,
+    AdapterTooLarge,
+    BaseModelSpec,
+    CodedCompeftAdapter,
+    compress_compeft,
+    detect_format,
+    load_adapter,
+    load_compeft,
+    load_peft_lora,
+    save_compeft,
+)
+from adapters_store.compeft_codec import bitmap_nbytes, decode_positions, decode_signs, encode_rice
+from tests.adapters_store.adapter_cases import peft_factors
+from tests.adapters_store.conftest import AdapterFactory
+
+CONFIG = "compeft_config.json"
+WEIGHTS = "compeft_model.safetensors"
+
+
+# -- the oracle: ComPEFT written out again from the paper's description, on PEFT's own files ------
+
+
+def oracle(source: Path, model: Any, density: float, alpha: float) -> dict[tuple[int, str], tuple]:
+    """(layer, projection) -> (A^, B^, scale) computed from the PEFT file and PEFT's own scaling."""
+    tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
+    keys = sorted(tensors)  # PEFT key names, as strings
+    tau = torch.cat([tensors[key].double().flatten() for key in keys])
+    sigma = tau.std(correction=1).item()
+    count = max(1, round(density * tau.numel()))
+    threshold = tau.abs().sort(descending=True).values[count - 1]  # random values: no ties
+    mask = tau.abs() >= threshold
+    assert int(mask.sum()) == count
+    recon = (alpha * sigma) * torch.sign(tau) * mask
+    scales = {key: scaling for key, (_, _, scaling) in peft_factors(model).items()}
+    out: dict[tuple[int, str], list] = {}
+    offset = 0
+    for key in keys:
+        numel = tensors[key].numel()
+        part = recon[offset : offset + numel].reshape(tensors[key].shape).float()
+        offset += numel
+        parts = key.split(".")
+        module = (int(parts[4]), parts[6])
+        out.setdefault(module, [None, None, scales[module]])[0 if parts[7] == "lora_A" else 1] = part
+    return {module: tuple(value) for module, value in out.items()}
+
+
+LORA_CONFIGS = {
+    "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    ),
+}
+
+
+def _compressed(make_adapter: AdapterFactory, spec: BaseModelSpec, kind: str, density: float, alpha: float):
+    source, model = make_adapter(name="src", **LORA_CONFIGS[kind])
+    codes = compress_compeft(load_peft_lora(source, spec, "src"), density, alpha)
+    target = source.parent / "c"
+    save_compeft(codes, target, base_model="tiny")
+    return source, model, codes, target
+
+
+@pytest.mark.parametrize("kind", list(LORA_CONFIGS))
+@pytest.mark.parametrize("density", [0.002, 0.1, 0.5, 1.0])
+def test_reconstruction_equals_compeft_computed_independently(
+    make_adapter: AdapterFactory, spec: BaseModelSpec, kind: str, density: float
+) -> None:
+    source, model, _, target = _compressed(make_adapter, spec, kind, density, alpha=2.5)
+    adapter = load_compeft(target, spec, "c")
+    expected = oracle(source, model, density, alpha=2.5)
+    loaded = adapter.lora_weights()
+    assert set(loaded) == set(expected)
+    for key, (a, b, scale) in expected.items():
+        torch.testing.assert_close(loaded[key].A, a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(loaded[key].B, b, rtol=1e-6, atol=0)
+        assert loaded[key].scale == pytest.approx(scale, rel=1e-12)
+    config = json.loads((target / CONFIG).read_text())
+    tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
+    tau = torch.cat([tensors[k].double().flatten() for k in sorted(tensors)])
+    assert config["sigma"] == pytest.approx(tau.std().item(), rel=1e-12)
+    assert config["gamma"] == pytest.approx(2.5 * config["sigma"], rel=1e-12)
+    digest = hashlib.sha256((source / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert config["source_checksum"] == f"sha256:{digest}"
+    assert config["kept"] == max(1, round(density * tau.numel()))
+    assert detect_format(target) == "compeft"
+    assert adapter.format == "compeft" and adapter.nbytes == adapter.codes.rice.nbytes
+
+
+def test_ties_go_to_the_lower_index_and_zeros_are_never_kept(
+    make_adapter: AdapterFactory, spec: BaseModelSpec
+) -> None:
+    source, _ = make_adapter(name="src", r=2, lora_alpha=2, target_modules=["q_proj"])
+
+    def flatten_then_fill(tensors: dict[str, torch.Tensor]) -> None:
+        for key in tensors:  # every |x| = 0.5, A's positive, B zero (PEFT's own initialisation of B)
+            tensors[key] = torch.full_like(tensors[key], 0.5) if "lora_A" in key else tensors[key] * 0
+
+    tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
+    flatten_then_fill(tensors)
+    safetensors.torch.save_file(tensors, source / "adapter_model.safetensors")
+    lora = load_peft_lora(source, spec, "src")
+    numel_a = 2 * 64  # per layer: A [2, 64] then B [64, 2]
+    codes = compress_compeft(lora, 0.05, 1.0)
+    count = round(0.05 * 4 * numel_a)
+    positions = decode_positions(codes.rice, codes.total_elements, "t")
+    assert positions.tolist() == list(range(count))  # the first `count` of layer 0's A
+    everything = compress_compeft(lora, 1.0, 1.0)  # density 1 keeps all but the zeros of B
+    ternary = everything.ternary()
+    for factors in ternary.values():
+        assert bool((factors.sign_A == 1).all()) and not factors.sign_B.any()
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 8, 9, 63, 64, 65, 1000, 4099])
+def test_codes_round_trip_over_sizes_densities_and_rice_parameters(total: int) -> None:
+    rng = np.random.default_rng(total)
+    for kept in sorted({1, max(1, total // 37), total // 2 or 1, total}):
+        positions = np.sort(rng.choice(total, kept, replace=False))
+        negative = rng.random(kept) < 0.5
+        for k in (None, 0, 1, 5, 12):
+            codes = encode_rice(positions, negative, k)
+            assert decode_positions(codes, total, "t").tolist() == positions.tolist()
+            assert (decode_signs(codes, "t") == np.where(negative, -1, 1)).all()
+
+
+def test_saved_codes_load_to_the_same_masks_and_signs(
+    make_adapter: AdapterFactory, spec: BaseModelSpec
+) -> None:
+    for density in (0.001, 0.03, 0.37, 1.0):
+        _, _, codes, target = _compressed(make_adapter, spec, "patterns", density, alpha=1.0)
+        loaded = load_adapter(target, spec, "c")
+        assert isinstance(loaded, CodedCompeftAdapter)
+        before, after = codes.ternary(), loaded.ternary()
+        assert set(before) == set(after)
+        for key in before:
+            assert torch.equal(before[key].sign_A, after[key].sign_A)
+            assert torch.equal(before[key].sign_B, after[key].sign_B)
+            assert before[key].sign_A.dtype == torch.int8
+
+
+def test_rice_codes_are_smaller_than_a_bitmap_at_low_density() -> None:
+    total = 200_000
+    rng = np.random.default_rng(0)
+    for density in (0.05, 0.1, 0.2):
+        kept = round(density * total)
+        codes = encode_rice(np.sort(rng.choice(total, kept, replace=False)), rng.random(kept) < 0.5)
+        assert codes.nbytes < bitmap_nbytes(total, kept)
+        entropy = -(density * math.log2(density) + (1 - density) * math.log2(1 - density))
+        assert codes.nbytes * 8 < 1.1 * (entropy * total + kept)  # within 10% of the bound
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def _edit_config(target: Path, **changes: Any) -> None:
+    config = json.loads((target / CONFIG).read_text())
+    for key, value in changes.items():
+        if key.startswith("module0_"):
+            config["modules"][0][key.removeprefix("module0_")] = value
+        else:
+            config[key] = value
+    (target / CONFIG).write_text(json.dumps(config))
+
+
+def _edit_tensors(target: Path, change: Any, *, resync: bool = True) -> None:
+    """Rewrite the streams; `resync` records the new file's checksum, so the later checks are reached."""
+    tensors = safetensors.torch.load_file(target / WEIGHTS)
+    change(tensors)
+    data = safetensors.torch.save(tensors)
+    (target / WEIGHTS).write_bytes(data)
+    if resync:
+        _edit_config(target, checksum="sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def _drop_last_byte(name: str) -> Any:
+    return lambda t: t.__setitem__(name, t[name][:-1].clone())
+
+
+def _add_byte(name: str, value: int = 0) -> Any:
+    return lambda t: t.__setitem__(name, torch.cat([t[name], torch.tensor([value], dtype=torch.uint8)]))
+
+
+def _set_padding_bit(name: str) -> Any:
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name][-1] |= 1  # kept = 781 is not a multiple of 8: the last bit is padding
+
+    return change
+
+
+def _past_the_end(tensors: dict[str, torch.Tensor]) -> None:
+    """Recode the positions with the last one moved beyond the elements (same k, counts, signs)."""
+    codes = _CODES["codes"]
+    positions = decode_positions(codes.rice, codes.total_elements, "t").copy()
+    positions[-1] = codes.total_elements + 2
+    recoded = encode_rice(positions, np.zeros(positions.size, dtype=bool), codes.rice.k)
+    tensors["unary"] = recoded.unary
+
+
+_CODES: dict[str, Any] = {}
+
+CONFIG_CASES = {
+    "density zero": (dict(density=0), "compeft_config.json: density = 0.0 must be in"),
+    "density above one": (dict(density=1.5), "density = 1.5 must be in"),
+    "density a string": (dict(density="0.1"), "density must be a number"),
+    "gamma not finite": (dict(gamma=float("nan")), "gamma = nan must be finite"),
+    "gamma out of range": (dict(gamma=1e6), "gamma = 1000000.0 is out of range"),
+    "gamma not alpha * sigma": (dict(gamma=0.5), "gamma = 0.5 is not alpha . sigma"),
+    "alpha negative": (dict(alpha=-1), "alpha = -1.0 must be > 0"),
+    "in_features": (
+        dict(module0_in_features=65),
+        r"modules\[0\].in_features = 65, but down_proj is 112 -> 64",
+    ),
+    "rank above max": (dict(module0_rank=17), r"modules\[0\].rank = 17 must be in \[1, 16\]"),
+    "scale": (dict(module0_scale=1e9), r"modules\[0\].scale = 1000000000.0; loramux accepts"),
+    "layer": (dict(module0_layer=2), r"modules\[0\].layer = 2, but the base model has 2 layers"),
+    "projection": (dict(module0_projection="lm_head"), r"modules\[0\].projection is 'lm_head'"),
+    "offset": (dict(module0_offset=1), r"modules\[0\].offset = 1, expected 0"),
+    "total": (dict(total_elements=7809), "total_elements = 7809, but the modules hold 7808"),
+    "kept": (dict(kept=10**7), "kept = 10000000 is more than total_elements"),
+    "checksum field": (dict(checksum="md5:00"), "checksum must be 'sha256:'"),
+    "version": (dict(version=2), "version is 2; loramux reads version 1"),
+    "rice_k": (dict(rice_k=99), "rice_k = 99 is above"),
+}
+
+TENSOR_CASES = {
+    "signs one bit short": (
+        _drop_last_byte("signs"),
+        "tensor signs holds 97 bytes; 781 kept entries need 98",
+    ),
+    "remainders too long": (_add_byte("remainders"), "tensor remainders holds 294 bytes"),
+    "unary truncated": (
+        _drop_last_byte("unary"),
+        r"tensor unary holds 77\d terminator bits, expected kept = 781",
+    ),
+    "unary runs on": (_add_byte("unary"), "tensor unary runs 1 bytes past its last terminator"),
+    "extra terminators": (_add_byte("unary", 255), "tensor unary holds 789 terminator bits"),
+    "positions past the end": (_past_the_end, "past the 7808 elements"),
+    "sign padding set": (_set_padding_bit("signs"), "tensor signs has bits set in its padding"),
+    "wrong dtype": (
+        lambda t: t.__setitem__("signs", t["signs"].to(torch.int8)),
+        "tensor signs has dtype I8; expected U8",
+    ),
+    "two dimensions": (
+        lambda t: t.__setitem__("signs", t["signs"].reshape(2, -1)),
+        r"tensor signs has shape \[2, 49\]; expected one dimension",
+    ),
+    "missing stream": (lambda t: t.pop("remainders"), "missing tensor remainders"),
+    "extra tensor": (
+        lambda t: t.__setitem__("mask", torch.zeros(3, dtype=torch.uint8)),
+        "unexpected tensor 'mask'",
+    ),
+}
+
+
+@pytest.fixture
+def compressed(make_adapter: AdapterFactory, spec: BaseModelSpec) -> Path:
+    """A density-0.1 all-linear rank-4 adapter: 7808 elements, 781 kept, rice_k 3."""
+    _, _, codes, target = _compressed(make_adapter, spec, "all-linear", 0.1, alpha=1.0)
+    assert (codes.total_elements, codes.rice.kept, codes.rice.k) == (7808, 781, 3)
+    _CODES["codes"] = codes
+    return target
+
+
+def _refused(target: Path, spec: BaseModelSpec, match: str, error: type = AdapterError) -> None:
+    with pytest.raises(error, match=match) as caught:
+        load_adapter(target, spec, "c", label="root/c")
+    assert "root/c/" in str(caught.value)  # names the file, relative to its root
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_fields_are_refused_by_name(compressed: Path, spec: BaseModelSpec, case: str) -> None:
+    changes, match = CONFIG_CASES[case]
+    _edit_config(compressed, **changes)
+    _refused(compressed, spec, match)
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_bad_codes_are_refused_by_tensor(compressed: Path, spec: BaseModelSpec, case: str) -> None:
+    change, match = TENSOR_CASES[case]
+    _edit_tensors(compressed, change)
+    _refused(compressed, spec, match)
+
+
+def test_checksum_mismatch_truncation_size_and_format_are_refused(
+    compressed: Path, spec: BaseModelSpec
+) -> None:
+    load_adapter(compressed, spec, "c")  # intact
+    with pytest.raises(AdapterTooLarge, match="compeft_model.safetensors: the adapter needs"):
+        load_adapter(compressed, spec, "c", max_bytes=100)
+    data = (compressed / WEIGHTS).read_bytes()
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x80  # one sign flipped: a well-formed file, but not the one the config describes
+    (compressed / WEIGHTS).write_bytes(bytes(flipped))
+    _refused(compressed, spec, "compeft_model.safetensors: its checksum sha256:[0-9a-f]+ does not match")
+    (compressed / WEIGHTS).write_bytes(data[:-10])
+    _refused(compressed, spec, "compeft_model.safetensors is not a valid safetensors file")
+    (compressed / WEIGHTS).unlink()
+    _refused(compressed, spec, "compeft_model.safetensors is missing")
+    _edit_config(compressed, format="mos")
+    with pytest.raises(AdapterError, match="format 'mos' is not supported"):
+        detect_format(compressed)
+
+
+def test_the_server_rank_limit_applies(compressed: Path) -> None:
+    small = BaseModelSpec.llama(
+        num_layers=2, hidden_size=64, intermediate_size=112, q_size=64, kv_size=32, max_rank=2
+    )
+    _refused(compressed, small, r"rank = 4 must be in \[1, 2\] \(the server's --max-rank\)")
+
+
+def test_shuffled_modules_are_refused(compressed: Path, spec: BaseModelSpec) -> None:
+    config = json.loads((compressed / CONFIG).read_text())
+    modules = config["modules"]
+    modules[0], modules[1] = modules[1], modules[0]
+    offset = 0
+    for module in modules:  # still end to end, but not in PEFT key order
+        module["offset"] = offset
+        offset += module["rank"] * (module["in_features"] + module["out_features"])
+    (compressed / CONFIG).write_text(json.dumps(config))
+    _refused(compressed, spec, r"modules\[1\] \(model.layers.0.mlp.down_proj\) is out of order")

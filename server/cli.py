@@ -673,10 +673,11 @@ def _add_compress(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     compress.add_argument(
         "--balance",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="first rescale each module's A and B to equal norms (B A unchanged), so that the one "
-        "global threshold keeps entries of both; without it a trained LoRA whose A is larger than "
-        "its B can keep almost nothing of B",
+        "global threshold keeps entries of both; --no-balance is ComPEFT as published, which keeps "
+        "almost nothing of B when a trained LoRA's A is larger than its B (default: balance)",
     )
     compress.set_defaults(handler=cmd_compress)
 

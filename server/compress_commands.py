@@ -54,7 +54,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
     kept_a, kept_b = codes.kept_fractions()
     print(f"kept {kept_a:.1%} of the lora_A entries and {kept_b:.1%} of the lora_B entries", end="")
     lopsided = not codes.balanced and min(kept_a, kept_b) < 0.1 * max(kept_a, kept_b)
-    print("; one factor kept almost nothing: try --balance" if lopsided else "")
+    print("; one factor kept almost nothing: compress without --no-balance" if lopsided else "")
     ours, base = result.fidelity, result.base_fidelity
     print(
         f"fidelity vs the uncompressed adapter on {ours.prompts} held-out prompts ({ours.positions} positions, "

@@ -200,7 +200,8 @@ def test_compress_with_a_fixed_alpha_writes_reports_and_serves(source, tmp_path,
     spec = _tiny_spec(base_dir)
     adapter = load_compeft(dst, spec, "c")
     assert adapter.gamma == pytest.approx(3.0 * config["sigma"])
-    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0).ternary()
+    assert config["balanced"] is True  # the default
+    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0, balance=True).ternary()
     for key, factors in adapter.ternary().items():
         assert torch.equal(factors.sign_A, expected[key].sign_A) and torch.equal(
             factors.sign_B, expected[key].sign_B
@@ -212,7 +213,7 @@ def test_compress_alpha_auto_picks_the_least_kl_and_beats_the_base_model(source,
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {w} twice."}) + "\n" for w in "abcdefgh"))
     dst = tmp_path / "auto"
-    args = ["compress", "--density", "0.5", "--alpha", "auto", "--balance", str(src), str(dst)]
+    args = ["compress", "--density", "0.5", "--alpha", "auto", str(src), str(dst)]
     assert main([*args, "--model", str(base_dir), "--prompts", str(prompts)]) == 0
     out = capsys.readouterr().out
     config = json.loads((dst / "compeft_config.json").read_text())
@@ -265,3 +266,16 @@ def test_user_errors_exit_1_and_leave_no_dst(source, tmp_path, capsys) -> None:
     not_lora.mkdir()
     assert main(["compress", "--density", "0.1", str(not_lora), str(tmp_path / "d3"), *model]) == 1
     assert "error: SRC: " in capsys.readouterr().err and not (tmp_path / "d3").exists()
+
+
+def test_no_balance_is_compeft_as_published(source, tmp_path, capsys) -> None:
+    base_dir, src = source
+    dst = tmp_path / "plain"
+    argv = ["compress", "--density", "0.2", "--alpha", "3", "--no-balance", str(src), str(dst)]
+    assert main([*argv, "--model", str(base_dir)]) == 0
+    assert json.loads((dst / "compeft_config.json").read_text())["balanced"] is False
+    spec = _tiny_spec(base_dir)
+    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0, balance=False).ternary()
+    for key, factors in load_compeft(dst, spec, "c").ternary().items():
+        assert torch.equal(factors.sign_A, expected[key].sign_A)
+        assert torch.equal(factors.sign_B, expected[key].sign_B)

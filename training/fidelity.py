@@ -73,7 +73,7 @@ class CompressConfig:
     cache_dir: str | None = None
     prompts: Path | None = None
     method: str = "compeft"
-    balance: bool = False  # equalise each module's ||A|| and ||B|| first (see compress_compeft)
+    balance: bool = True  # equalise each module's ||A|| and ||B|| first (see compress_compeft)
 
     def __post_init__(self) -> None:
         if self.method != "compeft":

@@ -37,10 +37,21 @@ WEIGHTS = "compeft_model.safetensors"
 # -- the oracle: ComPEFT written out again from the paper's description, on PEFT's own files ------
 
 
-def oracle(source: Path, model: Any, density: float, alpha: float) -> dict[tuple[int, str], tuple]:
-    """(layer, projection) -> (A^, B^, scale) computed from the PEFT file and PEFT's own scaling."""
+def oracle(
+    source: Path, model: Any, density: float, alpha: float, balance: bool = False
+) -> dict[tuple[int, str], tuple]:
+    """(layer, projection) -> (A^, B^, scale) computed from the PEFT file and PEFT's own scaling.
+
+    balance: each module's A times sqrt(|B| / |A|) and B divided by it first (Frobenius norms)."""
     tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
     keys = sorted(tensors)  # PEFT key names, as strings
+    if balance:
+        tensors = {key: tensor.double() for key, tensor in tensors.items()}
+        for key in keys:
+            if ".lora_A." in key:
+                partner = key.replace(".lora_A.", ".lora_B.")
+                c = (tensors[partner].norm() / tensors[key].norm()).sqrt()
+                tensors[key], tensors[partner] = tensors[key] * c, tensors[partner] / c
     tau = torch.cat([tensors[key].double().flatten() for key in keys])
     sigma = tau.std(correction=1).item()
     count = max(1, round(density * tau.numel()))
@@ -106,6 +117,38 @@ def test_reconstruction_equals_compeft_computed_independently(
     assert config["kept"] == max(1, round(density * tau.numel()))
     assert detect_format(target) == "compeft"
     assert adapter.format == "compeft" and adapter.nbytes == adapter.codes.rice.nbytes
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3])
+def test_balanced_reconstruction_equals_compeft_of_the_rescaled_factors(
+    make_adapter: AdapterFactory, spec: BaseModelSpec, density: float
+) -> None:
+    """`balance` (loramux compress's default) is ComPEFT on each module's A * c, B / c, c = sqrt(|B|/|A|):
+    the same adapter (B A unchanged), factors of equal norm, so both keep entries."""
+    source, model = make_adapter(name="src", **LORA_CONFIGS["all-linear"])
+    with torch.no_grad():  # a trained LoRA's A is larger than its B: make it so, lopsided
+        tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
+        tensors = {k: t * (4.0 if ".lora_A." in k else 0.25) for k, t in tensors.items()}
+        safetensors.torch.save_file(tensors, source / "adapter_model.safetensors")
+    adapter = load_peft_lora(source, spec, "src")
+    plain = compress_compeft(adapter, density, 2.0)
+    balanced = compress_compeft(adapter, density, 2.0, balance=True)
+    save_compeft(balanced, source.parent / "b", base_model="tiny")
+    loaded = load_compeft(source.parent / "b", spec, "b")
+    assert (
+        loaded.codes.balanced and json.loads((source.parent / "b" / CONFIG).read_text())["balanced"] is True
+    )
+    expected = oracle(source, model, density, alpha=2.0, balance=True)
+    weights = loaded.lora_weights()
+    for key, (a, b, scale) in expected.items():
+        torch.testing.assert_close(weights[key].A, a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(weights[key].B, b, rtol=1e-6, atol=0)
+        assert weights[key].scale == pytest.approx(scale, rel=1e-12)
+
+    def kept_b(codes: Any) -> int:
+        return sum(int(f.sign_B.count_nonzero()) for f in codes.ternary("x").values())
+
+    assert kept_b(plain) < kept_b(balanced)  # the lopsided adapter keeps more of B when balanced
 
 
 def test_ties_go_to_the_lower_index_and_zeros_are_never_kept(

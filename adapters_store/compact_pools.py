@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapters_store.adapter import CompeftAdapter, LoadedAdapter, MosAdapter
-from adapters_store.slot_pools import DeviceForm, Group, Term
+from adapters_store.slot_pools import DeviceForm, Group, StackedSlots, Term
 from adapters_store.spec import BaseModelSpec
 from kernels import AdapterStep, LoraBackend
 
@@ -77,7 +77,7 @@ class MosForm:
     nbytes: int
 
 
-class MosSlotPool:
+class MosSlotPool(StackedSlots):
     """Mixture-of-Shards adapters kept as shard pools + index tables (kernels.mos)."""
 
     kind = "mos"
@@ -159,9 +159,6 @@ class MosSlotPool:
                     return f"{'|'.join(group)}: {reason}"
         return None
 
-    def accepts(self, adapter: LoadedAdapter) -> bool:
-        return self.refusal(adapter) is None
-
     def prepare(self, adapter: LoadedAdapter) -> MosForm:
         reason = self.refusal(adapter)
         if reason is not None:
@@ -182,16 +179,7 @@ class MosSlotPool:
 
     def fill(self, slot: int, form: DeviceForm) -> None:
         assert isinstance(form, MosForm), type(form)
-        for group, stack in self._stacks.items():
-            data = form.groups.get(group)
-            if data is None:
-                stack.clear_slot(slot)
-            else:
-                stack.set_slot(slot, data)
-
-    def clear(self, slot: int) -> None:
-        for stack in self._stacks.values():
-            stack.clear_slot(slot)
+        self._fill_parts(slot, form.groups, unpack=False)
 
     def term(self, layer: int, group: Group) -> Term:
         stack = self._stacks[tuple(group)]
@@ -213,7 +201,7 @@ class CompeftForm:
     nbytes: int
 
 
-class CompeftSlotPool:
+class CompeftSlotPool(StackedSlots):
     """ComPEFT adapters kept as ternary 2-bit codes (kernels.ternary)."""
 
     kind = "compeft"
@@ -259,9 +247,6 @@ class CompeftSlotPool:
         if adapter.rank > self.max_rank:
             return f"rank {adapter.rank} exceeds the pool's max rank {self.max_rank}"
         return _unknown_modules(adapter, self.spec, self.groups)
-
-    def accepts(self, adapter: LoadedAdapter) -> bool:
-        return self.refusal(adapter) is None
 
     def prepare(self, adapter: LoadedAdapter) -> CompeftForm:
         from kernels.ternary import pack_ternary
@@ -310,16 +295,7 @@ class CompeftSlotPool:
 
     def fill(self, slot: int, form: DeviceForm) -> None:
         assert isinstance(form, CompeftForm), type(form)
-        for key, stack in self._stacks.items():
-            parts = form.groups.get(key)
-            if parts is None:
-                stack.clear_slot(slot)
-            else:
-                stack.set_slot(slot, *parts)
-
-    def clear(self, slot: int) -> None:
-        for stack in self._stacks.values():
-            stack.clear_slot(slot)
+        self._fill_parts(slot, form.groups)
 
     def term(self, layer: int, group: Group) -> Term:
         stack = self._stacks[layer, tuple(group)]

@@ -19,9 +19,9 @@ This module does not know requests, LRU order, pins or which adapter sits in whi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -69,6 +69,40 @@ class SlotPool(Protocol):
         ...
 
 
+class SlotStack(Protocol):
+    def set_slot(self, slot: int, *parts: Any) -> None: ...
+
+    def clear_slot(self, slot: int) -> None: ...
+
+
+class StackedSlots:
+    """What every pool of per-key stacks shares (keys: (layer, group), or a group spanning layers):
+    `fill` copies a form's parts into each stack holding some (clearing the others), `clear` clears all."""
+
+    _stacks: Mapping[Any, SlotStack]
+
+    def refusal(self, adapter: LoadedAdapter) -> str | None:
+        raise NotImplementedError
+
+    def accepts(self, adapter: LoadedAdapter) -> bool:
+        return self.refusal(adapter) is None
+
+    def _fill_parts(self, slot: int, parts_by_key: Mapping[Any, Any], unpack: bool = True) -> None:
+        """Each stack's `set_slot(slot, *parts)` (`set_slot(slot, parts)` when not `unpack`), or its clear."""
+        for key, stack in self._stacks.items():
+            parts = parts_by_key.get(key)
+            if parts is None:
+                stack.clear_slot(slot)
+            elif unpack:
+                stack.set_slot(slot, *parts)
+            else:
+                stack.set_slot(slot, parts)
+
+    def clear(self, slot: int) -> None:
+        for stack in self._stacks.values():
+            stack.clear_slot(slot)
+
+
 @dataclass(frozen=True, eq=False)
 class LoraForm:
     """Per (layer, group): each projection's A [rank, in] and B [out, rank] (None = not adapted) and
@@ -79,7 +113,7 @@ class LoraForm:
     nbytes: int
 
 
-class LoraSlotPool:
+class LoraSlotPool(StackedSlots):
     """Plain LoRA factors in one LoraStack per (layer, fused group), zero-padded to `max_rank`."""
 
     kind = "lora"
@@ -142,9 +176,6 @@ class LoraSlotPool:
             return f"rank {adapter.rank} exceeds the pool's max rank {self.max_rank}"
         return None
 
-    def accepts(self, adapter: LoadedAdapter) -> bool:
-        return self.refusal(adapter) is None
-
     def prepare(self, adapter: LoadedAdapter) -> LoraForm:
         reason = self.refusal(adapter)
         if reason is not None:
@@ -183,16 +214,7 @@ class LoraSlotPool:
 
     def fill(self, slot: int, form: DeviceForm) -> None:
         assert isinstance(form, LoraForm), type(form)
-        for key, stack in self._stacks.items():
-            parts = form.groups.get(key)
-            if parts is None:
-                stack.clear_slot(slot)
-            else:
-                stack.set_slot(slot, *parts)
-
-    def clear(self, slot: int) -> None:
-        for stack in self._stacks.values():
-            stack.clear_slot(slot)
+        self._fill_parts(slot, form.groups)
 
     def term(self, layer: int, group: Group) -> Term:
         return LoraTerm(self.backend, self._stacks[layer, tuple(group)])

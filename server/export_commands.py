@@ -43,19 +43,11 @@ def model_spec(model: str | None, cache_dir: str | None) -> tuple[str, BaseModel
     """(display name, spec) of `--model` from its config.json; the rank limit is the widest dim."""
     from transformers import AutoConfig
 
-    from adapters_store.spec import BaseModelSpec
     from server.model.arch import ModelArch
     from server.model.loader import resolve_model_dir
 
     name, directory = resolve_model_dir(model, cache_dir)
     arch = ModelArch.from_hf_config(AutoConfig.from_pretrained(directory))
     widest = max(arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size)
-    spec = BaseModelSpec.llama(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        q_size=arch.q_size,
-        kv_size=arch.kv_size,
-        max_rank=widest,  # no device slots to size: any rank a file can hold is exportable
-    )
-    return name, spec
+    # no device slots to size: any rank a file can hold is exportable
+    return name, arch.adapter_spec(max_rank=widest)

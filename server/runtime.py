@@ -105,15 +105,7 @@ def build_adapters(model: LlamaModel, config: AdapterConfig) -> AdapterManager |
     """The adapter tiers over `model` (roots -> host cache -> device slots), or None for --max-slots 0."""
     if config.max_slots == 0:
         return None
-    arch = model.arch
-    spec = BaseModelSpec.llama(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        q_size=arch.q_size,
-        kv_size=arch.kv_size,
-        max_rank=config.max_rank,
-    )
+    spec = model.arch.adapter_spec(config.max_rank)
     device = model.embed_tokens.device
     # The fused LoRA gather comes with the model's fused CPU kernels (--model-kernels).
     backend = select_backend(device, fused_gather=isinstance(model.ops, FusedCpuOps))

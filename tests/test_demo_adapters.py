@@ -9,6 +9,7 @@ chat template as served). The full evaluation is `make demo-adapters`' job (benc
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,40 @@ def test_the_adapter_moves_its_tasks_answers(engine: Engine, name: str) -> None:
     for (model, i), run in runs.items():
         scores[model] += task.score(run.wait(timeout=300).text, examples[i])
     assert scores[name] > scores[""], f"{name}: adapter {scores[name]} vs base {scores['']} of {PROMPTS}"
+
+
+COMPRESSED = ("mos", "compeft-05", "compeft-10", "compeft-20")
+
+
+def _numel(weights: Path) -> int:
+    with safetensors.safe_open(str(weights), "pt") as file:
+        return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())  # noqa: SIM118
+
+
+@pytest.mark.parametrize("variant", COMPRESSED)
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_the_compressed_demo_adapters_load_and_keep_the_papers_sizes(
+    engine: Engine, name: str, variant: str
+) -> None:
+    """Each task ships as MoS (at most a quarter of the LoRA's parameters) and ComPEFT (at density
+    0.1 at least 8x smaller than the fp16 LoRA file), each valid for the base model, with the
+    router's examples."""
+    directory = ROOT / f"{name}-{variant}"
+    manager = engine.adapters
+    assert manager is not None
+    adapter = manager.store.get(f"{name}-{variant}")  # validated against SmolLM2, as served
+    lora_file = (ROOT / name / "adapter_model.safetensors").stat().st_size
+    if variant == "mos":
+        assert adapter.format == "mos"
+        pools = json.loads((directory / "training.json").read_text())["parameters"]
+        assert pools * 4 <= _numel(ROOT / name / "adapter_model.safetensors")
+    else:
+        assert adapter.format == "compeft"
+        config = json.loads((directory / "compeft_config.json").read_text())
+        assert config["density"] == int(variant.split("-")[1]) / 100 and config["balanced"] is True
+        if variant == "compeft-10":
+            assert (directory / "compeft_model.safetensors").stat().st_size * 8 <= lora_file
+    assert (directory / "examples.jsonl").read_text() == (ROOT / name / "examples.jsonl").read_text()
 
 
 def test_the_demo_report_is_a_markdown_table() -> None:

@@ -300,18 +300,11 @@ class DeltaProbe:
 def _spec(model_dir: Path) -> Any:
     from transformers import AutoConfig
 
-    from adapters_store import BaseModelSpec
     from server.model.arch import ModelArch
 
     arch = ModelArch.from_hf_config(AutoConfig.from_pretrained(model_dir))
-    return BaseModelSpec.llama(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        q_size=arch.q_size,
-        kv_size=arch.kv_size,
-        max_rank=1 << 16,  # compression takes any rank; a server checks its own --max-rank at load
-    )
+    # compression takes any rank; a server checks its own --max-rank at load
+    return arch.adapter_spec(max_rank=1 << 16)
 
 
 def _prompts(config: CompressConfig) -> tuple[list[list[int]], list[list[int]], str]:

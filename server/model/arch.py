@@ -6,7 +6,10 @@ Knows config field names and which variants we support; knows nothing about weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adapters_store.spec import BaseModelSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -50,6 +53,19 @@ class ModelArch:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def adapter_spec(self, max_rank: int) -> BaseModelSpec:
+        """The model as adapters see it: its projections' sizes, and the largest rank accepted."""
+        from adapters_store.spec import BaseModelSpec
+
+        return BaseModelSpec.llama(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            q_size=self.q_size,
+            kv_size=self.kv_size,
+            max_rank=max_rank,
+        )
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelArch:

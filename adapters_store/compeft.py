@@ -15,29 +15,40 @@ Compression (`compress_compeft`), following ComPEFT (Yadav et al. 2023):
 
 A directory holds two files:
 
-- `compeft_config.json`: format, version, density, alpha, sigma, gamma, the checksums, the Rice
-  parameter `rice_k`, `total_elements` (n), `kept` (K) and the module layout; every field is
-  described in adapters_store/compeft_config.py.
+- `compeft_config.json` (version 2): format, version, density, alpha, sigma, gamma, the checksums,
+  the Rice parameter `rice_k`, `total_elements` (n), `kept` (K) and `modules`, the adapted modules
+  as groups `{"projection", "rank", "scale", "layers"}`; every field is described in
+  adapters_store/compeft_config.py.
 - `compeft_model.safetensors`: three 1-D U8 tensors, the streams described in
   adapters_store/compeft_codec.py: `unary` (the Golomb-Rice quotients of the gaps between kept
   positions, in unary), `remainders` (their k-bit remainders) and `signs` (1 = negative).
-  Positions index tau; the config's module offsets say which module each belongs to.
+  Positions index tau, 0 .. n - 1.
+
+The layout of tau is not stored; a reader derives it from the groups and the base model:
+
+1. list every (layer, projection) of every group, with its group's rank and scale;
+2. sort them by PEFT module name `model.layers.{layer}.{block}.{projection}`, block `mlp` for
+   gate/up/down_proj and `self_attn` for q/k/v/o_proj, compared as strings: so layer 10 comes
+   before layer 2, and within a layer down, gate, up, then k, o, q, v;
+3. in that order each module takes rank * in_features elements for A [rank, in_features], then
+   out_features * rank for B [out_features, rank], both row-major, end to end from offset 0, with
+   in_features and out_features the projection's in the base model; the sum is total_elements.
 
 A reader: decode the positions and signs (compeft_codec.py), scatter the signs into an int8
-vector of n zeros, cut it into each module's A and B by offset and shape, multiply by gamma.
+vector of n zeros, cut it into each module's A and B as above, multiply by gamma.
 
-The loader checks the config (types, ranges, shapes against the base model, ranks, gamma and
-scales within adapters_store.limits), then the weight file's header (names, dtypes, the stream
-sizes the counts imply, `max_bytes`), before reading any data; then the file's checksum against
-the config's and every code (bit counts, padding, positions within n). A refused directory
-raises AdapterError naming the field or tensor and the file, and leaves nothing loaded. The host
-form keeps the codes as stored (nbytes counts the coded bytes); `ternary()` decodes them.
+The loader checks the config (types, ranges, layers and ranks against the base model, the sizes
+they imply against total_elements, gamma and scales within adapters_store.limits), then the weight
+file's header (names, dtypes, the stream sizes the counts imply, `max_bytes`), before reading any
+data; then the file's checksum against the config's and every code (bit counts, padding, positions
+within n). A refused directory raises AdapterError naming the field or tensor and the file, and
+leaves nothing loaded. The host form keeps the codes as stored (nbytes counts the coded bytes);
+`ternary()` decodes them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +73,7 @@ from adapters_store.compeft_config import (
     CompeftConfig,
     ModuleLayout,
     config_json,
+    config_text,
     parse_compeft_config,
 )
 from adapters_store.errors import AdapterError, AdapterTooLarge, shown
@@ -203,7 +215,7 @@ def save_compeft(
         balanced=codes.balanced,
     )
     document = {**config_json(config), **(extra or {})}
-    (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(config_text(document))
     return config
 
 

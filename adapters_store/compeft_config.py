@@ -3,7 +3,7 @@
 The fields (see adapters_store/compeft.py for the whole format):
 
     format            "compeft"
-    version           1
+    version           2
     base_model        the model the source adapter was trained on (string, or null)
     density           the fraction of tau asked to be kept, in (0, 1]
     alpha             ComPEFT's alpha_c (> 0)
@@ -12,40 +12,56 @@ The fields (see adapters_store/compeft.py for the whole format):
     source_checksum   "sha256:<hex>" of the source adapter's weights file
     checksum          "sha256:<hex>" of compeft_model.safetensors; the loader compares the file as read
     rice_k            the Golomb-Rice parameter, 0 .. MAX_RICE_K
-    total_elements    the length of tau: the sum of every module's rank * (in + out)
+    total_elements    the length of tau: the sum over the adapted modules of rank * (in + out)
     kept              entries kept (nonzero in the reconstruction), 0 .. total_elements
     balanced          optional, default false: each module's A and B were rescaled to equal norms
                       before compressing (B A unchanged); informational, readers need not use it
-    modules           one object per adapted module, sorted by PEFT key name, each with
-                      layer, projection, rank, in_features, out_features, scale (the LoRA scale:
-                      alpha/r, alpha/sqrt(r) with rslora, rank_pattern and alpha_pattern applied)
-                      and offset (where its lora_A starts in tau; its lora_B follows at
-                      offset + rank * in_features; offsets run contiguously from 0)
+    modules           the adapted modules, a non-empty list of groups, one per (projection, rank, scale):
+                          {"projection": "q_proj", "rank": 3, "scale": 2.0, "layers": [0, 1, 2]}
+                      projection   one of the base model's projections (q_proj .. down_proj)
+                      rank         the LoRA rank r of every module in the group, 1 .. the server's max rank
+                      scale        their LoRA scale: alpha/r, alpha/sqrt(r) with rslora, rank_pattern
+                                   and alpha_pattern applied; finite, |scale| <= MAX_ABS_SCALE
+                      layers       non-empty list of layer indices, 0 .. num_layers - 1, any order
+                                   (writers sort them)
+                      A (layer, projection) is in at most one group; groups come in any order
+                      (writers sort them by projection as listed above, then by first layer).
 
-Other keys (e.g. "fidelity" and "alpha_search", written by `loramux compress`) are kept for
-people and ignored by the loader. This module knows JSON and the base model spec; not bits or files.
+Nothing else about a module is stored; a reader derives it. A module's A is [rank, in_features]
+and its B [out_features, rank], with in_features and out_features those of the projection in the
+base model (a config for another base model fails on total_elements or on the code sizes).
+Where each module sits in tau is fixed by its PEFT name (see adapters_store/compeft.py).
+
+Version 1 (one object per module, with its in/out features and offset) was never released; this
+loader refuses it and asks for the adapter to be compressed again. Other keys (e.g. "fidelity"
+and "alpha_search", written by `loramux compress`) are kept for people and ignored by the loader.
+This module knows JSON and the base model spec; not bits or files.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters_store.compeft_codec import MAX_RICE_K
 from adapters_store.errors import AdapterError, shown
 from adapters_store.limits import MAX_ABS_SCALE, MAX_ABS_WEIGHT
-from adapters_store.spec import BaseModelSpec, module_name
+from adapters_store.spec import PROJECTIONS, BaseModelSpec, module_name
 
 FORMAT = "compeft"
-VERSION = 1
+VERSION = 2
 CONFIG_FILE = "compeft_config.json"
 GAMMA_REL_TOL = 1e-9  # gamma is written as alpha * sigma; allow only float rounding
 
 
 @dataclass(frozen=True)
 class ModuleLayout:
-    """Where one module's A [rank, in] and B [out, rank] sit in tau (row-major, A then B)."""
+    """Where one module's A [rank, in] and B [out, rank] sit in tau (row-major, A then B).
+
+    Derived when a config is read, never stored: offsets run end to end in PEFT-name order."""
 
     layer: int
     projection: str
@@ -77,7 +93,7 @@ class CompeftConfig:
     rice_k: int
     total_elements: int
     kept: int
-    modules: tuple[ModuleLayout, ...]
+    modules: tuple[ModuleLayout, ...]  # sorted by PEFT name, end to end in tau from 0
     balanced: bool = False
 
 
@@ -89,8 +105,12 @@ def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) 
 
     if raw.get("format") != FORMAT:
         raise fail("format", f"is {shown(raw.get('format'))}, expected {FORMAT!r}")
-    if raw.get("version") != VERSION:
-        raise fail("version", f"is {shown(raw.get('version'))}; loramux reads version {VERSION}")
+    version = raw.get("version")
+    if version != VERSION:
+        again = "; it was written by an older loramux: run `loramux compress` on the source adapter again"
+        raise fail(
+            "version", f"is {shown(version)}; loramux reads version {VERSION}{again if version == 1 else ''}"
+        )
     base_model = raw.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise fail("base_model", f"must be a string or null, got {shown(base_model)}")
@@ -122,7 +142,11 @@ def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) 
         raise fail("kept", f"= {kept} is more than total_elements = {total}")
     modules = _modules(raw.get("modules"), spec, fail)
     if total != sum(m.numel for m in modules):
-        raise fail("total_elements", f"= {total}, but the modules hold {sum(m.numel for m in modules)}")
+        raise fail(
+            "total_elements",
+            f"= {total}, but the modules hold {sum(m.numel for m in modules)} with the base model's "
+            "projection sizes: was the adapter compressed for another base model?",
+        )
     balanced = raw.get("balanced", False)
     if not isinstance(balanced, bool):
         raise fail("balanced", f"must be true or false, got {shown(balanced)}")
@@ -159,69 +183,93 @@ def config_json(config: CompeftConfig) -> dict[str, Any]:
         "total_elements": config.total_elements,
         "kept": config.kept,
         "balanced": config.balanced,
-        "modules": [
-            {
-                "layer": m.layer,
-                "projection": m.projection,
-                "rank": m.rank,
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "scale": m.scale,
-                "offset": m.offset,
-            }
-            for m in config.modules
-        ],
+        "modules": module_groups(config.modules),
     }
 
 
+def module_groups(modules: tuple[ModuleLayout, ...]) -> list[dict[str, Any]]:
+    """`modules` as the config's groups: one per (projection, rank, scale), layers sorted; groups
+    sorted by projection (in PROJECTIONS order), then by first layer."""
+    layers: dict[tuple[str, int, float], list[int]] = {}
+    for m in modules:
+        layers.setdefault((m.projection, m.rank, m.scale), []).append(m.layer)
+    groups = [
+        {"projection": projection, "rank": rank, "scale": scale, "layers": sorted(group)}
+        for (projection, rank, scale), group in layers.items()
+    ]
+    return sorted(groups, key=lambda g: (PROJECTIONS.index(g["projection"]), g["layers"][0]))
+
+
+def config_text(document: dict[str, Any]) -> str:
+    """`document` as the text of compeft_config.json: indented by 2, except that a list or object
+    of plain values (or of lists of plain values), e.g. a module group, is written on one line."""
+    return _json_text(document, "") + "\n"
+
+
+def _json_text(value: Any, indent: str) -> str:
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if not any(isinstance(item, dict) or _nested_list(item) for item in items):
+        return json.dumps(value)
+    inner = indent + "  "
+    if isinstance(value, dict):
+        lines = [f"{inner}{json.dumps(key)}: {_json_text(item, inner)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(lines) + f"\n{indent}}}"
+    lines = [inner + _json_text(item, inner) for item in value]
+    return "[\n" + ",\n".join(lines) + f"\n{indent}]"
+
+
+def _nested_list(value: Any) -> bool:
+    return isinstance(value, list) and any(isinstance(item, dict | list) for item in value)
+
+
 def _modules(value: Any, spec: BaseModelSpec, fail: Any) -> tuple[ModuleLayout, ...]:
+    """The groups of `value` checked, then expanded into every module's layout in tau."""
+    most = spec.num_layers * len(spec.features)  # each group holds at least one distinct module
     if not isinstance(value, list) or not value:
-        raise fail("modules", "must be a non-empty list of module objects")
-    if len(value) > spec.num_layers * len(spec.features):
-        raise fail("modules", f"lists {len(value)} modules; the base model has {spec.num_layers} layers")
-    modules: list[ModuleLayout] = []
-    offset = 0
-    for index, entry in enumerate(value):
+        raise fail("modules", "must be a non-empty list of module groups")
+    if len(value) > most:
+        raise fail("modules", f"lists {len(value)} groups; the base model has only {most} modules to adapt")
+    seen: dict[tuple[int, str], int] = {}  # (layer, projection) -> the group that lists it
+    modules = []
+    for index, group in enumerate(value):
         field = f"modules[{index}]"
-        if not isinstance(entry, dict):
-            raise fail(field, f"must be an object, got {shown(entry)}")
-        projection = entry.get("projection")
+        if not isinstance(group, dict):
+            raise fail(field, f"must be an object, got {shown(group)}")
+        projection = group.get("projection")
         if not isinstance(projection, str) or projection not in spec.features:
             raise fail(
                 f"{field}.projection",
                 f"is {shown(projection)}; the base model adapts {', '.join(spec.projections)}",
             )
-        layer = _count(entry, "layer", fail, field)
-        if layer >= spec.num_layers:
-            raise fail(f"{field}.layer", f"= {layer}, but the base model has {spec.num_layers} layers")
-        rank = _count(entry, "rank", fail, field)
+        rank = _count(group, "rank", fail, field)
         if not 1 <= rank <= spec.max_rank:
             raise fail(f"{field}.rank", f"= {rank} must be in [1, {spec.max_rank}] (the server's --max-rank)")
-        in_features, out_features = spec.features[projection]
-        for name, expected in (("in_features", in_features), ("out_features", out_features)):
-            got = _count(entry, name, fail, field)
-            if got != expected:
-                raise fail(
-                    f"{field}.{name}",
-                    f"= {got}, but {projection} is {in_features} -> {out_features} in the base model: "
-                    "was the adapter compressed for another base model?",
-                )
-        scale = _number(entry, "scale", fail, field)
+        scale = _number(group, "scale", fail, field)
         if not abs(scale) <= MAX_ABS_SCALE:
             raise fail(f"{field}.scale", f"= {scale!r}; loramux accepts |scale| <= {MAX_ABS_SCALE:g}")
-        given_offset = _count(entry, "offset", fail, field)
-        if given_offset != offset:
-            raise fail(
-                f"{field}.offset", f"= {given_offset}, expected {offset} (modules lie end to end in tau)"
-            )
-        module = ModuleLayout(layer, projection, rank, in_features, out_features, scale, offset)
-        if modules and not modules[-1].sort_key < module.sort_key:
-            raise fail(
-                field, f"({module.sort_key}) is out of order or repeated; modules are sorted by PEFT key"
-            )
-        modules.append(module)
-        offset += module.numel
-    return tuple(modules)
+        layers = group.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise fail(f"{field}.layers", f"must be a non-empty list of layer indices, got {shown(layers)}")
+        if len(layers) > spec.num_layers:
+            raise fail(f"{field}.layers", f"lists {len(layers)} layers; the base model has {spec.num_layers}")
+        in_features, out_features = spec.features[projection]
+        for position, layer in enumerate(layers):
+            where = f"{field}.layers[{position}]"
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
+                raise fail(
+                    where, f"is {shown(layer)}; layers run 0 .. {spec.num_layers - 1} in the base model"
+                )
+            if (layer, projection) in seen:
+                raise fail(
+                    where,
+                    f"= {layer}: layer {layer} {projection} is already in modules[{seen[layer, projection]}]; "
+                    "a module is in one group only",
+                )
+            seen[layer, projection] = index
+            modules.append(ModuleLayout(layer, projection, rank, in_features, out_features, scale, 0))
+    modules.sort(key=lambda m: m.sort_key)
+    offsets = itertools.accumulate((m.numel for m in modules[:-1]), initial=0)
+    return tuple(replace(m, offset=offset) for m, offset in zip(modules, offsets, strict=True))
 
 
 def _number(raw: dict[str, Any], key: str, fail: Any, parent: str = "") -> float:

@@ -216,8 +216,10 @@ def test_compress_alpha_auto_picks_the_least_kl_and_beats_the_base_model(source,
     args = ["compress", "--density", "0.5", "--alpha", "auto", str(src), str(dst)]
     assert main([*args, "--model", str(base_dir), "--prompts", str(prompts)]) == 0
     out = capsys.readouterr().out
-    config = json.loads((dst / "compeft_config.json").read_text())
+    text = (dst / "compeft_config.json").read_text()
+    config = json.loads(text)
     search = config["alpha_search"]
+    assert config["version"] == 2 and f'"trials": {json.dumps(search["trials"])}' in text  # one line
     assert search["mode"] == "auto" and search["calibration_prompts"] == 4
     best_alpha, best_kl = min(search["trials"], key=lambda trial: trial[1])
     assert (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ from adapters_store import (
     load_peft_lora,
     save_compeft,
 )
+from adapters_store.compeft import CompeftCodes
 from adapters_store.compeft_codec import bitmap_nbytes, decode_positions, decode_signs, encode_rice
+from adapters_store.compeft_config import ModuleLayout
+from adapters_store.spec import module_name
 from tests.adapters_store.adapter_cases import peft_factors
 from tests.adapters_store.conftest import AdapterFactory
 
@@ -217,10 +221,12 @@ def test_rice_codes_are_smaller_than_a_bitmap_at_low_density() -> None:
 
 
 def _edit_config(target: Path, **changes: Any) -> None:
+    """Set top-level keys, or `module{i}_{field}=value` for a field of group i of "modules"."""
     config = json.loads((target / CONFIG).read_text())
     for key, value in changes.items():
-        if key.startswith("module0_"):
-            config["modules"][0][key.removeprefix("module0_")] = value
+        if key.startswith("module") and "_" in key and key[6].isdigit():
+            index, field = key.removeprefix("module").split("_", 1)
+            config["modules"][int(index)][field] = value
         else:
             config[key] = value
     (target / CONFIG).write_text(json.dumps(config))
@@ -263,6 +269,8 @@ def _past_the_end(tensors: dict[str, torch.Tensor]) -> None:
 
 _CODES: dict[str, Any] = {}
 
+# The fixture's groups: modules[0] is q_proj (layers [0, 1]), modules[1] k_proj, ... rank 4, scale 2.
+GROUP = dict(projection="q_proj", rank=4, scale=2.0, layers=[0, 1])
 CONFIG_CASES = {
     "density zero": (dict(density=0), "compeft_config.json: density = 0.0 must be in"),
     "density above one": (dict(density=1.5), "density = 1.5 must be in"),
@@ -271,20 +279,63 @@ CONFIG_CASES = {
     "gamma out of range": (dict(gamma=1e6), "gamma = 1000000.0 is out of range"),
     "gamma not alpha * sigma": (dict(gamma=0.5), "gamma = 0.5 is not alpha . sigma"),
     "alpha negative": (dict(alpha=-1), "alpha = -1.0 must be > 0"),
-    "in_features": (
-        dict(module0_in_features=65),
-        r"modules\[0\].in_features = 65, but down_proj is 112 -> 64",
+    "total": (
+        dict(total_elements=7809),
+        "total_elements = 7809, but the modules hold 7808 with the base model's projection sizes",
     ),
-    "rank above max": (dict(module0_rank=17), r"modules\[0\].rank = 17 must be in \[1, 16\]"),
-    "scale": (dict(module0_scale=1e9), r"modules\[0\].scale = 1000000000.0; loramux accepts"),
-    "layer": (dict(module0_layer=2), r"modules\[0\].layer = 2, but the base model has 2 layers"),
-    "projection": (dict(module0_projection="lm_head"), r"modules\[0\].projection is 'lm_head'"),
-    "offset": (dict(module0_offset=1), r"modules\[0\].offset = 1, expected 0"),
-    "total": (dict(total_elements=7809), "total_elements = 7809, but the modules hold 7808"),
     "kept": (dict(kept=10**7), "kept = 10000000 is more than total_elements"),
     "checksum field": (dict(checksum="md5:00"), "checksum must be 'sha256:'"),
-    "version": (dict(version=2), "version is 2; loramux reads version 1"),
+    "version 1": (
+        dict(version=1),
+        "version is 1; loramux reads version 2; it was written by an older loramux: run `loramux compress`",
+    ),
+    "version 3": (dict(version=3), "version is 3; loramux reads version 2$"),
     "rice_k": (dict(rice_k=99), "rice_k = 99 is above"),
+    # modules: the list, then each group's fields by name
+    "modules missing": (dict(modules=None), "modules must be a non-empty list of module groups"),
+    "modules empty": (dict(modules=[]), "modules must be a non-empty list of module groups"),
+    "too many groups": (dict(modules=[GROUP] * 15), "modules lists 15 groups; the base model has only 14"),
+    "group not an object": (
+        dict(modules=[["q_proj", 4]]),
+        r"modules\[0\] must be an object, got \['q_proj', 4\]",
+    ),
+    "a group dropped": (
+        dict(modules=[dict(GROUP, projection="k_proj")]),
+        "total_elements = 7808, but the modules hold 768",
+    ),
+    "projection unknown": (dict(module0_projection="lm_head"), r"modules\[0\].projection is 'lm_head'"),
+    "projection missing": (dict(module3_projection=None), r"modules\[3\].projection is None; the base model"),
+    "rank above max": (dict(module0_rank=17), r"modules\[0\].rank = 17 must be in \[1, 16\]"),
+    "rank zero": (dict(module2_rank=0), r"modules\[2\].rank = 0 must be in \[1, 16\]"),
+    "rank not an integer": (
+        dict(module0_rank=4.0),
+        r"modules\[0\].rank must be a non-negative integer, got 4.0",
+    ),
+    "scale too large": (dict(module0_scale=1e9), r"modules\[0\].scale = 1000000000.0; loramux accepts"),
+    "scale not finite": (dict(module6_scale=float("inf")), r"modules\[6\].scale = inf must be finite"),
+    "scale a string": (dict(module0_scale="2"), r"modules\[0\].scale must be a number, got '2'"),
+    "layers missing": (dict(module0_layers=None), r"modules\[0\].layers must be a non-empty list"),
+    "layers empty": (dict(module0_layers=[]), r"modules\[0\].layers must be a non-empty list"),
+    "layers a range string": (dict(module0_layers="0-1"), r"modules\[0\].layers must be a non-empty list"),
+    "too many layers": (
+        dict(module0_layers=[0, 1, 0]),
+        r"modules\[0\].layers lists 3 layers; the base model has 2",
+    ),
+    "layer past the model": (
+        dict(module0_layers=[0, 2]),
+        r"modules\[0\].layers\[1\] is 2; layers run 0 .. 1",
+    ),
+    "layer negative": (dict(module1_layers=[-1]), r"modules\[1\].layers\[0\] is -1; layers run 0 .. 1"),
+    "layer a float": (dict(module0_layers=[0.0, 1]), r"modules\[0\].layers\[0\] is 0.0; layers run"),
+    "layer a bool": (dict(module0_layers=[True]), r"modules\[0\].layers\[0\] is True; layers run"),
+    "layer repeated in a group": (
+        dict(module0_layers=[1, 1]),
+        r"modules\[0\].layers\[1\] = 1: layer 1 q_proj is already in modules\[0\]; a module is in one group",
+    ),
+    "layer repeated across groups": (
+        dict(module5_projection="q_proj"),
+        r"modules\[5\].layers\[0\] = 0: layer 0 q_proj is already in modules\[0\]",
+    ),
 }
 
 TENSOR_CASES = {
@@ -373,13 +424,94 @@ def test_the_server_rank_limit_applies(compressed: Path) -> None:
     _refused(compressed, small, r"rank = 4 must be in \[1, 2\] \(the server's --max-rank\)")
 
 
-def test_shuffled_modules_are_refused(compressed: Path, spec: BaseModelSpec) -> None:
+def test_another_base_model_is_refused_by_its_sizes(compressed: Path) -> None:
+    wider = BaseModelSpec.llama(
+        num_layers=2, hidden_size=64, intermediate_size=128, q_size=64, kv_size=32, max_rank=16
+    )
+    _refused(compressed, wider, "total_elements = 7808, but the modules hold 8192 .* another base model")
+
+
+def test_groups_and_layers_load_in_any_order(compressed: Path, spec: BaseModelSpec) -> None:
+    """The layout comes from PEFT names, not from where a group or layer is listed."""
+    before = load_adapter(compressed, spec, "c").ternary()
     config = json.loads((compressed / CONFIG).read_text())
-    modules = config["modules"]
-    modules[0], modules[1] = modules[1], modules[0]
-    offset = 0
-    for module in modules:  # still end to end, but not in PEFT key order
-        module["offset"] = offset
-        offset += module["rank"] * (module["in_features"] + module["out_features"])
+    config["modules"] = [dict(group, layers=group["layers"][::-1]) for group in config["modules"][::-1]]
+    q_proj = config["modules"].pop()  # split one group in two: the same modules
+    config["modules"] += [dict(q_proj, layers=[0]), dict(q_proj, layers=[1])]
     (compressed / CONFIG).write_text(json.dumps(config))
-    _refused(compressed, spec, r"modules\[1\] \(model.layers.0.mlp.down_proj\) is out of order")
+    after = load_adapter(compressed, spec, "c").ternary()
+    assert set(before) == set(after)
+    for key in before:
+        assert torch.equal(before[key].sign_A, after[key].sign_A)
+        assert torch.equal(before[key].sign_B, after[key].sign_B)
+        assert before[key].scale == after[key].scale
+
+
+def test_the_config_lists_one_group_per_projection_rank_and_scale(
+    make_adapter: AdapterFactory, spec: BaseModelSpec
+) -> None:
+    """rank_pattern and alpha_pattern make more groups; each group's layers sit on one line."""
+    _, _, _, target = _compressed(make_adapter, spec, "patterns", 0.1, alpha=1.0)
+    text = (target / CONFIG).read_text()
+    config = json.loads(text)
+    assert config["version"] == 2
+    assert config["modules"] == [
+        {"projection": "q_proj", "rank": 4, "scale": 4.0, "layers": [0, 1]},  # rslora: 8 / sqrt(4)
+        {"projection": "v_proj", "rank": 4, "scale": 1.5, "layers": [0, 1]},  # alpha_pattern: 3 / sqrt(4)
+        {"projection": "down_proj", "rank": 2, "scale": 8 / math.sqrt(2), "layers": [0, 1]},
+    ]
+    assert '"layers": [0, 1]}' in text and text.startswith('{\n  "format": "compeft",\n')
+
+
+def test_a_210_module_config_stays_under_2_kib(tmp_path: Path) -> None:
+    """SmolLM2's 30 layers x 7 projections: seven one-line groups, not 210 objects."""
+    smol = BaseModelSpec.llama(
+        num_layers=30, hidden_size=576, intermediate_size=1536, q_size=576, kv_size=192, max_rank=16
+    )
+    names = sorted(((layer, p) for layer in range(30) for p in smol.features), key=lambda m: module_name(*m))
+    modules, offset = [], 0
+    for layer, projection in names:
+        modules.append(ModuleLayout(layer, projection, 3, *smol.features[projection], 2.0, offset))
+        offset += modules[-1].numel
+    positions = np.arange(0, offset, 10)
+    rice = encode_rice(positions, np.zeros(positions.size, dtype=bool))
+    codes = CompeftCodes(rice, tuple(modules), offset, 0.1, 5.1, 0.0163, 5.1 * 0.0163, "sha256:" + "0" * 64)
+    config = save_compeft(codes, tmp_path / "c", base_model="SmolLM2-135M-Instruct")
+    assert (tmp_path / "c" / CONFIG).stat().st_size < 2048
+    assert len(json.loads((tmp_path / "c" / CONFIG).read_text())["modules"]) == 7
+    assert load_compeft(tmp_path / "c", smol, "c").codes.modules == config.modules == codes.modules
+
+
+def test_the_layout_follows_peft_names_past_ten_layers(tmp_path: Path) -> None:
+    """Layer 10 sorts before layer 2 among PEFT names; the derived layout must do the same."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.adapters_store.adapter_cases import TINY
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # transformers' deprecation notices inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(
+            LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 12})),
+            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], rank_pattern={"up_proj": 3}),
+        )
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name:
+                    param.normal_(0, 0.5)
+        model.save_pretrained(str(tmp_path / "src"))
+    spec = BaseModelSpec.llama(
+        num_layers=12, hidden_size=64, intermediate_size=112, q_size=64, kv_size=32, max_rank=16
+    )
+    codes = compress_compeft(load_peft_lora(tmp_path / "src", spec, "src"), 0.2, 1.5)
+    save_compeft(codes, tmp_path / "c")
+    loaded = load_compeft(tmp_path / "c", spec, "c")
+    assert loaded.codes.modules == codes.modules
+    expected = oracle(tmp_path / "src", model, 0.2, alpha=1.5)
+    weights = loaded.lora_weights()
+    assert set(weights) == set(expected)
+    for key, (a, b, scale) in expected.items():
+        torch.testing.assert_close(weights[key].A, a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(weights[key].B, b, rtol=1e-6, atol=0)
+        assert weights[key].scale == pytest.approx(scale, rel=1e-12)

@@ -58,7 +58,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from adapters_store.adapter import CompeftAdapter, LoadedAdapter, ModuleKey, TernaryFactors
+from adapters_store.adapter import CompeftAdapter, LoadedAdapter, LoraWeights, ModuleKey, TernaryFactors
 from adapters_store.compeft_codec import (
     RiceCodes,
     check_stream_sizes,
@@ -130,6 +130,19 @@ class CompeftCodes:
             sign_b = torch.from_numpy(dense[split : m.offset + m.numel].reshape(m.out_features, m.rank))
             factors[m.layer, m.projection] = TernaryFactors(sign_A=sign_a, sign_B=sign_b, scale=m.scale)
         return factors
+
+    def lora_weights(self, where: str = "compeft codes") -> dict[ModuleKey, LoraWeights]:
+        """Per module `gamma * signs` as fp32 A and B: one decode and one multiply over the whole
+        vector, then views (per-module conversions cost more than the decode itself)."""
+        values = decode_dense(self.rice, self.total_elements, where).numpy().astype(np.float32)
+        values *= np.float32(self.gamma)
+        weights = {}
+        for m in self.modules:
+            split = m.offset + m.rank * m.in_features
+            a = torch.from_numpy(values[m.offset : split].reshape(m.rank, m.in_features))
+            b = torch.from_numpy(values[split : m.offset + m.numel].reshape(m.out_features, m.rank))
+            weights[m.layer, m.projection] = LoraWeights(A=a, B=b, scale=m.scale)
+        return weights
 
 
 def compress_compeft(
@@ -227,6 +240,9 @@ class CodedCompeftAdapter(CompeftAdapter):
 
     def ternary(self) -> Mapping[ModuleKey, TernaryFactors]:
         return self.codes.ternary(f"{self.name}/{WEIGHTS_FILE}")
+
+    def lora_weights(self) -> Mapping[ModuleKey, LoraWeights]:
+        return self.codes.lora_weights(f"{self.name}/{WEIGHTS_FILE}")
 
 
 def load_compeft(

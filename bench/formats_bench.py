@@ -11,7 +11,9 @@ to the server: its own host entry and device slot):
   engine thread's copy into a device slot);
 - `tok_s`: decode throughput of one batch of `--batch` requests, each with its own adapter of
   that format (B * (N - 1) / (T(N) - T(1)) as in `bench engine`), and `vs_lora` against the plain
-  LoRA batch measured in the same run.
+  LoRA batch measured in the same run. Each format gets a fresh engine (in one engine, formats
+  measured later decoded up to 2x slower whatever their format). On CPU every format decodes
+  through the same plain-LoRA slots, so `tok_s` differs between formats only by noise there.
 An in-process micro/macro benchmark (it drives the engine directly, not over the wire).
 """
 
@@ -24,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,18 @@ def cold_loads(engine: Engine, names: list[str]) -> dict[str, float]:
     }
 
 
+def _engine(args: argparse.Namespace, root: Path) -> Engine:
+    config = ServerConfig(
+        device="cpu",
+        threads=args.threads,
+        engine=EngineConfig(max_running=args.batch, max_queue=4096, max_batched_tokens=max(512, args.batch)),
+        adapters=AdapterConfig(roots=(str(root),), max_slots=args.batch, max_rank=8, host_cache_mb=1024),
+    )
+    engine = build_engine(config)
+    engine.start()
+    return engine
+
+
 def main(args: argparse.Namespace) -> int:
     formats = [f for f in args.formats.split(",") if f]
     unknown = set(formats) - set(FORMATS)
@@ -108,25 +123,24 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="loramux-bench-formats-") as tmp:
         root = Path(tmp)
         names = {f: copy_adapters(root, FORMATS[f], args.batch, f) for f in formats}
-        config = ServerConfig(
-            device="cpu",
-            threads=args.threads,
-            engine=EngineConfig(
-                max_running=args.batch, max_queue=4096, max_batched_tokens=max(512, args.batch)
-            ),
-            adapters=AdapterConfig(roots=(str(root),), max_slots=args.batch, max_rank=8, host_cache_mb=1024),
-        )
-        engine = build_engine(config)
-        engine.start()
         rows: list[dict[str, Any]] = []
-        try:
-            prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
-            for adapter_format in formats:
-                loads = cold_loads(engine, names[adapter_format][: min(10, args.batch)])
+        for adapter_format in formats:  # a fresh engine each: no format inherits another's state
+            engine = _engine(args, root)
+            try:
+                prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
+                # On a thread of its own, as the server loads: torch work on the main thread would
+                # leave an OpenMP pool there that slows every engine step (server/runtime.py).
+                with ThreadPoolExecutor(max_workers=1) as loader:
+                    loads = loader.submit(
+                        cold_loads, engine, names[adapter_format][: min(10, args.batch)]
+                    ).result()
                 adapters = names[adapter_format]
                 t_n = best_of(args.repeats, lambda: run_engine(engine, prompts, args.new_tokens, adapters))  # noqa: B023
                 t_1 = best_of(args.repeats, lambda: run_engine(engine, prompts, 1, adapters))  # noqa: B023
-                row = {
+            finally:
+                engine.shutdown()
+            rows.append(
+                {
                     "format": adapter_format,
                     "disk_bytes": disk_bytes(root / adapters[0]),
                     **loads,
@@ -135,10 +149,8 @@ def main(args: argparse.Namespace) -> int:
                     "distinct_adapters": len(set(adapters)),
                     "tok_s": decode_tok_s(args.batch, args.new_tokens, t_n, t_1),
                 }
-                rows.append(row)
-        finally:
-            engine.shutdown()
-    lora_tok_s = rows[0]["tok_s"]
+            )
+    lora_tok_s = next(row["tok_s"] for row in rows if row["format"] == "lora")
     for row in rows:
         row["vs_lora"] = round(row["tok_s"] / lora_tok_s, 2)
         row["machine"] = platform.processor() or platform.machine()

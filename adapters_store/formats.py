@@ -153,6 +153,7 @@ def load_adapter(
         raise AdapterError(
             f"adapter format {shown(format)} is not supported; supported: {', '.join(FORMATS)}"
         )
+    _check_marker(directory, format, label)
     adapter = loader(directory, spec, name, label=label, max_bytes=max_bytes)
     if expected_checksum is not None and adapter.checksum != expected_checksum:
         raise AdapterError(
@@ -160,3 +161,15 @@ def load_adapter(
             "the files changed since the checksum was taken"
         )
     return adapter
+
+
+def _check_marker(directory: Path, format: str, label: str) -> None:
+    """A format asked for explicitly must be the directory's: say what the directory holds instead."""
+    markers = next(f.marker_files for f in FORMAT_REGISTRY if f.name == format)
+    if any((directory / marker).is_file() for marker in markers):
+        return
+    try:
+        found = f"it holds a {detect_format(directory, label)} adapter"
+    except AdapterError:
+        found = "it holds no adapter loramux recognises"
+    raise AdapterError(f"{label} is not a {format} adapter (no {' or '.join(markers)}): {found}")

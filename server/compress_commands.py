@@ -57,7 +57,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
     print("; one factor kept almost nothing: compress without --no-balance" if lopsided else "")
     ours, base = result.fidelity, result.base_fidelity
     print(
-        f"fidelity vs the uncompressed adapter on {ours.prompts} held-out prompts ({ours.positions} positions, "
+        f"fidelity vs the uncompressed adapter on its answers to {ours.prompts} held-out prompts ({ours.positions} positions, "
         f"{result.prompts_from}): top-1 agreement {ours.top1_agreement:.1%}, mean KL {ours.mean_kl:.4g} nats "
         f"(base model alone: {base.top1_agreement:.1%}, {base.mean_kl:.4g} nats)"
     )

@@ -35,9 +35,9 @@ from adapters_store.adapter import ModuleKey, MosAdapter
 from adapters_store.errors import AdapterError, AdapterTooLarge, shown
 from adapters_store.limits import MAX_ABS_SCALE
 from adapters_store.peft_config import read_config_json
-from adapters_store.peft_lora import FLOAT_DTYPES, _read_data, _tensor  # one value check for all formats
 from adapters_store.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 from adapters_store.spec import BaseModelSpec
+from adapters_store.weights_file import FLOAT_DTYPES, float_tensor, read_data
 
 FORMAT = "mos"
 CONFIG_FILE = "mos_config.json"
@@ -126,10 +126,10 @@ def load_mos(
                 f"indices), more than the {max_bytes / MiB:.1f} MiB one adapter may take; raise "
                 "--max-adapter-mb (at most --host-cache-mb) or use a smaller adapter"
             )
-        data = _read_data(file, header, where)
+        data = read_data(file, header, where)
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()
     pools = {
-        projection: (_tensor(data, header, a, where), _tensor(data, header, b, where))
+        projection: (float_tensor(data, header, a, where), float_tensor(data, header, b, where))
         for projection, (a, b) in pool_entries.items()
     }
     indices = _indices(data, header, index_entries, layout, where)

@@ -17,11 +17,8 @@ import re
 from io import BufferedReader
 from pathlib import Path
 
-import torch
-
 from adapters_store.adapter import LoraAdapter, LoraWeights, ModuleKey
 from adapters_store.errors import SHOWN_CHARS, AdapterError, AdapterTooLarge, shown
-from adapters_store.limits import MAX_ABS_WEIGHT
 from adapters_store.peft_config import (
     CONFIG_FILE,
     ModulePlan,
@@ -31,11 +28,11 @@ from adapters_store.peft_config import (
 )
 from adapters_store.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 from adapters_store.spec import BaseModelSpec, projection_block
+from adapters_store.weights_file import FLOAT_DTYPES, float_tensor, read_data
 
 FORMAT = "peft-lora"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MiB = 1 << 20
 
 # base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight
@@ -76,11 +73,11 @@ def load_peft_lora(
                 f"{where}: the adapter needs {nbytes / MiB:.1f} MiB of host memory (fp32), more than the "
                 f"{max_bytes / MiB:.1f} MiB one adapter may take; raise --max-adapter-mb (at most --host-cache-mb) or use a smaller adapter"
             )
-        data = _read_data(file, header, where)
+        data = read_data(file, header, where)
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()
     modules: dict[ModuleKey, LoraWeights] = {}
     for key, plan in plans.items():
-        a, b = (_tensor(data, header, entry, where) for entry in entries[key])
+        a, b = (float_tensor(data, header, entry, where) for entry in entries[key])
         modules[(plan.layer, plan.projection)] = LoraWeights(A=a, B=b, scale=plan.scale)
     del data
     return LoraAdapter(
@@ -115,19 +112,6 @@ def _open_weights(path: Path, where: str) -> BufferedReader:
         return path.open("rb")
     except OSError as exc:
         raise AdapterError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
-
-
-def _read_data(file: BufferedReader, header: SafetensorsHeader, where: str) -> bytearray:
-    """The whole file (header included, for the checksum), read once after the header passed."""
-    data = bytearray(header.file_size)
-    file.seek(0)
-    try:
-        read = file.readinto(data)
-    except OSError as exc:
-        raise AdapterError(f"cannot read {where}: {exc.strerror or type(exc).__name__}") from None
-    if read != header.file_size:
-        raise AdapterError(f"{where} changed while it was read; try again once it is written")
-    return data
 
 
 def _group_by_module(
@@ -189,22 +173,3 @@ def _check_entries(
                 f"(rank {plan.rank} from {plan.rank_field}, {plan.projection} is {in_features} -> {out_features} "
                 "in the base model): was the adapter trained for another base model?"
             )
-
-
-def _tensor(data: bytearray, header: SafetensorsHeader, entry: TensorEntry, where: str) -> torch.Tensor:
-    """The entry's values as a new fp32 tensor (no view of `data`), every |x| <= MAX_ABS_WEIGHT."""
-    dtype = FLOAT_DTYPES[entry.dtype]
-    stored = torch.frombuffer(data, dtype=dtype, count=entry.numel, offset=header.data_start + entry.begin)
-    # Upcast at once, into memory of its own: fp32 is the host form (bf16 is computed wrongly by some CPU paths).
-    tensor = stored.to(torch.float32, copy=True).reshape(entry.shape)
-    low, high = torch.aminmax(tensor)  # NaN propagates, so one pass checks finiteness and range
-    if not (float(low) >= -MAX_ABS_WEIGHT and float(high) <= MAX_ABS_WEIGHT):
-        name = f"{where}: tensor {entry.name}"
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise AdapterError(f"{name} holds {bad} non-finite values (NaN or inf)")
-        raise AdapterError(
-            f"{name} holds values up to |x| = {max(-float(low), float(high)):.3g}; loramux accepts "
-            f"|x| <= {MAX_ABS_WEIGHT:g} (the float16 range), beyond which the adapter's output cannot stay finite"
-        )
-    return tensor

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters_store.adapter import CompeftAdapter, LoadedAdapter, MosAdapter
-from adapters_store.slot_pools import DeviceForm, Group, StackedSlots, Term
+from adapters_store.adapter import CompeftAdapter, LoadedAdapter, MosAdapter, TernaryFactors
+from adapters_store.slot_pools import DeviceForm, Group, GroupParts, StackedSlots, Term
 from adapters_store.spec import BaseModelSpec
 from kernels import AdapterStep, LoraBackend
 
@@ -189,14 +189,11 @@ class MosSlotPool(StackedSlots):
         return step  # the kernels read the step's segment tables directly: no plan
 
 
-CodesForm = tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[float]]
-
-
 @dataclass(frozen=True, eq=False)
 class CompeftForm:
     """Per (layer, group) the adapter adapts: packed S_A and S_B codes per projection, and scales."""
 
-    groups: dict[tuple[int, Group], CodesForm]
+    groups: dict[tuple[int, Group], GroupParts]
     rank: int
     nbytes: int
 
@@ -260,37 +257,17 @@ class CompeftSlotPool(StackedSlots):
         if extra:
             raise ValueError(f"adapter {adapter.name!r}: module {extra[0]} is outside the model")
         gamma_squared = adapter.gamma * adapter.gamma
-        groups: dict[tuple[int, Group], CodesForm] = {}
-        nbytes = 0
-        for (layer, group), stack in self._stacks.items():
-            codes_a: list[torch.Tensor | None] = []
-            codes_b: list[torch.Tensor | None] = []
-            scales: list[float] = []
-            for projection, width in zip(group, stack.output_slices, strict=True):
-                f = factors.get((layer, projection))
-                if f is None:
-                    codes_a.append(None)
-                    codes_b.append(None)
-                    scales.append(0.0)
-                    continue
-                if f.sign_A.shape != (f.rank, stack.in_features) or f.sign_B.shape != (width, f.rank):
-                    raise ValueError(
-                        f"adapter {adapter.name!r} layer {layer} {projection}: expected signs "
-                        f"[{f.rank}, {stack.in_features}] and [{width}, {f.rank}], got "
-                        f"{tuple(f.sign_A.shape)} and {tuple(f.sign_B.shape)}"
-                    )
-                try:
-                    a, b = pack_ternary(f.sign_A), pack_ternary(f.sign_B)
-                except ValueError as error:
-                    raise ValueError(
-                        f"adapter {adapter.name!r} layer {layer} {projection}: {error}"
-                    ) from None
-                nbytes += 4 * (a.numel() + b.numel())
-                codes_a.append(a.to(self.device))
-                codes_b.append(b.to(self.device))
-                scales.append(f.scale * gamma_squared)
-            if any(a is not None for a in codes_a):
-                groups[layer, group] = (codes_a, codes_b, scales)
+
+        def to_codes(
+            layer: int, projection: str, f: TernaryFactors
+        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+            try:
+                a, b = pack_ternary(f.sign_A), pack_ternary(f.sign_B)
+            except ValueError as error:
+                raise ValueError(f"adapter {adapter.name!r} layer {layer} {projection}: {error}") from None
+            return a.to(self.device), b.to(self.device), f.scale * gamma_squared
+
+        groups, nbytes = self._stack_parts(adapter.name, factors, to_codes, what=("sign_A", "sign_B"))
         return CompeftForm(groups=groups, rank=adapter.rank, nbytes=nbytes)
 
     def fill(self, slot: int, form: DeviceForm) -> None:

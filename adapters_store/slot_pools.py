@@ -69,17 +69,13 @@ class SlotPool(Protocol):
         ...
 
 
-class SlotStack(Protocol):
-    def set_slot(self, slot: int, *parts: Any) -> None: ...
-
-    def clear_slot(self, slot: int) -> None: ...
-
-
 class StackedSlots:
     """What every pool of per-key stacks shares (keys: (layer, group), or a group spanning layers):
     `fill` copies a form's parts into each stack holding some (clearing the others), `clear` clears all."""
 
-    _stacks: Mapping[Any, SlotStack]
+    _stacks: Mapping[
+        Any, Any
+    ]  # stacks with set_slot / clear_slot (and in_features, output_slices for _stack_parts)
 
     def refusal(self, adapter: LoadedAdapter) -> str | None:
         raise NotImplementedError
@@ -101,6 +97,53 @@ class StackedSlots:
     def clear(self, slot: int) -> None:
         for stack in self._stacks.values():
             stack.clear_slot(slot)
+
+    def _stack_parts(
+        self,
+        name: str,
+        factors: Mapping[tuple[int, str], Any],
+        convert: Callable[[int, str, Any], tuple[torch.Tensor, torch.Tensor, float]],
+        what: tuple[str, str] = ("A", "B"),
+    ) -> tuple[dict[Any, GroupParts], int]:
+        """Per (layer, group) stack: each projection's converted (A, B, scale), None where not adapted.
+
+        factors: (layer, projection) -> anything whose `what` attributes are A [rank, in] and
+        B [out, rank] (checked against the stack); convert(layer, projection, factor) gives the stack's
+        form of it. Returns the groups holding any, and the bytes of the converted tensors."""
+        groups: dict[Any, GroupParts] = {}
+        nbytes = 0
+        for (layer, group), stack in self._stacks.items():
+            a_list: list[torch.Tensor | None] = []
+            b_list: list[torch.Tensor | None] = []
+            scales: list[float] = []
+            for projection, width in zip(group, stack.output_slices, strict=True):
+                f = factors.get((layer, projection))
+                if f is None:
+                    a_list.append(None)
+                    b_list.append(None)
+                    scales.append(0.0)
+                    continue
+                a_in, b_in = getattr(f, what[0]), getattr(f, what[1])
+                rank = int(a_in.shape[0])
+                if a_in.shape != (rank, stack.in_features) or b_in.shape != (width, rank):
+                    raise ValueError(
+                        f"adapter {name!r} layer {layer} {projection}: expected {what[0]} [{rank}, "
+                        f"{stack.in_features}] and {what[1]} [{width}, {rank}], got {tuple(a_in.shape)} "
+                        f"and {tuple(b_in.shape)}"
+                    )
+                a, b, scale = convert(layer, projection, f)
+                nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+                a_list.append(a)
+                b_list.append(b)
+                scales.append(scale)
+            if any(a is not None for a in a_list):
+                groups[layer, group] = (a_list, b_list, scales)
+        return groups, nbytes
+
+
+GroupParts = tuple[
+    list[torch.Tensor | None], list[torch.Tensor | None], list[float]
+]  # set_slot's A, B, scales
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,36 +223,11 @@ class LoraSlotPool(StackedSlots):
         reason = self.refusal(adapter)
         if reason is not None:
             raise ValueError(f"adapter {adapter.name!r}: {reason}")
-        weights = adapter.lora_weights()
-        groups: dict[
-            tuple[int, Group], tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[float]]
-        ]
-        groups = {}
-        nbytes = 0
-        for (layer, group), stack in self._stacks.items():
-            a_list: list[torch.Tensor | None] = []
-            b_list: list[torch.Tensor | None] = []
-            scales: list[float] = []
-            for projection, width in zip(group, stack.output_slices, strict=True):
-                w = weights.get((layer, projection))
-                if w is None:
-                    a_list.append(None)
-                    b_list.append(None)
-                    scales.append(0.0)
-                    continue
-                if w.A.shape != (w.rank, stack.in_features) or w.B.shape != (width, w.rank):
-                    raise ValueError(
-                        f"adapter {adapter.name!r} layer {layer} {projection}: expected A [{w.rank}, "
-                        f"{stack.in_features}] and B [{width}, {w.rank}], got {tuple(w.A.shape)} and {tuple(w.B.shape)}"
-                    )
-                a = w.A.to(self.device, self.dtype)
-                b = w.B.to(self.device, self.dtype)
-                nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-                a_list.append(a)
-                b_list.append(b)
-                scales.append(w.scale)
-            if any(a is not None for a in a_list):
-                groups[layer, group] = (a_list, b_list, scales)
+
+        def to_slot(layer: int, projection: str, w: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+            return w.A.to(self.device, self.dtype), w.B.to(self.device, self.dtype), w.scale
+
+        groups, nbytes = self._stack_parts(adapter.name, adapter.lora_weights(), to_slot)
         return LoraForm(groups=groups, rank=adapter.rank, nbytes=nbytes)
 
     def fill(self, slot: int, form: DeviceForm) -> None:

@@ -126,10 +126,18 @@ class DecoderLayer(nn.Module):
         batch: StepBatch,
         rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
+        taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Returns this layer's MLP output; the next norm adds it to h (residual add fused in)."""
-        attn_out = self.attn(self.input_norm(h, delta), batch, rotary, *kv)
-        return self.mlp(self.post_attn_norm(h, attn_out), batch)
+        """Returns this layer's MLP output; the next norm adds it to h (residual add fused in).
+
+        taps: when given, gets (attention input, MLP input) appended: the normed inputs of the
+        q/k/v and gate/up projections (the router reads them).
+        """
+        attn_in = self.input_norm(h, delta)
+        mlp_in = self.post_attn_norm(h, self.attn(attn_in, batch, rotary, *kv))
+        if taps is not None:
+            taps.append((attn_in, mlp_in))
+        return self.mlp(mlp_in, batch)
 
 
 class LlamaModel(nn.Module):
@@ -176,3 +184,29 @@ class LlamaModel(nn.Module):
         rows = batch.logits_rows
         h = self.norm(h[rows], None if delta is None else delta[rows])
         return self.lm_head(h).float()
+
+    @torch.inference_mode()
+    def prefix(
+        self, token_ids: torch.Tensor, num_layers: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The base model (no adapter) over one prompt [T], through its first `num_layers` layers.
+
+        Returns each layer's (attention input, MLP input) and the residual stream after the last
+        layer run ([T, hidden] each). Uses a KV cache of its own: safe beside the engine thread.
+        """
+        assert 0 <= num_layers <= self.arch.num_layers, num_layers
+        length = int(token_ids.shape[0])
+        a = self.arch
+        kv = KVCache(max(num_layers, 1), 1, a.num_kv_heads, a.head_dim, length, self.dtype, self.device)
+        batch = StepBatch.build([], [(0, 0, token_ids.tolist(), False)], self.device)
+        h = F.embedding(batch.token_ids, self.embed_tokens)
+        rotary = self.ops.rotary(self.rotary.cos, self.rotary.sin, batch.positions)
+        taps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        delta = None
+        for i in range(num_layers):
+            delta = self.layers[i](h, delta, batch, rotary, (kv.k[i], kv.v[i]), taps)
+        return taps, h if delta is None else h + delta
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device

@@ -1,0 +1,329 @@
+"""The router: which adapter(s) an `auto` request runs with, learned from examples or from weights.
+
+`Router.route(token_ids)` reads the prompt with the base model's first layers (features.py) and
+ranks the routable adapters:
+- adapters with example prompts by the trained selector (selector.py): calibrated probabilities,
+  and an in-domain test against each adapter's examples;
+- adapters without examples by their weights (prototypes.py, Arrow): a softmax of the prompt's
+  scores at `arrow_temperature`. When both kinds exist, the weights decide between each
+  example-less adapter and the group of adapters with examples (the group scores as its best
+  member), and the selector divides the group's share among its members.
+The best candidate serves the request unless its score is below `threshold` or the prompt is out
+of its examples' domain: then the base model does (`fallback`). With `top_k > 1` the request runs
+the mixture of the top candidates, weighted by their renormalized scores.
+
+`learn(adapter, prompts)` (RegisterExamples, LoadAdapter with example prompts) and `reconcile()`
+(at start: every adapter's `examples.jsonl`, adapters gone or changed) update the tables under one
+lock and swap them in; `route` reads whichever tables are current and never waits for learning.
+The tables are saved after every change (state.py) and read back at start.
+
+It knows the model (through FeatureReader), the tokenizer's chat template and the adapters'
+directories and weights (through an AdapterSource); nothing of gRPC, HTTP or the engine.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from adapters_store import AdapterError, AdapterStore, LoadedAdapter
+from server.prompts import chat_prompt_ids
+from server.router.examples import Examples, ExamplesError, check_prompts, read_examples
+from server.router.features import DEFAULT_LAYER, DEFAULT_PROTOTYPE_LAYERS, FeatureReader
+from server.router.prototypes import adapter_prototypes, arrow_scores
+from server.router.selector import STEPS, LearnReport, Selector
+from server.router.state import save_tables
+from server.router.tables import Known, Tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """layer: the decoder layer whose input the selector reads (features.py).
+    threshold: the least calibrated score `auto` serves an adapter at; below it, the base model.
+    domain_factor: a prompt is out of domain past this many times the in-domain limit (selector.py).
+    top_k: adapters an `auto` request mixes by default (a request may ask for more).
+    prototype_layers: layers whose projections the weight-only prototypes cover.
+    arrow_temperature: the softmax temperature of weight-only scores.
+    adapters: fnmatch patterns of the adapters `auto` may pick; "!pattern" excludes.
+    state_path: where the tables are saved (a .safetensors path), None = not saved.
+    """
+
+    layer: int = DEFAULT_LAYER
+    threshold: float = 0.5
+    domain_factor: float = 1.5
+    top_k: int = 1
+    prototype_layers: int = DEFAULT_PROTOTYPE_LAYERS
+    arrow_temperature: float = 0.01
+    adapters: tuple[str, ...] = ("*",)
+    state_path: str | None = None
+    steps: int = STEPS
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"router threshold must be in [0, 1], got {self.threshold}")
+        if self.top_k < 1:
+            raise ValueError(f"router top_k must be >= 1, got {self.top_k}")
+        if self.arrow_temperature <= 0:
+            raise ValueError(f"arrow temperature must be > 0, got {self.arrow_temperature}")
+
+    def allows(self, name: str) -> bool:
+        include = [p for p in self.adapters if not p.startswith("!")]
+        exclude = [p[1:] for p in self.adapters if p.startswith("!")]
+        return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in exclude
+        )
+
+
+class AdapterSource(Protocol):
+    def directories(self) -> Mapping[str, Path]:
+        """Every adapter the server can serve, by name, with its directory."""
+
+    def adapter(self, name: str) -> LoadedAdapter:
+        """The adapter's weights (raises AdapterError when it is refused)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    adapter: str
+    score: float  # calibrated, in [0, 1]
+    by: str  # "examples" | "weights"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    candidates: tuple[Candidate, ...]  # every routable adapter, best first
+    fallback: bool  # True: `auto` runs on the base model
+    reason: str  # why it falls back: "" | "no routable adapter" | "below threshold" | "out of domain"
+    seconds: float  # time spent routing
+
+    def mixture(self, top_k: int) -> tuple[tuple[str, float], ...]:
+        """The (adapter, weight) pairs `auto` serves: () for the base model, else the top_k candidates
+        with their scores renormalized to sum to 1."""
+        if self.fallback:
+            return ()
+        top = self.candidates[:top_k]
+        total = sum(c.score for c in top)
+        return tuple((c.adapter, c.score / total) for c in top)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    learned: tuple[str, ...]
+    forgotten: tuple[str, ...]
+    weight_only: tuple[str, ...]
+    refused: tuple[tuple[str, str], ...]  # (adapter, why)
+    seconds: float
+
+
+class Router:
+    def __init__(
+        self,
+        model_name: str,
+        reader: FeatureReader,
+        tokenizer: Any,
+        source: AdapterSource,
+        config: RouterConfig,
+    ) -> None:
+        self.model_name = model_name
+        self.reader = reader
+        self.tokenizer = tokenizer  # used under self._lock only
+        self.source = source
+        self.config = config
+        self._lock = threading.Lock()  # one learner at a time; `route` never takes it
+        self.tables = Tables(Selector(reader.dim))
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def route(self, token_ids: Sequence[int]) -> RouteDecision:
+        started = time.perf_counter()
+        tables, config = self.tables, self.config
+        with_examples = [c for c in tables.selector.classes if config.allows(c)]
+        weight_only = [n for n in tables.prototypes if n not in tables.selector.classes and config.allows(n)]
+        if not with_examples and not weight_only:
+            return RouteDecision((), True, "no routable adapter", time.perf_counter() - started)
+        reading = self.reader.read(token_ids, config.prototype_layers if weight_only else 0)
+        scores: dict[str, tuple[float, str]] = {}
+        in_domain: dict[str, bool] = {}
+        group = 1.0  # the share of the adapters with examples
+        if weight_only:
+            members = weight_only + (with_examples if with_examples else [])
+            raw = arrow_scores([tables.prototypes.get(n, {}) for n in members], reading.taps)
+            if with_examples:  # the example group scores as its best member
+                raw = torch.cat([raw[: len(weight_only)], raw[len(weight_only) :].max().unsqueeze(0)])
+            shares = torch.softmax(raw / config.arrow_temperature, 0)
+            for name, share in zip(weight_only, shares.tolist(), strict=False):
+                scores[name] = (share, "weights")
+            group = float(shares[-1]) if with_examples else 0.0
+        if with_examples:
+            selected = tables.selector.scores(reading.feature)
+            classes = tables.selector.classes
+            allowed = torch.tensor([config.allows(c) for c in classes])
+            probabilities = selected.probabilities * allowed
+            probabilities = probabilities / probabilities.sum().clamp_min(1e-12)
+            for i, name in enumerate(classes):
+                if allowed[i]:
+                    scores[name] = (group * float(probabilities[i]), "examples")
+                    in_domain[name] = bool(selected.distance[i] <= selected.limit * config.domain_factor)
+        ranked = sorted(scores.items(), key=lambda item: (-item[1][0], item[0]))
+        candidates = tuple(Candidate(name, score, by) for name, (score, by) in ranked)
+        best = candidates[0]
+        reason = ""
+        if best.score < config.threshold:
+            reason = "below threshold"
+        elif not in_domain.get(best.adapter, True):
+            reason = "out of domain"
+        return RouteDecision(candidates, bool(reason), reason, time.perf_counter() - started)
+
+    # -- learning --------------------------------------------------------------------------------
+
+    def learn(self, adapter: str, prompts: Sequence[str]) -> LearnReport:
+        """Add example prompts for `adapter` at run time (ExamplesError when they are unusable)."""
+        prompts = check_prompts(prompts)
+        with self._lock:
+            tables = self.tables.copy()
+            report = tables.selector.learn(adapter, self._features(prompts), self.config.steps)
+            known = tables.known.get(adapter, Known())
+            kept = (known.runtime_prompts + prompts)[-256:]
+            tables.known[adapter] = replace(known, runtime_prompts=kept)
+            if self._needs_prototypes(tables):  # it now scores in the example group by its weights
+                self._prototype(tables, adapter)
+            self._publish(tables)
+        log.info(
+            "router: learned %d example prompts of %s in %.2f s (%d steps)",
+            len(prompts),
+            adapter,
+            report.seconds,
+            report.steps,
+        )
+        return report
+
+    def forget(self, adapter: str) -> None:
+        with self._lock:
+            tables = self.tables.copy()
+            tables.selector.forget(adapter)
+            tables.prototypes.pop(adapter, None)
+            tables.known.pop(adapter, None)
+            self._publish(tables)
+
+    def reconcile(self) -> ReconcileReport:
+        """Bring the tables in line with the adapters the server has now: learn new or changed
+        example files, forget adapters that are gone, build prototypes for adapters without examples."""
+        started = time.perf_counter()
+        learned, forgotten, weight_only, refused = [], [], [], []
+        with self._lock:
+            tables = self.tables.copy()
+            directories = dict(self.source.directories())
+            for name in sorted(set(tables.known) - set(directories)):
+                tables.selector.forget(name)
+                tables.prototypes.pop(name, None)
+                tables.known.pop(name)
+                forgotten.append(name)
+            needs_weights: list[str] = []
+            for name, directory in sorted(directories.items()):
+                known = tables.known.get(name, Known())
+                try:
+                    examples = read_examples(directory)
+                except (ExamplesError, OSError) as exc:
+                    refused.append((name, f"examples.jsonl: {exc}"))
+                    examples = Examples((), "")
+                prompts = examples.prompts + known.runtime_prompts
+                if prompts and (
+                    examples.digest != known.examples_digest or name not in tables.selector.classes
+                ):
+                    tables.selector.forget(name)
+                    tables.selector.learn(name, self._features(prompts), self.config.steps)
+                    learned.append(name)
+                elif not prompts and name in tables.selector.classes:
+                    tables.selector.forget(name)
+                tables.known[name] = replace(known, examples_digest=examples.digest)
+                if not prompts:
+                    needs_weights.append(name)
+            if needs_weights:  # weight-only adapters compete with the example group: all need prototypes
+                for name in sorted(directories):
+                    why = self._prototype(tables, name)
+                    if why:
+                        refused.append((name, why))
+                    elif name in needs_weights:
+                        weight_only.append(name)
+            else:
+                tables.prototypes.clear()
+            self._publish(tables)
+        report = ReconcileReport(
+            tuple(learned),
+            tuple(forgotten),
+            tuple(weight_only),
+            tuple(refused),
+            time.perf_counter() - started,
+        )
+        log.info(
+            "router: %d adapters by examples, %d by weights only (%d learned now, %d forgotten) in %.1f s",
+            len(self.tables.selector.classes),
+            len(weight_only),
+            len(learned),
+            len(forgotten),
+            report.seconds,
+        )
+        for name, why in refused:
+            log.warning("router: adapter %s is routed without its %s", name, why)
+        return report
+
+    def _prototype(self, tables: Tables, name: str) -> str:
+        """Build `name`'s prototypes unless its weights are unchanged; returns why not ("" = done)."""
+        try:
+            adapter = self.source.adapter(name)
+        except AdapterError as exc:
+            tables.prototypes.pop(name, None)
+            return f"weights ({exc})"
+        known = tables.known.get(name, Known())
+        if known.checksum != adapter.checksum or name not in tables.prototypes:
+            tables.prototypes[name] = adapter_prototypes(adapter.lora_weights(), self.config.prototype_layers)
+            tables.known[name] = replace(known, checksum=adapter.checksum)
+        return ""
+
+    def _needs_prototypes(self, tables: Tables) -> bool:
+        return any(n not in tables.selector.classes for n in tables.prototypes)
+
+    def _features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[n, dim]: each prompt as a chat's user turn, as chat clients send it."""
+        rows = [self.reader.read(chat_prompt_ids(self.tokenizer, [("user", p)])).feature for p in prompts]
+        return torch.stack(rows)
+
+    def _publish(self, tables: Tables) -> None:
+        self.tables = tables
+        if self.config.state_path is not None:
+            save_tables(Path(self.config.state_path), tables, self.state_key())
+
+    def state_key(self) -> dict[str, Any]:
+        """What saved tables must match to be reused: the model and how prompts are read."""
+        model = self.reader.model
+        return {
+            "model": self.model_name,
+            "hidden_size": model.arch.hidden_size,
+            "num_layers": model.arch.num_layers,
+            "vocab_size": model.arch.vocab_size,
+            "layer": self.reader.layer,
+            "prototype_layers": self.config.prototype_layers,
+        }
+
+
+class StoreSource:
+    """The adapters of an AdapterStore (the roots and explicit loads) as the router sees them."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+
+    def directories(self) -> Mapping[str, Path]:
+        return {stored.name: stored.directory for stored in self.store.list()}
+
+    def adapter(self, name: str) -> LoadedAdapter:
+        return self.store.get(name)

@@ -26,13 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from bench.engine_bench import best_of, make_prompts, run_engine
+from bench.engine_bench import AdapterSpec, best_of, make_prompts, run_engine
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
 from server.runtime import build_engine
@@ -143,7 +144,7 @@ def decode_tok_s(batch: int, new_tokens: int, t_n: float, t_1: float) -> float:
 
 
 def measure_engine(
-    args: argparse.Namespace, engine: Engine, prompts: list[list[int]], adapters: list[str]
+    args: argparse.Namespace, engine: Engine, prompts: list[list[int]], adapters: Sequence[AdapterSpec]
 ) -> float:
     t_n = best_of(args.repeats, lambda: run_engine(engine, prompts, args.new_tokens, adapters))
     t_1 = best_of(args.repeats, lambda: run_engine(engine, prompts, 1, adapters))

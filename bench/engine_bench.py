@@ -22,6 +22,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +41,9 @@ _TEXT = (
     "system that could produce books quickly and cheaply; within decades presses spread to more "
     "than two hundred cities, and the price of books fell so far that reading became common."
 )
+
+# What one request runs with: an adapter's name ("" = the base model) or a weighted mixture.
+AdapterSpec = str | tuple[tuple[str, float], ...]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,28 +85,38 @@ def run_engine(
     engine: Engine,
     prompts: list[list[int]],
     new_tokens: int,
-    adapters: list[str] | None = None,
+    adapters: Sequence[AdapterSpec] | None = None,
     sampling: SamplingParams | None = None,
 ) -> float:
-    """Seconds to generate new_tokens for every prompt (with its adapter, "" = base), all submitted at once.
+    """Seconds to generate new_tokens for every prompt (with its adapter or mixture, "" = base), all
+    submitted at once.
 
     `sampling` (greedy when None) has its max_tokens replaced by new_tokens."""
     remaining = threading.Semaphore(0)
     params = replace(sampling or SamplingParams(temperature=0.0), max_tokens=new_tokens, ignore_eos=True)
+    errors: list[str] = []
 
     def sink(out: RequestOutput) -> None:
         if out.finished:
+            if out.error is not None:
+                errors.append(out.error)
             remaining.release()
 
     preparer = RequestPreparer.for_engine(engine)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         adapter = adapters[i] if adapters else ""
-        given = RequestInput(PromptInput(token_ids=tuple(prompt)), params, f"bench-{start}-{i}", adapter)
+        name, mixture = (adapter, ()) if isinstance(adapter, str) else ("", adapter)
+        given = RequestInput(
+            PromptInput(token_ids=tuple(prompt)), params, f"bench-{start}-{i}", name, mixture
+        )
         engine.submit(preparer.prepare(given), sink)
     for _ in prompts:
         remaining.acquire()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if errors:  # a failed request finishes early: its time would flatter the figure
+        raise RuntimeError(f"{len(errors)} of {len(prompts)} bench requests failed, first: {errors[0]}")
+    return seconds
 
 
 def run_hf(

@@ -500,6 +500,7 @@ _BENCHMARKS = {
     "sampling": "next-token sampling, new sampler vs the old per-row sort",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
+    "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 
@@ -110,6 +111,51 @@ class HttpLimits:
         return int(self.max_body_mb * 2**20)
 
 
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router that serves `auto` (server/router/router.py).
+
+    layer: the decoder layer whose input the selector reads (features.py).
+    threshold: the least calibrated score `auto` serves an adapter at; below it, the base model.
+    domain_factor: a prompt is out of domain past this many times the in-domain limit (selector.py).
+    top_k: adapters an `auto` request mixes by default (a request may ask for more).
+    prototype_layers: layers whose projections the weight-only prototypes cover.
+    arrow_temperature: the softmax temperature of weight-only scores.
+    adapters: fnmatch patterns of the adapters `auto` may pick; "!pattern" excludes.
+    state_path: where the tables are saved (a .safetensors path), None = not saved.
+    enabled: False = no router (`auto` is refused).
+    steps: training steps per learned adapter (server.router.selector).
+    """
+
+    layer: int = 2  # server.router.features.DEFAULT_LAYER
+    threshold: float = 0.5
+    domain_factor: float = 1.5
+    top_k: int = 1
+    prototype_layers: int = 4
+    arrow_temperature: float = 0.01
+    adapters: tuple[str, ...] = ("*",)
+    state_path: str | None = None
+    enabled: bool = True
+    steps: int = 300  # server.router.selector.STEPS
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"router threshold must be in [0, 1], got {self.threshold}")
+        if self.top_k < 1:
+            raise ValueError(f"router top_k must be >= 1, got {self.top_k}")
+        if self.arrow_temperature <= 0:
+            raise ValueError(f"arrow temperature must be > 0, got {self.arrow_temperature}")
+        if self.layer < 0 or self.prototype_layers < 0 or self.steps < 1 or self.domain_factor <= 0:
+            raise ValueError("router layer and prototype_layers must be >= 0, steps >= 1, domain_factor > 0")
+
+    def allows(self, name: str) -> bool:
+        include = [p for p in self.adapters if not p.startswith("!")]
+        exclude = [p[1:] for p in self.adapters if p.startswith("!")]
+        return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in exclude
+        )
+
+
 MODEL_KERNELS = ("auto", "fused", "torch")  # kernels.model_ops.KERNEL_CHOICES, without importing torch
 
 
@@ -137,6 +183,7 @@ class ServerConfig:
     threads: int | None = None  # the engine's intra-op (OpenMP) threads; None = server.cpus.usable_cpus()
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,7 +25,11 @@ from server.engine.engine import Engine
 from server.engine.events import EngineEvents
 from server.engine.threads import ThreadGovernor
 from server.model.llama import LlamaModel
-from server.model.loader import load_model
+from server.model.loader import cache_root, load_model
+from server.prompts import chat_prompt_ids
+
+if TYPE_CHECKING:
+    from server.router.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +145,28 @@ def slot_pools(
         pools.append(MosSlotPool(spec, FUSED_PROJECTIONS, config.max_slots, backend, device, dtype))
         pools.append(CompeftSlotPool(spec, FUSED_PROJECTIONS, config.max_slots, backend, device))
     return pools
+
+
+def build_router(engine: Engine, config: ServerConfig) -> Router | None:
+    """The router serving `auto` over `engine`'s base model and adapters, its saved tables read back
+    (None when adapters are off or the router is disabled). Call `reconcile()` before relying on it."""
+    from server.router.features import FeatureReader, chat_template_edges
+    from server.router.router import Router, StoreSource
+    from server.router.state import load_tables
+
+    settings = config.router
+    if engine.adapters is None or not settings.enabled:
+        return None
+    if settings.state_path is None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_name)
+        state = cache_root(config.cache_dir) / "router" / f"{safe}.safetensors"
+        settings = replace(settings, state_path=str(state))
+    tokenizer = copy.deepcopy(engine.tokenizer)  # the router tokenizes on its own threads
+    edges = chat_template_edges(lambda content: chat_prompt_ids(tokenizer, [("user", content)]))
+    reader = FeatureReader(engine.model, settings.layer, edges)
+    router = Router(engine.info.model_name, reader, tokenizer, StoreSource(engine.adapters.store), settings)
+    assert settings.state_path is not None
+    saved = load_tables(Path(settings.state_path), router.state_key(), reader.dim)
+    if saved is not None:
+        router.tables = saved
+    return router

@@ -23,7 +23,6 @@ directories and weights (through an AdapterSource); nothing of gRPC, HTTP or the
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import threading
 import time
@@ -35,53 +34,16 @@ from typing import Any, Protocol
 import torch
 
 from adapters_store import AdapterError, AdapterStore, LoadedAdapter
+from server.config import RouterConfig
 from server.prompts import chat_prompt_ids
 from server.router.examples import Examples, ExamplesError, check_prompts, read_examples
-from server.router.features import DEFAULT_LAYER, DEFAULT_PROTOTYPE_LAYERS, FeatureReader
+from server.router.features import FeatureReader
 from server.router.prototypes import adapter_prototypes, arrow_scores
-from server.router.selector import STEPS, LearnReport, Selector
+from server.router.selector import LearnReport, Selector
 from server.router.state import save_tables
 from server.router.tables import Known, Tables
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """layer: the decoder layer whose input the selector reads (features.py).
-    threshold: the least calibrated score `auto` serves an adapter at; below it, the base model.
-    domain_factor: a prompt is out of domain past this many times the in-domain limit (selector.py).
-    top_k: adapters an `auto` request mixes by default (a request may ask for more).
-    prototype_layers: layers whose projections the weight-only prototypes cover.
-    arrow_temperature: the softmax temperature of weight-only scores.
-    adapters: fnmatch patterns of the adapters `auto` may pick; "!pattern" excludes.
-    state_path: where the tables are saved (a .safetensors path), None = not saved.
-    """
-
-    layer: int = DEFAULT_LAYER
-    threshold: float = 0.5
-    domain_factor: float = 1.5
-    top_k: int = 1
-    prototype_layers: int = DEFAULT_PROTOTYPE_LAYERS
-    arrow_temperature: float = 0.01
-    adapters: tuple[str, ...] = ("*",)
-    state_path: str | None = None
-    steps: int = STEPS
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"router threshold must be in [0, 1], got {self.threshold}")
-        if self.top_k < 1:
-            raise ValueError(f"router top_k must be >= 1, got {self.top_k}")
-        if self.arrow_temperature <= 0:
-            raise ValueError(f"arrow temperature must be > 0, got {self.arrow_temperature}")
-
-    def allows(self, name: str) -> bool:
-        include = [p for p in self.adapters if not p.startswith("!")]
-        exclude = [p[1:] for p in self.adapters if p.startswith("!")]
-        return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exclude
-        )
 
 
 class AdapterSource(Protocol):
@@ -222,7 +184,7 @@ class Router:
         learned, forgotten, weight_only, refused = [], [], [], []
         with self._lock:
             tables = self.tables.copy()
-            directories = dict(self.source.directories())
+            directories = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
             for name in sorted(set(tables.known) - set(directories)):
                 tables.selector.forget(name)
                 tables.prototypes.pop(name, None)

@@ -501,6 +501,7 @@ _BENCHMARKS = {
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
     "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",
+    "router": "the router: layer sweep, routing accuracy, auto vs named, growth to 64 adapters, cost",
 }
 
 

@@ -119,8 +119,8 @@ class RouterConfig:
     threshold: the least calibrated score `auto` serves an adapter at; below it, the base model.
     domain_factor: a prompt is out of domain past this many times the in-domain limit (selector.py).
     top_k: adapters an `auto` request mixes by default (a request may ask for more).
-    prototype_layers: layers whose projections the weight-only prototypes cover.
-    arrow_temperature: the softmax temperature of weight-only scores.
+    prototype_layers: layers whose projections the weight-only prototypes cover (0 = all).
+    arrow_temperature: the softmax temperature of weight-only (standardized) scores.
     adapters: fnmatch patterns of the adapters `auto` may pick; "!pattern" excludes.
     state_path: where the tables are saved (a .safetensors path), None = not saved.
     enabled: False = no router (`auto` is refused).
@@ -131,8 +131,8 @@ class RouterConfig:
     threshold: float = 0.5
     domain_factor: float = 1.5
     top_k: int = 1
-    prototype_layers: int = 4
-    arrow_temperature: float = 0.01
+    prototype_layers: int = 0
+    arrow_temperature: float = 0.5
     adapters: tuple[str, ...] = ("*",)
     state_path: str | None = None
     enabled: bool = True

@@ -37,7 +37,7 @@ from typing import Any
 from tasks import TASK_NAMES, get_task, write_jsonl
 from tasks.evaluate import GrpcCompletions, evaluate
 
-EXAMPLES = 40  # training prompts kept beside each adapter for the router
+EXAMPLES = 160  # training prompts kept beside each adapter for the router (160: bench/RESULTS.md "Router")
 TRAIN_FLAGS = ("--rank", "3", "--alpha", "6", "--targets", "all-linear", "--lr", "1e-3", "--batch-size", "8")
 # MoS: r = 4 per layer, l = 4 shards, R = 0.75, p = 0.25: pools of 0.75 * 30 * 4 = 90 rows per
 # projection, a quarter of the rank-3 LoRA's parameters; the same scale (alpha / r = 2) as the LoRA

@@ -187,25 +187,32 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def prefix(
-        self, token_ids: torch.Tensor, num_layers: int
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """The base model (no adapter) over one prompt [T], through its first `num_layers` layers.
+        self, token_ids: torch.Tensor, num_layers: int, context: KVCache | None = None, start: int = 0
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, KVCache]:
+        """The base model (no adapter) over one prompt's tokens [T] at positions start.., through its
+        first `num_layers` layers.
 
-        Returns each layer's (attention input, MLP input) and the residual stream after the last
-        layer run ([T, hidden] each). Uses a KV cache of its own: safe beside the engine thread.
+        context: a KV cache (from an earlier call, same layers) whose slot 0 holds positions < start,
+        which these tokens attend to. Returns each layer's (attention input, MLP input) and the
+        residual stream after the last layer run ([T, hidden] each), and the KV cache of positions
+        < start + T. Uses KV caches of its own: safe beside the engine thread.
         """
         assert 0 <= num_layers <= self.arch.num_layers, num_layers
-        length = int(token_ids.shape[0])
-        a = self.arch
+        a, length = self.arch, start + int(token_ids.shape[0])
         kv = KVCache(max(num_layers, 1), 1, a.num_kv_heads, a.head_dim, length, self.dtype, self.device)
-        batch = StepBatch.build([], [(0, 0, token_ids.tolist(), False)], self.device)
+        if start:
+            assert context is not None and context.capacity >= start and len(context.k) >= num_layers
+            for i in range(num_layers):
+                kv.k[i][:, :, :start] = context.k[i][:, :, :start]
+                kv.v[i][:, :, :start] = context.v[i][:, :, :start]
+        batch = StepBatch.build([], [(0, start, token_ids.tolist(), False)], self.device)
         h = F.embedding(batch.token_ids, self.embed_tokens)
         rotary = self.ops.rotary(self.rotary.cos, self.rotary.sin, batch.positions)
         taps: list[tuple[torch.Tensor, torch.Tensor]] = []
         delta = None
         for i in range(num_layers):
             delta = self.layers[i](h, delta, batch, rotary, (kv.k[i], kv.v[i]), taps)
-        return taps, h if delta is None else h + delta
+        return taps, h if delta is None else h + delta, kv
 
     @property
     def device(self) -> torch.device:

@@ -10,29 +10,33 @@ it is safe beside the engine thread) through its first layers once and returns a
   examples than its own held-out prompts do). Layer 2 and this pooling are the measured default
   (bench/router_bench.py `--sweep`, bench/RESULTS.md "Router"): on the demo tasks' held-out
   prompts it routes as well as deeper layers, at 2 of the prefill's 30 layers.
-- `taps`: per layer run, the normed inputs of its attention and MLP projections ([T, hidden]
-  each), which the weight-only prototypes score; only when `prototype_layers` asks for them.
+- `taps`: per layer run, the normed inputs of its attention and MLP projections at the prompt's
+  own tokens, which the weight-only prototypes score; only when `prototype_layers` asks for them.
 
 It knows the model's forward, nothing of adapters, heads or requests.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from server.model.kv_cache import KVCache
 from server.model.llama import DecoderLayer, LlamaModel
 
 DEFAULT_LAYER = 2
-DEFAULT_PROTOTYPE_LAYERS = 4
+
+
+Taps = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 @dataclass(frozen=True)
 class PromptReading:
     feature: torch.Tensor  # [hidden] fp32
-    taps: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (attention input, MLP input), [T, hidden]
+    taps: Taps  # per layer (attention input, MLP input) at the prompt's own tokens, [T', hidden]
 
 
 class FeatureReader:
@@ -49,6 +53,20 @@ class FeatureReader:
         self.model = model
         self.layer = layer
         self.prefix, self.suffix = tuple(template[0]), tuple(template[1])
+        self._contexts: dict[int, KVCache] = {}  # layers run -> the K/V of the template's prefix
+        self._lock = threading.Lock()
+
+    def _starts_with_prefix(self, token_ids: Sequence[int]) -> bool:
+        return bool(self.prefix) and tuple(token_ids[: len(self.prefix)]) == self.prefix
+
+    def _context(self, layers: int) -> KVCache:
+        """The KV cache of the template's prefix through `layers` layers (computed on first use)."""
+        with self._lock:
+            context = self._contexts.get(layers)
+            if context is None:
+                ids = torch.tensor(self.prefix, dtype=torch.int64, device=self.model.device)
+                context = self._contexts[layers] = self.model.prefix(ids, layers)[2]
+            return context
 
     def content_span(self, token_ids: Sequence[int]) -> slice:
         """The positions of the prompt's own tokens: without the template's prefix and suffix."""
@@ -66,9 +84,15 @@ class FeatureReader:
         model = self.model
         prototype_layers = min(prototype_layers, model.arch.num_layers)
         run = max(self.layer, prototype_layers)
-        ids = torch.tensor(list(token_ids), dtype=torch.int64, device=model.device)
+        # Every chat starts with the template's prefix: its K/V are computed once and reused.
+        start = (
+            len(self.prefix)
+            if len(token_ids) > len(self.prefix) and self._starts_with_prefix(token_ids)
+            else 0
+        )
+        ids = torch.tensor(list(token_ids[start:]), dtype=torch.int64, device=model.device)
         with torch.inference_mode():
-            taps, residual = model.prefix(ids, run)
+            taps, residual, _ = model.prefix(ids, run, self._context(run) if start else None, start)
             if self.layer < run:  # the stream entering layer `layer` is that layer's attention input
                 normed = taps[self.layer][0]
             elif self.layer < model.arch.num_layers:
@@ -77,8 +101,10 @@ class FeatureReader:
                 normed = layer.input_norm(residual)
             else:
                 normed = model.norm(residual)
-            feature = normed[self.content_span(token_ids)].float().mean(0)
-        return PromptReading(feature, tuple(taps[:prototype_layers]))
+            own = self.content_span(token_ids)
+            span = slice(max(own.start - start, 0), own.stop - start)
+            feature = normed[span].float().mean(0)
+        return PromptReading(feature, tuple((a[span], m[span]) for a, m in taps[:prototype_layers]))
 
 
 def chat_template_edges(render: Callable[[str], Sequence[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:

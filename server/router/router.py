@@ -5,7 +5,8 @@ ranks the routable adapters:
 - adapters with example prompts by the trained selector (selector.py): calibrated probabilities,
   and an in-domain test against each adapter's examples;
 - adapters without examples by their weights (prototypes.py, Arrow): a softmax of the prompt's
-  scores at `arrow_temperature`. When both kinds exist, the weights decide between each
+  standardized scores at `arrow_temperature`; this reads every layer (`prototype_layers` 0), as
+  much as a prefill of the prompt, so it is paid only while such adapters are routable. When both kinds exist, the weights decide between each
   example-less adapter and the group of adapters with examples (the group scores as its best
   member), and the selector divides the group's share among its members.
 The best candidate serves the request unless its score is below `threshold` or the prompt is out
@@ -37,13 +38,21 @@ from adapters_store import AdapterError, AdapterStore, LoadedAdapter
 from server.config import RouterConfig
 from server.prompts import chat_prompt_ids
 from server.router.examples import Examples, ExamplesError, check_prompts, read_examples
-from server.router.features import FeatureReader
-from server.router.prototypes import adapter_prototypes, arrow_scores
+from server.router.features import FeatureReader, Taps
+from server.router.prototypes import (
+    REFERENCE_PROMPTS,
+    AdapterPrototypes,
+    adapter_vectors,
+    arrow_scores,
+    calibrated,
+)
 from server.router.selector import LearnReport, Selector
 from server.router.state import save_tables
 from server.router.tables import Known, Tables
 
 log = logging.getLogger(__name__)
+
+NO_PROTOTYPES = AdapterPrototypes({}, {}, {})  # an adapter whose weights were refused: scores 0
 
 
 class AdapterSource(Protocol):
@@ -113,13 +122,13 @@ class Router:
         weight_only = [n for n in tables.prototypes if n not in tables.selector.classes and config.allows(n)]
         if not with_examples and not weight_only:
             return RouteDecision((), True, "no routable adapter", time.perf_counter() - started)
-        reading = self.reader.read(token_ids, config.prototype_layers if weight_only else 0)
+        reading = self.reader.read(token_ids, self._prototype_layers if weight_only else 0)
         scores: dict[str, tuple[float, str]] = {}
         in_domain: dict[str, bool] = {}
         group = 1.0  # the share of the adapters with examples
         if weight_only:
             members = weight_only + (with_examples if with_examples else [])
-            raw = arrow_scores([tables.prototypes.get(n, {}) for n in members], reading.taps)
+            raw = arrow_scores([tables.prototypes.get(n, NO_PROTOTYPES) for n in members], reading.taps)
             if with_examples:  # the example group scores as its best member
                 raw = torch.cat([raw[: len(weight_only)], raw[len(weight_only) :].max().unsqueeze(0)])
             shares = torch.softmax(raw / config.arrow_temperature, 0)
@@ -158,7 +167,7 @@ class Router:
             kept = (known.runtime_prompts + prompts)[-256:]
             tables.known[adapter] = replace(known, runtime_prompts=kept)
             if self._needs_prototypes(tables):  # it now scores in the example group by its weights
-                self._prototype(tables, adapter)
+                self._prototype(tables, adapter, self._reference())
             self._publish(tables)
         log.info(
             "router: learned %d example prompts of %s in %.2f s (%d steps)",
@@ -211,8 +220,9 @@ class Router:
                 if not prompts:
                     needs_weights.append(name)
             if needs_weights:  # weight-only adapters compete with the example group: all need prototypes
+                reference = self._reference()
                 for name in sorted(directories):
-                    why = self._prototype(tables, name)
+                    why = self._prototype(tables, name, reference)
                     if why:
                         refused.append((name, why))
                     elif name in needs_weights:
@@ -239,7 +249,7 @@ class Router:
             log.warning("router: adapter %s is routed without its %s", name, why)
         return report
 
-    def _prototype(self, tables: Tables, name: str) -> str:
+    def _prototype(self, tables: Tables, name: str, reference: list[Taps]) -> str:
         """Build `name`'s prototypes unless its weights are unchanged; returns why not ("" = done)."""
         try:
             adapter = self.source.adapter(name)
@@ -248,9 +258,19 @@ class Router:
             return f"weights ({exc})"
         known = tables.known.get(name, Known())
         if known.checksum != adapter.checksum or name not in tables.prototypes:
-            tables.prototypes[name] = adapter_prototypes(adapter.lora_weights(), self.config.prototype_layers)
+            vectors = adapter_vectors(adapter.lora_weights(), self._prototype_layers)
+            tables.prototypes[name] = calibrated(vectors, reference)
             tables.known[name] = replace(known, checksum=adapter.checksum)
         return ""
+
+    @property
+    def _prototype_layers(self) -> int:
+        return self.config.prototype_layers or self.reader.model.arch.num_layers
+
+    def _reference(self) -> list[Taps]:
+        """The taps of REFERENCE_PROMPTS, which prototypes' scores are standardized against."""
+        render = [chat_prompt_ids(self.tokenizer, [("user", p)]) for p in REFERENCE_PROMPTS]
+        return [self.reader.read(ids, self._prototype_layers).taps for ids in render]
 
     def _needs_prototypes(self, tables: Tables) -> bool:
         return any(n not in tables.selector.classes for n in tables.prototypes)

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from server.router.prototypes import AdapterPrototypes
 from server.router.selector import Selector
 from server.router.tables import Known, Tables
 
@@ -38,12 +40,14 @@ def save_tables(path: Path, tables: Tables, key: dict[str, Any]) -> None:
     for i, name in enumerate(selector.classes):
         tensors[f"train.{i}"] = selector.train[name]
         tensors[f"held.{i}"] = selector.held[name]
-    prototypes: dict[str, list[list[Any]]] = {}
-    for i, (name, table) in enumerate(sorted(tables.prototypes.items())):
-        keys = sorted(table)
-        prototypes[name] = [[layer, projection] for layer, projection in keys]
+    prototypes: dict[str, list[list[Any]]] = {}  # name -> [layer, projection, mean, spread] per module
+    for i, (name, adapter) in enumerate(sorted(tables.prototypes.items())):
+        keys = sorted(adapter.vectors)
+        prototypes[name] = [
+            [layer, proj, adapter.mean[(layer, proj)], adapter.spread[(layer, proj)]] for layer, proj in keys
+        ]
         if keys:
-            tensors[f"prototypes.{i}"] = torch.stack([table[k] for k in keys])
+            tensors[f"prototypes.{i}"] = torch.stack([adapter.vectors[k] for k in keys])
     header = {
         "version": VERSION,
         "key": key,
@@ -90,14 +94,19 @@ def load_tables(path: Path, key: dict[str, Any], dim: int) -> Tables | None:
             selector.train[name], selector.held[name] = tensors[f"train.{i}"], tensors[f"held.{i}"]
         selector.refresh()
         prototypes = {}
-        for i, (name, keys) in enumerate(sorted(header["prototypes"].items())):
-            stacked = tensors[f"prototypes.{i}"] if keys else torch.zeros(0)
-            prototypes[name] = {(int(layer), str(proj)): stacked[j] for j, (layer, proj) in enumerate(keys)}
+        for i, (name, rows) in enumerate(sorted(header["prototypes"].items())):
+            stacked = tensors[f"prototypes.{i}"] if rows else torch.zeros(0)
+            keys = [(int(row[0]), str(row[1])) for row in rows]
+            prototypes[name] = AdapterPrototypes(
+                {k: stacked[j] for j, k in enumerate(keys)},
+                {k: float(row[2]) for k, row in zip(keys, rows, strict=True)},
+                {k: float(row[3]) for k, row in zip(keys, rows, strict=True)},
+            )
         known = {
             name: Known(k["examples_digest"], tuple(k["runtime_prompts"]), k["checksum"])
             for name, k in header["known"].items()
         }
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError) as exc:
         log.warning("router: cannot read the saved tables in %s (%s); starting afresh", path, exc)
         return None
     if selector.weight.shape != (len(selector.classes), dim):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.router.prototypes import Prototypes
+from server.router.prototypes import AdapterPrototypes
 from server.router.selector import Selector
 
 
@@ -25,7 +25,7 @@ class Tables:
     """Everything `route` reads; replaced as a whole (never mutated while published)."""
 
     selector: Selector
-    prototypes: dict[str, Prototypes] = field(default_factory=dict)
+    prototypes: dict[str, AdapterPrototypes] = field(default_factory=dict)
     known: dict[str, Known] = field(default_factory=dict)
 
     def copy(self) -> Tables:

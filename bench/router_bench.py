@@ -1,8 +1,8 @@
 """`loramux bench router`: how well and how cheaply the router picks adapters, on the default model.
 
 Parts (`--parts`, default all), each printed as JSON lines and summarized at the end:
-- `sweep`: which layer and pooling the selector should read. Per decoder layer (the normed
-  residual stream entering it) and pooling (mean over all tokens, mean over the prompt's own
+- `sweep`: which layer and pooling the selector should read. Per decoder layer (0-4, then every
+  4th, and the last: the normed residual stream entering it) and pooling (mean over all tokens, mean over the prompt's own
   tokens without the chat template's, last token), a head trained on the demo adapters'
   `examples.jsonl` and scored on the tasks' hand-written held-out prompts; and, for four
   adapters (sql, sentiment, extract, arith), how well the distance to their examples tells
@@ -132,7 +132,7 @@ def sweep(setup: Setup) -> None:
     test = {t: [states(p) for p in heldout(t)] for t in TASK_NAMES}
     outside = [states(p) for p in offtopic_prompts()] + test["shout"]
     for pooling in ("mean", "content", "last"):
-        for layer in range(layers + 1):
+        for layer in sorted({0, 1, 2, 3, 4, 6, 8, 12, 16, 20, 24, layers}):
             accuracy, _ = _fit_and_score(train, test, pooling, layer, TASK_NAMES)
             _, aurocs = _fit_and_score(train, test, pooling, layer, CONTENT_TASKS, outside)
             emit({"part": "sweep", "pooling": pooling, "layer": layer, "content_top1": accuracy, **aurocs})

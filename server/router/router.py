@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,47 +186,40 @@ class Router:
             tables.known.pop(adapter, None)
             self._publish(tables)
 
-    def reconcile(self) -> ReconcileReport:
-        """Bring the tables in line with the adapters the server has now: learn new or changed
-        example files, forget adapters that are gone, build prototypes for adapters without examples."""
+    def reconcile(self, names: Collection[str] | None = None) -> ReconcileReport:
+        """Bring the tables in line with the adapters the server has now (only `names`, when given:
+        an adapter just loaded or unloaded): learn new or changed example files, forget adapters
+        that are gone, build prototypes for adapters without examples."""
         started = time.perf_counter()
-        learned, forgotten, weight_only, refused = [], [], [], []
+        learned: list[str] = []
+        forgotten: list[str] = []
+        weight_only: list[str] = []
+        refused: list[tuple[str, str]] = []
         with self._lock:
             tables = self.tables.copy()
-            directories = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
-            for name in sorted(set(tables.known) - set(directories)):
-                tables.selector.forget(name)
-                tables.prototypes.pop(name, None)
-                tables.known.pop(name)
-                forgotten.append(name)
-            needs_weights: list[str] = []
-            for name, directory in sorted(directories.items()):
-                known = tables.known.get(name, Known())
-                try:
-                    examples = read_examples(directory)
-                except (ExamplesError, OSError) as exc:
-                    refused.append((name, f"examples.jsonl: {exc}"))
-                    examples = Examples((), "")
-                prompts = examples.prompts + known.runtime_prompts
-                if prompts and (
-                    examples.digest != known.examples_digest or name not in tables.selector.classes
-                ):
+            listed = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
+            scope = set(listed) | set(tables.known) if names is None else set(names)
+            for name in sorted(scope - set(listed)):
+                if name in tables.known or name in tables.selector.classes:
                     tables.selector.forget(name)
-                    tables.selector.learn(name, self._features(prompts), self.config.steps)
-                    learned.append(name)
-                elif not prompts and name in tables.selector.classes:
-                    tables.selector.forget(name)
-                tables.known[name] = replace(known, examples_digest=examples.digest)
-                if not prompts:
-                    needs_weights.append(name)
-            if needs_weights:  # weight-only adapters compete with the example group: all need prototypes
-                reference = self._reference()
-                for name in sorted(directories):
-                    why = self._prototype(tables, name, reference)
-                    if why:
-                        refused.append((name, why))
-                    elif name in needs_weights:
-                        weight_only.append(name)
+                    tables.prototypes.pop(name, None)
+                    tables.known.pop(name, None)
+                    forgotten.append(name)
+            for name in sorted(scope & set(listed)):
+                why = self._sync_examples(tables, name, listed[name], learned)
+                if why:
+                    refused.append((name, why))
+            without_examples = sorted(n for n in listed if n not in tables.selector.classes)
+            if without_examples:  # they compete with the example group: every adapter needs prototypes
+                reference: list[Taps] | None = None
+                for name in sorted(listed):
+                    if name in scope or name not in tables.prototypes:
+                        reference = reference if reference is not None else self._reference()
+                        why = self._prototype(tables, name, reference)
+                        if why:
+                            refused.append((name, why))
+                        elif name in without_examples:
+                            weight_only.append(name)
             else:
                 tables.prototypes.clear()
             self._publish(tables)
@@ -248,6 +241,25 @@ class Router:
         for name, why in refused:
             log.warning("router: adapter %s is routed without its %s", name, why)
         return report
+
+    def _sync_examples(self, tables: Tables, name: str, directory: Path, learned: list[str]) -> str:
+        """Learn `name`'s examples (its file's and those sent at run time) unless unchanged; returns
+        why its file is not used ("" = fine)."""
+        known = tables.known.get(name, Known())
+        why = ""
+        try:
+            examples = read_examples(directory)
+        except (ExamplesError, OSError) as exc:
+            why, examples = f"examples.jsonl: {exc}", Examples((), "")
+        prompts = examples.prompts + known.runtime_prompts
+        if prompts and (examples.digest != known.examples_digest or name not in tables.selector.classes):
+            tables.selector.forget(name)
+            tables.selector.learn(name, self._features(prompts), self.config.steps)
+            learned.append(name)
+        elif not prompts and name in tables.selector.classes:
+            tables.selector.forget(name)
+        tables.known[name] = replace(known, examples_digest=examples.digest)
+        return why
 
     def _prototype(self, tables: Tables, name: str, reference: list[Taps]) -> str:
         """Build `name`'s prototypes unless its weights are unchanged; returns why not ("" = done)."""

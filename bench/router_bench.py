@@ -119,7 +119,7 @@ def sweep(setup: Setup) -> None:
 
     def states(prompt: str) -> dict[str, list[torch.Tensor]]:
         ids = setup.render(prompt)
-        taps, residual = model.prefix(torch.tensor(ids), layers)
+        taps, residual, _ = model.prefix(torch.tensor(ids), layers)
         normed = [a for a, _ in taps] + [model.norm(residual)]
         own = slice(len(prefix), len(ids) - len(suffix))
         return {

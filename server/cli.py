@@ -34,9 +34,10 @@ from server.client_commands import (
     cmd_generate,
     cmd_info,
 )
-from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, ServerConfig
+from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, RouterConfig, ServerConfig
 from server.serve_commands import cmd_http, configure_logging, run_server
 
+MAX_ROUTE_TOP_K = 8  # server.preparation.MAX_MIXTURE (not imported: it brings torch)
 API_KEY_ENV = "LORAMUX_API_KEY"
 ADMIN_TOKEN_ENV = "LORAMUX_ADMIN_TOKEN"
 Handler = Callable[[argparse.Namespace, list[str]], int]
@@ -187,10 +188,56 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the engine's intra-op threads (default: the CPUs this process may use, capped by its "
         "cgroup CPU quota; see README 'Serving' beside other busy processes)",
     )
+    _add_router(serve)
     _add_http_limits(serve)
     _add_secrets(serve, admin=True)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_router(parser: argparse.ArgumentParser) -> None:
+    router = RouterConfig()
+    group = parser.add_argument_group(
+        "router (adapter 'auto')",
+        "Requests for adapter 'auto' (OpenAI model 'auto') get the adapter(s) whose example prompts "
+        "(an adapter's examples.jsonl, RegisterExamples) or, lacking any, whose weights fit the prompt "
+        "best; the base model when none fits well.",
+    )
+    group.add_argument(
+        "--no-router",
+        dest="router",
+        action="store_false",
+        help="no router: adapter 'auto', Route and example prompts are refused",
+    )
+    group.add_argument(
+        "--router-adapters",
+        type=_patterns,
+        default=router.adapters,
+        metavar="PATTERNS",
+        help="comma-separated fnmatch patterns of the adapters 'auto' may pick; '!pattern' excludes, "
+        "e.g. 'sql-*,!sql-old' (default: all)",
+    )
+    group.add_argument(
+        "--router-threshold",
+        type=float,
+        default=router.threshold,
+        help="the least score, in [0, 1], at which 'auto' serves an adapter; below it, the base model "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--router-top-k",
+        type=_route_top_k,
+        default=router.top_k,
+        help=f"adapters an 'auto' request mixes unless it sets route_top_k, 1-{MAX_ROUTE_TOP_K} "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--router-layer",
+        type=_non_negative,
+        default=router.layer,
+        help="the decoder layer whose input the router reads; its features are saved per layer "
+        "(default: %(default)s)",
+    )
 
 
 def _add_http_limits(parser: argparse.ArgumentParser) -> None:
@@ -269,6 +316,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    patterns = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not patterns or all(p.startswith("!") for p in patterns):
+        raise argparse.ArgumentTypeError(
+            f"give at least one pattern of adapters to include (e.g. '*,!old-*'), got {text!r}"
+        )
+    return patterns
+
+
+def _route_top_k(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_ROUTE_TOP_K:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_ROUTE_TOP_K}, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -291,6 +354,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host_cache_mb=args.host_cache_mb,
         max_adapter_mb=args.max_adapter_mb,
     )
+    router = RouterConfig(
+        enabled=args.router,
+        adapters=args.router_adapters,
+        threshold=args.router_threshold,
+        top_k=args.router_top_k,
+        layer=args.router_layer,
+    )
     return ServerConfig(
         model=args.model,
         device=args.device,
@@ -309,6 +379,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         engine=engine,
         adapters=adapters,
+        router=router,
     )
 
 

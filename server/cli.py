@@ -4,7 +4,9 @@
     loramux http      run only the OpenAI HTTP shim in front of a running gRPC server
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
-    loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
+    loramux adapters list | load NAME PATH | unload NAME | examples NAME FILE
+                      manage a running server's adapters (and the example prompts it routes them by)
+    loramux route     ask a running server's router which adapters it would pick for a prompt
     loramux train     train a PEFT LoRA adapter on the base model from a JSONL file (CPU)
     loramux compress  compress a PEFT LoRA adapter (ComPEFT) and report its fidelity
     loramux export    write an adapter of any format as a PEFT LoRA directory
@@ -28,11 +30,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from server.client_commands import (
+    cmd_adapters_examples,
     cmd_adapters_list,
     cmd_adapters_load,
     cmd_adapters_unload,
     cmd_generate,
     cmd_info,
+    cmd_route,
 )
 from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, RouterConfig, ServerConfig
 from server.serve_commands import cmd_http, configure_logging, run_server
@@ -61,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_http(commands)
     _add_info(commands)
     _add_adapters(commands)
+    _add_route(commands)
     _add_eval(commands)
     _add_bench(commands)
     _add_train(commands)
@@ -96,7 +101,8 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument(
         "--enable-admin",
         action="store_true",
-        help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
+        help="allow changing adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter, "
+        "/v1/router/examples)",
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=server.device)
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=server.dtype)
@@ -235,8 +241,8 @@ def _add_router(parser: argparse.ArgumentParser) -> None:
         "--router-layer",
         type=_non_negative,
         default=router.layer,
-        help="the decoder layer whose input the router reads; its features are saved per layer "
-        "(default: %(default)s)",
+        help="the decoder layer whose input the router reads; changing it relearns every adapter's "
+        "examples at start (default: %(default)s)",
     )
 
 
@@ -412,7 +418,8 @@ def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     http.add_argument(
         "--enable-admin",
         action="store_true",
-        help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
+        help="allow changing adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter, "
+        "/v1/router/examples)",
     )
     _add_http_limits(http)
     _add_secrets(http, admin=True)
@@ -456,10 +463,40 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     generate.add_argument("--seed", type=_non_negative, default=None)
     generate.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop strings")
     generate.add_argument(
-        "--adapter", default="", help="adapter name (see `loramux adapters list`); '' = base model"
+        "--adapter",
+        default="",
+        help="adapter name (see `loramux adapters list`); '' = base model; 'auto' = the router picks",
+    )
+    generate.add_argument(
+        "--route-top-k",
+        type=_route_top_k,
+        default=None,
+        help=f"with --adapter auto: mix the router's best N adapters, 1-{MAX_ROUTE_TOP_K} (default: the server's)",
     )
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.set_defaults(handler=cmd_generate)
+
+
+def _add_route(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    route = commands.add_parser(
+        "route",
+        help="print which adapters a running server's router would pick for a prompt (JSON)",
+        description="Asks the Route RPC and prints its answer as JSON: the candidates best first with "
+        "their scores, and whether adapter 'auto' would fall back to the base model (and why). The "
+        "prompt is sent as one user chat message unless --raw is given, as `loramux generate` does.",
+    )
+    _add_target(route)
+    route.add_argument("--prompt", required=True, help="the prompt text")
+    route.add_argument(
+        "--raw", action="store_true", help="send the prompt as plain text, without the chat template"
+    )
+    route.add_argument(
+        "--top-k", type=_non_negative, default=0, help="candidates to print; 0 = all (default)"
+    )
+    route.add_argument(
+        "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"
+    )
+    route.set_defaults(handler=cmd_route)
 
 
 def _add_target(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
@@ -506,7 +543,16 @@ def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     unload = actions.add_parser("unload", help="unload an adapter, freeing its memory and device slot")
     unload.add_argument("name")
     unload.set_defaults(handler=cmd_adapters_unload)
-    for action in (listing, load, unload):
+    examples = actions.add_parser(
+        "examples",
+        help="teach the router an adapter's example prompts (RegisterExamples); prints what it learned",
+        description='FILE holds one JSON object per line with a "prompt" string (as an adapter\'s '
+        "examples.jsonl); at most 256 prompts per call. Learning takes seconds.",
+    )
+    examples.add_argument("name", help="the adapter")
+    examples.add_argument("file", metavar="FILE.jsonl", help="the example prompts")
+    examples.set_defaults(handler=cmd_adapters_examples)
+    for action in (listing, load, unload, examples):
         _add_target(action, admin=action is not listing)
         action.add_argument(
             "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"

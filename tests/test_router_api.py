@@ -10,7 +10,12 @@ and on) sit in front of the first.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ import pytest
 
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
+from server import cli
 from server.auth import AuthConfig, bearer_metadata
 from server.config import AdapterConfig, EngineConfig, RouterConfig, ServerConfig
 from server.engine.engine import Engine
@@ -242,6 +248,98 @@ def test_get_info_reports_the_router(stack: Stack) -> None:
     assert info.HasField("router")
     assert (info.router.top_k, info.router.layer, list(info.router.adapters)) == (1, 2, ["*"])
     assert (info.router.adapters_by_examples, info.router.adapters_by_weights) == (2, 0)
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def test_serve_router_flags_make_the_router_config() -> None:
+    def router(*flags: str) -> RouterConfig:
+        return cli.server_config(cli.build_parser().parse_args(["serve", *flags])).router
+
+    assert router() == RouterConfig()
+    assert router("--no-router").enabled is False
+    flags = (
+        "--router-adapters",
+        "sql-*, arith ,!sql-old",
+        "--router-threshold",
+        "0.3",
+        "--router-top-k",
+        "2",
+    )
+    given = router(*flags, "--router-layer", "4")
+    assert (given.adapters, given.threshold, given.top_k, given.layer) == (
+        ("sql-*", "arith", "!sql-old"),
+        0.3,
+        2,
+        4,
+    )
+    assert given.allows("sql-new") and not given.allows("sql-old") and not given.allows("other")
+    for bad in (["--router-top-k", "9"], ["--router-adapters", "!x"], ["--router-layer", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", *bad])
+
+
+def test_serve_learns_the_examples_files_in_the_background(dirs: dict[str, Path], tmp_path: Path) -> None:
+    for name in ADAPTERS:  # as a trained adapter ships them
+        rows = "".join(json.dumps({"prompt": p}) + "\n" for p in EXAMPLES[name][:20])
+        (dirs["root"] / name / "examples.jsonl").write_text(rows)
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model", str(dirs["base"]), "--grpc-port", "0"]
+    argv += ["--http-port", "0", "--adapter-root", str(dirs["root"]), "--max-slots", "2", "--max-rank", "8"]
+    argv += [
+        "--max-model-len",
+        "256",
+        "--model-kernels",
+        "torch",
+        "--cache-dir",
+        str(tmp_path),
+        "--router-threshold",
+        "0",
+    ]
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    try:
+        assert process.stderr is not None
+        log, target = [], None
+        for line in process.stderr:
+            log.append(line)
+            serving = re.search(r"loramux serving \S+ on (127\.0\.0\.1:\d+) \(router on", line)
+            target = serving.group(1) if serving else target
+            if "router ready" in line:
+                break
+        else:
+            pytest.fail("serve exited before the router was ready:\n" + "".join(log))
+        assert target is not None and "2 adapters by examples" in line, "".join(log)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            assert stub.GetInfo(pb.GetInfoRequest(), timeout=30).router.adapters_by_examples == 2
+            answer = stub.Generate(_greedy(HELD_OUT["alpha"][0], adapter="auto"), timeout=60)
+        assert answer.HasField("routing") and answer.adapter in ("alpha", "")  # "": out of domain
+        assert (tmp_path / "router").is_dir()  # the tables are saved in the cache
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for name in ADAPTERS:
+            (dirs["root"] / name / "examples.jsonl").unlink()
+
+
+def test_route_and_examples_commands(
+    stack: Stack, held_out: dict[str, str], tmp_path: Path, capsys: Any
+) -> None:
+    target = ["--target", stack.grpc.target]
+    assert cli.main(["route", "--prompt", held_out["alpha"], "--top-k", "1", *target]) == 0
+    routed = json.loads(capsys.readouterr().out)
+    assert [c["adapter"] for c in routed["candidates"]] == ["alpha"] and routed["fallback_to_base"] is False
+    file = tmp_path / "examples.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EXAMPLES["alpha"][:4]))
+    assert cli.main(["adapters", "examples", "nope", str(file), *target]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    file.write_text('{"text": "no prompt"}\n')
+    assert cli.main(["adapters", "examples", "alpha", str(file), *target]) == 2
+    assert 'line 1: expected an object with a "prompt" string' in capsys.readouterr().err
 
 
 # -- HTTP ----------------------------------------------------------------------------------

@@ -109,11 +109,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._live_request_ids: set[str] = set()  # touched on the event loop only
         # One thread: preparing (tokenizing, looking at adapter roots, routing) stays off the event
         # loop and never runs concurrently.
-        self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-prepare")
+        self._prepare_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="loramux-prepare", initializer=_one_intra_op_thread
+        )
         # One thread: LoadAdapter / UnloadAdapter read files and run one at a time, in arrival order.
         self._adapter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-rpc")
         # One thread: the router learns (seconds) and forgets, in arrival order.
-        self._router_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-router")
+        self._router_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="loramux-router", initializer=_one_intra_op_thread
+        )
 
     @property
     def running(self) -> int:
@@ -324,6 +328,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if self._router is not None:
             router = convert.router_info_to_pb(self._router.config, *routable_counts(self._router))
         return convert.info_to_pb(self._engine.info, router)
+
+
+def _one_intra_op_thread() -> None:
+    """Run this helper thread's torch ops (the router's) on itself alone. libgomp keeps an OpenMP
+    pool per thread that runs parallel torch code, and once the pools hold more threads than there
+    are CPUs the engine's stop spin-waiting and every step slows down (server/runtime.py). Thread
+    counts are per thread in libgomp, so the engine thread keeps its own (it set it at start)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _routing(prepared: PreparedRequest) -> pb.RouteResponse | None:

@@ -247,10 +247,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 "pin is not supported yet: an adapter stays in its device slot while requests use it "
                 "and is evicted least-recently-used otherwise; load it without pin"
             )
-        examples = (
-            _checked_examples(request.example_prompts, "example_prompts") if request.example_prompts else ()
-        )
-        router = self._preparer.router_or_refuse() if examples else None  # refused before loading
+        router: Router | None = None
+        examples: tuple[str, ...] = ()
+        if request.example_prompts:  # checked before loading: refused prompts load nothing
+            router = _routable(self._preparer.router_or_refuse(), request.name)
+            examples = _checked_examples(request.example_prompts, "example_prompts")
         load = functools.partial(manager.load, request.name, request.path, format, replace=request.replace)
         await self._in_adapter_thread(load)
         if router is not None:
@@ -304,7 +305,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.RegisterExamplesRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterExamplesResponse:
         manager = self._adapter_manager()
-        router = self._preparer.router_or_refuse()
+        router = _routable(self._preparer.router_or_refuse(), request.adapter)
         examples = _checked_examples(request.prompts, "prompts")
         await self._in_adapter_thread(functools.partial(manager.check_known, request.adapter))  # NOT_FOUND
         report = await self._learn(router, request.adapter, examples)
@@ -355,6 +356,17 @@ def _checked_examples(prompts: Sequence[str], field: str) -> tuple[str, ...]:
         return check_prompts(list(prompts), field)
     except ExamplesError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def _routable(router: Router, adapter: str) -> Router:
+    """`router`, unless its settings keep it from ever picking `adapter` (InvalidRequest)."""
+    if not router.config.allows(adapter):
+        patterns = ",".join(router.config.adapters)
+        raise InvalidRequest(
+            f"adapter {shown(adapter)} is not one the router may pick (--router-adapters {patterns}); "
+            "its example prompts would never be used"
+        )
+    return router
 
 
 def _forget_if_gone(router: Router, manager: AdapterManager, name: str) -> None:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,16 @@ def test_register_examples_refusals(stack: Stack) -> None:
             lambda: guarded.RegisterExamples(request, timeout=30, metadata=bearer_metadata(ADMIN_TOKEN))
         )
         assert with_token.code() == grpc.StatusCode.NOT_FOUND  # let in; the adapter is what is wrong
+
+
+def test_adapters_the_router_may_not_pick_are_left_out(
+    stack: Stack, held_out: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stack.router, "config", replace(stack.router.config, adapters=("*", "!beta")))
+    assert [c.adapter for c in _route(stack.stub, held_out["beta"]).candidates] == ["alpha"]
+    request = pb.RegisterExamplesRequest(adapter="beta", prompts=["hello there"])
+    error = _refused(lambda: stack.stub.RegisterExamples(request, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "--router-adapters *,!beta" in error.details()
 
 
 def test_without_a_router_auto_route_and_examples_are_refused_clearly(stack: Stack) -> None:

@@ -100,10 +100,6 @@ class Backend:
             )
         return "" if model == info.model_name else model
 
-    async def has_router(self) -> bool:
-        """Whether the server routes model "auto" (GetInfo reports its router)."""
-        return (await self.info()).HasField("router")
-
     async def model_id(self, adapter: str) -> str:
         """The OpenAI `model` of an answer: the adapter that served it, or the base model's id."""
         return adapter or (await self.info()).model_name

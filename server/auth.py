@@ -3,8 +3,8 @@
 Two secrets, both optional:
   - the API key: every `loramux.v1.Inference` call carries metadata `authorization: Bearer <key>`
     (HTTP: the `Authorization` header on `/v1/*`); a missing or wrong key is UNAUTHENTICATED (401);
-  - the admin token: LoadAdapter / UnloadAdapter (HTTP: the admin routes) need it when set, and a
-    call without it is PERMISSION_DENIED (403). The admin token also passes where the API key does.
+  - the admin token: LoadAdapter / UnloadAdapter / RegisterExamples (HTTP: the admin routes) need it
+    when set, and a call without it is PERMISSION_DENIED (403). The admin token also passes where the API key does.
 Health and reflection stay open: load balancers probe them without credentials.
 
 Comparisons are constant-time (`hmac.compare_digest`) and no key is ever logged or echoed.
@@ -23,7 +23,7 @@ import grpc.aio
 
 INFERENCE_METHOD_PREFIX = "/loramux.v1.Inference/"
 ADMIN_METHODS = frozenset(
-    {INFERENCE_METHOD_PREFIX + "LoadAdapter", INFERENCE_METHOD_PREFIX + "UnloadAdapter"}
+    INFERENCE_METHOD_PREFIX + method for method in ("LoadAdapter", "UnloadAdapter", "RegisterExamples")
 )
 BEARER = "bearer "
 
@@ -69,7 +69,8 @@ def check(auth: AuthConfig, token: str | None, *, admin: bool) -> str | None:
 
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key; send it as 'Authorization: Bearer <key>'"
 PERMISSION_DENIED_MESSAGE = (
-    "loading and unloading adapters needs the admin token ('Authorization: Bearer <token>')"
+    "loading and unloading adapters, and registering their example prompts, needs the admin token "
+    "('Authorization: Bearer <token>')"
 )
 
 

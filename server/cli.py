@@ -4,7 +4,9 @@
     loramux http      run only the OpenAI HTTP shim in front of a running gRPC server
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
-    loramux adapters list | load NAME PATH | unload NAME   manage a running server's adapters
+    loramux adapters list | load NAME PATH | unload NAME | examples NAME FILE
+                      manage a running server's adapters (and the example prompts it routes them by)
+    loramux route     ask a running server's router which adapters it would pick for a prompt
     loramux train     train a PEFT LoRA adapter on the base model from a JSONL file (CPU)
     loramux compress  compress a PEFT LoRA adapter (ComPEFT) and report its fidelity
     loramux export    write an adapter of any format as a PEFT LoRA directory
@@ -28,15 +30,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from server.client_commands import (
+    cmd_adapters_examples,
     cmd_adapters_list,
     cmd_adapters_load,
     cmd_adapters_unload,
     cmd_generate,
     cmd_info,
+    cmd_route,
 )
-from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, ServerConfig
+from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, RouterConfig, ServerConfig
 from server.serve_commands import cmd_http, configure_logging, run_server
 
+MAX_ROUTE_TOP_K = 8  # server.preparation.MAX_MIXTURE (not imported: it brings torch)
 API_KEY_ENV = "LORAMUX_API_KEY"
 ADMIN_TOKEN_ENV = "LORAMUX_ADMIN_TOKEN"
 Handler = Callable[[argparse.Namespace, list[str]], int]
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_http(commands)
     _add_info(commands)
     _add_adapters(commands)
+    _add_route(commands)
     _add_eval(commands)
     _add_bench(commands)
     _add_train(commands)
@@ -95,7 +101,8 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument(
         "--enable-admin",
         action="store_true",
-        help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
+        help="allow changing adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter, "
+        "/v1/router/examples)",
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=server.device)
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=server.dtype)
@@ -187,10 +194,56 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the engine's intra-op threads (default: the CPUs this process may use, capped by its "
         "cgroup CPU quota; see README 'Serving' beside other busy processes)",
     )
+    _add_router(serve)
     _add_http_limits(serve)
     _add_secrets(serve, admin=True)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_router(parser: argparse.ArgumentParser) -> None:
+    router = RouterConfig()
+    group = parser.add_argument_group(
+        "router (adapter 'auto')",
+        "Requests for adapter 'auto' (OpenAI model 'auto') get the adapter(s) whose example prompts "
+        "(an adapter's examples.jsonl, RegisterExamples) or, lacking any, whose weights fit the prompt "
+        "best; the base model when none fits well.",
+    )
+    group.add_argument(
+        "--no-router",
+        dest="router",
+        action="store_false",
+        help="no router: adapter 'auto', Route and example prompts are refused",
+    )
+    group.add_argument(
+        "--router-adapters",
+        type=_patterns,
+        default=router.adapters,
+        metavar="PATTERNS",
+        help="comma-separated fnmatch patterns of the adapters 'auto' may pick; '!pattern' excludes, "
+        "e.g. 'sql-*,!sql-old' (default: all)",
+    )
+    group.add_argument(
+        "--router-threshold",
+        type=float,
+        default=router.threshold,
+        help="the least score, in [0, 1], at which 'auto' serves an adapter; below it, the base model "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--router-top-k",
+        type=_route_top_k,
+        default=router.top_k,
+        help=f"adapters an 'auto' request mixes unless it sets route_top_k, 1-{MAX_ROUTE_TOP_K} "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--router-layer",
+        type=_non_negative,
+        default=router.layer,
+        help="the decoder layer whose input the router reads; changing it relearns every adapter's "
+        "examples at start (default: %(default)s)",
+    )
 
 
 def _add_http_limits(parser: argparse.ArgumentParser) -> None:
@@ -269,6 +322,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    patterns = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not patterns or all(p.startswith("!") for p in patterns):
+        raise argparse.ArgumentTypeError(
+            f"give at least one pattern of adapters to include (e.g. '*,!old-*'), got {text!r}"
+        )
+    return patterns
+
+
+def _route_top_k(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_ROUTE_TOP_K:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_ROUTE_TOP_K}, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -291,6 +360,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host_cache_mb=args.host_cache_mb,
         max_adapter_mb=args.max_adapter_mb,
     )
+    router = RouterConfig(
+        enabled=args.router,
+        adapters=args.router_adapters,
+        threshold=args.router_threshold,
+        top_k=args.router_top_k,
+        layer=args.router_layer,
+    )
     return ServerConfig(
         model=args.model,
         device=args.device,
@@ -309,6 +385,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         engine=engine,
         adapters=adapters,
+        router=router,
     )
 
 
@@ -341,7 +418,8 @@ def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     http.add_argument(
         "--enable-admin",
         action="store_true",
-        help="allow loading and unloading adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter)",
+        help="allow changing adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter, "
+        "/v1/router/examples)",
     )
     _add_http_limits(http)
     _add_secrets(http, admin=True)
@@ -385,10 +463,40 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     generate.add_argument("--seed", type=_non_negative, default=None)
     generate.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop strings")
     generate.add_argument(
-        "--adapter", default="", help="adapter name (see `loramux adapters list`); '' = base model"
+        "--adapter",
+        default="",
+        help="adapter name (see `loramux adapters list`); '' = base model; 'auto' = the router picks",
+    )
+    generate.add_argument(
+        "--route-top-k",
+        type=_route_top_k,
+        default=None,
+        help=f"with --adapter auto: mix the router's best N adapters, 1-{MAX_ROUTE_TOP_K} (default: the server's)",
     )
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.set_defaults(handler=cmd_generate)
+
+
+def _add_route(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    route = commands.add_parser(
+        "route",
+        help="print which adapters a running server's router would pick for a prompt (JSON)",
+        description="Asks the Route RPC and prints its answer as JSON: the candidates best first with "
+        "their scores, and whether adapter 'auto' would fall back to the base model (and why). The "
+        "prompt is sent as one user chat message unless --raw is given, as `loramux generate` does.",
+    )
+    _add_target(route)
+    route.add_argument("--prompt", required=True, help="the prompt text")
+    route.add_argument(
+        "--raw", action="store_true", help="send the prompt as plain text, without the chat template"
+    )
+    route.add_argument(
+        "--top-k", type=_non_negative, default=0, help="candidates to print; 0 = all (default)"
+    )
+    route.add_argument(
+        "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"
+    )
+    route.set_defaults(handler=cmd_route)
 
 
 def _add_target(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
@@ -435,7 +543,16 @@ def _add_adapters(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     unload = actions.add_parser("unload", help="unload an adapter, freeing its memory and device slot")
     unload.add_argument("name")
     unload.set_defaults(handler=cmd_adapters_unload)
-    for action in (listing, load, unload):
+    examples = actions.add_parser(
+        "examples",
+        help="teach the router an adapter's example prompts (RegisterExamples); prints what it learned",
+        description='FILE holds one JSON object per line with a "prompt" string (as an adapter\'s '
+        "examples.jsonl); at most 256 prompts per call. Learning takes seconds.",
+    )
+    examples.add_argument("name", help="the adapter")
+    examples.add_argument("file", metavar="FILE.jsonl", help="the example prompts")
+    examples.set_defaults(handler=cmd_adapters_examples)
+    for action in (listing, load, unload, examples):
         _add_target(action, admin=action is not listing)
         action.add_argument(
             "--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)"

@@ -1,4 +1,4 @@
-"""The client commands: `loramux generate`, `info` and `adapters list|load|unload`.
+"""The client commands: `loramux generate`, `info`, `route` and `adapters list|load|unload|examples`.
 
 Each handler takes the parsed flags, makes one gRPC call to a running server (presenting the
 API key, or the admin token for adapter changes), prints the result and returns the exit
@@ -61,6 +61,8 @@ def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
         request.top_p = args.top_p
     if args.seed is not None:
         request.seed = args.seed
+    if args.route_top_k is not None:
+        request.route_top_k = args.route_top_k
     return request
 
 
@@ -112,6 +114,31 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     fields = json_format.MessageToDict(
         info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    print(json.dumps(fields, indent=2))
+    return 0
+
+
+# -- route ---------------------------------------------------------------------------------
+
+
+def cmd_route(args: argparse.Namespace, extra: list[str]) -> int:
+    from google.protobuf import json_format
+
+    from loramux.v1 import inference_pb2 as pb
+
+    request = pb.RouteRequest(top_k=args.top_k)
+    if args.raw:
+        request.prompt = args.prompt
+    else:
+        request.messages.add(role="user", content=args.prompt)
+    response = _call_inference(args, "Route", request)
+    if not isinstance(response, pb.RouteResponse):
+        return 1
+    fields = json_format.MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for candidate in fields["candidates"]:
+        candidate.pop("weight", None)  # set in Generate answers only
     print(json.dumps(fields, indent=2))
     return 0
 
@@ -184,3 +211,38 @@ def cmd_adapters_unload(args: argparse.Namespace, extra: list[str]) -> int:
         return 1
     print(f"unloaded {args.name}")
     return 0
+
+
+def cmd_adapters_examples(args: argparse.Namespace, extra: list[str]) -> int:
+    from loramux.v1 import inference_pb2 as pb
+
+    try:
+        prompts = read_prompts(args.file)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    request = pb.RegisterExamplesRequest(adapter=args.name, prompts=prompts)
+    response = _call_inference(args, "RegisterExamples", request)
+    if not isinstance(response, pb.RegisterExamplesResponse):
+        return 1
+    learned = {"adapter": response.adapter, "examples": response.examples, "steps": response.steps}
+    print(json.dumps({**learned, "seconds": round(response.seconds, 3)}, indent=2))
+    return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """The "prompt" strings of a JSONL file (blank lines skipped); ValueError naming the bad line.
+    The server checks the prompts themselves."""
+    prompts = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {number}: not JSON ({exc})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f'{path} line {number}: expected an object with a "prompt" string')
+            prompts.append(row["prompt"])
+    return prompts

@@ -9,7 +9,7 @@ This module knows both vocabularies and nothing else: no engine calls, no gRPC s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -18,8 +18,10 @@ from server.engine.request import FinishReason, InvalidRequest, RequestOutput, S
 from server.prompts import PromptInput, max_prompt_chars
 
 if TYPE_CHECKING:
+    from server.config import RouterConfig
     from server.engine.adapters import AdapterStatus
     from server.engine.engine import EngineInfo
+    from server.router.router import RouteDecision
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; 0 = greedy
@@ -72,6 +74,48 @@ def mixture_from_pb(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...
     return tuple((entry.name, entry.weight) for entry in request.adapters)
 
 
+def route_top_k_from_pb(request: pb.GenerateRequest) -> int | None:
+    """None = the server's default."""
+    return request.route_top_k if request.HasField("route_top_k") else None
+
+
+def route_prompt_from_pb(request: pb.RouteRequest) -> PromptInput:
+    return PromptInput(
+        text=request.prompt if request.HasField("prompt") else None,
+        token_ids=tuple(request.token_ids),
+        messages=tuple((message.role, message.content) for message in request.messages),
+    )
+
+
+def routing_to_pb(
+    decision: RouteDecision, top_k: int = 0, served: Mapping[str, float] | None = None
+) -> pb.RouteResponse:
+    """The router's decision: its `top_k` best candidates (0 = all), each with its weight in the
+    mixture that `served` (none: 0)."""
+    served = served or {}
+    candidates = decision.candidates[:top_k] if top_k else decision.candidates
+    return pb.RouteResponse(
+        candidates=[
+            pb.RouteCandidate(adapter=c.adapter, score=c.score, by=c.by, weight=served.get(c.adapter, 0.0))
+            for c in candidates
+        ],
+        fallback_to_base=decision.fallback,
+        reason=decision.reason,
+        route_seconds=decision.seconds,
+    )
+
+
+def router_info_to_pb(config: RouterConfig, by_examples: int, by_weights: int) -> pb.RouterInfo:
+    return pb.RouterInfo(
+        threshold=config.threshold,
+        top_k=config.top_k,
+        layer=config.layer,
+        adapters=config.adapters,
+        adapters_by_examples=by_examples,
+        adapters_by_weights=by_weights,
+    )
+
+
 def adapter_format_from_pb(value: int) -> str | None:
     """The store's name of a LoadAdapterRequest.format; None = detect it from the directory."""
     if value not in _FORMAT_FROM_PB:  # an enum number from a newer client
@@ -98,7 +142,9 @@ def finish_reason_to_pb(reason: FinishReason | None) -> pb.FinishReason:
     return _FINISH_REASON_TO_PB.get(reason, pb.FINISH_REASON_UNSPECIFIED)
 
 
-def chunk_to_pb(output: RequestOutput, adapter: str) -> pb.GenerateStreamChunk:
+def chunk_to_pb(
+    output: RequestOutput, adapter: str, routing: pb.RouteResponse | None = None
+) -> pb.GenerateStreamChunk:
     return pb.GenerateStreamChunk(
         request_id=output.request_id,
         text=output.text,
@@ -108,10 +154,16 @@ def chunk_to_pb(output: RequestOutput, adapter: str) -> pb.GenerateStreamChunk:
         prompt_tokens=output.prompt_tokens,
         completion_tokens=output.completion_tokens,
         adapter=adapter,
+        routing=routing,
     )
 
 
-def response_to_pb(request_id: str, outputs: Sequence[RequestOutput], adapter: str) -> pb.GenerateResponse:
+def response_to_pb(
+    request_id: str,
+    outputs: Sequence[RequestOutput],
+    adapter: str,
+    routing: pb.RouteResponse | None = None,
+) -> pb.GenerateResponse:
     """Join a finished request's increments into one answer."""
     last = outputs[-1] if outputs else RequestOutput(request_id, "", ())
     return pb.GenerateResponse(
@@ -122,10 +174,11 @@ def response_to_pb(request_id: str, outputs: Sequence[RequestOutput], adapter: s
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         adapter=adapter,
+        routing=routing,
     )
 
 
-def info_to_pb(info: EngineInfo) -> pb.GetInfoResponse:
+def info_to_pb(info: EngineInfo, router: pb.RouterInfo | None = None) -> pb.GetInfoResponse:
     return pb.GetInfoResponse(
         model_name=info.model_name,
         max_model_len=info.max_model_len,
@@ -139,6 +192,7 @@ def info_to_pb(info: EngineInfo) -> pb.GetInfoResponse:
         vocab_size=info.vocab_size,
         default_max_tokens=DEFAULT_MAX_TOKENS,
         server_version=_server_version(),
+        router=router,
     )
 
 

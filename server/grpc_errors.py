@@ -8,6 +8,7 @@ answer carrying an error string:
     AdapterExists        -> ALREADY_EXISTS
     AdapterTooLarge      -> FAILED_PRECONDITION (not "retry later": it needs --host-cache-mb raised)
     AdapterError (other) -> INVALID_ARGUMENT (a refused adapter or adapter request)
+    RouterDisabled       -> FAILED_PRECONDITION ("auto", Route or example prompts without a router)
     InvalidRequest       -> INVALID_ARGUMENT
     AdaptersDisabled     -> FAILED_PRECONDITION
     EngineOverloaded     -> RESOURCE_EXHAUSTED, with the trailer `grpc-retry-pushback-ms`
@@ -39,6 +40,7 @@ import grpc.aio
 
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, AdapterTooLarge
 from server.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from server.preparation import RouterDisabled
 from server.quoting import encodable
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
     (AdapterTooLarge, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RouterDisabled, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (AdaptersDisabled, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineOverloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),

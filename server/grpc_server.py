@@ -9,7 +9,8 @@
 port) and `await server.stop(grace)` lets running calls finish for `grace` seconds.
 `await server.drain(timeout)` first refuses new Inference calls (UNAVAILABLE, health NOT_SERVING)
 and waits up to `timeout` seconds for running generations to finish. An `AuthConfig` makes the
-calls present the API key / admin token (`server.auth`); `request_timeout_s` caps each generation.
+calls present the API key / admin token (`server.auth`); `request_timeout_s` caps each generation;
+a `router` serves adapter "auto", Route and RegisterExamples, reporting to `router_events`.
 A request message over MAX_RECEIVE_BYTES (4 MiB) gets gRPC's own RESOURCE_EXHAUSTED.
 
 It owns neither the engine's lifecycle (the caller starts and shuts down the engine) nor
@@ -34,6 +35,8 @@ from server.grpc_service import InferenceServicer
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
+    from server.grpc_service import RouterEvents
+    from server.router.router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +63,14 @@ class GrpcServer:
         *,
         auth: AuthConfig | None = None,
         request_timeout_s: float = 0.0,
+        router: Router | None = None,
+        router_events: RouterEvents | None = None,
     ) -> None:
         self._engine = engine
         self._address = f"{host}:{port}"
-        self._servicer = InferenceServicer(engine, request_timeout_s=request_timeout_s)
+        self._servicer = InferenceServicer(
+            engine, request_timeout_s=request_timeout_s, router=router, router_events=router_events
+        )
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
         self._gate = GateInterceptor(auth or AuthConfig())
@@ -142,8 +149,18 @@ async def serve_grpc(
     *,
     auth: AuthConfig | None = None,
     request_timeout_s: float = 0.0,
+    router: Router | None = None,
+    router_events: RouterEvents | None = None,
 ) -> GrpcServer:
-    """Build and start a GrpcServer over a started engine."""
-    server = GrpcServer(engine, host, port, auth=auth, request_timeout_s=request_timeout_s)
+    """Build and start a GrpcServer over a started engine (and its router, if any)."""
+    server = GrpcServer(
+        engine,
+        host,
+        port,
+        auth=auth,
+        request_timeout_s=request_timeout_s,
+        router=router,
+        router_events=router_events,
+    )
     await server.start()
     return server

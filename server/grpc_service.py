@@ -10,6 +10,13 @@ disconnect, deadline) aborts its own submission (by the handle `submit` returned
 `request_timeout_s` (DEADLINE_EXCEEDED). The adapter RPCs call the engine's AdapterManager on
 helper threads (they read files).
 
+With a router, adapter "auto" is routed while it is prepared (on the preparation thread: the
+router reads the prompt with the base model's first layers) and the answer carries the decision
+(`routing`); Route asks the same question without generating. Learning example prompts
+(RegisterExamples, LoadAdapter's example_prompts) runs seconds on a router thread of its own, and
+UnloadAdapter has the router forget an adapter that is no longer servable at all. Routing
+decisions and learned examples are reported to `RouterEvents` (the server's metrics).
+
 Errors are raised, never returned: `server.grpc_errors.StatusInterceptor` maps them to
 status codes. Server assembly (health, reflection, ports) lives in `server.grpc_server`.
 
@@ -22,9 +29,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc.aio
 
@@ -46,6 +53,8 @@ from server.preparation import RequestInput, RequestPreparer
 if TYPE_CHECKING:
     from server.engine.adapters import AdapterManager
     from server.engine.engine import Engine
+    from server.router.router import Router
+    from server.router.selector import LearnReport
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,19 +63,61 @@ T = TypeVar("T")
 ENGINE_LIVENESS_POLL_S = 1.0
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    """`loramux.v1.Inference` over one started engine. Must be used from one event loop."""
+class RouterEvents(Protocol):
+    """What the servicer reports about routing (server.metrics.Metrics); quick, never raises."""
 
-    def __init__(self, engine: Engine, *, request_timeout_s: float = 0.0) -> None:
+    def request_routed(self, adapter: str, fallback_reason: str, seconds: float) -> None:
+        """An "auto" request was routed: `adapter` is the label that serves it (the base model's
+        name on a fallback), `fallback_reason` "" unless it fell back."""
+
+    def examples_learned(self, count: int) -> None:
+        """The router learned `count` example prompts at run time."""
+
+
+class NoRouterEvents:
+    def request_routed(self, adapter: str, fallback_reason: str, seconds: float) -> None:
+        pass
+
+    def examples_learned(self, count: int) -> None:
+        pass
+
+
+def routable_counts(router: Router) -> tuple[int, int]:
+    """(adapters routed by their examples, by their weights only) in the router's current tables."""
+    tables = router.tables  # one published value: never changes under us
+    classes = tables.selector.classes
+    return len(classes), len(tables.prototypes.keys() - set(classes))
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """`loramux.v1.Inference` over one started engine (and its router, if any). Must be used from
+    one event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        request_timeout_s: float = 0.0,
+        router: Router | None = None,
+        router_events: RouterEvents | None = None,
+    ) -> None:
         self._engine = engine
         self._request_timeout_s = request_timeout_s  # 0 = no server-side cap
-        self._preparer = RequestPreparer.for_engine(engine)
+        self._router = router
+        self._router_events: RouterEvents = router_events or NoRouterEvents()
+        self._preparer = RequestPreparer.for_engine(engine, router)
         self._live_request_ids: set[str] = set()  # touched on the event loop only
-        # One thread: preparing (tokenizing, looking at adapter roots) stays off the event loop
-        # and never runs concurrently.
-        self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-prepare")
+        # One thread: preparing (tokenizing, looking at adapter roots, routing) stays off the event
+        # loop and never runs concurrently.
+        self._prepare_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="loramux-prepare", initializer=_one_intra_op_thread
+        )
         # One thread: LoadAdapter / UnloadAdapter read files and run one at a time, in arrival order.
         self._adapter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-rpc")
+        # One thread: the router learns (seconds) and forgets, in arrival order.
+        self._router_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="loramux-router", initializer=_one_intra_op_thread
+        )
 
     @property
     def running(self) -> int:
@@ -76,6 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def close(self) -> None:
         self._prepare_thread.shutdown(wait=False, cancel_futures=True)
         self._adapter_thread.shutdown(wait=False, cancel_futures=True)
+        self._router_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -85,7 +137,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request)
         async with contextlib.aclosing(self._run(prepared)) as outputs:
             parts = [output async for output in outputs]
-        return convert.response_to_pb(prepared.request_id, parts, prepared.adapters.label)
+        return convert.response_to_pb(prepared.request_id, parts, prepared.adapters.label, _routing(prepared))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -93,9 +145,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request)
         # aclosing: if the client goes away while a chunk is in flight, the engine request is
         # aborted when this generator is closed, not whenever the inner one is collected.
+        routing = _routing(prepared)  # on the first chunk only
         async with contextlib.aclosing(self._run(prepared)) as outputs:
             async for output in outputs:
-                yield convert.chunk_to_pb(output, prepared.adapters.label)
+                yield convert.chunk_to_pb(output, prepared.adapters.label, routing)
+                routing = None
 
     async def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
         """Prepare a request off the event loop and wait for its adapters' host loads; raises
@@ -106,10 +160,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request_id=request.request_id,
             adapter=request.adapter,
             mixture=convert.mixture_from_pb(request),
+            route_top_k=convert.route_top_k_from_pb(request),
         )
         try:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self._prepare_thread, self._preparer.prepare, given)
+            if prepared.routing is not None:
+                label = self._engine.adapter_label(prepared.adapters.label)
+                self._router_events.request_routed(label, prepared.routing.reason, prepared.routing.seconds)
             for name in prepared.adapters.names:  # the engine's loader threads read the files
                 await _wait_shared(self._adapter_manager().prefetch(name))  # a refused adapter raises
             return prepared
@@ -189,10 +247,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 "pin is not supported yet: an adapter stays in its device slot while requests use it "
                 "and is evicted least-recently-used otherwise; load it without pin"
             )
-        if request.example_prompts:
-            logger.info("LoadAdapter %s: example_prompts ignored (no router yet)", shown(request.name))
+        router: Router | None = None
+        examples: tuple[str, ...] = ()
+        if request.example_prompts:  # checked before loading: refused prompts load nothing
+            router = _routable(self._preparer.router_or_refuse(), request.name)
+            examples = _checked_examples(request.example_prompts, "example_prompts")
         load = functools.partial(manager.load, request.name, request.path, format, replace=request.replace)
         await self._in_adapter_thread(load)
+        if router is not None:
+            await self._learn(router, request.name, examples)
         return pb.LoadAdapterResponse(adapter=await self._adapter_info(manager, request.name))
 
     async def UnloadAdapter(
@@ -200,6 +263,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.UnloadAdapterResponse:
         manager = self._adapter_manager()
         await self._in_adapter_thread(functools.partial(manager.unload, request.name))
+        if self._router is not None:  # in the background: the router's lock may be held by learning
+            forgetting = self._router_thread.submit(_forget_if_gone, self._router, manager, request.name)
+            forgetting.add_done_callback(_log_failure)
         return pb.UnloadAdapterResponse()
 
     async def ListAdapters(
@@ -227,18 +293,94 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise AdapterNotFound(f"adapter {shown(name)} was unloaded while it was being loaded")
         return convert.adapter_info_to_pb(status)
 
-    # -- routing (not built yet) -----------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
-        """UNIMPLEMENTED until the router is built."""
-        raise NotImplementedError("Route needs the router, which is not built yet")
+        prompt = convert.route_prompt_from_pb(request)
+        loop = asyncio.get_running_loop()
+        decision = await loop.run_in_executor(self._prepare_thread, self._preparer.route, prompt)
+        return convert.routing_to_pb(decision, request.top_k)
+
+    async def RegisterExamples(
+        self, request: pb.RegisterExamplesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterExamplesResponse:
+        manager = self._adapter_manager()
+        router = _routable(self._preparer.router_or_refuse(), request.adapter)
+        examples = _checked_examples(request.prompts, "prompts")
+        await self._in_adapter_thread(functools.partial(manager.check_known, request.adapter))  # NOT_FOUND
+        report = await self._learn(router, request.adapter, examples)
+        return pb.RegisterExamplesResponse(
+            adapter=report.adapter, examples=report.examples, steps=report.steps, seconds=report.seconds
+        )
+
+    async def _learn(self, router: Router, adapter: str, examples: tuple[str, ...]) -> LearnReport:
+        """Teach the router `adapter`'s examples on the router thread (seconds)."""
+        learn = functools.partial(router.learn, adapter, examples)
+        report = await asyncio.get_running_loop().run_in_executor(self._router_thread, learn)
+        self._router_events.examples_learned(report.examples)
+        return report
 
     # -- server information ----------------------------------------------------------------
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInfoResponse:
-        return convert.info_to_pb(self._engine.info)
+        router = None
+        if self._router is not None:
+            router = convert.router_info_to_pb(self._router.config, *routable_counts(self._router))
+        return convert.info_to_pb(self._engine.info, router)
+
+
+def _one_intra_op_thread() -> None:
+    """Run this helper thread's torch ops (the router's) on itself alone. libgomp keeps an OpenMP
+    pool per thread that runs parallel torch code, and once the pools hold more threads than there
+    are CPUs the engine's stop spin-waiting and every step slows down (server/runtime.py). Thread
+    counts are per thread in libgomp, so the engine thread keeps its own (it set it at start)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _routing(prepared: PreparedRequest) -> pb.RouteResponse | None:
+    """An "auto" request's decision as its answer carries it, with the weights that served."""
+    if prepared.routing is None:
+        return None
+    return convert.routing_to_pb(prepared.routing, served=dict(prepared.adapters.adapters))
+
+
+def _checked_examples(prompts: Sequence[str], field: str) -> tuple[str, ...]:
+    """Example prompts the router can learn, or InvalidRequest saying which one is not."""
+    from server.router.examples import ExamplesError, check_prompts
+
+    try:
+        return check_prompts(list(prompts), field)
+    except ExamplesError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def _routable(router: Router, adapter: str) -> Router:
+    """`router`, unless its settings keep it from ever picking `adapter` (InvalidRequest)."""
+    if not router.config.allows(adapter):
+        patterns = ",".join(router.config.adapters)
+        raise InvalidRequest(
+            f"adapter {shown(adapter)} is not one the router may pick (--router-adapters {patterns}); "
+            "its example prompts would never be used"
+        )
+    return router
+
+
+def _forget_if_gone(router: Router, manager: AdapterManager, name: str) -> None:
+    """Have the router forget `name` unless the server can still serve it (e.g. from a root)."""
+    try:
+        manager.check_known(name)
+    except AdapterError:
+        router.forget(name)
+        logger.info("router: forgot %s (unloaded, not in the adapter roots)", shown(name))
+
+
+def _log_failure(done: Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        logger.error("router: forgetting an unloaded adapter failed", exc_info=done.exception())
 
 
 async def _wait_shared(future: Future[T]) -> T:

@@ -28,10 +28,23 @@ server cannot serve is labelled `<unknown>`, so garbage names cannot grow the la
     vllm:lora_requests_info{running_lora_adapters,     value: the time of the scrape; as vLLM exposes
         waiting_lora_adapters,max_lora}                it, for LoRA-aware routers (Gateway API
                                                        inference extension)
+    loramux_router_decisions_total{adapter}            "auto" requests routed, by what serves them (the
+                                                       base model's name on a fallback)
+    loramux_router_fallbacks_total{reason}             "auto" requests sent to the base model: no routable
+                                                       adapter | below threshold | out of domain
+    loramux_router_route_seconds                       histogram, routing one "auto" request
+    loramux_router_examples_learned_total              example prompts learned at run time (RegisterExamples,
+                                                       LoadAdapter's example_prompts)
+    loramux_router_adapters{by}                        adapters routable now, by: examples | weights
+
+A routing decision's `adapter` label is the one its request's metrics carry: servable adapter
+names only (the router picks nothing else), so it is bounded as the other per-adapter labels are;
+fallback reasons are a fixed set.
 
 `Metrics` is an `EngineEvents` (the engine reports finished and refused requests and adapter loads
-to it) and reads an engine's `EngineSnapshot` at scrape time (`watch`); both are wired where the
-server is assembled. It never imports the engine, and a scrape reads memory only. It knows
+to it) and a `RouterEvents` (the gRPC service reports routing decisions and learned examples), and
+reads an engine's `EngineSnapshot` (`watch`) and the router's adapter counts (`watch_router`) at
+scrape time; all are wired where the server is assembled. It never imports the engine, and a scrape reads memory only. It knows
 nothing about gRPC or HTTP.
 """
 
@@ -66,6 +79,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FALLBACK_REASONS = ("no routable adapter", "below threshold", "out of domain")  # server.router.router
 
 
 class Metrics:
@@ -118,7 +133,33 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
+        self.route_decisions = Counter(
+            "loramux_router_decisions",
+            'Requests for adapter "auto", by the adapter label that serves them (the base model\'s name on a fallback).',
+            adapter,
+            registry=self.registry,
+        )
+        self.route_fallbacks = Counter(
+            "loramux_router_fallbacks",
+            'Requests for adapter "auto" served by the base model, by why.',
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in FALLBACK_REASONS:  # present (at 0) from the start, so rates need no special case
+            self.route_fallbacks.labels(reason)
+        self.route_seconds = Histogram(
+            "loramux_router_route_seconds",
+            'Seconds to route one "auto" request (the base model\'s first layers over its prompt, scoring).',
+            buckets=ROUTE_BUCKETS,
+            registry=self.registry,
+        )
+        self.examples_learned_total = Counter(
+            "loramux_router_examples_learned",
+            "Example prompts the router learned at run time (RegisterExamples, LoadAdapter example_prompts).",
+            registry=self.registry,
+        )
         self._watching = False
+        self._watching_router = False
 
     def watch(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         """Read an engine's state (`Engine.snapshot`) at every scrape (one engine per Metrics)."""
@@ -126,6 +167,25 @@ class Metrics:
             raise ValueError("this Metrics already watches an engine; give every engine its own Metrics()")
         self.registry.register(_EngineCollector(snapshot))
         self._watching = True
+
+    def watch_router(self, routable: Callable[[], tuple[int, int]]) -> None:
+        """Read the router's (adapters by examples, by weights only) at every scrape
+        (`server.grpc_service.routable_counts`)."""
+        if self._watching_router:
+            raise ValueError("this Metrics already watches a router")
+        self.registry.register(_RouterCollector(routable))
+        self._watching_router = True
+
+    # -- RouterEvents: reported by the gRPC service ---------------------------------------------
+
+    def request_routed(self, adapter: str, fallback_reason: str, seconds: float) -> None:
+        self.route_decisions.labels(adapter).inc()
+        if fallback_reason:
+            self.route_fallbacks.labels(fallback_reason).inc()
+        self.route_seconds.observe(seconds)
+
+    def examples_learned(self, count: int) -> None:
+        self.examples_learned_total.inc(count)
 
     # -- EngineEvents: reported by the engine ---------------------------------------------------
 
@@ -212,3 +272,21 @@ class _EngineCollector(Collector):
             running, waiting = ",".join(state.running_adapters), ",".join(state.waiting_adapters)
             info.add_metric([str(num_slots), waiting, running], time.time())
             yield info
+
+
+class _RouterCollector(Collector):
+    """How many adapters the router can route now, read from its tables (memory only) at scrape time."""
+
+    def __init__(self, routable: Callable[[], tuple[int, int]]) -> None:
+        self.routable = routable
+
+    def collect(self) -> Iterator[Metric]:
+        by_examples, by_weights = self.routable()
+        family = GaugeMetricFamily(
+            "loramux_router_adapters",
+            'Adapters adapter "auto" can pick now, by what they are routed by: examples | weights (only).',
+            labels=["by"],
+        )
+        family.add_metric(["examples"], by_examples)
+        family.add_metric(["weights"], by_weights)
+        yield family

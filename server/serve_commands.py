@@ -1,7 +1,10 @@
 """The long-running commands: `loramux serve` and `loramux http`, each until SIGINT/SIGTERM.
 
-`run_server(config)` builds and starts the engine, serves gRPC (and the OpenAI HTTP shim
-when `config.http_port` is set) until a signal, then drains: new calls are refused, running
+`run_server(config)` builds and starts the engine and, unless it is disabled, the router that
+serves adapter "auto" (its saved tables at once; each adapter's examples.jsonl and weights are
+reconciled on a background thread, while "auto" routes with what it has, falling back to the base
+model while it knows no adapter), serves gRPC (and the OpenAI HTTP shim when `config.http_port` is
+set) until a signal, then drains: new calls are refused, running
 ones get `config.drain_timeout_s` to finish (a second signal aborts them), and the engine is
 shut down. It also stops, with status 1, when the engine thread dies, so a supervisor can
 restart the process. `cmd_http` serves only the HTTP shim in front of a running gRPC server.
@@ -19,15 +22,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from server.config import HttpLimits, ServerConfig
     from server.engine.engine import Engine
     from server.metrics import Metrics
+    from server.router.router import Router
 
 logger = logging.getLogger("loramux")
 
@@ -58,8 +64,9 @@ def _raise_open_file_limit() -> None:
 def run_server(config: ServerConfig) -> int:
     """Run engine, gRPC and (if configured) HTTP until SIGINT/SIGTERM or the engine dies."""
     from kernels.cpu_extension import CpuExtensionError
+    from server.grpc_service import routable_counts
     from server.metrics import Metrics
-    from server.runtime import build_engine
+    from server.runtime import build_engine, build_router
 
     metrics = Metrics()
     try:
@@ -68,11 +75,21 @@ def run_server(config: ServerConfig) -> int:
     except (OSError, ValueError, CpuExtensionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    try:
+        router = build_router(engine, config)
+    except (OSError, ValueError) as exc:  # e.g. --router-layer past the model's layers
+        print(f"error: {exc}", file=sys.stderr)
+        engine.shutdown()
+        return 1
     metrics.watch(engine.snapshot)
+    if router is not None:
+        metrics.watch_router(functools.partial(routable_counts, router))
     _raise_open_file_limit()
     engine.start()
+    if router is not None:
+        _reconcile_in_background(router)
     try:
-        return asyncio.run(_serve_until_signal(engine, config, metrics))
+        return asyncio.run(_serve_until_signal(engine, router, config, metrics))
     except OSError as exc:  # the port is taken or the host is wrong
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -80,15 +97,53 @@ def run_server(config: ServerConfig) -> int:
         engine.shutdown()
 
 
-async def _serve_until_signal(engine: Engine, config: ServerConfig, metrics: Metrics) -> int:
+def _reconcile_in_background(router: Router) -> threading.Thread:
+    """Bring the router's tables in line with the adapters on a thread of its own (seconds to a
+    minute); "auto" routes meanwhile with the tables it has. The thread (and its OpenMP pool) ends
+    when it is done."""
+
+    def reconcile() -> None:
+        try:
+            report = router.reconcile()
+        except Exception:
+            logger.exception(
+                "router: reading the adapters' examples failed; 'auto' routes with the tables it has"
+            )
+            return
+        logger.info(
+            "router ready in %.1f s: %d adapters by examples, %d by weights only",
+            report.seconds,
+            len(router.tables.selector.classes),
+            len(report.weight_only),
+        )
+
+    thread = threading.Thread(target=reconcile, name="loramux-router-reconcile", daemon=True)
+    thread.start()
+    return thread
+
+
+async def _serve_until_signal(
+    engine: Engine, router: Router | None, config: ServerConfig, metrics: Metrics
+) -> int:
     from server.auth import AuthConfig
     from server.grpc_server import serve_grpc
 
     auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
     server = await serve_grpc(
-        engine, config.host, config.grpc_port, auth=auth, request_timeout_s=config.request_timeout_s
+        engine,
+        config.host,
+        config.grpc_port,
+        auth=auth,
+        request_timeout_s=config.request_timeout_s,
+        router=router,
+        router_events=metrics,
     )
-    logger.info("loramux serving %s on %s", engine.info.model_name, server.address)
+    logger.info(
+        "loramux serving %s on %s (router %s)",
+        engine.info.model_name,
+        server.address,
+        "on: adapter 'auto' routes" if router is not None else "off",
+    )
     http = None
     if config.http_port:
         from server.http.app import create_app

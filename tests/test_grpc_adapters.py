@@ -145,9 +145,10 @@ def test_unknown_and_malformed_adapter_names_are_not_found(stub: pb_grpc.Inferen
             assert "not a valid adapter name" in error.details()
 
 
-def test_auto_is_unimplemented_and_a_mixture_needs_known_adapters(stub: pb_grpc.InferenceStub) -> None:
+def test_auto_needs_a_router_and_a_mixture_needs_known_adapters(stub: pb_grpc.InferenceStub) -> None:
     error = _refused(lambda: stub.Generate(_greedy(adapter="auto"), timeout=30))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION  # this server runs without a router
+    assert "the router is disabled on this server (started with --no-router)" in error.details()
     unknown = [pb.WeightedAdapter(name="qv4", weight=1.0), pb.WeightedAdapter(name="nope", weight=1.0)]
     assert _refused(lambda: stub.Generate(_greedy(adapters=unknown), timeout=30)).code() == (
         grpc.StatusCode.NOT_FOUND

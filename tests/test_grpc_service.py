@@ -50,13 +50,13 @@ def _engine(model_dir: Path, config: EngineConfig) -> Engine:
 
 
 class ServerThread:
-    """A GrpcServer on its own event loop in a daemon thread."""
+    """A GrpcServer on its own event loop in a daemon thread; `options` go to `serve_grpc`."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, **options: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-grpc", daemon=True)
         self.thread.start()
-        self.server: GrpcServer = self._call(serve_grpc(engine, "127.0.0.1", 0))
+        self.server: GrpcServer = self._call(serve_grpc(engine, "127.0.0.1", 0, **options))
         self.target = f"127.0.0.1:{self.server.port}"
 
     def _call(self, coroutine: Any) -> Any:
@@ -304,15 +304,16 @@ def test_a_name_no_adapter_can_have_is_not_found_with_the_naming_rule(stub: pb_g
         assert "is not a valid adapter name: use 1-128 letters" in caught.value.details()
 
 
-def test_auto_adapter_and_route_are_unimplemented(stub: pb_grpc.InferenceStub) -> None:
+def test_auto_adapter_and_route_need_a_router(stub: pb_grpc.InferenceStub) -> None:
+    """This module's server has no router (and its engine no adapters, as `--max-slots 0`)."""
     for call in (
         lambda: stub.Generate(_greedy(adapter="auto"), timeout=30),
         lambda: stub.Route(pb.RouteRequest(prompt="hi"), timeout=30),
     ):
         with pytest.raises(grpc.RpcError) as caught:
             call()
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "router" in caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "needs the router" in caught.value.details() and "--max-slots 0" in caught.value.details()
 
 
 def test_adapter_rpcs_without_adapters_are_failed_precondition(stub: pb_grpc.InferenceStub) -> None:

@@ -4,7 +4,7 @@ Every operation of `/openapi.json` (the admin routes included: the shim under te
 `--enable-admin`) gets a bounded number of generated requests: `LORAMUX_FUZZ_EXAMPLES` (default
 30) schema-valid ones and half as many schema-breaking ones (schemathesis' positive and negative
 modes; a fixed seed, so runs repeat). The server must
-answer each one without a 5xx other than the documented 501 (`model: "auto"`), 503 (engine down
+answer each one without a 5xx other than the documented 501 (what is not built yet), 503 (engine down
 or draining) and 504 (request timeout); every 4xx/5xx must be OpenAI's error JSON; and every
 answer must agree with the schema, by schemathesis' own checks: its status code documented
 for the operation, its content type documented for that status, its body valid against the

@@ -57,7 +57,7 @@ class WeightedAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "token_ids", "messages", "adapter", "adapters", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos")
+    __slots__ = ("request_id", "prompt", "token_ids", "messages", "adapter", "adapters", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos", "route_top_k")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -86,10 +87,11 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., adapter: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    route_top_k: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., adapter: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., route_top_k: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "routing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class GenerateResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -104,10 +107,11 @@ class GenerateResponse(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     adapter: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+    routing: RouteResponse
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ..., routing: _Optional[_Union[RouteResponse, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamChunk(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finished", "finish_reason", "prompt_tokens", "completion_tokens", "adapter")
+    __slots__ = ("request_id", "text", "token_ids", "finished", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "routing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +120,7 @@ class GenerateStreamChunk(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -124,7 +129,8 @@ class GenerateStreamChunk(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     adapter: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+    routing: RouteResponse
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ..., routing: _Optional[_Union[RouteResponse, _Mapping]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules", "source")
@@ -193,37 +199,67 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "top_k")
+    __slots__ = ("prompt", "messages", "top_k", "token_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     top_k: int
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., top_k: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
-    __slots__ = ("adapter", "score")
+    __slots__ = ("adapter", "score", "by", "weight")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     score: float
-    def __init__(self, adapter: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    by: str
+    weight: float
+    def __init__(self, adapter: _Optional[str] = ..., score: _Optional[float] = ..., by: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("candidates", "fallback_to_base")
+    __slots__ = ("candidates", "fallback_to_base", "reason", "route_seconds")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_TO_BASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
     fallback_to_base: bool
-    def __init__(self, candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., fallback_to_base: _Optional[bool] = ...) -> None: ...
+    reason: str
+    route_seconds: float
+    def __init__(self, candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., fallback_to_base: _Optional[bool] = ..., reason: _Optional[str] = ..., route_seconds: _Optional[float] = ...) -> None: ...
+
+class RegisterExamplesRequest(_message.Message):
+    __slots__ = ("adapter", "prompts")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegisterExamplesResponse(_message.Message):
+    __slots__ = ("adapter", "examples", "steps", "seconds")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    examples: int
+    steps: int
+    seconds: float
+    def __init__(self, adapter: _Optional[str] = ..., examples: _Optional[int] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "max_running", "max_queue", "max_prompt_tokens", "max_prompt_chars", "kernels_backend", "device", "dtype", "vocab_size", "default_max_tokens", "server_version")
+    __slots__ = ("model_name", "max_model_len", "max_running", "max_queue", "max_prompt_tokens", "max_prompt_chars", "kernels_backend", "device", "dtype", "vocab_size", "default_max_tokens", "server_version", "router")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +272,7 @@ class GetInfoResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     max_running: int
@@ -248,4 +285,21 @@ class GetInfoResponse(_message.Message):
     vocab_size: int
     default_max_tokens: int
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., kernels_backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    router: RouterInfo
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., kernels_backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., router: _Optional[_Union[RouterInfo, _Mapping]] = ...) -> None: ...
+
+class RouterInfo(_message.Message):
+    __slots__ = ("threshold", "top_k", "layer", "adapters", "adapters_by_examples", "adapters_by_weights")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_BY_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_BY_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    top_k: int
+    layer: int
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    adapters_by_examples: int
+    adapters_by_weights: int
+    def __init__(self, threshold: _Optional[float] = ..., top_k: _Optional[int] = ..., layer: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., adapters_by_examples: _Optional[int] = ..., adapters_by_weights: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class InferenceStub:
                 request_serializer=loramux_dot_v1_dot_inference__pb2.RouteRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_inference__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.RegisterExamples = channel.unary_unary(
+                '/loramux.v1.Inference/RegisterExamples',
+                request_serializer=loramux_dot_v1_dot_inference__pb2.RegisterExamplesRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_inference__pb2.RegisterExamplesResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/loramux.v1.Inference/GetInfo',
                 request_serializer=loramux_dot_v1_dot_inference__pb2.GetInfoRequest.SerializeToString,
@@ -121,6 +126,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterExamples(self, request, context):
+        """Teaches the router an adapter from example prompts (added to those it has), so that "auto"
+        can pick it. Admin (like LoadAdapter). Takes seconds: a fixed training budget per call,
+        however many adapters the router knows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Describes the server: base model, limits, kernels backend, device.
         """
@@ -160,6 +174,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=loramux_dot_v1_dot_inference__pb2.RouteRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_inference__pb2.RouteResponse.SerializeToString,
+            ),
+            'RegisterExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterExamples,
+                    request_deserializer=loramux_dot_v1_dot_inference__pb2.RegisterExamplesRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_inference__pb2.RegisterExamplesResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -330,6 +349,33 @@ class Inference:
             '/loramux.v1.Inference/Route',
             loramux_dot_v1_dot_inference__pb2.RouteRequest.SerializeToString,
             loramux_dot_v1_dot_inference__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.Inference/RegisterExamples',
+            loramux_dot_v1_dot_inference__pb2.RegisterExamplesRequest.SerializeToString,
+            loramux_dot_v1_dot_inference__pb2.RegisterExamplesResponse.FromString,
             options,
             channel_credentials,
             insecure,

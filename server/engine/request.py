@@ -12,6 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.router.router import RouteDecision  # a plain frozen dataclass
 
 
 class EngineError(Exception):
@@ -117,6 +121,8 @@ class PreparedRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapters: AdapterChoice = field(default_factory=AdapterChoice)
+    # Adapter "auto": the router's decision that chose `adapters`, for the answer; the engine ignores it.
+    routing: RouteDecision | None = None
 
     def __post_init__(self) -> None:
         # A sequence without prompt tokens would decode from nothing and fail its whole step.

@@ -1,18 +1,24 @@
 """The OpenAI-compatible HTTP API, served by FastAPI as a client of the gRPC service.
 
-    GET  /v1/models                 the base model and every adapter the server can serve
+    GET  /v1/models                 the base model, every adapter the server can serve, and "auto"
+                                    when the server has a router
     GET  /v1/models/{model}         one of them
-    POST /v1/completions            text completion (`model` picks the adapter)
+    POST /v1/completions            text completion (`model` picks the adapter; "auto" the router)
     POST /v1/chat/completions       chat completion; the server applies the chat template
+    POST /v1/router/route           which adapters "auto" would run for a prompt, ranked
     POST /v1/load_lora_adapter      vLLM's runtime adapter loading (only with enable_admin)
     POST /v1/unload_lora_adapter    and unloading
+    POST /v1/router/examples        teach the router an adapter's example prompts (only with enable_admin)
     GET  /health                    200 {"status": "ok"} while the gRPC server reports SERVING, else 503
     GET  /metrics                   Prometheus text exposition of `metrics_registry` (`loramux serve`:
                                     the engine's metrics; `loramux http` alone: this process only)
 
 Each request becomes Generate / GenerateStream calls on `grpc_target`, so HTTP and gRPC share
 one code path: validation, limits and error messages come from the gRPC server. The `model`
-of an answer is the adapter that served it (the base model's id for none).
+of an answer is what served it: the base model's id, an adapter, or a mixture's names joined by
+'+'. A weighted mixture is asked for with the body's `adapters` and the base model's id as
+`model`; model "auto" answers also carry `routing` (the router's decision), on the first chunk
+when streamed.
 With an API key, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise); with an
 admin token, the admin routes need it (403). `/health` (and `/metrics`) stay open. The shim
 presents its own key / admin token to the gRPC server. While the gRPC server drains, new
@@ -35,7 +41,7 @@ from typing import Any
 import grpc.aio
 import prometheus_client
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 
@@ -44,7 +50,7 @@ from loramux.v1 import inference_pb2 as pb
 from server import auth as authn
 from server.config import HttpLimits
 from server.http import openai_types as oa
-from server.http.backend import Backend, bearer_channel, finish_reason, generate_requests
+from server.http.backend import AUTO_MODEL, Backend, bearer_channel, finish_reason, generate_requests
 from server.http.body_limit import BodyLimit
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
 from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
@@ -82,7 +88,9 @@ _ADMIN_RESPONSES = {
     **_errors(*_V1, 400, 403, 404, 413),
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
 }
-_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+_ROUTE_ERRORS = _errors(*_V1, 400, 413)
+_EXAMPLES_ERRORS = _errors(*_V1, 400, 403, 404, 413)
+_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/router/examples"})
 # How often a non-streamed generation checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
 
@@ -189,6 +197,33 @@ def create_app(
         await backend(request).unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter {shown(body.lora_name)} removed successfully.")
 
+    @app.post("/v1/router/route", response_model=oa.RouteResponse, responses=_ROUTE_ERRORS)
+    async def route_prompt(body: oa.RouteRequest, request: Request) -> oa.RouteResponse:
+        decision = await backend(request).route(body)
+        return oa.RouteResponse(
+            candidates=[
+                oa.RouteCandidate(adapter=c.adapter, score=c.score, by=c.by) for c in decision.candidates
+            ],
+            fallback_to_base=decision.fallback_to_base,
+            reason=decision.reason,
+            route_seconds=decision.route_seconds,
+        )
+
+    @app.post(
+        "/v1/router/examples",
+        response_model=oa.RegisterExamplesResponse,
+        responses=_EXAMPLES_ERRORS,
+        include_in_schema=enable_admin,
+    )
+    async def register_examples(
+        body: oa.RegisterExamplesRequest, request: Request
+    ) -> oa.RegisterExamplesResponse:
+        _check_admin(enable_admin)
+        learned = await backend(request).register_examples(body.adapter, body.prompts)
+        return oa.RegisterExamplesResponse(
+            adapter=learned.adapter, examples=learned.examples, steps=learned.steps, seconds=learned.seconds
+        )
+
     for route in app.routes:  # readable operation ids in the OpenAPI schema
         if isinstance(route, APIRoute):
             route.operation_id = route.name
@@ -198,7 +233,9 @@ def create_app(
 def _check_admin(enabled: bool) -> None:
     if not enabled:
         raise ApiError(
-            403, "loading and unloading adapters over HTTP is disabled; start the server with --enable-admin"
+            403,
+            "loading and unloading adapters and registering their example prompts over HTTP is disabled; "
+            "start the server with --enable-admin",
         )
 
 
@@ -207,6 +244,8 @@ async def _model_cards(backend: Backend) -> list[oa.ModelCard]:
     now = int(time.time())
     base = info.model_name
     cards = [oa.ModelCard(id=base, created=now, root=base, max_model_len=info.max_model_len)]
+    if info.HasField("router"):  # the router picks the adapter(s) of each request
+        cards.append(oa.ModelCard(id=AUTO_MODEL, created=now, root=base, parent=base))
     for adapter in await backend.list_adapters():
         cards.append(
             oa.ModelCard(id=adapter.name, created=now, root=adapter.source or adapter.name, parent=base)
@@ -219,13 +258,14 @@ async def _model_cards(backend: Backend) -> list[oa.ModelCard]:
 Body = oa.CompletionRequest | oa.ChatCompletionRequest
 Answer = Callable[[str, str, Body, list[pb.GenerateResponse]], Any]
 Chunks = Callable[
-    [str, str, Body, AsyncIterator[tuple[int, pb.GenerateStreamChunk]]], AsyncGenerator[str, None]
+    [str, str, Body, oa.Routing | None, AsyncIterator[tuple[int, pb.GenerateStreamChunk]]],
+    AsyncGenerator[str, None],
 ]
 
 
 async def _generate(http_request: Request, body: Body, answer: Answer, chunks: Chunks) -> Any:
     backend: Backend = http_request.app.state.backend
-    adapter = await backend.adapter_for(body.model)
+    adapter = await backend.adapter_for(body.model, mixture=bool(body.adapters))
     requests = generate_requests(body, adapter)
     prefix = "chatcmpl" if isinstance(body, oa.ChatCompletionRequest) else "cmpl"
     answer_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -236,10 +276,27 @@ async def _generate(http_request: Request, body: Body, answer: Answer, chunks: C
         responses = await _unless_disconnected(http_request, generation)
         if responses is None:  # the client left: its engine requests are aborted, nobody reads this
             return Response(status_code=499)
-        return answer(answer_id, await backend.model_id(responses[0].adapter), body, responses)
+        first = responses[0]
+        result = answer(answer_id, await backend.model_id(first.adapter), body, responses)
+        result.routing = _routing(first.routing) if first.HasField("routing") else None
+        return JSONResponse(result.model_dump(mode="json", exclude=None if result.routing else {"routing"}))
     streams = await open_streams(backend.stub, requests)
-    model = await backend.model_id(streams.first_chunks[0].adapter)
-    return EventStreamResponse(_with_errors(chunks(answer_id, model, body, merge(streams))))
+    first_chunk = streams.first_chunks[0]
+    model = await backend.model_id(first_chunk.adapter)
+    routing = _routing(first_chunk.routing) if first_chunk.HasField("routing") else None
+    return EventStreamResponse(_with_errors(chunks(answer_id, model, body, routing, merge(streams))))
+
+
+def _routing(routing: pb.RouteResponse) -> oa.Routing:
+    return oa.Routing(
+        candidates=[
+            oa.ServedCandidate(adapter=c.adapter, score=c.score, by=c.by, weight=c.weight)
+            for c in routing.candidates
+        ],
+        fallback_to_base=routing.fallback_to_base,
+        reason=routing.reason,
+        route_seconds=routing.route_seconds,
+    )
 
 
 async def _unless_disconnected(request: Request, work: Any) -> Any:
@@ -328,7 +385,11 @@ def _include_usage(body: Body) -> bool:
 
 
 async def _completion_chunks(
-    answer_id: str, model: str, body: Body, chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]]
+    answer_id: str,
+    model: str,
+    body: Body,
+    routing: oa.Routing | None,
+    chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]],
 ) -> AsyncGenerator[str, None]:
     created = int(time.time())
     last: dict[int, pb.GenerateStreamChunk] = {}
@@ -341,32 +402,44 @@ async def _completion_chunks(
             text=chunk.text,
             finish_reason=finish_reason(chunk.finish_reason) if chunk.finished else None,  # type: ignore[arg-type]
         )
-        event = oa.CompletionResponse(id=answer_id, created=created, model=model, choices=[choice])
-        yield sse(event.model_dump_json(exclude={"usage"}))
+        event = oa.CompletionResponse(
+            id=answer_id, created=created, model=model, choices=[choice], routing=routing
+        )
+        yield sse(event.model_dump_json(exclude={"usage"} if routing else {"usage", "routing"}))
+        routing = None  # on the first event only
     if _include_usage(body):
         usage = _stream_usage(body, last)
         event = oa.CompletionResponse(id=answer_id, created=created, model=model, choices=[], usage=usage)
-        yield sse(event.model_dump_json())
+        yield sse(event.model_dump_json(exclude={"routing"}))
 
 
 async def _chat_chunks(
-    answer_id: str, model: str, body: Body, chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]]
+    answer_id: str,
+    model: str,
+    body: Body,
+    routing: oa.Routing | None,
+    chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]],
 ) -> AsyncGenerator[str, None]:
     created = int(time.time())
     last: dict[int, pb.GenerateStreamChunk] = {}
 
-    def event(choices: list[oa.ChatChunkChoice], usage: oa.Usage | None = None) -> str:
+    def event(
+        choices: list[oa.ChatChunkChoice], usage: oa.Usage | None = None, routing: oa.Routing | None = None
+    ) -> str:
         chunk = oa.ChatCompletionChunk(
-            id=answer_id, created=created, model=model, choices=choices, usage=usage
+            id=answer_id, created=created, model=model, choices=choices, usage=usage, routing=routing
         )
-        payload = chunk.model_dump(mode="json", exclude={"usage"} if usage is None else None)
+        left_out = {name for name, value in (("usage", usage), ("routing", routing)) if value is None}
+        payload = chunk.model_dump(mode="json", exclude=left_out)
         for choice in payload["choices"]:  # a delta carries only what changed
             choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
         return sse(json.dumps(payload))
 
     async for index, chunk in chunks:
         if index not in last:  # OpenAI opens every choice with the assistant's role
-            yield event([oa.ChatChunkChoice(index=index, delta=oa.ChatDelta(role="assistant", content=""))])
+            opening = oa.ChatChunkChoice(index=index, delta=oa.ChatDelta(role="assistant", content=""))
+            yield event([opening], routing=routing)
+            routing = None  # on the first event only
         last[index] = chunk
         if not chunk.text and not chunk.finished:
             continue

@@ -1,9 +1,10 @@
 """The shim's side of the gRPC wire: an Inference client and the OpenAI -> GenerateRequest mapping.
 
-`Backend` wraps one `grpc.aio` channel: it caches GetInfo (the base model's id) once the server
-has answered, maps an OpenAI `model` to an adapter name, and lists adapters (none when the
-server serves no adapters). `generate_requests` turns a completion or chat body into one
-GenerateRequest per choice. `bearer_channel` opens the channel so that every call presents the
+`Backend` wraps one `grpc.aio` channel: it caches GetInfo (the base model's id, whether there is
+a router) once the server has answered, maps an OpenAI `model` to an adapter name, lists adapters
+(none when the server serves no adapters), and asks the router (Route, RegisterExamples).
+`generate_requests` turns a completion or chat body into one GenerateRequest per choice (with
+`adapters`, a weighted mixture; with model "auto", its `route_top_k`). `bearer_channel` opens the channel so that every call presents the
 shim's API key as `authorization` metadata; the adapter RPCs present the admin token when one is
 set. gRPC errors propagate as `grpc.aio.AioRpcError`;
 `server.http.errors` turns them into HTTP answers.
@@ -19,15 +20,24 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import bearer_metadata
 from server.http.errors import ApiError
-from server.http.openai_types import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SamplingParams
+from server.http.openai_types import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RouteRequest,
+    SamplingParams,
+)
 
 INFO_TIMEOUT_S = 10.0
-ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files
+ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files; RegisterExamples trains
+ROUTE_TIMEOUT_S = 60.0
 INFERENCE_SERVICE = "loramux.v1.Inference"
+AUTO_MODEL = "auto"  # server.preparation.AUTO_ADAPTER
 
 
 class _Bearer:
@@ -76,10 +86,18 @@ class Backend:
             self._info = await self.stub.GetInfo(pb.GetInfoRequest(), timeout=INFO_TIMEOUT_S)
         return self._info
 
-    async def adapter_for(self, model: str) -> str:
+    async def adapter_for(self, model: str, mixture: bool = False) -> str:
         """The adapter name an OpenAI `model` asks for: "" for the base model's id, else `model` as is
-        (the gRPC server's preparation refuses a name it cannot serve: NOT_FOUND, 404)."""
+        (the gRPC server's preparation refuses a name it cannot serve: NOT_FOUND, 404). With a
+        `mixture` (the body's `adapters`), `model` must be the base model's id."""
         info = await self.info()
+        if mixture and model != info.model_name:
+            raise ApiError(
+                400,
+                f"with adapters (a weighted mixture), set model to the base model's id {shown(info.model_name)}, "
+                f"not {shown(model)}; the answer's model then names the mixture",
+                param="model",
+            )
         return "" if model == info.model_name else model
 
     async def model_id(self, adapter: str) -> str:
@@ -107,6 +125,22 @@ class Backend:
             pb.UnloadAdapterRequest(name=name), timeout=ADAPTER_RPC_TIMEOUT_S, metadata=self._admin_metadata
         )
 
+    async def route(self, body: RouteRequest) -> pb.RouteResponse:
+        request = pb.RouteRequest(top_k=body.top_k)
+        if isinstance(body.prompt, str):
+            request.prompt = body.prompt
+        elif body.prompt is not None:
+            request.token_ids.extend(body.prompt)
+        for message in body.messages or ():
+            request.messages.add(role=message.role, content=message.text())
+        return await self.stub.Route(request, timeout=ROUTE_TIMEOUT_S)
+
+    async def register_examples(self, adapter: str, prompts: list[str]) -> pb.RegisterExamplesResponse:
+        request = pb.RegisterExamplesRequest(adapter=adapter, prompts=prompts)
+        return await self.stub.RegisterExamples(
+            request, timeout=ADAPTER_RPC_TIMEOUT_S, metadata=self._admin_metadata
+        )
+
     async def serving(self) -> bool:
         """True if the server's health service says the Inference service is SERVING."""
         request = health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE)
@@ -125,6 +159,12 @@ def generate_requests(
     if refused is not None:
         raise ApiError(400, f"{refused} is not supported by loramux; leave it unset", param=refused)
     prompts = _prompts(body)
+    if body.model == AUTO_MODEL and len(prompts) > 1:
+        raise ApiError(
+            400,
+            f"model 'auto' routes one prompt per request, got {len(prompts)}; send them in separate requests",
+            param="prompt",
+        )
     if len(prompts) * body.n > MAX_CHOICES:
         raise ApiError(
             400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request"
@@ -176,6 +216,10 @@ def _sampling(body: SamplingParams, adapter: str) -> pb.GenerateRequest:
         request.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     if body.stop_token_ids:
         request.stop_token_ids.extend(body.stop_token_ids)
+    if body.route_top_k is not None:
+        request.route_top_k = body.route_top_k
+    for entry in body.adapters or ():
+        request.adapters.add(name=entry.name, weight=entry.weight)
     return request
 
 

@@ -1,8 +1,9 @@
 """The OpenAI request and response bodies the shim speaks, as pydantic models.
 
 FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
-the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions (send them in
-the `openai` client's `extra_body`). Fields a client may send that loramux cannot honour are
+the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions, `route_top_k`
+and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
+answers of model "auto" carry loramux's `routing`. The router's own routes have their bodies here too. Fields a client may send that loramux cannot honour are
 declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
 Range checks that the gRPC server makes anyway (temperature, top_p, stop strings, lengths) are
 left to it, so HTTP and gRPC refuse the same things with the same words; what the schema does
@@ -56,6 +57,11 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class WeightedAdapter(_Request):
+    name: Text = Field(description="an adapter's name")
+    weight: float = Field(description="its weight in the mixture, > 0 (used as given, not normalized)")
+
+
 class SamplingParams(_Request):
     """The fields completions and chat completions share."""
 
@@ -73,6 +79,16 @@ class SamplingParams(_Request):
     stop_token_ids: list[UInt32] | None = Field(default=None, description="vLLM extension")
     ignore_eos: bool = Field(
         default=False, description="vLLM extension: generate past the end-of-sequence token"
+    )
+    route_top_k: UInt32 | None = Field(
+        default=None,
+        description="loramux extension, model 'auto' only: how many of the router's best adapters to mix, "
+        "1-8 (unset: the server's default)",
+    )
+    adapters: list[WeightedAdapter] | None = Field(
+        default=None,
+        description="loramux extension: run a weighted mixture of these adapters (at most 8); model must "
+        "then be the base model's id, and the answer's model names the mixture ('a+b')",
     )
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
@@ -161,6 +177,33 @@ class ChatCompletionRequest(SamplingParams):
 FinishReason = Literal["stop", "length", "abort"] | None
 
 
+class RouteCandidate(BaseModel):
+    adapter: str
+    score: float = Field(description="the router's calibrated confidence, in [0, 1]")
+    by: str = Field(description="examples (learned from example prompts) or weights (it has none)")
+
+
+class ServedCandidate(RouteCandidate):
+    weight: float = Field(description="its weight in the mixture that served; 0 when the base model did")
+
+
+class Routing(BaseModel):
+    """How the router served a request for model 'auto' (a loramux extension of the answer)."""
+
+    candidates: list[ServedCandidate] = Field(
+        description="the route_top_k best adapters, best first: those that served, or on a fallback "
+        "those that did not reach it"
+    )
+    fallback_to_base: bool = Field(description="true: the base model served (see reason)")
+    reason: str = Field(
+        description="why it fell back: no routable adapter | below threshold | out of domain; '' if not"
+    )
+    route_seconds: float
+
+
+_ROUTING = Field(default=None, description="model 'auto' only: the router's decision (loramux extension)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -181,6 +224,7 @@ class CompletionResponse(BaseModel):
     model: Text = Field(description="the adapter that served the request, or the base model's id")
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    routing: Routing | None = _ROUTING
 
 
 class ChatMessageOut(BaseModel):
@@ -202,6 +246,7 @@ class ChatCompletionResponse(BaseModel):
     model: Text = Field(description="the adapter that served the request, or the base model's id")
     choices: list[ChatChoice]
     usage: Usage
+    routing: Routing | None = _ROUTING
 
 
 class ChatDelta(BaseModel):
@@ -223,6 +268,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    routing: Routing | None = Field(default=None, description="model 'auto': on the first chunk only")
 
 
 class ModelCard(BaseModel):
@@ -251,6 +297,41 @@ class LoadLoraAdapterRequest(_Request):
 class UnloadLoraAdapterRequest(_Request):
     lora_name: AdapterName
     lora_int_id: int | None = None
+
+
+class RouteRequest(_Request):
+    """Which adapters model 'auto' would run for a prompt (exactly one of prompt and messages)."""
+
+    prompt: NonEmptyText | TokenIds | None = Field(
+        default=None, description="text (no chat template, as /v1/completions reads it) or token ids"
+    )
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)] | None = Field(
+        default=None, description="a chat, read as /v1/chat/completions reads it"
+    )
+    top_k: UInt32 = Field(default=0, description="candidates to return, best first; 0 = all")
+
+
+class RouteResponse(BaseModel):
+    object: Literal["router.route"] = "router.route"
+    candidates: list[RouteCandidate] = Field(description="best first")
+    fallback_to_base: bool = Field(description="true: model 'auto' would run the base model (see reason)")
+    reason: str = Field(
+        description="why it would fall back: no routable adapter | below threshold | out of domain; '' if not"
+    )
+    route_seconds: float
+
+
+class RegisterExamplesRequest(_Request):
+    adapter: NonEmptyText = Field(description="an adapter the server can serve")
+    prompts: list[Text] = Field(description="1-256 example prompts, as users would send them")
+
+
+class RegisterExamplesResponse(BaseModel):
+    object: Literal["router.examples"] = "router.examples"
+    adapter: str
+    examples: int = Field(description="example prompts learned now")
+    steps: int = Field(description="training steps run")
+    seconds: float
 
 
 class HealthResponse(BaseModel):

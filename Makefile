@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 # The repository's adapters/ directory is an adapter root: whatever adapters it holds are served.
+# `auto` routes among the five task LoRAs: their MoS and ComPEFT copies carry the same examples,
+# which no router can tell apart (each would get a fifth of its task's score: below the threshold).
 serve: $(STAMP)
-	$(BIN)/loramux serve --adapter-root adapters $(ARGS)
+	$(BIN)/loramux serve --adapter-root adapters --router-adapters '*,!*-mos,!*-compeft-*' $(ARGS)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(ARGS)

@@ -479,7 +479,17 @@ def test_cli_info_prints_json(server: ServerThread, capsys: pytest.CaptureFixtur
 
 
 def test_cli_serve_runs_until_sigterm(tiny_model_dir: Path) -> None:
-    argv = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--grpc-port", "0"]
+    argv = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--grpc-port",
+        "0",
+        "--no-router",
+    ]
     argv += ["--max-model-len", "128", "--max-running", "2", "--max-batched-tokens", "16"]
     process = subprocess.Popen(
         argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}

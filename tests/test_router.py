@@ -77,6 +77,15 @@ def test_the_feature_is_transformers_hidden_state_pooled_over_the_prompts_own_to
         torch.testing.assert_close(m, fm[own], atol=1e-5, rtol=1e-5)
 
 
+def test_a_long_prompt_is_read_whole(tiny: Any) -> None:
+    """The KV cache of a read holds the whole prompt, however long (the engine's starts at 128)."""
+    reader = FeatureReader(tiny.model, 2, chat_template_edges(_render(tiny.tokenizer)))
+    ids = _render(tiny.tokenizer)("word " * 300)
+    assert len(ids) > 300
+    reading = reader.read(ids, prototype_layers=2)
+    assert reading.feature.isfinite().all() and reading.taps[1][0].shape[0] > 290
+
+
 def test_a_prompt_without_the_template_is_pooled_whole(tiny: Any) -> None:
     reader = FeatureReader(tiny.model, 1, chat_template_edges(_render(tiny.tokenizer)))
     ids = tiny.tokenizer.encode("plain text, no chat template")

@@ -164,6 +164,9 @@ def test_route_ranks_each_adapter_first_for_its_own_held_out_prompts(stack: Stac
     assert sum(c.score for c in answer.candidates) == pytest.approx(1.0, abs=1e-5)
     assert not answer.fallback_to_base and answer.reason == "" and answer.route_seconds > 0
     assert len(_route(stack.stub, HELD_OUT["alpha"][0], top_k=1).candidates) == 1
+    # past the 128 KV positions an engine cache starts with
+    long = _route(stack.stub, HELD_OUT["alpha"][0] + " and more" * 45)
+    assert long.candidates and long.route_seconds > 0
 
 
 def test_auto_serves_the_routed_adapter_and_says_so(stack: Stack, held_out: dict[str, str]) -> None:

@@ -127,7 +127,16 @@ def test_the_selectors_statistics_and_distances_are_the_formulas() -> None:
     # the temperature minimizes the held-back examples' NLL
     held = torch.cat([x[torch.arange(len(x)) % 4 == 3] for x in data.values()])
     labels = torch.arange(3).repeat_interleave(6)
-    logits = selector.standardized(held) @ selector.weight.T + selector.bias
+    logits = selector.logits(held)
+    # the head: the LDA discriminant (-d^2 / 2 up to what every adapter shares) plus the trained correction
+    d2 = selector.distances(held)
+    shared = 0.5 * ((held @ selector.precision) * held).sum(1, keepdim=True)
+    correction = selector.standardized(held) @ selector.weight.T + selector.bias
+    torch.testing.assert_close(logits, -0.5 * d2 + shared + correction, atol=1e-2, rtol=1e-4)
+    torch.testing.assert_close(
+        selector.scores(held[0]).probabilities,
+        torch.softmax((-0.5 * d2[0] + correction[0]) / selector.temperature, 0),
+    )
 
     def nll(t: float) -> float:
         return float(F.cross_entropy(logits / t, labels))

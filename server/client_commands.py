@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -215,9 +216,10 @@ def cmd_adapters_unload(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_adapters_examples(args: argparse.Namespace, extra: list[str]) -> int:
     from loramux.v1 import inference_pb2 as pb
+    from server.router.examples import read_prompts_file
 
     try:
-        prompts = read_prompts(args.file)
+        prompts, _ = read_prompts_file(Path(args.file), args.file)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -228,21 +230,3 @@ def cmd_adapters_examples(args: argparse.Namespace, extra: list[str]) -> int:
     learned = {"adapter": response.adapter, "examples": response.examples, "steps": response.steps}
     print(json.dumps({**learned, "seconds": round(response.seconds, 3)}, indent=2))
     return 0
-
-
-def read_prompts(path: str) -> list[str]:
-    """The "prompt" strings of a JSONL file (blank lines skipped); ValueError naming the bad line.
-    The server checks the prompts themselves."""
-    prompts = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {number}: not JSON ({exc})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f'{path} line {number}: expected an object with a "prompt" string')
-            prompts.append(row["prompt"])
-    return prompts

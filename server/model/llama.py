@@ -199,7 +199,9 @@ class LlamaModel(nn.Module):
         """
         assert 0 <= num_layers <= self.arch.num_layers, num_layers
         a, length = self.arch, start + int(token_ids.shape[0])
-        kv = KVCache(max(num_layers, 1), 1, a.num_kv_heads, a.head_dim, length, self.dtype, self.device, length)
+        kv = KVCache(
+            max(num_layers, 1), 1, a.num_kv_heads, a.head_dim, length, self.dtype, self.device, length
+        )
         if start:
             assert context is not None and context.capacity >= start and len(context.k) >= num_layers
             for i in range(num_layers):

@@ -1,12 +1,5 @@
-"""The router: `auto` requests get the adapter(s) that fit their prompt (router.py has the whole story)."""
+"""The router: `auto` requests get the adapter(s) that fit their prompt (router.py has the whole story).
 
-from server.router.router import (
-    AdapterSource,
-    Candidate,
-    ReconcileReport,
-    RouteDecision,
-    Router,
-    RouterConfig,
-)
-
-__all__ = ["AdapterSource", "Candidate", "ReconcileReport", "RouteDecision", "Router", "RouterConfig"]
+Nothing is imported here, so that `server.router.examples` stays importable without torch (the CLI's
+client commands read example files with it).
+"""

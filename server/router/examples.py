@@ -6,7 +6,7 @@ line, and the adapter is then routed as if it had no examples. Limits keep one a
 costing the router more than the others: at most MAX_EXAMPLES_READ prompts are read, each at most
 MAX_PROMPT_CHARS characters.
 
-It knows files and strings; nothing of features, models or the server.
+It knows files and strings; nothing of features, models or the server (and imports no torch).
 """
 
 from __future__ import annotations
@@ -56,23 +56,30 @@ def read_examples(directory: Path) -> Examples:
     path = directory / EXAMPLES_FILE
     if not path.is_file():
         return Examples((), "")
+    prompts, data = read_prompts_file(path, EXAMPLES_FILE)
+    if not prompts:
+        return Examples((), "")
+    return Examples(check_prompts(prompts, EXAMPLES_FILE), "sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def read_prompts_file(path: Path, label: str) -> tuple[tuple[str, ...], bytes]:
+    """The "prompt" strings of a JSONL file (at most MAX_EXAMPLES_READ) and the bytes read;
+    ExamplesError naming `label` and the 1-based line."""
     if path.stat().st_size > MAX_FILE_BYTES:
-        raise ExamplesError(f"{EXAMPLES_FILE} is larger than {MAX_FILE_BYTES >> 20} MiB")
+        raise ExamplesError(f"{label} is larger than {MAX_FILE_BYTES >> 20} MiB")
     data = path.read_bytes()
-    prompts = []
+    prompts: list[str] = []
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ExamplesError(f"{EXAMPLES_FILE} line {number}: not JSON ({exc})") from None
+            raise ExamplesError(f"{label} line {number}: not JSON ({exc})") from None
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(prompt, str):
-            raise ExamplesError(f'{EXAMPLES_FILE} line {number}: expected an object with a "prompt" string')
+            raise ExamplesError(f'{label} line {number}: expected an object with a "prompt" string')
         prompts.append(prompt)
         if len(prompts) == MAX_EXAMPLES_READ:
             break
-    if not prompts:
-        return Examples((), "")
-    return Examples(check_prompts(prompts, EXAMPLES_FILE), "sha256:" + hashlib.sha256(data).hexdigest())
+    return tuple(prompts), data

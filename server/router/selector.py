@@ -168,35 +168,39 @@ class Selector:
         optimizer = torch.optim.Adam([weight, bias], lr=LEARNING_RATE)
         own = self.train[self.classes[target]]
         half = BATCH // 2
-        replayed = 0
         g = self._generator
-        for _ in range(steps):
-            picks = [own[torch.randint(len(own), (half,), generator=g)]]
-            labels = [torch.full((half,), target)]
-            for slot in torch.randint(len(others), (BATCH - half,), generator=g).tolist():
-                name = others[slot]
-                pool = self.train[name]
-                picks.append(pool[torch.randint(len(pool), (1,), generator=g)])
-                labels.append(torch.tensor([self.classes.index(name)]))
-            replayed += BATCH - half
+        # Replay for all steps drawn at once: a uniform adapter among the others, then a uniform
+        # example of it (one pass over the adapters drawn, never over every stored example).
+        replay_labels = torch.tensor([i for i in range(len(self.classes)) if i != target])[
+            torch.randint(len(others), (steps, BATCH - half), generator=g)
+        ]
+        replay = torch.empty(steps, BATCH - half, self.dim)
+        for label in replay_labels.unique().tolist():
+            where = replay_labels == label
+            pool = self.train[self.classes[label]]
+            replay[where] = pool[torch.randint(len(pool), (int(where.sum()),), generator=g)]
+        labels = torch.cat([torch.full((half,), target), torch.zeros(BATCH - half, dtype=torch.int64)])
+        for step in range(steps):
+            picks = [own[torch.randint(len(own), (half,), generator=g)], replay[step]]
+            labels[half:] = replay_labels[step]
             raw = torch.cat(picks)
             logits = self.discriminant(raw) + self.standardized(raw) @ weight.T + bias
-            loss = F.cross_entropy(logits, torch.cat(labels)) + WEIGHT_DECAY * weight.square().sum()
+            loss = F.cross_entropy(logits, labels) + WEIGHT_DECAY * weight.square().sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         self.weight, self.bias = weight.detach(), bias.detach()
-        return replayed
+        return steps * (BATCH - half)
 
     def _fit_temperature(self) -> None:
         """The temperature minimizing the held-back examples' NLL (golden section on log T)."""
-        named = [(i, self.held[c]) for i, c in enumerate(self.classes) if len(self.held.get(c, ()))]
-        if len(self.classes) < 2 or not named:
+        if len(self.classes) < 2:
             self.temperature = 1.0
             return
-        per_class = max(1, MAX_CALIBRATION // len(named))
-        raw = torch.cat([h[:per_class] for _, h in named])
-        labels = torch.cat([torch.full((min(len(h), per_class),), i) for i, h in named])
+        raw, labels = self._held_sample()
+        if not len(raw):
+            self.temperature = 1.0
+            return
         logits = self.logits(raw)
 
         def nll(log_t: float) -> float:
@@ -252,12 +256,23 @@ class Selector:
             ridge = covariance.diagonal().mean() * torch.eye(self.dim, dtype=torch.float64)
             self.precision = torch.linalg.inv((1 - SHRINKAGE) * covariance + SHRINKAGE * ridge).float()
         self.mean_terms = ((self.means @ self.precision) * self.means).sum(1)
-        held = [(i, self.held[c]) for i, c in enumerate(self.classes) if len(self.held.get(c, ()))]
-        if not spread or not held:
+        raw, labels = self._held_sample()
+        if not spread or not len(raw):
             self.limit = math.inf
             return
-        distances = torch.cat([self.distances(h)[:, i] for i, h in held])
+        distances = self.distances(raw).gather(1, labels.unsqueeze(1))
         self.limit = float(distances.quantile(0.95))
+
+    def _held_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-back examples and their adapters' indices: at most MAX_CALIBRATION in all, the same
+        number from each adapter (so fitting on them costs the same however many adapters exist)."""
+        named = [(i, self.held[c]) for i, c in enumerate(self.classes) if len(self.held.get(c, ()))]
+        if not named:
+            return torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.int64)
+        per_class = max(1, MAX_CALIBRATION // len(named))
+        raw = torch.cat([h[:per_class] for _, h in named])
+        labels = torch.cat([torch.full((min(len(h), per_class),), i) for i, h in named])
+        return raw, labels
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """[n, classes] squared Mahalanobis distances of `features` ([n, dim]) to each adapter's mean:

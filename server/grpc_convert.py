@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from server.config import RouterConfig
     from server.engine.adapters import AdapterStatus
     from server.engine.engine import EngineInfo
-    from server.router.router import RouteDecision
+    from server.router.decision import RouteDecision
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; 0 = greedy

@@ -30,7 +30,8 @@ from server.prompts import PromptInput, check_input, check_prompt_tokens, tokeni
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine, EngineInfo
-    from server.router.router import Candidate, RouteDecision, Router
+    from server.router.decision import Candidate, RouteDecision
+    from server.router.router import Router
 
 AUTO_ADAPTER = "auto"
 MAX_MIXTURE = 8

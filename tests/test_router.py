@@ -23,10 +23,11 @@ from adapters_store.adapter import LoraWeights
 from server.config import RouterConfig
 from server.model.loader import load_model
 from server.prompts import chat_prompt_ids
+from server.router.decision import Candidate, RouteDecision
 from server.router.examples import ExamplesError, check_prompts, read_examples
 from server.router.features import FeatureReader, chat_template_edges
 from server.router.prototypes import adapter_vectors, arrow_scores, calibrated, module_scores
-from server.router.router import Candidate, RouteDecision, Router, StoreSource
+from server.router.router import Router, StoreSource
 from server.router.selector import BATCH, SHRINKAGE, Selector
 from server.router.state import load_tables, save_tables
 from tasks import TASK_NAMES, get_task

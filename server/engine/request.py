@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.router.router import RouteDecision  # a plain frozen dataclass
+    from server.router.decision import RouteDecision  # a plain frozen dataclass
 
 
 class EngineError(Exception):

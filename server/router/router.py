@@ -37,6 +37,7 @@ import torch
 from adapters_store import AdapterError, AdapterStore, LoadedAdapter
 from server.config import RouterConfig
 from server.prompts import chat_prompt_ids
+from server.router.decision import Candidate, RouteDecision
 from server.router.examples import Examples, ExamplesError, check_prompts, read_examples
 from server.router.features import FeatureReader, Taps
 from server.router.prototypes import (
@@ -61,30 +62,6 @@ class AdapterSource(Protocol):
 
     def adapter(self, name: str) -> LoadedAdapter:
         """The adapter's weights (raises AdapterError when it is refused)."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    adapter: str
-    score: float  # calibrated, in [0, 1]
-    by: str  # "examples" | "weights"
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    candidates: tuple[Candidate, ...]  # every routable adapter, best first
-    fallback: bool  # True: `auto` runs on the base model
-    reason: str  # why it falls back: "" | "no routable adapter" | "below threshold" | "out of domain"
-    seconds: float  # time spent routing
-
-    def mixture(self, top_k: int) -> tuple[tuple[str, float], ...]:
-        """The (adapter, weight) pairs `auto` serves: () for the base model, else the top_k candidates
-        with their scores renormalized to sum to 1."""
-        if self.fallback:
-            return ()
-        top = self.candidates[:top_k]
-        total = sum(c.score for c in top)
-        return tuple((c.adapter, c.score / total) for c in top)
 
 
 @dataclass(frozen=True)

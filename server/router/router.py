@@ -6,9 +6,10 @@ ranks the routable adapters:
   and an in-domain test against each adapter's examples;
 - adapters without examples by their weights (prototypes.py, Arrow): a softmax of the prompt's
   standardized scores at `arrow_temperature`; this reads every layer (`prototype_layers` 0), as
-  much as a prefill of the prompt, so it is paid only while such adapters are routable. When both kinds exist, the weights decide between each
-  example-less adapter and the group of adapters with examples (the group scores as its best
-  member), and the selector divides the group's share among its members.
+  much as a prefill of the prompt, so it is paid only while such adapters are routable.
+When both kinds exist, the weights decide between each example-less adapter and the group of
+adapters with examples (the group scores as its best member), and the selector divides the
+group's share among its members.
 The best candidate serves the request unless its score is below `threshold` or the prompt is out
 of its examples' domain: then the base model does (`fallback`). With `top_k > 1` the request runs
 the mixture of the top candidates, weighted by their renormalized scores.
@@ -104,7 +105,7 @@ class Router:
         in_domain: dict[str, bool] = {}
         group = 1.0  # the share of the adapters with examples
         if weight_only:
-            members = weight_only + (with_examples if with_examples else [])
+            members = weight_only + with_examples
             raw = arrow_scores([tables.prototypes.get(n, NO_PROTOTYPES) for n in members], reading.taps)
             if with_examples:  # the example group scores as its best member
                 raw = torch.cat([raw[: len(weight_only)], raw[len(weight_only) :].max().unsqueeze(0)])

@@ -345,6 +345,9 @@ def test_tables_are_saved_reloaded_and_reconciled(smol: Any, tmp_path: Path) -> 
     assert report.learned == ("arith",) and report.forgotten == ("sql",)
     assert report.refused[0][0] == "sentiment" and "line 1" in report.refused[0][1]
     assert "sentiment" in report.weight_only and again.tables.selector.classes == ["arith"]
+    mixed = again.route(prompt)  # by weights: sentiment against the group of adapters with examples
+    assert {(c.adapter, c.by) for c in mixed.candidates} == {("arith", "examples"), ("sentiment", "weights")}
+    assert sum(c.score for c in mixed.candidates) == pytest.approx(1.0, abs=1e-5)
     # another model or setting: the saved tables are not used
     assert load_tables(state, {**again.state_key(), "layer": 5}, again.reader.dim) is None
     save_tables(state, again.tables, again.state_key())

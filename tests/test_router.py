@@ -225,6 +225,10 @@ def test_a_decision_mixes_its_top_candidates_by_renormalized_score() -> None:
     mixed = decision.mixture(2)
     assert [n for n, _ in mixed] == ["a", "b"] and [w for _, w in mixed] == pytest.approx([2 / 3, 1 / 3])
     assert RouteDecision(decision.candidates, True, "below threshold", 0.0).mixture(2) == ()
+    negligible = RouteDecision(
+        (Candidate("a", 0.995, "examples"), Candidate("b", 0.005, "examples")), False, "", 0
+    )
+    assert negligible.mixture(2) == (("a", 1.0),)  # under 1% of the mixture: left out
     config = RouterConfig(adapters=("*", "!*-mos", "!*-compeft-*"))
     assert config.allows("sql") and not config.allows("sql-mos") and not config.allows("sql-compeft-10")
 

@@ -185,15 +185,23 @@ def test_auto_serves_the_routed_adapter_and_says_so(stack: Stack, held_out: dict
     assert [t for chunk in chunks for t in chunk.token_ids] == list(direct.token_ids)
 
 
-def test_route_top_k_serves_the_mixture_it_reports(stack: Stack, held_out: dict[str, str]) -> None:
-    prompt = held_out["beta"]
+def test_route_top_k_serves_the_mixture_it_reports(stack: Stack) -> None:
+    # the prompt the second adapter has the largest share of: a mixture when it has 1% or more
+    prompts = [f"{a} {b}" for a, b in zip(HELD_OUT["beta"], HELD_OUT["alpha"], strict=True)]
+    routes = {p: _route(stack.stub, p).candidates[:2] for p in prompts}
+    prompt = max(prompts, key=lambda p: routes[p][1].score / (routes[p][0].score + routes[p][1].score))
+    first, second = routes[prompt]
+    expected = [first.adapter] + (
+        [second.adapter] if second.score >= 0.01 * (first.score + second.score) else []
+    )
     auto = stack.stub.Generate(_greedy(prompt, adapter="auto", route_top_k=2), timeout=60)
-    served = [(c.adapter, c.weight) for c in auto.routing.candidates]
-    assert [name for name, _ in served] == ["beta", "alpha"] and auto.adapter == "beta+alpha"
+    assert [c.adapter for c in auto.routing.candidates] == [first.adapter, second.adapter]
+    served = [(c.adapter, c.weight) for c in auto.routing.candidates if c.weight > 0]  # 0: not served
+    assert [name for name, _ in served] == expected and auto.adapter == "+".join(expected)
     assert sum(weight for _, weight in served) == pytest.approx(1.0, abs=1e-6)
     mixture = [pb.WeightedAdapter(name=name, weight=weight) for name, weight in served]
     named = stack.stub.Generate(_greedy(prompt, adapters=mixture), timeout=60)
-    assert named.adapter == "beta+alpha" and list(named.token_ids) == list(auto.token_ids)
+    assert named.adapter == auto.adapter and list(named.token_ids) == list(auto.token_ids)
 
 
 def test_route_top_k_is_checked(stack: Stack) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MIN_SHARE = 0.01  # of a mixture: candidates with less are left out
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -25,9 +27,12 @@ class RouteDecision:
 
     def mixture(self, top_k: int) -> tuple[tuple[str, float], ...]:
         """The (adapter, weight) pairs `auto` serves: () for the base model, else the top_k candidates
-        with their scores renormalized to sum to 1."""
+        with their scores renormalized to sum to 1, leaving out those under MIN_SHARE of the top_k's
+        total (a device slot and a pass of the kernels for a term that changes nothing)."""
         if self.fallback:
             return ()
         top = self.candidates[:top_k]
         total = sum(c.score for c in top)
-        return tuple((c.adapter, c.score / total) for c in top)
+        kept = [c for i, c in enumerate(top) if i == 0 or c.score >= MIN_SHARE * total]
+        total = sum(c.score for c in kept)
+        return tuple((c.adapter, c.score / total) for c in kept)

@@ -26,7 +26,7 @@ from server.router.tables import Known, Tables
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: the head became the LDA discriminant + a correction (version 1 tables are relearned)
 
 
 def save_tables(path: Path, tables: Tables, key: dict[str, Any]) -> None:

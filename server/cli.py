@@ -450,10 +450,7 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "applies the chat template) unless --raw is given.",
     )
     _add_target(generate)
-    generate.add_argument("--prompt", required=True, help="the prompt text")
-    generate.add_argument(
-        "--raw", action="store_true", help="send the prompt as plain text, without the chat template"
-    )
+    _add_prompt(generate)
     generate.add_argument(
         "--max-tokens", type=_non_negative, default=None, help="most tokens to generate (server default: 64)"
     )
@@ -477,6 +474,13 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     generate.set_defaults(handler=cmd_generate)
 
 
+def _add_prompt(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument(
+        "--raw", action="store_true", help="send the prompt as plain text, without the chat template"
+    )
+
+
 def _add_route(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     route = commands.add_parser(
         "route",
@@ -486,10 +490,7 @@ def _add_route(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "prompt is sent as one user chat message unless --raw is given, as `loramux generate` does.",
     )
     _add_target(route)
-    route.add_argument("--prompt", required=True, help="the prompt text")
-    route.add_argument(
-        "--raw", action="store_true", help="send the prompt as plain text, without the chat template"
-    )
+    _add_prompt(route)
     route.add_argument(
         "--top-k", type=_non_negative, default=0, help="candidates to print; 0 = all (default)"
     )

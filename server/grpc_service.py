@@ -31,7 +31,7 @@ import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc.aio
 
@@ -256,6 +256,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         await self._in_adapter_thread(load)
         if router is not None:
             await self._learn(router, request.name, examples)
+        if self._router is not None and self._router.config.allows(request.name):
+            # In the background, after any learning above (one router thread): the router reads the
+            # directory's examples.jsonl, or builds the adapter's weight prototypes when it has none.
+            syncing = self._router_thread.submit(self._router.reconcile, (request.name,))
+            syncing.add_done_callback(_log_failure)
         return pb.LoadAdapterResponse(adapter=await self._adapter_info(manager, request.name))
 
     async def UnloadAdapter(
@@ -378,9 +383,10 @@ def _forget_if_gone(router: Router, manager: AdapterManager, name: str) -> None:
         logger.info("router: forgot %s (unloaded, not in the adapter roots)", shown(name))
 
 
-def _log_failure(done: Future[None]) -> None:
+def _log_failure(done: Future[Any]) -> None:
+    """Log what a background router task (forget, reconcile) raised."""
     if not done.cancelled() and done.exception() is not None:
-        logger.error("router: forgetting an unloaded adapter failed", exc_info=done.exception())
+        logger.error("router: updating for a loaded or unloaded adapter failed", exc_info=done.exception())
 
 
 async def _wait_shared(future: Future[T]) -> T:

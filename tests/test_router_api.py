@@ -45,7 +45,7 @@ from tests.test_grpc_service import ServerThread, _wait_until
 QV4: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 ADAPTERS = ("alpha", "beta")
 ADMIN_TOKEN = "router-admin"
-TASKS = synthetic_tasks(3)
+TASKS = synthetic_tasks(4)
 EXAMPLES = {name: task.prompts(40, seed=0) for name, task in zip(ADAPTERS, TASKS, strict=False)}
 HELD_OUT = {name: task.prompts(10, seed=1) for name, task in zip(ADAPTERS, TASKS, strict=False)}
 
@@ -57,6 +57,9 @@ def dirs(make_tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
     for seed, name in enumerate(ADAPTERS):
         _save_adapter(base, root / name, QV4, seed=seed + 40)
     _save_adapter(base, root / "spare" / "gamma", QV4, seed=43)  # below the top: served once loaded
+    _save_adapter(base, root / "spare" / "delta", QV4, seed=44)  # with its own examples.jsonl
+    rows = "".join(json.dumps({"prompt": p}) + "\n" for p in TASKS[3].prompts(40, seed=0))
+    (root / "spare" / "delta" / "examples.jsonl").write_text(rows)
     return {"base": base, "root": root, "state": tmp_path_factory.mktemp("router-state")}
 
 
@@ -486,3 +489,13 @@ def test_load_with_examples_learns_and_unload_forgets(stack: Stack) -> None:
     stack.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="gamma"), timeout=30)  # gone for good
     assert _wait_until(lambda: "gamma" not in stack.router.tables.selector.classes)
     assert "alpha" in stack.router.tables.selector.classes  # the router forgets in order: alpha was kept
+
+
+def test_a_loaded_adapter_is_routed_by_its_examples_file(stack: Stack) -> None:
+    load = pb.LoadAdapterRequest(name="delta", path="spare/delta")  # no example_prompts: its file
+    assert stack.stub.LoadAdapter(load, timeout=120).adapter.name == "delta"
+    assert _wait_until(lambda: "delta" in stack.router.tables.selector.classes, timeout=60)
+    firsts = [_route(stack.stub, prompt).candidates[0].adapter for prompt in TASKS[3].prompts(10, seed=1)]
+    assert firsts.count("delta") >= 8, firsts
+    stack.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="delta"), timeout=30)
+    assert _wait_until(lambda: "delta" not in stack.router.tables.selector.classes)

@@ -244,6 +244,14 @@ def _add_router(parser: argparse.ArgumentParser) -> None:
         help="the decoder layer whose input the router reads; changing it relearns every adapter's "
         "examples at start (default: %(default)s)",
     )
+    group.add_argument(
+        "--router-rescan",
+        type=float,
+        default=router.rescan_s,
+        metavar="SECONDS",
+        help="how often the router looks for adapters added to or removed from the roots; 0 = only "
+        "at start (default: %(default)s)",
+    )
 
 
 def _add_http_limits(parser: argparse.ArgumentParser) -> None:
@@ -366,6 +374,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         threshold=args.router_threshold,
         top_k=args.router_top_k,
         layer=args.router_layer,
+        rescan_s=args.router_rescan,
     )
     return ServerConfig(
         model=args.model,

@@ -125,6 +125,7 @@ class RouterConfig:
     state_path: where the tables are saved (a .safetensors path), None = not saved.
     enabled: False = no router (`auto` is refused).
     steps: training steps per learned adapter (server.router.selector).
+    rescan_s: how often `serve` looks for adapters added to or removed from the roots (0 = never).
     """
 
     layer: int = 2  # server.router.features.DEFAULT_LAYER
@@ -137,6 +138,7 @@ class RouterConfig:
     state_path: str | None = None
     enabled: bool = True
     steps: int = 300  # server.router.selector.STEPS
+    rescan_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -147,6 +149,8 @@ class RouterConfig:
             raise ValueError(f"arrow temperature must be > 0, got {self.arrow_temperature}")
         if self.layer < 0 or self.prototype_layers < 0 or self.steps < 1 or self.domain_factor <= 0:
             raise ValueError("router layer and prototype_layers must be >= 0, steps >= 1, domain_factor > 0")
+        if not self.rescan_s >= 0:
+            raise ValueError(f"router rescan must be >= 0 seconds, got {self.rescan_s}")
 
     def allows(self, name: str) -> bool:
         include = [p for p in self.adapters if not p.startswith("!")]

@@ -27,6 +27,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -99,25 +100,47 @@ def run_server(config: ServerConfig) -> int:
 
 def _reconcile_in_background(router: Router) -> threading.Thread:
     """Bring the router's tables in line with the adapters on a thread of its own (seconds to a
-    minute); "auto" routes meanwhile with the tables it has. The thread (and its OpenMP pool) ends
-    when it is done."""
+    minute); "auto" routes meanwhile with the tables it has. Then, every `rescan_s`, adapters added
+    to or removed from the roots are learned or forgotten (a listing of the roots when nothing
+    changed). The watching thread runs no torch; each reconcile runs on a thread that ends with it,
+    so no OpenMP pool outlives its work (server/runtime.py says why that matters)."""
 
-    def reconcile() -> None:
+    def reconcile(names: set[str] | None) -> None:
         try:
-            report = router.reconcile()
+            router.reconcile(names)
         except Exception:
             logger.exception(
-                "router: reading the adapters' examples failed; 'auto' routes with the tables it has"
+                "router: reconciling with the adapters failed; 'auto' routes with the tables it has"
             )
-            return
+
+    def run(names: set[str] | None) -> None:
+        worker = threading.Thread(
+            target=reconcile, args=(names,), name="loramux-router-reconcile", daemon=True
+        )
+        worker.start()
+        worker.join()
+
+    def follow() -> None:
+        started = time.monotonic()
+        run(None)
         logger.info(
             "router ready in %.1f s: %d adapters by examples, %d by weights only",
-            report.seconds,
+            time.monotonic() - started,
             len(router.tables.selector.classes),
-            len(report.weight_only),
+            len(router.tables.prototypes)
+            - len(set(router.tables.prototypes) & set(router.tables.selector.classes)),
         )
+        while router.config.rescan_s > 0:
+            time.sleep(router.config.rescan_s)
+            try:
+                changed = router.changed()
+            except Exception:
+                logger.exception("router: listing the adapter roots failed; retrying later")
+                continue
+            if changed:
+                run(changed)
 
-    thread = threading.Thread(target=reconcile, name="loramux-router-reconcile", daemon=True)
+    thread = threading.Thread(target=follow, name="loramux-router-follow", daemon=True)
     thread.start()
     return thread
 

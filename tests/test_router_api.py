@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,6 +321,8 @@ def test_serve_learns_the_examples_files_in_the_background(dirs: dict[str, Path]
         str(tmp_path),
         "--router-threshold",
         "0",
+        "--router-rescan",
+        "0.2",
     ]
     process = subprocess.Popen(
         argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -341,6 +344,15 @@ def test_serve_learns_the_examples_files_in_the_background(dirs: dict[str, Path]
             assert stub.GetInfo(pb.GetInfoRequest(), timeout=30).router.adapters_by_examples == 2
             answer = stub.Generate(_greedy(HELD_OUT["alpha"][0], adapter="auto"), timeout=60)
         assert answer.HasField("routing") and answer.adapter in ("alpha", "")  # "": out of domain
+        # an adapter dropped into a root while serving is learned from its examples.jsonl
+        shutil.copytree(dirs["root"] / "spare" / "delta", dirs["root"] / "epsilon")
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            assert _wait_until(
+                lambda: stub.GetInfo(pb.GetInfoRequest(), timeout=30).router.adapters_by_examples == 3,
+                timeout=60,
+            )
+        shutil.rmtree(dirs["root"] / "epsilon")
         assert (tmp_path / "router").is_dir()  # the tables are saved in the cache
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

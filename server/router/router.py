@@ -220,6 +220,12 @@ class Router:
             log.warning("router: adapter %s is routed without its %s", name, why)
         return report
 
+    def changed(self) -> set[str]:
+        """Adapters that appeared in or left the adapter roots (or loads) since the tables were
+        reconciled: what `reconcile(names)` should look at. Lists the roots; reads no adapter."""
+        listed = {n for n in self.source.directories() if self.config.allows(n)}
+        return listed ^ set(self.tables.known)
+
     def _sync_examples(self, tables: Tables, name: str, directory: Path, learned: list[str]) -> str:
         """Learn `name`'s examples (its file's and those sent at run time) unless unchanged; returns
         why its file is not used ("" = fine)."""

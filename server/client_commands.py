@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import grpc
@@ -82,6 +82,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         stub = pb_grpc.InferenceStub(channel)
         try:
             for chunk in stub.GenerateStream(request, timeout=args.timeout, metadata=_metadata(args)):
+                if chunk.HasField("routing"):  # adapter auto: say what the router picked, apart from the text
+                    _print_routing(chunk.routing)
                 if chunk.text:
                     print(chunk.text, end="", flush=True)
                     wrote_text = True
@@ -94,6 +96,12 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
             return 130
     print(flush=True)
     return 0
+
+
+def _print_routing(routing: Any) -> None:
+    served = [f"{c.adapter} ({c.weight:.2f})" for c in routing.candidates if c.weight > 0]
+    what = " + ".join(served) if served else f"the base model ({routing.reason})"
+    print(f"[auto: {what}]", file=sys.stderr, flush=True)
 
 
 # -- info ----------------------------------------------------------------------------------

@@ -377,6 +377,9 @@ def test_route_and_examples_commands(
     file.write_text('{"text": "no prompt"}\n')
     assert cli.main(["adapters", "examples", "alpha", str(file), *target]) == 2
     assert 'line 1: expected an object with a "prompt" string' in capsys.readouterr().err
+    generate = ["generate", "--prompt", held_out["alpha"], "--adapter", "auto", "--max-tokens", "4", *target]
+    assert cli.main(generate) == 0
+    assert "[auto: alpha (1.00)]" in capsys.readouterr().err  # what served, apart from the text on stdout
 
 
 # -- HTTP ----------------------------------------------------------------------------------

@@ -82,13 +82,6 @@ class NoRouterEvents:
         pass
 
 
-def routable_counts(router: Router) -> tuple[int, int]:
-    """(adapters routed by their examples, by their weights only) in the router's current tables."""
-    tables = router.tables  # one published value: never changes under us
-    classes = tables.selector.classes
-    return len(classes), len(tables.prototypes.keys() - set(classes))
-
-
 class InferenceServicer(pb_grpc.InferenceServicer):
     """`loramux.v1.Inference` over one started engine (and its router, if any). Must be used from
     one event loop."""
@@ -332,7 +325,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.GetInfoResponse:
         router = None
         if self._router is not None:
-            router = convert.router_info_to_pb(self._router.config, *routable_counts(self._router))
+            router = convert.router_info_to_pb(self._router.config, *self._router.routable_counts())
         return convert.info_to_pb(self._engine.info, router)
 
 

@@ -170,7 +170,7 @@ class Metrics:
 
     def watch_router(self, routable: Callable[[], tuple[int, int]]) -> None:
         """Read the router's (adapters by examples, by weights only) at every scrape
-        (`server.grpc_service.routable_counts`)."""
+        (`server.router.router.Router.routable_counts`)."""
         if self._watching_router:
             raise ValueError("this Metrics already watches a router")
         self.registry.register(_RouterCollector(routable))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import signal
 import sys
@@ -65,7 +64,6 @@ def _raise_open_file_limit() -> None:
 def run_server(config: ServerConfig) -> int:
     """Run engine, gRPC and (if configured) HTTP until SIGINT/SIGTERM or the engine dies."""
     from kernels.cpu_extension import CpuExtensionError
-    from server.grpc_service import routable_counts
     from server.metrics import Metrics
     from server.runtime import build_engine, build_router
 
@@ -84,7 +82,7 @@ def run_server(config: ServerConfig) -> int:
         return 1
     metrics.watch(engine.snapshot)
     if router is not None:
-        metrics.watch_router(functools.partial(routable_counts, router))
+        metrics.watch_router(router.routable_counts)
     _raise_open_file_limit()
     engine.start()
     if router is not None:
@@ -126,9 +124,7 @@ def _reconcile_in_background(router: Router) -> threading.Thread:
         logger.info(
             "router ready in %.1f s: %d adapters by examples, %d by weights only",
             time.monotonic() - started,
-            len(router.tables.selector.classes),
-            len(router.tables.prototypes)
-            - len(set(router.tables.prototypes) & set(router.tables.selector.classes)),
+            *router.routable_counts(),
         )
         while router.config.rescan_s > 0:
             time.sleep(router.config.rescan_s)

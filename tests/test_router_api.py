@@ -33,7 +33,6 @@ from server import cli
 from server.auth import AuthConfig, bearer_metadata
 from server.config import AdapterConfig, EngineConfig, RouterConfig, ServerConfig
 from server.engine.engine import Engine
-from server.grpc_service import routable_counts
 from server.http.app import create_app
 from server.http.server import HttpServer
 from server.metrics import Metrics
@@ -88,7 +87,7 @@ class Stack:
         assert router is not None
         self.router: Router = router
         self.metrics.watch(self.engine.snapshot)
-        self.metrics.watch_router(lambda: routable_counts(router))
+        self.metrics.watch_router(router.routable_counts)
         self.engine.start()
         self.grpc = ServerThread(self.engine, router=router, router_events=self.metrics)
         self.plain = ServerThread(self.engine)  # no router, as --no-router

@@ -56,9 +56,6 @@ class FeatureReader:
         self._contexts: dict[int, KVCache] = {}  # layers run -> the K/V of the template's prefix
         self._lock = threading.Lock()
 
-    def _starts_with_prefix(self, token_ids: Sequence[int]) -> bool:
-        return bool(self.prefix) and tuple(token_ids[: len(self.prefix)]) == self.prefix
-
     def _context(self, layers: int) -> KVCache:
         """The KV cache of the template's prefix through `layers` layers (computed on first use)."""
         with self._lock:
@@ -84,12 +81,9 @@ class FeatureReader:
         model = self.model
         prototype_layers = min(prototype_layers, model.arch.num_layers)
         run = max(self.layer, prototype_layers)
+        own = self.content_span(token_ids)
         # Every chat starts with the template's prefix: its K/V are computed once and reused.
-        start = (
-            len(self.prefix)
-            if len(token_ids) > len(self.prefix) and self._starts_with_prefix(token_ids)
-            else 0
-        )
+        start = own.start if self.prefix and own.start == len(self.prefix) else 0
         ids = torch.tensor(list(token_ids[start:]), dtype=torch.int64, device=model.device)
         with torch.inference_mode():
             taps, residual, _ = model.prefix(ids, run, self._context(run) if start else None, start)
@@ -101,8 +95,7 @@ class FeatureReader:
                 normed = layer.input_norm(residual)
             else:
                 normed = model.norm(residual)
-            own = self.content_span(token_ids)
-            span = slice(max(own.start - start, 0), own.stop - start)
+            span = slice(own.start - start, own.stop - start)
             feature = normed[span].float().mean(0)
         return PromptReading(feature, tuple((a[span], m[span]) for a, m in taps[:prototype_layers]))
 

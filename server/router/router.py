@@ -96,7 +96,8 @@ class Router:
     def route(self, token_ids: Sequence[int]) -> RouteDecision:
         started = time.perf_counter()
         tables, config = self.tables, self.config
-        with_examples = [c for c in tables.selector.classes if config.allows(c)]
+        allowed = [config.allows(c) for c in tables.selector.classes]
+        with_examples = [c for c, ok in zip(tables.selector.classes, allowed, strict=True) if ok]
         weight_only = [n for n in tables.prototypes if n not in tables.selector.classes and config.allows(n)]
         if not with_examples and not weight_only:
             return RouteDecision((), True, "no routable adapter", time.perf_counter() - started)
@@ -115,11 +116,9 @@ class Router:
             group = float(shares[-1]) if with_examples else 0.0
         if with_examples:
             selected = tables.selector.scores(reading.feature)
-            classes = tables.selector.classes
-            allowed = torch.tensor([config.allows(c) for c in classes])
-            probabilities = selected.probabilities * allowed
+            probabilities = selected.probabilities * torch.tensor(allowed)
             probabilities = probabilities / probabilities.sum().clamp_min(1e-12)
-            for i, name in enumerate(classes):
+            for i, name in enumerate(tables.selector.classes):
                 if allowed[i]:
                     scores[name] = (group * float(probabilities[i]), "examples")
                     in_domain[name] = bool(selected.distance[i] <= selected.limit * config.domain_factor)
@@ -132,6 +131,12 @@ class Router:
         elif not in_domain.get(best.adapter, True):
             reason = "out of domain"
         return RouteDecision(candidates, bool(reason), reason, time.perf_counter() - started)
+
+    def routable_counts(self) -> tuple[int, int]:
+        """(adapters routed by their examples, by their weights only) in the current tables."""
+        tables = self.tables  # one published value: never changes under us
+        classes = tables.selector.classes
+        return len(classes), len(tables.prototypes.keys() - set(classes))
 
     # -- learning --------------------------------------------------------------------------------
 

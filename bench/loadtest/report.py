@@ -4,6 +4,7 @@ The report, as `loramux bench load --json PATH` writes it (all times in seconds)
 
     config          the run's options (target, protocol, workload, seed, objective)
     duration_s      first planned send -> last answer
+    saturated       the client stopped sending: too many requests unanswered (runner.RunOptions)
     requests        load requests sent (canaries are counted apart, under `canaries`)
     completed       of those, answered in full
     errors          {kind: count} (records.ERR_*), canary mismatches included
@@ -79,7 +80,7 @@ class Objective:
 
     def met_by_run(self, report: dict[str, Any]) -> bool:
         """The run's test: every request answered, p99 TTFT and mean TPOT within the bounds."""
-        if report["completed"] < report["requests"] or report["completed"] == 0:
+        if report.get("saturated") or report["completed"] < report["requests"] or report["completed"] == 0:
             return False
         ttft, tpot = report["ttft"]["p99"], report["tpot"]["mean"]
         if self.ttft_p99_s is not None and (ttft is None or ttft > self.ttft_p99_s):
@@ -111,6 +112,7 @@ def build_report(
     config: dict[str, Any],
     objective: Objective,
     server_metrics: dict[str, Any] | None = None,
+    saturated: bool = False,
 ) -> dict[str, Any]:
     """The report of one run (see the module docstring)."""
     load = [r for r in records if r.kind == LOAD]
@@ -129,6 +131,7 @@ def build_report(
     report: dict[str, Any] = {
         "config": config,
         "duration_s": duration,
+        "saturated": saturated,
         "requests": len(load),
         "completed": len(ok),
         "errors": dict(sorted(errors.items())),

@@ -629,6 +629,9 @@ _BENCHMARKS = {
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
     "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",
     "router": "the router: layer sweep, routing accuracy, auto vs named, growth to 64 adapters, cost",
+    "load": "load-test a running server (gRPC or OpenAI HTTP): latencies, per adapter, cold vs warm, canaries",
+    "scaling": "the scaling study: 8 to 1,000 adapters (and the demo adapters) under zipf traffic",
+    "make-adapters": "write N random, distinct PEFT LoRA adapters for the base model (scaling runs)",
 }
 
 

@@ -6,13 +6,19 @@ a load request for the same adapter, so it shares batches with the traffic. An a
 from the one recorded is an error of its own kind (records.ERR_CANARY): tokens served with another
 adapter's weights, or a stale slot, is the worst bug a multi-adapter server can have.
 
+The answers can be saved (`--canary-save`) and checked on a later run or another server
+(`--canary-load`): a server started with two adapters' directories swapped answers each canary
+with the other adapter's tokens.
+
 Greedy decoding is compared token for token (gRPC) or text for text (HTTP, which returns no ids).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from bench.loadtest.clients import Client
 from bench.loadtest.records import CANARY, ERR_CANARY, PlannedRequest, RequestRecord
@@ -38,6 +44,30 @@ class Expected:
         if record.text == self.text:
             return None
         return f"expected {self.text[:80]!r}, got {record.text[:80]!r}"
+
+
+def save(expected: dict[str, Expected], max_tokens: int, path: Path) -> None:
+    """Write the recorded answers (JSON), for `load` against another server or a later run."""
+    rows = {name: {"token_ids": list(e.token_ids), "text": e.text} for name, e in sorted(expected.items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"prompt": CANARY_PROMPT, "max_tokens": max_tokens, "answers": rows}
+    path.write_text(json.dumps(body, indent=1) + "\n")
+
+
+def load(path: Path) -> tuple[dict[str, Expected], int]:
+    """(answers, the max tokens they were generated with) as `save` wrote them; ValueError naming
+    what is wrong with the file."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("prompt") != CANARY_PROMPT:
+            raise ValueError(f"{path}: recorded with another canary prompt")
+        answers = {
+            str(name): Expected(str(name), tuple(int(t) for t in row["token_ids"]), str(row["text"]))
+            for name, row in data["answers"].items()
+        }
+        return answers, int(data["max_tokens"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a canary file written by --canary-save ({exc})") from None
 
 
 def pick_adapters(plan: list[PlannedRequest], count: int) -> list[str]:

@@ -15,8 +15,11 @@ The report, as `loramux bench load --json PATH` writes it (all times in seconds)
                     per request (TTFT and TPOT each within their bounds), as DistServe counts goodput
     meets_objective whether the run as a whole met it (p99 TTFT and mean TPOT within the bounds)
     per_adapter     {adapter: {requests, completed, errors, output_tokens, output_tokens_per_s,
-                     ttft, tpot, e2e}}  ("" is the base model, named `<base>`)
-    fairness        {jain_throughput: Jain's index over per-adapter output tokens/s (1 = equal),
+                     speed_tokens_per_s (mean output tokens / e2e of its requests), ttft, tpot, e2e}}  ("" is the base model, named `<base>`)
+    fairness        {jain_throughput: Jain's index over per-adapter output tokens/s (1 = equal; under
+                     skewed popularity it shows the skew, not unfairness),
+                     jain_speed: Jain's index over each adapter's mean per-request speed (output
+                     tokens / e2e): whether every adapter's users see the same service,
                      ttft_p99: {min, max, ratio} over adapters with >= MIN_FAIRNESS_REQUESTS}
     by_tier         {device | host | disk | unknown: {requests, ttft, e2e}}: each request by the
                     tier its adapter was in when it arrived (from the server's answer)
@@ -98,6 +101,10 @@ def jain_index(values: list[float]) -> float | None:
     return math.fsum(values) ** 2 / (len(values) * squares)
 
 
+def _mean(values: list[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
 def _latencies(records: list[RequestRecord]) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     return {
@@ -174,6 +181,7 @@ def _per_adapter(load: list[RequestRecord], per_second: Any) -> dict[str, Any]:
             "errors": sum(r.error is not None for r in group),
             "output_tokens": tokens,
             "output_tokens_per_s": per_second(tokens),
+            "speed_tokens_per_s": _mean([r.output_tokens / e2e for r in ok if (e2e := r.e2e)]),
             **_latencies(group),
         }
     return table
@@ -191,7 +199,15 @@ def _fairness(per_adapter: dict[str, Any]) -> dict[str, Any]:
         if p99s
         else {"min": None, "max": None, "ratio": None}
     )
-    return {"jain_throughput": jain_index(throughputs), "ttft_p99": spread, "adapters": len(per_adapter)}
+    speeds = [
+        row["speed_tokens_per_s"] for row in per_adapter.values() if row["speed_tokens_per_s"] is not None
+    ]
+    return {
+        "jain_throughput": jain_index(throughputs),
+        "jain_speed": jain_index(speeds),
+        "ttft_p99": spread,
+        "adapters": len(per_adapter),
+    }
 
 
 def _by_tier(load: list[RequestRecord]) -> dict[str, Any]:

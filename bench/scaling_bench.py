@@ -1,0 +1,296 @@
+"""`loramux bench scaling`: the scaling study, from 8 to 1,000 adapters, one command to rerun.
+
+For each adapter count N (`--counts`, default 8,64,256,1000): write N random PEFT LoRA adapters
+for the base model (`loramux bench make-adapters`, seeded), start `loramux serve` over them (a
+subprocess on this machine, router off), and drive it with `loramux bench load` over HTTP:
+zipf:1.5 popularity at one fixed rate (`--rate`), then a rate sweep for the highest rate meeting
+`--objective`. The same is run over the repository's shipped demo adapters (`adapters/`).
+
+Everything lands in `--out` (default build/scaling/): each run's JSON report, the sweep's, a
+summary (`summary.json`, `table.md`: throughput drop and TTFT growth against the smallest count,
+the highest rate meeting the objective, cold vs warm TTFT, fairness) and plots (`scaling.png`,
+each run's plots). The bars of issue 13: throughput drop <= 10% and p50 TTFT growth <= 1.5x from
+8 to 1,000 adapters.
+
+The server and the load client share this machine's cores, as they would on a one-box deployment;
+the report's `lateness` says when the client fell behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = "demo"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--counts", default="8,64,256,1000", help="adapter counts (default: %(default)s)")
+    parser.add_argument(
+        "--demo", action=argparse.BooleanOptionalAction, default=True, help="also run over adapters/"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=1.0, help="the fixed rate, requests/s (default: %(default)s)"
+    )
+    parser.add_argument("--num-requests", type=int, default=150, help="requests per fixed-rate run")
+    parser.add_argument("--sweep-requests", type=int, default=80, help="requests per sweep point")
+    parser.add_argument("--objective", default="ttft_p99=4,tpot_mean=0.25", help="the sweep's objective")
+    parser.add_argument("--sweep-start", type=float, default=0.5)
+    parser.add_argument("--sweep-steps", type=int, default=2)
+    parser.add_argument("--no-sweep", action="store_true", help="fixed-rate runs only")
+    parser.add_argument("--popularity", default="zipf:1.5")
+    parser.add_argument("--prompt-tokens", default="64")
+    parser.add_argument("--max-tokens", default="32")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-args", default="", help="extra `loramux serve` flags, e.g. '--max-slots 16'"
+    )
+    parser.add_argument("--out", default="build/scaling", help="results directory (default: %(default)s)")
+    parser.add_argument("--model", help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    runs: dict[str, dict[str, Any]] = {}
+    for count in counts:
+        root = out / f"adapters-{count}"
+        if not (root / ".complete").exists():
+            _make_adapters(args, count, root)
+        runs[str(count)] = _study_one(args, root, out / f"n{count}", _names(root))
+    if args.demo:
+        runs[DEMO] = _study_one(args, REPO / "adapters", out / DEMO, None)
+    summary = _summary(args, runs, counts)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "table.md").write_text(_table(summary) + "\n")
+    from bench.loadtest import plots
+
+    by_count = {count: runs[str(count)]["fixed"] for count in counts}
+    plots.plot_scaling(by_count, out / "scaling.png")
+    print(_table(summary))
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'scaling.png'}")
+    return 0
+
+
+def _make_adapters(args: argparse.Namespace, count: int, root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    command = [
+        *_loramux(),
+        "bench",
+        "make-adapters",
+        "--count",
+        str(count),
+        "--rank",
+        str(args.rank),
+        "--targets",
+        args.targets,
+        "--out",
+        str(root),
+        "--seed",
+        str(args.seed),
+    ]
+    if args.model:
+        command += ["--model", args.model]
+    subprocess.run(command, check=True)
+    (root / ".complete").touch()
+
+
+def _names(root: Path) -> str:
+    return ",".join(sorted(p.name for p in root.iterdir() if p.is_dir()))
+
+
+def _loramux() -> list[str]:
+    return [sys.executable, "-m", "server.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Server:
+    """`loramux serve` over one adapter root, in a subprocess, until closed."""
+
+    def __init__(self, args: argparse.Namespace, root: Path, log: Path) -> None:
+        self.http_port, grpc_port = _free_port(), _free_port()
+        command = [
+            *_loramux(),
+            "serve",
+            "--adapter-root",
+            str(root),
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--host",
+            "127.0.0.1",
+            "--no-router",
+            *args.server_args.split(),
+        ]
+        if args.model:
+            command += ["--model", args.model]
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self._wait_ready(log)
+
+    def _wait_ready(self, log: Path, timeout_s: float = 300.0) -> None:
+        import httpx2 as httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"loramux serve exited ({self.process.returncode}); see {log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"loramux serve was not ready after {timeout_s:.0f} s; see {log}")
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+def _study_one(args: argparse.Namespace, root: Path, out: Path, adapters: str | None) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    server = _Server(args, root, out / "server.log")
+    try:
+        common = [
+            "--target",
+            server.url,
+            "--popularity",
+            args.popularity,
+            "--prompt-tokens",
+            args.prompt_tokens,
+            "--max-tokens",
+            args.max_tokens,
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+        ]
+        if adapters is not None:
+            common += ["--adapters", adapters]
+        fixed = _load(
+            [
+                *common,
+                "--rate",
+                str(args.rate),
+                "--num-requests",
+                str(args.num_requests),
+                "--objective",
+                args.objective,
+                "--plots",
+                str(out / "plots"),
+            ],
+            out / "fixed.json",
+        )
+        sweep = None
+        if not args.no_sweep:
+            sweep = _load(
+                [
+                    *common,
+                    "--num-requests",
+                    str(args.sweep_requests),
+                    "--objective",
+                    args.objective,
+                    "--sweep",
+                    "auto",
+                    "--sweep-start",
+                    str(args.sweep_start),
+                    "--sweep-steps",
+                    str(args.sweep_steps),
+                    "--canary-adapters",
+                    "0",
+                    "--plots",
+                    str(out / "plots"),
+                ],
+                out / "sweep.json",
+            )
+        return {"fixed": fixed, "sweep": sweep}
+    finally:
+        server.close()
+
+
+def _load(argv: list[str], json_path: Path) -> dict[str, Any]:
+    print("loramux bench load " + " ".join(a if len(a) < 80 else a[:40] + "..." for a in argv), flush=True)
+    subprocess.run([*_loramux(), "bench", "load", *argv, "--json", str(json_path)], check=False)
+    return json.loads(json_path.read_text())
+
+
+def _summary(args: argparse.Namespace, runs: dict[str, dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+    rows = []
+    first = runs[str(counts[0])]["fixed"] if counts else None
+    for name, run in runs.items():
+        fixed = run["fixed"]
+        sweep = run["sweep"]
+        row = {
+            "adapters": name,
+            "tokens_per_s": fixed["throughput"]["output_tokens_per_s"],
+            "ttft_p50": fixed["ttft"]["p50"],
+            "ttft_p99": fixed["ttft"]["p99"],
+            "tpot_mean": fixed["tpot"]["mean"],
+            "errors": fixed["errors"],
+            "canary_mismatches": len(fixed["canaries"]["mismatches"]),
+            "jain": fixed["fairness"]["jain_speed"],
+            "ttft_p50_by_tier": {tier: row["ttft"]["p50"] for tier, row in fixed["by_tier"].items()},
+            "requests_by_tier": {tier: row["requests"] for tier, row in fixed["by_tier"].items()},
+            "best_rate": sweep["best_rate"] if sweep else None,
+            "lateness_p99": fixed["lateness"]["p99"],
+        }
+        if first is not None and name != DEMO:
+            row["throughput_vs_first"] = row["tokens_per_s"] / first["throughput"]["output_tokens_per_s"]
+            row["ttft_p50_vs_first"] = (row["ttft_p50"] or 0) / (first["ttft"]["p50"] or 1)
+        rows.append(row)
+    return {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "command": "loramux bench scaling " + " ".join(sys.argv[3:]),
+        "rate": args.rate,
+        "objective": args.objective,
+        "rows": rows,
+    }
+
+
+def _fmt(value: Any, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| adapters | output tok/s | vs first | TTFT p50 ms | vs first | TTFT p99 ms | TPOT ms | TTFT p50 warm / cold ms | "
+        "Jain | best rate (req/s) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        tiers = row["ttft_p50_by_tier"]
+        cold = tiers.get("disk", tiers.get("host"))
+        lines.append(
+            f"| {row['adapters']} | {_fmt(row['tokens_per_s'], digits=1)} | {_fmt(row.get('throughput_vs_first'), digits=3)} "
+            f"| {_fmt(row['ttft_p50'], 1000)} | {_fmt(row.get('ttft_p50_vs_first'), digits=2)} | {_fmt(row['ttft_p99'], 1000)} "
+            f"| {_fmt(row['tpot_mean'], 1000)} | {_fmt(tiers.get('device'), 1000)} / {_fmt(cold, 1000)} "
+            f"| {_fmt(row['jain'], digits=3)} | {_fmt(row['best_rate'], digits=2)} | {row['errors'] or 0} |"
+        )
+    return "\n".join(lines)

@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,6 @@ class _LoadRun:
                 self.client, picked, args.canary_tokens
             )
         plan = canary.mix_in(plan, self.expected, args.canary_every, args.canary_tokens)
-        scraper = self._scraper()
         before = await self._totals()
         label = f"{rate:g} req/s" if rate else "load"
         options = RunOptions(
@@ -291,9 +291,9 @@ class _LoadRun:
             progress=not args.no_progress,
             label=label,
         )
-        result = await run_plan(self.client, plan, options, self.clock, scraper)
+        result = await run_plan(self.client, plan, options, self.clock, self._scraper())
         canary.check(result.records, self.expected)
-        after = await self._totals()
+        after = await self._totals(settle=True)
         report = build_report(
             result.records + self.canary_failures,
             self.config(rate),
@@ -304,7 +304,9 @@ class _LoadRun:
         report["not_sent"] = result.not_sent
         report["canaries"]["recorded"] = sorted(self.expected)
         if before is not None and after is not None:
-            report["server_counted"] = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+            from bench.loadtest.scrape import deltas
+
+            report["server_counted"] = deltas(before, after)
         self.canary_failures = []  # counted once
         return report
 
@@ -329,26 +331,36 @@ class _LoadRun:
             return args.target.rstrip("/") + "/metrics"
         return None
 
-    def _scraper(self) -> Any:
+    def _scraper(self) -> Callable[[float], Any] | None:
         url = self._metrics_url()
         if url is None:
             return None
-        from bench.loadtest.scrape import Scraper
+        from bench.loadtest.scrape import ScrapeConfig, Scraper
 
-        return Scraper(url, self.args.scrape_interval)
+        config = ScrapeConfig(url, self.args.scrape_interval)
+        return lambda start_s: Scraper(config, start_s)
 
-    async def _totals(self) -> dict[str, float] | None:
+    async def _totals(self, settle: bool = False) -> dict[str, float] | None:
+        """The server's counters now (None without a metrics URL or when it cannot be read).
+        `settle`: after a run, until two reads agree (a server counts a request just after its
+        last token went out)."""
         url = self._metrics_url()
         if url is None:
             return None
-        from bench.loadtest.scrape import scrape_once
+        from bench.loadtest.scrape import ScrapeError, scrape_once
 
-        sample = await scrape_once(url)
-        return (
-            None
-            if sample is None
-            else {k: v for k, v in sample.items() if k.endswith("_total") and v is not None}
-        )
+        try:
+            sample = await scrape_once(url)
+            for _ in range(20 if settle else 0):
+                await asyncio.sleep(0.1)
+                again = await scrape_once(url)
+                if again == sample:
+                    break
+                sample = again
+        except ScrapeError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+            return None
+        return sample
 
 
 async def _adapters(client: Client, args: argparse.Namespace) -> list[str]:

@@ -135,7 +135,8 @@ def test_a_vllm_exposition_maps_to_the_same_names() -> None:
 def test_deltas_are_the_counters_grown_between_two_samples() -> None:
     before = {"requests_total": 5, "generation_tokens_total": 100, "running": 4, "adapter_loads_host": 1}
     after = {"requests_total": 12, "generation_tokens_total": 160, "running": 1, "requests_stop": 3}
-    assert scrape.deltas(before, after) == {"requests_total": 7, "generation_tokens_total": 60}
+    # requests_stop had no sample before (a labelled counter appears at its first count): from 0.
+    assert scrape.deltas(before, after) == {"requests_total": 7, "generation_tokens_total": 60, "requests_stop": 3}
 
 
 # -- the Scraper against a local server --------------------------------------------------------

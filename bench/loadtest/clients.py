@@ -305,5 +305,10 @@ class RunClock:
     def restart(self) -> None:
         self._start = time.monotonic()
 
+    @property
+    def start_s(self) -> float:
+        """The run's start as a `time.monotonic()` value."""
+        return self._start
+
     def __call__(self) -> float:
         return time.monotonic() - self._start

@@ -10,6 +10,7 @@ The report, as `loramux bench load --json PATH` writes it (all times in seconds)
     errors          {kind: count} (records.ERR_*), canary mismatches included
     prompt_tokens, output_tokens                       totals over completed requests
     ttft, tpot, itl, e2e, lateness                     {count, mean, p50, p90, p99, max}
+    quantiles       {ttft | tpot | itl | e2e: [[q, seconds], ...]} at q = 0..100, 99.5, 99.9 (the CDFs)
     throughput      {requests_per_s, output_tokens_per_s, total_tokens_per_s}
     goodput         {objective, requests_per_s, fraction}: completed requests that met the objective
                     per request (TTFT and TPOT each within their bounds), as DistServe counts goodput
@@ -36,7 +37,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.loadtest.records import CANARY, ERR_CANARY, LOAD, RequestRecord, summarize
+from bench.loadtest.records import CANARY, ERR_CANARY, LOAD, RequestRecord, percentile, summarize
 
 BASE_LABEL = "<base>"
 TIERS = ("device", "host", "disk", "unknown")
@@ -146,6 +147,7 @@ def build_report(
         "output_tokens": output_tokens,
         **_latencies(load),
         "itl": summarize([gap for r in ok for gap in r.itls]),
+        "quantiles": _quantiles(ok),
         "lateness": summarize([r.lateness for r in load]),
         "throughput": {
             "requests_per_s": per_second(len(ok)),
@@ -165,6 +167,24 @@ def build_report(
     report["server_metrics"] = server_metrics or {"t_s": [], "series": {}}
     report["meets_objective"] = objective.met_by_run(report) if not objective.empty else None
     return report
+
+
+QUANTILES = (*range(101), 99.5, 99.9)
+
+
+def _quantiles(ok: list[RequestRecord]) -> dict[str, list[list[float]]]:
+    """[[q, seconds], ...] for q in QUANTILES, per latency: the distributions' shape at any run size."""
+    values = {
+        "ttft": [t for r in ok if (t := r.ttft) is not None],
+        "tpot": [t for r in ok if (t := r.tpot) is not None],
+        "itl": [gap for r in ok for gap in r.itls],
+        "e2e": [t for r in ok if (t := r.e2e) is not None],
+    }
+    table = {}
+    for name, series in values.items():
+        ordered = sorted(series)
+        table[name] = [[float(q), percentile(ordered, q)] for q in sorted(QUANTILES)] if ordered else []
+    return table
 
 
 def _per_adapter(load: list[RequestRecord], per_second: Any) -> dict[str, Any]:

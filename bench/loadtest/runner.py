@@ -9,6 +9,9 @@ says `saturated` (the sweep stops there too).
 Closed loop: `concurrency` clients each send their next request as soon as their previous one is
 answered; a request's planned time is when it was sent.
 
+The server's /metrics is scraped for the run's length when a scraper factory is given (it gets
+the run's start as a monotonic time, so the series share the records' clock).
+
 A run is bounded by the plan's length and by `duration_s` (no request is sent after it; those in
 flight are waited for, each up to the clients' own timeout). A progress bar (tqdm) counts answers.
 """
@@ -27,11 +30,15 @@ from bench.loadtest.records import CANARY, PlannedRequest, RequestRecord
 
 
 class Scraper(Protocol):
-    """What the runner needs from scrape.Scraper: polled for the run's length."""
+    """What the runner needs from scrape.Scraper: polling for the run's length."""
 
-    async def start(self, clock: Callable[[], float]) -> None: ...
+    failures: int
 
-    async def stop(self) -> dict[str, Any]: ...
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -58,14 +65,15 @@ async def run_plan(
     plan: list[PlannedRequest],
     options: RunOptions,
     clock: RunClock,
-    scraper: Scraper | None = None,
+    make_scraper: Callable[[float], Scraper] | None = None,
 ) -> RunResult:
     """Send `plan` (see the module docstring); the records in plan order."""
     bar = tqdm(total=len(plan), desc=options.label, unit="req", disable=not options.progress, leave=False)
     result = RunResult(records=[])
     clock.restart()
+    scraper = make_scraper(clock.start_s) if make_scraper is not None else None
     if scraper is not None:
-        await scraper.start(clock)
+        scraper.start()
     try:
         if options.concurrency is None:
             await _open_loop(client, plan, options, clock, result, bar)
@@ -74,7 +82,8 @@ async def run_plan(
     finally:
         bar.close()
         if scraper is not None:
-            result.server_metrics = await scraper.stop()
+            await scraper.stop()
+            result.server_metrics = {**scraper.result(), "failures": scraper.failures}
     result.records.sort(key=lambda r: r.index)
     return result
 

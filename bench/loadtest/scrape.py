@@ -139,8 +139,9 @@ def parse_sample(text: str) -> dict[str, float]:
 
 
 def deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
-    """after - before for every counter in both samples (what the server counted in between)."""
-    return {name: after[name] - before[name] for name in after if name in before and is_counter(name)}
+    """after - before for every counter of `after` (what the server counted in between); a counter
+    absent before counts from 0 (a labelled counter has no sample until its first count)."""
+    return {name: after[name] - before.get(name, 0.0) for name in after if is_counter(name)}
 
 
 class ScrapeError(Exception):

@@ -155,6 +155,7 @@ def chunk_to_pb(
         completion_tokens=output.completion_tokens,
         adapter=adapter,
         routing=routing,
+        adapter_tier=output.adapter_tier,
     )
 
 
@@ -175,6 +176,7 @@ def response_to_pb(
         completion_tokens=last.completion_tokens,
         adapter=adapter,
         routing=routing,
+        adapter_tier=last.adapter_tier,  # the same on every output
     )
 
 

@@ -4,11 +4,12 @@ Each RPC is `from_pb -> domain call -> to_pb`. A generate call is prepared on a 
 (`server.preparation`: every check, tokenizing, the adapter choice), waits for its adapters'
 disk -> host loads (so a refused adapter answers INVALID_ARGUMENT, not a failed generation), is
 submitted to the engine with a sink that hops engine outputs onto the event loop, and is
-answered as one response or a stream of chunks. A call that ends early (client cancel,
-disconnect, deadline) aborts its own submission (by the handle `submit` returned) in a
-`finally`, so its KV slot is freed at once; so does one that runs past the server's
-`request_timeout_s` (DEADLINE_EXCEEDED). The adapter RPCs call the engine's AdapterManager on
-helper threads (they read files).
+answered as one response or a stream of chunks. Each answer says where its adapters were when
+it arrived (`adapter_tier`: device | host | disk, "" for the base model), looked at before its
+own loads start. A call that ends early (client cancel, disconnect, deadline) aborts its own
+submission (by the handle `submit` returned) in a `finally`, so its KV slot is freed at once;
+so does one that runs past the server's `request_timeout_s` (DEADLINE_EXCEEDED). The adapter
+RPCs call the engine's AdapterManager on helper threads (they read files).
 
 With a router, adapter "auto" is routed while it is prepared (on the preparation thread: the
 router reads the prompt with the base model's first layers) and the answer carries the decision
@@ -127,26 +128,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        prepared = await self._prepare(request)
-        async with contextlib.aclosing(self._run(prepared)) as outputs:
+        prepared, tier = await self._prepare(request)
+        async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
             parts = [output async for output in outputs]
         return convert.response_to_pb(prepared.request_id, parts, prepared.adapters.label, _routing(prepared))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamChunk]:
-        prepared = await self._prepare(request)
+        prepared, tier = await self._prepare(request)
         # aclosing: if the client goes away while a chunk is in flight, the engine request is
         # aborted when this generator is closed, not whenever the inner one is collected.
         routing = _routing(prepared)  # on the first chunk only
-        async with contextlib.aclosing(self._run(prepared)) as outputs:
+        async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
             async for output in outputs:
                 yield convert.chunk_to_pb(output, prepared.adapters.label, routing)
                 routing = None
 
-    async def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+    async def _prepare(self, request: pb.GenerateRequest) -> tuple[PreparedRequest, str]:
         """Prepare a request off the event loop and wait for its adapters' host loads; raises
-        InvalidRequest and friends (and counts the refusal in the engine's metrics)."""
+        InvalidRequest and friends (and counts the refusal in the engine's metrics). Also returns
+        where its adapters were before those loads (the answer's `adapter_tier`)."""
         given = RequestInput(
             prompt=convert.prompt_from_pb(request),
             sampling=convert.sampling_from_pb(request),
@@ -161,16 +163,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if prepared.routing is not None:
                 label = self._engine.adapter_label(prepared.adapters.label)
                 self._router_events.request_routed(label, prepared.routing.reason, prepared.routing.seconds)
-            for name in prepared.adapters.names:  # the engine's loader threads read the files
+            names = prepared.adapters.names
+            tier = self._adapter_manager().tier(names) if names else ""  # before the loads below
+            for name in names:  # the engine's loader threads read the files
                 await _wait_shared(self._adapter_manager().prefetch(name))  # a refused adapter raises
-            return prepared
+            return prepared, tier
         except Exception as exc:
             names = (request.adapter,) if request.adapter else tuple(name for name, _ in given.mixture)
             self._engine.record_refused(names, exc)
             raise
 
-    async def _run(self, request: PreparedRequest) -> AsyncGenerator[RequestOutput, None]:
-        """Submit `request` and yield its outputs until the finished one; abort if left early."""
+    async def _run(self, request: PreparedRequest, adapter_tier: str) -> AsyncGenerator[RequestOutput, None]:
+        """Submit `request` (its adapters found in `adapter_tier`) and yield its outputs until the
+        finished one; abort if left early."""
         request_id = request.request_id
         if request_id in self._live_request_ids:
             raise InvalidRequest(
@@ -189,7 +194,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finished = False
         deadline = loop.time() + self._request_timeout_s if self._request_timeout_s > 0 else None
         try:
-            handle = self._engine.submit(request, sink)
+            handle = self._engine.submit(request, sink, adapter_tier=adapter_tier)
             while not finished:
                 output = await self._next_output(queue, deadline)
                 finished = output.finished

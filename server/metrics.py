@@ -11,6 +11,9 @@ server cannot serve is labelled `<unknown>`, so garbage names cannot grow the la
 
     loramux_requests_total{adapter,outcome}            outcome: stop | length | cancelled | error |
                                                        invalid | overloaded | unavailable
+    loramux_requests_by_tier_total{tier}               adapter requests that left the engine, by where
+                                                       their adapter was when they arrived: device |
+                                                       host | disk (a cold start); a mixture's coldest
     loramux_time_to_first_token_seconds{adapter}       histogram, submit -> first token
     loramux_time_per_output_token_seconds{adapter}     histogram, (last - first token) / (tokens - 1)
     loramux_e2e_request_latency_seconds{adapter}       histogram, submit -> finish
@@ -81,6 +84,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FALLBACK_REASONS = ("no routable adapter", "below threshold", "out of domain")  # server.router.router
+ADAPTER_TIERS = ("device", "host", "disk")  # server.engine.adapters.TIER_ORDER
 
 
 class Metrics:
@@ -99,6 +103,17 @@ class Metrics:
             ["adapter", "outcome"],
             registry=self.registry,
         )
+        self.requests_by_tier = Counter(
+            "loramux_requests_by_tier",
+            "Adapter requests that left the engine, by where their adapter was when they arrived "
+            "(disk: a cold start; a mixture counts as its coldest adapter).",
+            ["tier"],
+            registry=self.registry,
+        )
+        for (
+            tier
+        ) in ADAPTER_TIERS:  # present (at 0) from the start, so a cold-start ratio needs no special case
+            self.requests_by_tier.labels(tier)
         self.time_to_first_token = Histogram(
             "loramux_time_to_first_token_seconds",
             "Seconds from submit to the first generated token (adapter loads and queueing included).",
@@ -192,6 +207,8 @@ class Metrics:
     def request_finished(self, request: FinishedRequest) -> None:
         adapter, generated = request.adapter, request.generated_tokens
         self.requests.labels(adapter, request.outcome).inc()
+        if request.adapter_tier:
+            self.requests_by_tier.labels(request.adapter_tier).inc()
         self.prompt_tokens.labels(adapter).inc(request.prompt_tokens)
         self.generation_tokens.labels(adapter).inc(generated)
         self.e2e_latency.labels(adapter).observe(request.finished_at - request.submitted_at)

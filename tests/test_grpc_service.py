@@ -122,12 +122,12 @@ def _slow_down(engine: Engine, monkeypatch: pytest.MonkeyPatch, seconds_per_outp
     """Make every output take a while, so "long" requests cannot finish before a test acts."""
     real_submit = engine.submit
 
-    def slow_submit(request: Any, sink: Callable[[Any], None]) -> Any:
+    def slow_submit(request: Any, sink: Callable[[Any], None], **options: Any) -> Any:
         def slow_sink(output: Any) -> None:
             time.sleep(seconds_per_output)
             sink(output)
 
-        return real_submit(request, slow_sink)
+        return real_submit(request, slow_sink, **options)
 
     monkeypatch.setattr(engine, "submit", slow_submit)
 
@@ -333,7 +333,7 @@ def test_adapter_rpcs_without_adapters_are_failed_precondition(stub: pb_grpc.Inf
 def test_unexpected_errors_are_internal_without_details(
     stub: pb_grpc.InferenceStub, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_submit(request: Any, sink: Any) -> None:
+    def broken_submit(request: Any, sink: Any, **options: Any) -> None:
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(engine, "submit", broken_submit)

@@ -38,6 +38,8 @@ from server.model.llama import LlamaModel
 
 # The model's adapted linears, as fused projection groups in output order.
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# The tiers from coldest to warmest: a mixture is as cold as its coldest adapter.
+TIER_ORDER = ("disk", "host", "device")
 # How old the cached listing of the adapter roots may get before a background rescan.
 ROOTS_RESCAN_S = 5.0
 
@@ -104,6 +106,22 @@ class AdapterManager:
         with self._lock:
             in_roots = name in self._root_names
         return in_roots or name in self.store.registered_names() or self.store.host.peek(name) is not None
+
+    def tier(self, names: Sequence[str]) -> str:
+        """Where the adapters `names` are now, as a request for them finds them: the coldest of
+        "device" (in a current device slot), "host" (in the host cache only) and "disk" (neither: a
+        cold start, also while another request's read of it is still running); "" for none (the base
+        model). Memory only and cheap (any thread, called for every request): what is on disk, or
+        changed there since, is not looked at.
+        """
+        if not names:
+            return ""
+        on_device = self._on_device()
+        tiers = [
+            "device" if name in on_device else "host" if self.store.host.peek(name) is not None else "disk"
+            for name in names
+        ]
+        return min(tiers, key=TIER_ORDER.index)
 
     def prefetch(self, name: str) -> Future[ReadyAdapter]:
         """Start (or join) the load of `name`: disk -> host on a loader thread, then its device-ready

@@ -154,17 +154,21 @@ class Engine:
         if self.adapters is not None:
             self.adapters.shutdown()
 
-    def submit(self, request: PreparedRequest, sink: Sink) -> RequestHandle:
+    def submit(self, request: PreparedRequest, sink: Sink, adapter_tier: str | None = None) -> RequestHandle:
         """Queue a prepared request; raises EngineOverloaded or EngineUnavailable at once.
 
-        The handle it returns is what `abort` takes.
+        The handle it returns is what `abort` takes. Its outputs carry where its adapters were when it
+        arrived (`RequestOutput.adapter_tier`): the `adapter_tier` given by a caller that looked
+        before it started loads of its own (the gRPC service reads adapters into the host tier before
+        it submits), else what `AdapterManager.tier` says as the request is accepted, before its
+        loads start.
         """
         try:
             if not self.alive:
                 reason = f": {self._failure!r}" if self._failure else ""
                 raise EngineUnavailable(f"the engine is not running{reason}")
             seq = self._sequence(request, sink)
-            self.scheduler.add(seq, on_accept=lambda: self._start_loads(seq))
+            self.scheduler.add(seq, on_accept=lambda: self._start_loads(seq, adapter_tier))
         except Exception as exc:
             self.record_refused(request.adapters.names, exc)
             raise
@@ -216,12 +220,14 @@ class Engine:
             submitted_at=time.monotonic(),
         )
 
-    def _start_loads(self, seq: Sequence) -> None:
-        """Start the loads of an accepted request's adapters; each one wakes the engine when done."""
+    def _start_loads(self, seq: Sequence, adapter_tier: str | None) -> None:
+        """Note where an accepted request's adapters are (unless the caller saw it already), then
+        start their loads; each one wakes the engine when done."""
         names = seq.request.adapters.names
         if not names:
             return
         assert self.adapters is not None, "preparation refuses adapters on a server without them"
+        seq.adapter_tier = adapter_tier if adapter_tier is not None else self.adapters.tier(names)
         loads = tuple(self.adapters.prefetch(name) for name in names)
         for load in loads:
             load.add_done_callback(lambda _: self._inbox.put(_Wake()))
@@ -300,6 +306,7 @@ class Engine:
                 submitted_at=seq.submitted_at,
                 first_token_at=seq.first_token_at,
                 finished_at=time.monotonic(),
+                adapter_tier=seq.adapter_tier,
             )
         )
 

@@ -25,6 +25,7 @@ class FinishedRequest:
     submitted_at: float
     first_token_at: float
     finished_at: float
+    adapter_tier: str = ""  # where its adapters were when it arrived: device | host | disk; "" = base
 
 
 class EngineEvents(Protocol):

@@ -141,7 +141,10 @@ class RequestOutput:
     """One increment of a running request, delivered in order to the request's sink.
 
     `text` and `token_ids` are the new part only; the last output has `finished=True`
-    and a `finish_reason`; `error` is set only with FinishReason.ERROR.
+    and a `finish_reason`; `error` is set only with FinishReason.ERROR. `adapter_tier`, the same on
+    every output of a request, is where its adapters were when it arrived: "device" (in a device
+    slot), "host" (in the host cache only) or "disk" (a cold start), the coldest for a mixture;
+    "" for the base model.
     """
 
     request_id: str
@@ -152,3 +155,4 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    adapter_tier: str = ""

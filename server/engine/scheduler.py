@@ -312,6 +312,7 @@ class Scheduler:
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_ids),
             error=error,
+            adapter_tier=seq.adapter_tier,
         )
 
 

@@ -41,6 +41,8 @@ class Sequence(RequestHandle):
     adapter_loads: tuple[Future[Any], ...] = ()
     adapter_slots: tuple[tuple[int, float], ...] = ()  # (device slot, weight) pinned while running
     first_token_at: float = 0.0  # time.monotonic() of the first sampled token; 0.0 = none yet
+    # Where its adapters were when it arrived (AdapterManager.tier): device | host | disk; "" = base.
+    adapter_tier: str = ""
 
     @property
     def prompt_len(self) -> int:

@@ -17,8 +17,11 @@ Each request becomes Generate / GenerateStream calls on `grpc_target`, so HTTP a
 one code path: validation, limits and error messages come from the gRPC server. The `model`
 of an answer is what served it: the base model's id, an adapter, or a mixture's names joined by
 '+'. A weighted mixture is asked for with the body's `adapters` and the base model's id as
-`model`; model "auto" answers also carry `routing` (the router's decision), on the first chunk
-when streamed.
+`model`. Two loramux fields extend an answer at the top level, on the first event when streamed
+(absent where they do not apply): model "auto" answers carry `routing` (the router's decision),
+and answers an adapter served carry `adapter_tier`, where it was when the request arrived:
+"device" (in a device slot), "host" (in host memory only) or "disk" (a cold start); the coldest
+of a mixture's adapters and of the answer's choices; absent when the base model served.
 With an API key, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise); with an
 admin token, the admin routes need it (403). `/health` (and `/metrics`) stay open. The shim
 presents its own key / admin token to the gRPC server. While the gRPC server drains, new
@@ -34,8 +37,9 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc.aio
@@ -93,6 +97,9 @@ _EXAMPLES_ERRORS = _errors(*_V1, 400, 403, 404, 413)
 _ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/router/examples"})
 # How often a non-streamed generation checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
+# Adapter tiers from coldest to warmest (GenerateResponse.adapter_tier); one this shim does not
+# know (a newer server's) counts as colder than all of them.
+TIERS_COLD_FIRST = ("disk", "host", "device")
 
 
 def create_app(
@@ -257,8 +264,23 @@ async def _model_cards(backend: Backend) -> list[oa.ModelCard]:
 
 Body = oa.CompletionRequest | oa.ChatCompletionRequest
 Answer = Callable[[str, str, Body, list[pb.GenerateResponse]], Any]
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """loramux's top-level fields of an answer (the first event's, when streamed); None = absent."""
+
+    routing: oa.Routing | None = None
+    adapter_tier: str | None = None
+
+    def absent(self) -> set[str]:
+        """The fields to leave out of the answer's JSON."""
+        return {name for name in ("routing", "adapter_tier") if getattr(self, name) is None}
+
+
+NO_EXTENSIONS = Extensions()
 Chunks = Callable[
-    [str, str, Body, oa.Routing | None, AsyncIterator[tuple[int, pb.GenerateStreamChunk]]],
+    [str, str, Body, Extensions, AsyncIterator[tuple[int, pb.GenerateStreamChunk]]],
     AsyncGenerator[str, None],
 ]
 
@@ -276,15 +298,29 @@ async def _generate(http_request: Request, body: Body, answer: Answer, chunks: C
         responses = await _unless_disconnected(http_request, generation)
         if responses is None:  # the client left: its engine requests are aborted, nobody reads this
             return Response(status_code=499)
-        first = responses[0]
-        result = answer(answer_id, await backend.model_id(first.adapter), body, responses)
-        result.routing = _routing(first.routing) if first.HasField("routing") else None
-        return JSONResponse(result.model_dump(mode="json", exclude=None if result.routing else {"routing"}))
+        result = answer(answer_id, await backend.model_id(responses[0].adapter), body, responses)
+        extensions = _extensions(responses)
+        result.routing, result.adapter_tier = extensions.routing, extensions.adapter_tier
+        return JSONResponse(result.model_dump(mode="json", exclude=extensions.absent()))
     streams = await open_streams(backend.stub, requests)
-    first_chunk = streams.first_chunks[0]
-    model = await backend.model_id(first_chunk.adapter)
-    routing = _routing(first_chunk.routing) if first_chunk.HasField("routing") else None
-    return EventStreamResponse(_with_errors(chunks(answer_id, model, body, routing, merge(streams))))
+    model = await backend.model_id(streams.first_chunks[0].adapter)
+    extensions = _extensions(streams.first_chunks)
+    return EventStreamResponse(_with_errors(chunks(answer_id, model, body, extensions, merge(streams))))
+
+
+def _extensions(answers: Sequence[pb.GenerateResponse] | Sequence[pb.GenerateStreamChunk]) -> Extensions:
+    """The loramux fields of an answer from its choices' gRPC answers (or first chunks): the first
+    one's routing (every choice is routed alike) and the coldest adapter tier ("" = base model)."""
+    first = answers[0]
+    tier = min((a.adapter_tier for a in answers), key=_warmth)
+    return Extensions(
+        routing=_routing(first.routing) if first.HasField("routing") else None,
+        adapter_tier=tier or None,
+    )
+
+
+def _warmth(tier: str) -> int:
+    return TIERS_COLD_FIRST.index(tier) if tier in TIERS_COLD_FIRST else -1
 
 
 def _routing(routing: pb.RouteResponse) -> oa.Routing:
@@ -388,7 +424,7 @@ async def _completion_chunks(
     answer_id: str,
     model: str,
     body: Body,
-    routing: oa.Routing | None,
+    extensions: Extensions,
     chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]],
 ) -> AsyncGenerator[str, None]:
     created = int(time.time())
@@ -403,33 +439,44 @@ async def _completion_chunks(
             finish_reason=finish_reason(chunk.finish_reason) if chunk.finished else None,  # type: ignore[arg-type]
         )
         event = oa.CompletionResponse(
-            id=answer_id, created=created, model=model, choices=[choice], routing=routing
+            id=answer_id,
+            created=created,
+            model=model,
+            choices=[choice],
+            routing=extensions.routing,
+            adapter_tier=extensions.adapter_tier,
         )
-        yield sse(event.model_dump_json(exclude={"usage"} if routing else {"usage", "routing"}))
-        routing = None  # on the first event only
+        yield sse(event.model_dump_json(exclude={"usage"} | extensions.absent()))
+        extensions = NO_EXTENSIONS  # on the first event only
     if _include_usage(body):
         usage = _stream_usage(body, last)
         event = oa.CompletionResponse(id=answer_id, created=created, model=model, choices=[], usage=usage)
-        yield sse(event.model_dump_json(exclude={"routing"}))
+        yield sse(event.model_dump_json(exclude=NO_EXTENSIONS.absent()))
 
 
 async def _chat_chunks(
     answer_id: str,
     model: str,
     body: Body,
-    routing: oa.Routing | None,
+    extensions: Extensions,
     chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]],
 ) -> AsyncGenerator[str, None]:
     created = int(time.time())
     last: dict[int, pb.GenerateStreamChunk] = {}
 
     def event(
-        choices: list[oa.ChatChunkChoice], usage: oa.Usage | None = None, routing: oa.Routing | None = None
+        choices: list[oa.ChatChunkChoice], usage: oa.Usage | None = None, extras: Extensions = NO_EXTENSIONS
     ) -> str:
         chunk = oa.ChatCompletionChunk(
-            id=answer_id, created=created, model=model, choices=choices, usage=usage, routing=routing
+            id=answer_id,
+            created=created,
+            model=model,
+            choices=choices,
+            usage=usage,
+            routing=extras.routing,
+            adapter_tier=extras.adapter_tier,
         )
-        left_out = {name for name, value in (("usage", usage), ("routing", routing)) if value is None}
+        left_out = extras.absent() | ({"usage"} if usage is None else set())
         payload = chunk.model_dump(mode="json", exclude=left_out)
         for choice in payload["choices"]:  # a delta carries only what changed
             choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
@@ -438,8 +485,8 @@ async def _chat_chunks(
     async for index, chunk in chunks:
         if index not in last:  # OpenAI opens every choice with the assistant's role
             opening = oa.ChatChunkChoice(index=index, delta=oa.ChatDelta(role="assistant", content=""))
-            yield event([opening], routing=routing)
-            routing = None  # on the first event only
+            yield event([opening], extras=extensions)
+            extensions = NO_EXTENSIONS  # on the first event only
         last[index] = chunk
         if not chunk.text and not chunk.finished:
             continue

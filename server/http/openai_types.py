@@ -3,8 +3,9 @@
 FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
 the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions, `route_top_k`
 and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
-answers of model "auto" carry loramux's `routing`. The router's own routes have their bodies here too. Fields a client may send that loramux cannot honour are
-declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
+answers of model "auto" carry loramux's `routing`, answers an adapter served its `adapter_tier`.
+The router's own routes have their bodies here too. Fields a client may send that loramux cannot
+honour are declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
 Range checks that the gRPC server makes anyway (temperature, top_p, stop strings, lengths) are
 left to it, so HTTP and gRPC refuse the same things with the same words; what the schema does
 say (non-empty prompts, names and stop strings, the chat roles) agrees with the server, so
@@ -202,6 +203,13 @@ class Routing(BaseModel):
 
 
 _ROUTING = Field(default=None, description="model 'auto' only: the router's decision (loramux extension)")
+_TIER_DESCRIPTION = (
+    "where the request's adapter was when it arrived: device (in a device slot) | host (in host memory, "
+    "not in a device slot) | disk (a cold start); a mixture's coldest, the coldest of the choices; "
+    "absent when the base model served (loramux extension)"
+)
+# A plain string, not an enum: a shim must not fail an answer of a newer server that knows more tiers.
+_ADAPTER_TIER = Field(default=None, description=_TIER_DESCRIPTION)
 
 
 class Usage(BaseModel):
@@ -225,6 +233,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     routing: Routing | None = _ROUTING
+    adapter_tier: str | None = _ADAPTER_TIER
 
 
 class ChatMessageOut(BaseModel):
@@ -247,6 +256,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     routing: Routing | None = _ROUTING
+    adapter_tier: str | None = _ADAPTER_TIER
 
 
 class ChatDelta(BaseModel):
@@ -269,6 +279,9 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     routing: Routing | None = Field(default=None, description="model 'auto': on the first chunk only")
+    adapter_tier: str | None = Field(
+        default=None, description=f"on the first chunk only: {_TIER_DESCRIPTION}"
+    )
 
 
 class ModelCard(BaseModel):

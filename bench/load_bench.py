@@ -132,6 +132,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--canary-every", type=int, default=20, help="a canary beside every N-th load request"
     )
     checks.add_argument("--canary-tokens", type=int, default=16, help="tokens each canary generates")
+    checks.add_argument("--canary-save", metavar="PATH", help="write the recorded canary answers here")
+    checks.add_argument(
+        "--canary-load",
+        metavar="PATH",
+        help="check canaries against answers saved earlier (--canary-save) instead of recording them now",
+    )
     checks.add_argument(
         "--objective", default="", help="ttft_p99=SECONDS,tpot_mean=SECONDS: goodput, and the sweep's test"
     )
@@ -277,10 +283,7 @@ class _LoadRun:
             raise ValueError("give --rate R, --concurrency C or --trace FILE")
         plan = workload.plan(self.workload(rate))
         if self.expected is None:
-            picked = canary.pick_adapters(plan, args.canary_adapters)
-            self.expected, self.canary_failures = await canary.record_expected(
-                self.client, picked, args.canary_tokens
-            )
+            self.expected = await self._canaries(plan)
         plan = canary.mix_in(plan, self.expected, args.canary_every, args.canary_tokens)
         before = await self._totals()
         label = f"{rate:g} req/s" if rate else "load"

@@ -136,7 +136,8 @@ def test_report_counts_what_the_server_counted(served: Served, tmp_path: Path) -
     for name in ("ttft", "tpot", "e2e"):
         stats = report[name]
         assert stats["count"] == 16 and 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
-    assert report["itl"]["count"] == 16 * 3
+    # OpenAI streams have no token ids: a chunk whose text the detokenizer held back is not seen.
+    assert 16 * 2 <= report["itl"]["count"] <= 16 * 3
     assert report["lateness"]["count"] == 16 and report["lateness"]["p50"] >= 0
     series = report["server_metrics"]["series"]
     assert report["server_metrics"]["t_s"] and "running" in series  # scraped while it ran
@@ -177,7 +178,8 @@ def test_grpc_target_tags_tiers_and_checks_canaries(served: Served, tmp_path: Pa
     # Three adapters through two device slots in uniform traffic: some arrivals find theirs off the device.
     assert tiers.get("device", {}).get("requests", 0) > 0
     assert tiers.get("host", {}).get("requests", 0) + tiers.get("disk", {}).get("requests", 0) > 0
-    assert report["server_counted"]["requests_total"] == 18 + canaries["sent"] + 3
+    # The recorded canaries ran before the "before" scrape: the run counts the load and its canaries.
+    assert report["server_counted"]["requests_total"] == 18 + canaries["sent"]
 
 
 def test_unknown_adapter_is_counted_as_errors_not_fast_requests(served: Served, tmp_path: Path) -> None:

@@ -86,7 +86,8 @@ async def record_expected(
     client: Client, adapters: list[str], max_tokens: int
 ) -> tuple[dict[str, Expected], list[RequestRecord]]:
     """Each adapter's greedy canary answer, one at a time with nothing else running; the records
-    of canaries that failed (their adapters are then left out of the check)."""
+    of canaries that failed (errors of the run; their adapters are left out of the check).
+    Recording requests have negative indices."""
     expected: dict[str, Expected] = {}
     failed: list[RequestRecord] = []
     for i, adapter in enumerate(adapters):
@@ -103,8 +104,9 @@ async def record_expected(
         await client.send(planned, record, greedy=True)
         if record.ok and (record.token_ids or record.text):
             expected[adapter] = Expected(adapter, tuple(record.token_ids), record.text)
-        else:
+        elif not record.ok:
             failed.append(record)
+        # An answer with no text (EOS at once) checks nothing: that adapter goes without a canary.
     return expected, failed
 
 

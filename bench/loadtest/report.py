@@ -249,9 +249,10 @@ def _canaries(canaries: list[RequestRecord]) -> dict[str, Any]:
         for r in canaries
         if r.error == ERR_CANARY
     ]
+    mixed = [r for r in canaries if r.index >= 0]  # recording requests (negative) are not checks
     return {
-        "adapters": len({r.adapter for r in canaries}),
-        "sent": len(canaries),
-        "checked": sum(r.ok or r.error == ERR_CANARY for r in canaries),
+        "adapters": len({r.adapter for r in mixed}),
+        "sent": len(mixed),
+        "checked": sum(r.ok or r.error == ERR_CANARY for r in mixed),
         "mismatches": mismatches,
     }

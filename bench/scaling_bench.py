@@ -41,12 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo", action=argparse.BooleanOptionalAction, default=True, help="also run over adapters/"
     )
     parser.add_argument(
-        "--rate", type=float, default=1.0, help="the fixed rate, requests/s (default: %(default)s)"
+        "--rate", type=float, default=2.0, help="the fixed rate, requests/s (default: %(default)s)"
     )
     parser.add_argument("--num-requests", type=int, default=150, help="requests per fixed-rate run")
-    parser.add_argument("--sweep-requests", type=int, default=80, help="requests per sweep point")
-    parser.add_argument("--objective", default="ttft_p99=4,tpot_mean=0.25", help="the sweep's objective")
-    parser.add_argument("--sweep-start", type=float, default=0.5)
+    parser.add_argument("--sweep-requests", type=int, default=60, help="requests per sweep point")
+    parser.add_argument("--objective", default="ttft_p99=2,tpot_mean=0.2", help="the sweep's objective")
+    parser.add_argument("--sweep-start", type=float, default=1.0)
     parser.add_argument("--sweep-steps", type=int, default=2)
     parser.add_argument("--no-sweep", action="store_true", help="fixed-rate runs only")
     parser.add_argument("--popularity", default="zipf:1.5")
@@ -203,6 +203,8 @@ def _study_one(args: argparse.Namespace, root: Path, out: Path, adapters: str | 
                 str(args.num_requests),
                 "--objective",
                 args.objective,
+                "--canary-every",
+                "10",
                 "--plots",
                 str(out / "plots"),
             ],

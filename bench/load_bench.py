@@ -372,10 +372,22 @@ async def _adapters(client: Client, args: argparse.Namespace) -> list[str]:
         return ["" if name == BASE_ALIAS else name for name in names]
     if args.trace:
         return []
-    listed = await client.adapters()
+    try:
+        listed = await client.adapters()
+    except Exception as exc:  # grpc's AioRpcError, httpx's errors: the server could not be asked
+        raise ValueError(
+            f"could not list the adapters of {args.target} ({type(exc).__name__}: {_first_line(exc)}); "
+            "is the server running there? Or pass --adapters"
+        ) from None
     if not listed:
         raise ValueError("the server lists no adapters: pass --adapters (@base for the base model)")
     return listed
+
+
+def _first_line(exc: Exception) -> str:
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else str(exc)
+    return (text or repr(exc)).splitlines()[0][:200]
 
 
 def _id_range(spec: str) -> tuple[int, int]:

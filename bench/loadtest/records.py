@@ -20,6 +20,7 @@ ERR_SERVER = "server_error"  # 5xx / INTERNAL, UNAVAILABLE, ...
 ERR_CONNECTION = "connection"  # could not connect, connection reset mid-answer
 ERR_TIMEOUT = "timeout"  # no answer within the request timeout
 ERR_INCOMPLETE = "incomplete"  # the answer ended without a finish (stream cut, finish_reason error)
+ERR_OTHER = "other"  # anything else the client met (a bad event, the base model's id not listed, ...)
 ERR_CANARY = "canary_mismatch"  # a canary's tokens differ from its adapter's recorded answer
 
 

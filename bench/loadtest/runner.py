@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from bench.loadtest.clients import Client, RunClock
-from bench.loadtest.records import CANARY, PlannedRequest, RequestRecord
+from bench.loadtest.records import CANARY, ERR_OTHER, PlannedRequest, RequestRecord
 
 
 class Scraper(Protocol):
@@ -107,6 +107,9 @@ def _sender(
         record.sent_s = clock()
         try:
             await client.send(planned, record, greedy=planned.kind == CANARY)
+        except Exception as exc:  # one request's surprise must not end the run: it is that request's error
+            record.error, record.error_detail = ERR_OTHER, f"{type(exc).__name__}: {exc}"[:200]
+            record.end_s = clock()
         finally:
             bar.update(1)
 

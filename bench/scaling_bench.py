@@ -12,6 +12,10 @@ the highest rate meeting the objective, cold vs warm TTFT, fairness) and plots (
 each run's plots). The bars of issue 13: throughput drop <= 10% and p50 TTFT growth <= 1.5x from
 8 to 1,000 adapters.
 
+`--repeats K` runs each count's fixed-rate run K times, going round the counts each time (each
+run against a freshly started server), and the table takes the medians: on a shared machine a
+slow minute then spreads over every count instead of deciding one.
+
 The server and the load client share this machine's cores, as they would on a one-box deployment;
 the report's `lateness` says when the client fell behind.
 """
@@ -25,6 +29,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -41,14 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo", action=argparse.BooleanOptionalAction, default=True, help="also run over adapters/"
     )
     parser.add_argument(
-        "--rate", type=float, default=2.0, help="the fixed rate, requests/s (default: %(default)s)"
+        "--rate", type=float, default=1.0, help="the fixed rate, requests/s (default: %(default)s)"
     )
     parser.add_argument("--num-requests", type=int, default=150, help="requests per fixed-rate run")
     parser.add_argument("--sweep-requests", type=int, default=60, help="requests per sweep point")
     parser.add_argument("--objective", default="ttft_p99=2,tpot_mean=0.2", help="the sweep's objective")
-    parser.add_argument("--sweep-start", type=float, default=1.0)
+    parser.add_argument("--sweep-start", type=float, default=0.5)
     parser.add_argument("--sweep-steps", type=int, default=2)
     parser.add_argument("--no-sweep", action="store_true", help="fixed-rate runs only")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fixed-rate runs per count, interleaved; the table takes medians",
+    )
     parser.add_argument("--popularity", default="zipf:1.5")
     parser.add_argument("--prompt-tokens", default="64")
     parser.add_argument("--max-tokens", default="32")
@@ -66,20 +77,28 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
-    runs: dict[str, dict[str, Any]] = {}
+    roots: dict[str, tuple[Path, str | None]] = {}
     for count in counts:
         root = out / f"adapters-{count}"
         if not (root / ".complete").exists():
             _make_adapters(args, count, root)
-        runs[str(count)] = _study_one(args, root, out / f"n{count}", _names(root))
+        roots[str(count)] = (root, _names(root))
     if args.demo:
-        runs[DEMO] = _study_one(args, REPO / "adapters", out / DEMO, None)
+        roots[DEMO] = (REPO / "adapters", None)
+    # Repeats go round the counts (8, 64, ..., 8, 64, ...): a neighbour that slows the machine for a
+    # while spreads over every count instead of landing on one of them.
+    runs: dict[str, dict[str, Any]] = {name: {"fixed": [], "sweep": None} for name in roots}
+    for repeat in range(args.repeats):
+        for name, (root, adapters) in roots.items():
+            fixed, sweep = _study_one(args, root, out / f"n{name}", adapters, repeat)
+            runs[name]["fixed"].append(fixed)
+            runs[name]["sweep"] = runs[name]["sweep"] or sweep
     summary = _summary(args, runs, counts)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(_table(summary) + "\n")
     from bench.loadtest import plots
 
-    by_count = {count: runs[str(count)]["fixed"] for count in counts}
+    by_count = {count: runs[str(count)]["fixed"][0] for count in counts}
     plots.plot_scaling(by_count, out / "scaling.png")
     print(_table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'scaling.png'}")
@@ -175,7 +194,10 @@ class _Server:
         self._log.close()
 
 
-def _study_one(args: argparse.Namespace, root: Path, out: Path, adapters: str | None) -> dict[str, Any]:
+def _study_one(
+    args: argparse.Namespace, root: Path, out: Path, adapters: str | None, repeat: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One fixed-rate run (and, in the first repeat, the sweep) against a fresh server over `root`."""
     out.mkdir(parents=True, exist_ok=True)
     server = _Server(args, root, out / "server.log")
     try:
@@ -208,10 +230,10 @@ def _study_one(args: argparse.Namespace, root: Path, out: Path, adapters: str | 
                 "--plots",
                 str(out / "plots"),
             ],
-            out / "fixed.json",
+            out / f"fixed-{repeat}.json",
         )
         sweep = None
-        if not args.no_sweep:
+        if not args.no_sweep and repeat == 0:
             sweep = _load(
                 [
                     *common,
@@ -232,7 +254,7 @@ def _study_one(args: argparse.Namespace, root: Path, out: Path, adapters: str | 
                 ],
                 out / "sweep.json",
             )
-        return {"fixed": fixed, "sweep": sweep}
+        return fixed, sweep
     finally:
         server.close()
 
@@ -243,30 +265,40 @@ def _load(argv: list[str], json_path: Path) -> dict[str, Any]:
     return json.loads(json_path.read_text())
 
 
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def _summary(args: argparse.Namespace, runs: dict[str, dict[str, Any]], counts: list[int]) -> dict[str, Any]:
     rows = []
-    first = runs[str(counts[0])]["fixed"] if counts else None
     for name, run in runs.items():
         fixed = run["fixed"]
         sweep = run["sweep"]
+        first = fixed[0]
         row = {
             "adapters": name,
-            "tokens_per_s": fixed["throughput"]["output_tokens_per_s"],
-            "ttft_p50": fixed["ttft"]["p50"],
-            "ttft_p99": fixed["ttft"]["p99"],
-            "tpot_mean": fixed["tpot"]["mean"],
-            "errors": fixed["errors"],
-            "canary_mismatches": len(fixed["canaries"]["mismatches"]),
-            "jain": fixed["fairness"]["jain_speed"],
-            "ttft_p50_by_tier": {tier: row["ttft"]["p50"] for tier, row in fixed["by_tier"].items()},
-            "requests_by_tier": {tier: row["requests"] for tier, row in fixed["by_tier"].items()},
+            "repeats": len(fixed),
+            "tokens_per_s": _median([f["throughput"]["output_tokens_per_s"] for f in fixed]),
+            "tokens_per_s_each": [f["throughput"]["output_tokens_per_s"] for f in fixed],
+            "ttft_p50": _median([f["ttft"]["p50"] for f in fixed]),
+            "ttft_p50_each": [f["ttft"]["p50"] for f in fixed],
+            "ttft_p99": _median([f["ttft"]["p99"] for f in fixed]),
+            "tpot_mean": _median([f["tpot"]["mean"] for f in fixed]),
+            "errors": sum(sum(f["errors"].values()) for f in fixed),
+            "canary_mismatches": sum(len(f["canaries"]["mismatches"]) for f in fixed),
+            "jain": _median([f["fairness"]["jain_speed"] for f in fixed]),
+            "ttft_p50_by_tier": {tier: row["ttft"]["p50"] for tier, row in first["by_tier"].items()},
+            "requests_by_tier": {tier: row["requests"] for tier, row in first["by_tier"].items()},
             "best_rate": sweep["best_rate"] if sweep else None,
-            "lateness_p99": fixed["lateness"]["p99"],
+            "lateness_p99": _median([f["lateness"]["p99"] for f in fixed]),
         }
-        if first is not None and name != DEMO:
-            row["throughput_vs_first"] = row["tokens_per_s"] / first["throughput"]["output_tokens_per_s"]
-            row["ttft_p50_vs_first"] = (row["ttft_p50"] or 0) / (first["ttft"]["p50"] or 1)
         rows.append(row)
+    base = rows[0] if counts else None
+    for row in rows:
+        if base is not None and row["adapters"] != DEMO:
+            row["throughput_vs_first"] = (row["tokens_per_s"] or 0) / (base["tokens_per_s"] or 1)
+            row["ttft_p50_vs_first"] = (row["ttft_p50"] or 0) / (base["ttft_p50"] or 1)
     return {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "command": "loramux bench scaling " + " ".join(sys.argv[3:]),

@@ -9,13 +9,13 @@ adding one does not grow with how many exist. `scores(feature)` gives calibrated
 What an add costs, whatever the number of adapters K: STEPS steps of BATCH examples, each step
 a softmax over the adapters in its batch and the CONFUSABLE old adapters most like the new one
 (at most BATCH // 2 + 1 + CONFUSABLE; their rows of the correction are the only ones it trains,
-with Adam per row), so a step costs the same at 8 adapters or 8,000; the replay's BATCH // 2
+with Adam per row), so a step costs no more at 8,000 adapters than at 64; the replay's BATCH // 2
 examples per step are drawn once per add; the temperature and the in-domain limit are refitted
 on at most MAX_CALIBRATION held-back examples. What stays O(K) is what a K-class head cannot
 avoid, once per add: the discriminant's K rows (the shared covariance changes with every add),
-the K logits of the new examples and of the calibration examples. A step over every adapter (as
-in a plain softmax head) made an add cost 2.3x as much at 64 adapters as at 4; the rows an
-absent adapter would get have near-zero gradient unless it is confusable with the batch's.
+the K logits of the new examples and of the calibration examples. A softmax over every adapter
+at every step cost O(K) per step (3.4x the FLOPs at 4x the adapters), and an adapter absent
+from a step would get a near-zero gradient there unless it is confusable with the new one.
 
 The head's logits are two linear terms:
 - a closed-form discriminant (LDA): `x'P mu_c - mu_c'P mu_c / 2`, from each adapter's mean

@@ -3,8 +3,9 @@ weight-only prototypes, its saved tables, and how well it routes the demo tasks'
 
 Oracles: transformers' hidden states for the features, direct formulas (torch.mean/var, the
 scatter and Mahalanobis distance written out, torch.linalg.svd of B A) for the selector and the
-prototypes, and the demo tasks' hand-written held-out prompts for routing accuracy (measured
-figures: bench/RESULTS.md "Router")."""
+prototypes, torch.optim.Adam and autograd for the selector's training, the weights before and
+after and torch's FLOP counter for what an add touches, and the demo tasks' hand-written held-out
+prompts for routing accuracy (measured figures: bench/RESULTS.md "Router")."""
 
 from __future__ import annotations
 

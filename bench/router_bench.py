@@ -16,7 +16,8 @@ Parts (`--parts`, default all), each printed as JSON lines and summarized at the
   (greedy; a prompt routed to its own adapter gets exactly the named answer, so only misrouted
   prompts are generated again with what `auto` chose).
 - `growth`: synthetic tasks (tasks/synthetic.py) added one by one up to `--max-adapters`:
-  steps and seconds per add, top-1 accuracy over all tasks so far and over the first two.
+  steps, head rows trained per step, calibration examples and seconds per add, top-1 accuracy
+  over all tasks so far and over the first two.
 - `weights`: weight-only routing (Arrow prototypes, no examples) per demo task, beside the selector.
 - `cost`: routing time per request against the prefill time of the same prompt (our model, on the
   benchmark's threads), over the held-out prompts; and routing as served, on one intra-op thread
@@ -338,6 +339,8 @@ def growth(setup: Setup, max_adapters: int) -> None:
             "adapters": count,
             "steps": report.steps,
             "replay": report.replay,
+            "rows_per_step": report.rows_per_step,
+            "calibration": report.calibration,
             "train_s": round(report.seconds, 3),
             "add_s": round(seconds, 3),
         }

@@ -3,8 +3,9 @@ weight-only prototypes, its saved tables, and how well it routes the demo tasks'
 
 Oracles: transformers' hidden states for the features, direct formulas (torch.mean/var, the
 scatter and Mahalanobis distance written out, torch.linalg.svd of B A) for the selector and the
-prototypes, and the demo tasks' hand-written held-out prompts for routing accuracy (measured
-figures: bench/RESULTS.md "Router")."""
+prototypes, torch.optim.Adam and autograd for the selector's training, the weights before and
+after and torch's FLOP counter for what an add touches, and the demo tasks' hand-written held-out
+prompts for routing accuracy (measured figures: bench/RESULTS.md "Router")."""
 
 from __future__ import annotations
 
@@ -28,7 +29,16 @@ from server.router.examples import ExamplesError, check_prompts, read_examples
 from server.router.features import FeatureReader, chat_template_edges
 from server.router.prototypes import adapter_vectors, arrow_scores, calibrated, module_scores
 from server.router.router import Router, StoreSource
-from server.router.selector import BATCH, SHRINKAGE, Selector
+from server.router.selector import (
+    BATCH,
+    CONFUSABLE,
+    LEARNING_RATE,
+    MAX_CALIBRATION,
+    SHRINKAGE,
+    RowAdam,
+    Selector,
+    cross_entropy_gradient,
+)
 from server.router.state import load_tables, save_tables
 from tasks import TASK_NAMES, get_task
 from tasks.synthetic import synthetic_tasks
@@ -152,6 +162,7 @@ def test_learning_costs_the_same_steps_whatever_the_number_of_adapters() -> None
     reports = [selector.learn(name, x, steps=40) for name, x in data.items()]
     assert {r.steps for r in reports} == {40}
     assert [r.replay for r in reports] == [0] + [40 * (BATCH - BATCH // 2)] * 11
+    assert [r.calibration for r in reports] == [0] + [4 * k for k in range(2, 13)]  # 4 held back each
     right = sum(
         int(selector.scores(x).probabilities.argmax()) == i
         for i, x in enumerate(c.mean(0) for c in data.values())
@@ -160,6 +171,86 @@ def test_learning_costs_the_same_steps_whatever_the_number_of_adapters() -> None
     selector.forget("a0")
     assert "a0" not in selector.classes and selector.weight.shape == (11, 16)
     assert int(selector.scores(data["a5"].mean(0)).probabilities.argmax()) == selector.classes.index("a5")
+
+
+def _grown(count: int, dim: int) -> tuple[Selector, dict[str, torch.Tensor]]:
+    """A selector that learned `count` clusters (4 examples each: 1 held back), cheaply (1 step),
+    and the examples of one more."""
+    data = _clusters(count + 1, 4, dim, seed=5)
+    selector = Selector(dim)
+    for name in list(data)[:count]:
+        selector.learn(name, data[name], steps=1)
+    return selector, data
+
+
+def test_a_training_step_trains_only_the_adapters_in_its_softmax() -> None:
+    selector, data = _grown(64, 8)
+    weight, bias = selector.weight.clone(), selector.bias.clone()
+    report = selector.learn("new", data["a64"], steps=1)
+    changed = ((selector.weight[:64] != weight) | (selector.bias[:64] != bias).unsqueeze(1)).any(1)
+    # of 64, only the (at most BATCH // 2) adapters its replay drew and the CONFUSABLE ones
+    assert CONFUSABLE <= int(changed.sum()) == report.rows_per_step - 1 <= BATCH - BATCH // 2 + CONFUSABLE
+    assert selector.weight[64].abs().sum() > 0  # and the new adapter's own
+
+
+def test_a_training_step_costs_the_same_with_4x_the_adapters() -> None:
+    """The FLOPs of 100 more training steps in an add (torch's counter of matmul FLOPs: no clock,
+    nothing to flake) with 48 and 192 adapters: each step's softmax spans the adapters in its batch
+    and the CONFUSABLE ones only (at most BATCH // 2 + 1 + CONFUSABLE), so a step's three matmuls
+    (discriminant, correction, gradient) cost at most 6 x BATCH x (dim + 1) x that many FLOPs
+    whatever the number of adapters. (A step spanning every adapter costs 3.4x as much at 192 as
+    at 48.) What an add does once beyond its steps is fitted on at most MAX_CALIBRATION held-back
+    examples."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dim = 32
+    per_step = {}
+    for count in (48, 192):
+        selector, data = _grown(count, dim)
+        flops = []
+        for steps in (100, 200):
+            with FlopCounterMode(display=False) as counter:
+                report = selector.copy().learn("new", data[f"a{count}"], steps=steps)
+            flops.append(counter.get_total_flops())
+            assert report.calibration == count + 1 <= MAX_CALIBRATION  # 1 held back per adapter
+        per_step[count] = (flops[1] - flops[0]) / 100  # the add's once-only work cancels
+    assert per_step[192] <= 6 * BATCH * (dim + 1) * (BATCH // 2 + 1 + CONFUSABLE), per_step
+    assert per_step[192] < 1.4 * per_step[48], per_step  # 24-25 and 30-31 adapters per step
+
+
+def test_row_adam_is_adam_for_the_rows_it_steps() -> None:
+    """Against torch.optim.Adam: rows stepped every time follow Adam exactly, a row stepped every
+    other time follows Adam run on its own steps, rows never stepped stay as they were."""
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(3, 5, generator=g)
+    grads = torch.randn(6, 3, 5, generator=g)
+    rows = RowAdam(table)
+    dense = table[:2].clone().requires_grad_(True)
+    alone = table[2:].clone().requires_grad_(True)  # row 2, stepped at even steps only
+    optimizers = [torch.optim.Adam([dense], lr=LEARNING_RATE), torch.optim.Adam([alone], lr=LEARNING_RATE)]
+    for step, grad in enumerate(grads):
+        every = torch.tensor([0, 1, 2] if step % 2 == 0 else [0, 1])
+        rows.step(every, grad[every])
+        dense.grad = grad[:2].clone()
+        optimizers[0].step()
+        if step % 2 == 0:
+            alone.grad = grad[2:].clone()
+            optimizers[1].step()
+    torch.testing.assert_close(rows.table, torch.cat([dense, alone]).detach(), atol=1e-6, rtol=1e-5)
+    untouched = RowAdam(table)
+    untouched.step(torch.tensor([1]), grads[0, 1:2])
+    assert torch.equal(untouched.table[[0, 2]], table[[0, 2]]) and not torch.equal(
+        untouched.table[1], table[1]
+    )
+
+
+def test_the_cross_entropy_gradient_is_autograds() -> None:
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(7, 4, generator=g, requires_grad=True)
+    targets = torch.tensor([0, 3, 3, 1, 2, 0, 1])
+    F.cross_entropy(logits, targets).backward()
+    assert logits.grad is not None
+    torch.testing.assert_close(cross_entropy_gradient(logits.detach(), targets), logits.grad)
 
 
 # -- prototypes ----------------------------------------------------------------------------------

@@ -182,3 +182,16 @@ def test_the_help_names_the_vllm_spellings(capsys: pytest.CaptureFixture[str]) -
     for flag in ("--max-loras MAX_SLOTS", "--max-lora-rank MAX_RANK", "--port HTTP_PORT", "--max-num-seqs"):
         assert flag in text
     assert "--lora-modules" in text and "--enable-lora" in text and "--served-model-name" in text
+
+
+def test_the_kubernetes_example_passes_flags_loramux_serve_accepts() -> None:
+    """deploy/kubernetes/loramux.yaml is not run here (no cluster), but its command line is parsed."""
+    yaml = pytest.importorskip("yaml")
+    example = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "loramux.yaml"
+    (deployment,) = [doc for doc in yaml.safe_load_all(example.read_text()) if doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    config = server_config(build_parser().parse_args(container["args"]))
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert (config.host, config.http_port, config.grpc_port) == ("0.0.0.0", ports["http"], ports["grpc"])
+    assert config.served_model_name == "smollm2-135m"
+    assert config.adapters.roots == ("/adapters",) and config.adapters.max_slots == 16

@@ -1,23 +1,25 @@
 """The long-running commands: `loramux serve` and `loramux http`, each until SIGINT/SIGTERM.
 
-`run_server(config)` builds the engine (serving its model as `config.served_model_name` and the
-adapters of `config.adapters.modules` loaded, as LoadAdapter loads them), starts it and, unless it
-is disabled, the router that
-serves adapter "auto" (its saved tables at once; each adapter's examples.jsonl and weights are
-reconciled on a background thread, while "auto" routes with what it has, falling back to the base
-model while it knows no adapter), serves gRPC (and the OpenAI HTTP shim when `config.http_port` is
-set) until a signal, then drains: new calls are refused, running
+`run_server(config)` builds the engine (its model served as `config.served_model_name`, the
+adapters of `config.adapters.modules` loaded as LoadAdapter loads them), starts it and, unless it
+is disabled, the router that serves adapter "auto" (its saved tables at once; each adapter's
+examples.jsonl and weights are reconciled on a background thread, while "auto" routes with what it
+has, falling back to the base model while it knows no adapter), serves gRPC (and the OpenAI HTTP
+shim when `config.http_port` is set) until a signal, then drains: new calls are refused, running
 ones get `config.drain_timeout_s` to finish (a second signal aborts them), and the engine is
 shut down. It also stops, with status 1, when the engine thread dies, so a supervisor can
 restart the process. `cmd_http` serves only the HTTP shim in front of a running gRPC server.
 Both return the exit status: 0 after a signal; 1 when the model or an adapter given at start
-could not be loaded, the engine thread died or a port could not be bound. Both first raise the soft open-file limit to
-the hard one (logged), so that the HTTP connection cap (`config.http_limits`) leaves room for
-gRPC, and `configure_logging` rate-limits a flood of one log line.
+could not be loaded, the engine thread died or a port could not be bound. Both first raise the
+soft open-file limit to the hard one (logged), so that the HTTP connection cap
+(`config.http_limits`) leaves room for gRPC, and `configure_logging` rate-limits a flood of one
+log line. `watch_engine` has the metrics read an engine (any process that serves one calls it).
 
 torch, the engine, gRPC and the HTTP app are imported inside the functions that run them.
 This module does not parse flags or turn them into a ServerConfig (`server/cli.py` does);
-it does not know how the engine, the gRPC service or the HTTP app work inside.
+it does not know how the engine, the gRPC service or the HTTP app work inside (the residency
+reader, `adapter_residency`, reads the adapter manager's slots and host cache through their public
+methods).
 """
 
 from __future__ import annotations

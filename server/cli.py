@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -94,9 +95,11 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument(
         "--http-port",
+        "--port",
         type=_port,
         default=server.http_port,
-        help="OpenAI-compatible HTTP port; 0 = no HTTP (default: %(default)s)",
+        action=_OneSetting,
+        help="OpenAI-compatible HTTP port (/metrics too); 0 = no HTTP (default: %(default)s)",
     )
     serve.add_argument(
         "--enable-admin",
@@ -115,8 +118,10 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument(
         "--max-running",
+        "--max-num-seqs",
         type=int,
         default=engine.max_running,
+        action=_OneSetting,
         help="sequences decoded together (default: %(default)s)",
     )
     serve.add_argument(
@@ -133,8 +138,10 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument(
         "--max-batched-tokens",
+        "--max-num-batched-tokens",
         type=int,
         default=engine.max_batched_tokens,
+        action=_OneSetting,
         help="tokens per engine step (default: %(default)s)",
     )
     serve.add_argument(
@@ -152,14 +159,18 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument(
         "--max-slots",
+        "--max-loras",
         type=_non_negative,
         default=adapters.max_slots,
+        action=_OneSetting,
         help="adapters resident on the device at once; 0 = serve no adapters (default: %(default)s)",
     )
     serve.add_argument(
         "--max-rank",
+        "--max-lora-rank",
         type=int,
         default=adapters.max_rank,
+        action=_OneSetting,
         help="largest LoRA rank accepted; sizes the device slots (default: %(default)s)",
     )
     serve.add_argument(
@@ -194,11 +205,121 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the engine's intra-op threads (default: the CPUs this process may use, capped by its "
         "cgroup CPU quota; see README 'Serving' beside other busy processes)",
     )
+    _add_vllm_compatibility(serve)
     _add_router(serve)
     _add_http_limits(serve)
     _add_secrets(serve, admin=True)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_vllm_compatibility(parser: argparse.ArgumentParser) -> None:
+    """vLLM's launch flags, so that tools that launch `vllm serve` (KServe, llm-d) launch loramux.
+
+    Those with a loramux equivalent are spellings of its flag (--port = --http-port, --max-loras =
+    --max-slots, --max-lora-rank = --max-rank, --max-num-seqs = --max-running,
+    --max-num-batched-tokens = --max-batched-tokens), with loramux's defaults; two spellings given
+    different values are an error (`_OneSetting`). The ones below have no loramux equivalent.
+    """
+    group = parser.add_argument_group(
+        "vLLM compatibility",
+        "vLLM's launch flags: --port, --max-loras, --max-lora-rank, --max-num-seqs and "
+        "--max-num-batched-tokens are other spellings of loramux's flags above (loramux's defaults).",
+    )
+    group.add_argument(
+        "model_path",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="as --model (vLLM's `vllm serve MODEL`)",
+    )
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters to serve under names of their own, loaded at start (a bad one stops the start): "
+        'NAME=PATH or a JSON object {"name": ..., "path": ...} (its "base_model_name" is accepted and '
+        "not used: loramux has one base model). loramux reads adapters only from adapter roots, so the "
+        "directory holding each PATH becomes an adapter root too (unless an --adapter-root holds it): "
+        "the adapters beside it are served under their directory names",
+    )
+    group.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="accepted and not needed: loramux always serves adapters (unless --max-slots 0)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the base model's id in the OpenAI API, the gRPC API and the metrics (one name; default: "
+        "its directory's name)",
+    )
+
+
+class _OneSetting(argparse.Action):
+    """`store` for a setting with several spellings (loramux's flag and vLLM's): one spelling given
+    twice keeps the last value, as usual; two spellings given different values are an error."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        given: dict[str, tuple[str | None, object]] = namespace.__dict__.setdefault("_spellings", {})
+        previous = given.get(self.dest)
+        if previous is not None and previous[0] != option_string and previous[1] != values:
+            parser.error(
+                f"{previous[0]} {previous[1]} and {option_string} {values} set the same thing to different "
+                "values; give one of them"
+            )
+        given[self.dest] = (option_string, values)
+        setattr(namespace, self.dest, values)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """vLLM's --lora-modules item: NAME=PATH or {"name": ..., "path": ..., "base_model_name": ...}
+    -> (name, the real directory). The name is checked where the adapter is loaded."""
+    if text.lstrip().startswith("{"):
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object ({exc.msg}): {text}") from None
+        unknown = set(item) - {"name", "path", "base_model_name"} if isinstance(item, dict) else set()
+        if not isinstance(item, dict) or unknown:
+            raise argparse.ArgumentTypeError(
+                f'expected {{"name": ..., "path": ...}} (and optionally "base_model_name"), got {text}'
+            )
+        name, path = item.get("name"), item.get("path")
+    else:
+        name, _, path = text.partition("=")
+    if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+        raise argparse.ArgumentTypeError(f'expected NAME=PATH or {{"name": ..., "path": ...}}, got {text}')
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(
+            f"{name}={path}: not a directory; loramux serves adapters from local directories only "
+            "(download it first)"
+        )
+    return name, os.path.realpath(path)
+
+
+def _module_roots(roots: Sequence[str], modules: Sequence[tuple[str, str]]) -> tuple[str, ...]:
+    """`roots`, then the directory holding each module that no root holds (loramux reads adapters
+    only from inside adapter roots)."""
+    real = [os.path.realpath(root) for root in roots]
+    added: list[str] = []
+    for _, directory in modules:
+        parent = os.path.dirname(directory)
+        inside = any(os.path.commonpath([root, directory]) == root != directory for root in real)
+        if not inside and parent not in added:
+            added.append(parent)
+    return (*roots, *added)
 
 
 def _add_router(parser: argparse.ArgumentParser) -> None:
@@ -361,8 +482,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len,
         max_batched_tokens=args.max_batched_tokens,
     )
+    if args.enable_lora and args.max_slots == 0:
+        raise ValueError("--enable-lora asks for adapters, but --max-slots 0 serves none")
     adapters = AdapterConfig(
-        roots=tuple(args.adapter_root),
+        roots=_module_roots(args.adapter_root, args.lora_modules),
+        modules=tuple(args.lora_modules),
         max_slots=args.max_slots,
         max_rank=args.max_rank,
         host_cache_mb=args.host_cache_mb,
@@ -376,8 +500,16 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         layer=args.router_layer,
         rescan_s=args.router_rescan,
     )
+    if args.model is not None and args.model_path is not None and args.model != args.model_path:
+        raise ValueError(f"two models given: --model {args.model} and MODEL {args.model_path}; give one")
+    names = args.served_model_name or [None]
+    if len(names) > 1:
+        raise ValueError(
+            f"--served-model-name: loramux serves its model under one name, got {' '.join(names)}"
+        )
     return ServerConfig(
-        model=args.model,
+        model=args.model or args.model_path,
+        served_model_name=names[0],
         device=args.device,
         dtype=args.dtype,
         model_kernels=args.model_kernels,

@@ -47,6 +47,9 @@ class AdapterConfig:
     pools: LoRA slot pools as (max_rank, slots) each, e.g. ((8, 24), (16, 8)): an adapter goes to the
         smallest max rank that fits; () = one pool of (max_rank, max_slots), as with no pools.
         Set programmatically (no CLI flag yet).
+    modules: adapters registered at start under names of their own, as (name, directory) pairs
+        (`--lora-modules NAME=PATH`, vLLM's flag), loaded as LoadAdapter loads them: a bad one stops
+        the start. Each directory must lie inside one of `roots` (the flag adds its parent).
     """
 
     roots: tuple[str, ...] = ()
@@ -55,6 +58,7 @@ class AdapterConfig:
     host_cache_mb: int = 1024
     max_adapter_mb: int = 0
     pools: tuple[tuple[int, int], ...] = ()
+    modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_slots < 0:
@@ -71,6 +75,12 @@ class AdapterConfig:
                     f"each slot pool needs 1 <= max rank <= max_rank ({self.max_rank}) and >= 1 slot, "
                     f"got (rank {rank}, {slots} slots)"
                 )
+        names = [name for name, _ in self.modules]
+        if names and self.max_slots == 0:
+            raise ValueError("adapters given at start (--lora-modules) need adapter slots: max_slots >= 1")
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"adapter names given twice at start (--lora-modules): {', '.join(twice)}")
 
     @property
     def pool_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -185,6 +195,7 @@ class ServerConfig:
     request_timeout_s: float = 600.0  # a generation running longer is aborted; 0 = no limit
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
     threads: int | None = None  # the engine's intra-op (OpenMP) threads; None = server.cpus.usable_cpus()
+    served_model_name: str | None = None  # the model's id in the APIs and metrics; None = its directory's
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     router: RouterConfig = field(default_factory=RouterConfig)

@@ -28,9 +28,17 @@ server cannot serve is labelled `<unknown>`, so garbage names cannot grow the la
     loramux_adapter_evictions_total{tier}              LRU evictions from the host cache / device slots
     loramux_adapter_load_seconds{tier}                 histogram of those loads
     loramux_adapter_slots                              device slots
-    vllm:lora_requests_info{running_lora_adapters,     value: the time of the scrape; as vLLM exposes
-        waiting_lora_adapters,max_lora}                it, for LoRA-aware routers (Gateway API
-                                                       inference extension)
+    vllm:num_requests_running{model_name}              as loramux_running_requests, vLLM's name
+    vllm:num_requests_waiting{model_name}              as loramux_queue_depth, vLLM's name
+    vllm:kv_cache_usage_perc{model_name}               as loramux_kv_cache_usage_ratio: a fraction, 0..1
+    vllm:lora_requests_info{running_lora_adapters,     value: when these sets were first seen as they are
+        waiting_lora_adapters,max_lora}                (unix seconds); running = adapters of requests in
+                                                       the running batch, waiting = of queued requests
+    vllm:lora_adapter_loaded{adapter_name,level,       1 per adapter in memory: level "gpu" = a device
+        pinned,rank}                                   slot (whatever the device), "cpu" = the host tier
+                                                       only; pinned "true" while a running request holds it
+    vllm:num_gpu_loaded_lora_adapters                  adapters in a device slot
+    vllm:max_gpu_lora_adapters                         device slots
     loramux_router_decisions_total{adapter}            "auto" requests routed, by what serves them (the
                                                        base model's name on a fallback)
     loramux_router_fallbacks_total{reason}             "auto" requests sent to the base model: no routable
@@ -40,21 +48,34 @@ server cannot serve is labelled `<unknown>`, so garbage names cannot grow the la
                                                        LoadAdapter's example_prompts)
     loramux_router_adapters{by}                        adapters routable now, by: examples | weights
 
+The `vllm:` series are what the Gateway API Inference Extension's endpoint picker (llm-d) scrapes
+from vLLM, with vLLM's names, types and ranges, so a pool of loramux pods is scored as a pool of
+vLLM pods. `vllm:lora_requests_info` is one series: the picker takes the series of largest value
+and splits each adapter label on commas. vLLM lists the same adapters under both labels; loramux
+lists what the names say. The residency series follow the schema proposed to vLLM
+(vllm-project/vllm#54830) for a load-state scorer: a series per adapter in the host tier or a
+device slot, none per adapter that is only on disk, so a scrape costs the same with 8 or 10,000
+adapters on disk.
+
 A routing decision's `adapter` label is the one its request's metrics carry: servable adapter
 names only (the router picks nothing else), so it is bounded as the other per-adapter labels are;
 fallback reasons are a fixed set.
 
 `Metrics` is an `EngineEvents` (the engine reports finished and refused requests and adapter loads
 to it) and a `RouterEvents` (the gRPC service reports routing decisions and learned examples), and
-reads an engine's `EngineSnapshot` (`watch`) and the router's adapter counts (`watch_router`) at
-scrape time; all are wired where the server is assembled. It never imports the engine, and a scrape reads memory only. It knows
+reads an engine's `EngineSnapshot` and the adapters it holds in memory (`watch`) and the router's
+adapter counts (`watch_router`) at scrape time; all are wired where the server is assembled
+(`server.serve_commands.watch_engine`). The only state it keeps for a scrape is when the LoRA
+request sets last changed. It never imports the engine, and a scrape reads memory only. It knows
 nothing about gRPC or HTTP.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -70,7 +91,7 @@ from prometheus_client.registry import Collector
 
 from server.engine.events import UNKNOWN_ADAPTER, EngineSnapshot, FinishedRequest
 
-__all__ = ["CONTENT_TYPE", "UNKNOWN_ADAPTER", "Metrics"]
+__all__ = ["CONTENT_TYPE", "UNKNOWN_ADAPTER", "Metrics", "ResidentAdapter"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -85,6 +106,19 @@ LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FALLBACK_REASONS = ("no routable adapter", "below threshold", "out of domain")  # server.router.router
 ADAPTER_TIERS = ("device", "host", "disk")  # server.engine.adapters.TIER_ORDER
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """One adapter held in memory, as `vllm:lora_adapter_loaded` shows it."""
+
+    name: str
+    level: str  # "gpu": in a device slot (whatever the device) | "cpu": in the host tier only
+    pinned: bool  # a running request holds its slot: it cannot be evicted now
+    rank: int  # its largest per-module rank
+
+
+Residency = Callable[[], Sequence[ResidentAdapter]]
 
 
 class Metrics:
@@ -176,11 +210,20 @@ class Metrics:
         self._watching = False
         self._watching_router = False
 
-    def watch(self, snapshot: Callable[[], EngineSnapshot]) -> None:
-        """Read an engine's state (`Engine.snapshot`) at every scrape (one engine per Metrics)."""
+    def watch(
+        self,
+        snapshot: Callable[[], EngineSnapshot],
+        residency: Residency | None = None,
+        model_name: str = "",
+    ) -> None:
+        """Read an engine's state (`Engine.snapshot`) at every scrape (one engine per Metrics).
+
+        residency: the adapters it holds in memory (`vllm:lora_adapter_loaded`; none without it).
+        model_name: the served model's name, the `model_name` label of the vLLM scheduler gauges.
+        """
         if self._watching:
             raise ValueError("this Metrics already watches an engine; give every engine its own Metrics()")
-        self.registry.register(_EngineCollector(snapshot))
+        self.registry.register(_EngineCollector(snapshot, residency, model_name))
         self._watching = True
 
     def watch_router(self, routable: Callable[[], tuple[int, int]]) -> None:
@@ -232,11 +275,18 @@ class Metrics:
 class _EngineCollector(Collector):
     """Gauges and tier counters read from an engine snapshot at scrape time (cheaper than per step)."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], EngineSnapshot], residency: Residency | None, model_name: str
+    ) -> None:
         self.snapshot = snapshot
+        self.residency = residency
+        self.model_labels = {"model_name": model_name} if model_name else {}
+        self.lora_sets_clock = _ChangeClock()
+        self.lora_sets_clock.since(_lora_sets(snapshot()))  # the sets at start date from the start
 
     def collect(self) -> Iterator[Metric]:
         state = self.snapshot()
+        kv_usage = state.num_running / state.kv_slots if state.kv_slots else 0.0
         yield GaugeMetricFamily(
             "loramux_queue_depth", "Requests submitted and not yet running.", value=state.num_waiting
         )
@@ -248,12 +298,13 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "loramux_kv_cache_usage_ratio",
             "KV cache slots in use / KV cache slots (1 = no request can be admitted).",
-            value=state.num_running / state.kv_slots if state.kv_slots else 0.0,
+            value=kv_usage,
         )
         yield GaugeMetricFamily(
             "loramux_kv_cache_bytes", "Bytes the KV cache holds now (it grows with the longest sequence).",
             value=state.kv_bytes,
         )  # fmt: skip
+        yield from self._vllm_scheduler(state, kv_usage)
         tiers = GaugeMetricFamily(
             "loramux_adapters",
             "Adapters the server can serve, by the highest tier they are in.",
@@ -280,15 +331,73 @@ class _EngineCollector(Collector):
         yield evictions
         num_slots = adapters.num_slots if adapters is not None else 0
         yield GaugeMetricFamily("loramux_adapter_slots", "Device adapter slots.", value=num_slots)
-        if adapters is not None:  # vLLM exposes it only with LoRA enabled; same labels, same value
-            info = GaugeMetricFamily(
-                "vllm:lora_requests_info",
-                "Running stats on lora requests.",
-                labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
-            )
-            running, waiting = ",".join(state.running_adapters), ",".join(state.waiting_adapters)
-            info.add_metric([str(num_slots), waiting, running], time.time())
-            yield info
+        if adapters is not None:  # vLLM exposes its LoRA series only with LoRA enabled
+            yield self._vllm_lora_requests(state, num_slots)
+            yield from self._vllm_residency(adapters.tiers.get("device", 0), num_slots)
+
+    def _vllm_scheduler(self, state: EngineSnapshot, kv_usage: float) -> Iterator[Metric]:
+        """What the endpoint picker's queue and KV-cache scorers read, as vLLM names them."""
+        names, values = list(self.model_labels), list(self.model_labels.values())
+        for name, documentation, value in (
+            ("vllm:num_requests_running", "Requests in the running batch.", state.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting to be processed.", state.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv_usage),
+        ):
+            family = GaugeMetricFamily(name, documentation, labels=names)
+            family.add_metric(values, value)
+            yield family
+
+    def _vllm_lora_requests(self, state: EngineSnapshot, num_slots: int) -> Metric:
+        """vLLM's LoRA gauge: one series, valued at when its label values were first seen as they are."""
+        running, waiting = ",".join(state.running_adapters), ",".join(state.waiting_adapters)
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests: adapters of running and of waiting requests; the value is "
+            "when these sets were first seen as they are (unix seconds).",
+            labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+        )
+        info.add_metric([str(num_slots), waiting, running], self.lora_sets_clock.since(_lora_sets(state)))
+        return info
+
+    def _vllm_residency(self, on_device: int, num_slots: int) -> Iterator[Metric]:
+        """The per-adapter residency schema proposed to vLLM: device slots are "gpu", the host tier "cpu"."""
+        loaded = GaugeMetricFamily(
+            "vllm:lora_adapter_loaded",
+            'LoRA adapters in memory: level "gpu" = a device slot, "cpu" = the host tier only; pinned '
+            "while a running request holds it.",
+            labels=["adapter_name", "level", "pinned", "rank"],
+        )
+        if self.residency is not None:
+            resident = self.residency()
+            on_device = sum(adapter.level == "gpu" for adapter in resident)
+            for adapter in resident:
+                pinned = "true" if adapter.pinned else "false"
+                loaded.add_metric([adapter.name, adapter.level, pinned, str(adapter.rank)], 1)
+        yield loaded
+        yield GaugeMetricFamily(
+            "vllm:num_gpu_loaded_lora_adapters", "LoRA adapters in a device slot.", value=on_device
+        )
+        yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "Device LoRA adapter slots.", value=num_slots)
+
+
+def _lora_sets(state: EngineSnapshot) -> Hashable:
+    return state.running_adapters, state.waiting_adapters
+
+
+class _ChangeClock:
+    """When a value last changed, as the scrapes see it: the wall-clock time it was first seen as it
+    is (scrapes may run on several threads at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: Hashable = None
+        self._since = 0.0
+
+    def since(self, value: Hashable) -> float:
+        with self._lock:
+            if value != self._value:
+                self._value, self._since = value, time.time()
+            return self._since
 
 
 class _RouterCollector(Collector):

@@ -1,21 +1,25 @@
 """The long-running commands: `loramux serve` and `loramux http`, each until SIGINT/SIGTERM.
 
-`run_server(config)` builds and starts the engine and, unless it is disabled, the router that
-serves adapter "auto" (its saved tables at once; each adapter's examples.jsonl and weights are
-reconciled on a background thread, while "auto" routes with what it has, falling back to the base
-model while it knows no adapter), serves gRPC (and the OpenAI HTTP shim when `config.http_port` is
-set) until a signal, then drains: new calls are refused, running
+`run_server(config)` builds the engine (its model served as `config.served_model_name`, the
+adapters of `config.adapters.modules` loaded as LoadAdapter loads them), starts it and, unless it
+is disabled, the router that serves adapter "auto" (its saved tables at once; each adapter's
+examples.jsonl and weights are reconciled on a background thread, while "auto" routes with what it
+has, falling back to the base model while it knows no adapter), serves gRPC (and the OpenAI HTTP
+shim when `config.http_port` is set) until a signal, then drains: new calls are refused, running
 ones get `config.drain_timeout_s` to finish (a second signal aborts them), and the engine is
 shut down. It also stops, with status 1, when the engine thread dies, so a supervisor can
 restart the process. `cmd_http` serves only the HTTP shim in front of a running gRPC server.
-Both return the exit status: 0 after a signal; 1 when the model could not be loaded, the
-engine thread died or a port could not be bound. Both first raise the soft open-file limit to
-the hard one (logged), so that the HTTP connection cap (`config.http_limits`) leaves room for
-gRPC, and `configure_logging` rate-limits a flood of one log line.
+Both return the exit status: 0 after a signal; 1 when the model or an adapter given at start
+could not be loaded, the engine thread died or a port could not be bound. Both first raise the
+soft open-file limit to the hard one (logged), so that the HTTP connection cap
+(`config.http_limits`) leaves room for gRPC, and `configure_logging` rate-limits a flood of one
+log line. `watch_engine` has the metrics read an engine (any process that serves one calls it).
 
 torch, the engine, gRPC and the HTTP app are imported inside the functions that run them.
 This module does not parse flags or turn them into a ServerConfig (`server/cli.py` does);
-it does not know how the engine, the gRPC service or the HTTP app work inside.
+it does not know how the engine, the gRPC service or the HTTP app work inside (the residency
+reader, `adapter_residency`, reads the adapter manager's slots and host cache through their public
+methods).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from server.config import HttpLimits, ServerConfig
+    from server.engine.adapters import AdapterManager
     from server.engine.engine import Engine
-    from server.metrics import Metrics
+    from server.metrics import Metrics, ResidentAdapter
     from server.router.router import Router
 
 logger = logging.getLogger("loramux")
@@ -75,12 +80,15 @@ def run_server(config: ServerConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
+        serve_as(engine, config.served_model_name)
+        load_modules(engine, config.adapters.modules)
         router = build_router(engine, config)
-    except (OSError, ValueError) as exc:  # e.g. --router-layer past the model's layers
+    # a refused --lora-modules adapter (AdapterError is a ValueError), --router-layer past the layers, ...
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         engine.shutdown()
         return 1
-    metrics.watch(engine.snapshot)
+    watch_engine(metrics, engine)
     if router is not None:
         metrics.watch_router(router.routable_counts)
     _raise_open_file_limit()
@@ -94,6 +102,61 @@ def run_server(config: ServerConfig) -> int:
         return 1
     finally:
         engine.shutdown()
+
+
+def serve_as(engine: Engine, name: str | None) -> None:
+    """Serve `engine`'s model under `name` (--served-model-name) in the APIs and the metrics; before
+    anything reads the name (the router, the servers). None keeps its directory's name."""
+    from dataclasses import replace
+
+    if name:
+        engine.info = replace(engine.info, model_name=name)
+
+
+def load_modules(engine: Engine, modules: tuple[tuple[str, str], ...]) -> None:
+    """Register the adapters given at start (--lora-modules), as LoadAdapter does; raises AdapterError
+    (a ValueError) naming the one refused."""
+    from adapters_store import AdapterError
+
+    for name, directory in modules:
+        assert engine.adapters is not None, "AdapterConfig refuses modules without slots"
+        try:
+            engine.adapters.load(name, directory)
+        except AdapterError as exc:
+            raise AdapterError(f"--lora-modules {name}={directory}: {exc}") from None
+        logger.info("adapter %s loaded from %s", name, directory)
+
+
+def watch_engine(metrics: Metrics, engine: Engine) -> None:
+    """Have `metrics` read `engine` at every scrape: its snapshot, the adapters it holds in memory
+    and its model's name (call after `serve_as`)."""
+    from functools import partial
+
+    adapters = engine.adapters
+    residency = partial(adapter_residency, adapters) if adapters is not None else None
+    metrics.watch(engine.snapshot, residency, engine.info.model_name)
+
+
+def adapter_residency(adapters: AdapterManager) -> list[ResidentAdapter]:
+    """The adapters in memory, each once at its highest level: "gpu" in a current device slot (pinned
+    while a running request holds it), else "cpu" in the host tier. Reads memory only: the slots and
+    the host cache, never the roots, so it costs the same with 8 or 10,000 adapters on disk."""
+    from server.metrics import ResidentAdapter
+
+    on_device: dict[str, ResidentAdapter] = {}
+    for slot in adapters.slots.slots():
+        if slot.stale:  # unloaded or replaced: finishing its last requests, served to no new one
+            continue
+        held = on_device.get(slot.name)
+        pinned = slot.pins > 0 or (held is not None and held.pinned)
+        on_device[slot.name] = ResidentAdapter(slot.name, "gpu", pinned, slot.rank)
+    resident = list(on_device.values())
+    host = adapters.store.host
+    for name in host.names():
+        adapter = host.peek(name)  # None: evicted since the listing
+        if name not in on_device and adapter is not None:
+            resident.append(ResidentAdapter(name, "cpu", False, adapter.rank))
+    return resident
 
 
 def _reconcile_in_background(router: Router) -> threading.Thread:

@@ -299,6 +299,8 @@ def _summary(args: argparse.Namespace, runs: dict[str, dict[str, Any]], counts: 
         if base is not None and row["adapters"] != DEMO:
             row["throughput_vs_first"] = (row["tokens_per_s"] or 0) / (base["tokens_per_s"] or 1)
             row["ttft_p50_vs_first"] = (row["ttft_p50"] or 0) / (base["ttft_p50"] or 1)
+            if row["best_rate"] is not None and base["best_rate"]:
+                row["best_rate_vs_first"] = row["best_rate"] / base["best_rate"]
     return {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "command": "loramux bench scaling " + " ".join(sys.argv[3:]),
@@ -314,17 +316,17 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 0) -> str:
 
 def _table(summary: dict[str, Any]) -> str:
     lines = [
-        "| adapters | output tok/s | vs first | TTFT p50 ms | vs first | TTFT p99 ms | TPOT ms | TTFT p50 warm / cold ms | "
-        "Jain | best rate (req/s) | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| adapters | output tok/s | vs first | TTFT p50 ms | vs first | TTFT p99 ms | TPOT ms | TTFT p50 device / host / disk ms | "
+        "Jain | best rate (req/s) | vs first | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         tiers = row["ttft_p50_by_tier"]
-        cold = tiers.get("disk", tiers.get("host"))
         lines.append(
             f"| {row['adapters']} | {_fmt(row['tokens_per_s'], digits=1)} | {_fmt(row.get('throughput_vs_first'), digits=3)} "
             f"| {_fmt(row['ttft_p50'], 1000)} | {_fmt(row.get('ttft_p50_vs_first'), digits=2)} | {_fmt(row['ttft_p99'], 1000)} "
-            f"| {_fmt(row['tpot_mean'], 1000)} | {_fmt(tiers.get('device'), 1000)} / {_fmt(cold, 1000)} "
-            f"| {_fmt(row['jain'], digits=3)} | {_fmt(row['best_rate'], digits=2)} | {row['errors'] or 0} |"
+            f"| {_fmt(row['tpot_mean'], 1000)} | {_fmt(tiers.get('device'), 1000)} / {_fmt(tiers.get('host'), 1000)} / {_fmt(tiers.get('disk'), 1000)} "
+            f"| {_fmt(row['jain'], digits=3)} | {_fmt(row['best_rate'], digits=2)} "
+            f"| {_fmt(row.get('best_rate_vs_first'), digits=2)} | {row['errors'] or 0} |"
         )
     return "\n".join(lines)

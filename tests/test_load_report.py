@@ -124,6 +124,7 @@ async def _fake_run(rate: float) -> dict[str, object]:
         "saturated": False,
         "ttft": {"p99": ttft},
         "tpot": {"mean": 0.01},
+        "e2e": {"min": 0.0},
         "throughput": {"requests_per_s": answered},
     }
 

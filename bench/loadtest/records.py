@@ -90,13 +90,14 @@ class RequestRecord:
 
 
 def summarize(values: list[float]) -> dict[str, float | int | None]:
-    """count, mean, p50, p90, p99, max of `values` (linear-interpolated percentiles; None when empty)."""
+    """count, mean, min, p50, p90, p99, max of `values` (linear-interpolated percentiles; None when empty)."""
     if not values:
-        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+        return {"count": 0, "mean": None, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
     ordered = sorted(values)
     return {
         "count": len(ordered),
         "mean": math.fsum(ordered) / len(ordered),
+        "min": ordered[0],
         "p50": percentile(ordered, 50),
         "p90": percentile(ordered, 90),
         "p99": percentile(ordered, 99),

@@ -8,7 +8,8 @@ within their bounds and the run did not saturate (report.Objective.met_by_run).
 - No rates: doubling from `start_rate` until a point fails, then `refine_steps` bisections between
   the last rate that met the objective and the first that did not.
 Either way the sweep stops early once the server is over-saturated (the run saturated, or it
-answered less than `SATURATED_SHARE` of the offered rate): a higher rate can only do worse and
+answered less than `SATURATED_SHARE` of the offered rate over the run less its last request's
+unqueued time): a higher rate can only do worse and
 would take the longest to run.
 """
 
@@ -28,9 +29,13 @@ MAX_DOUBLINGS = 12
 def over_saturated(report: dict[str, Any], rate: float) -> bool:
     if report.get("saturated"):
         return True
-    if report["duration_s"] <= 0 or report["requests"] == 0:
+    # The last answer comes at least one unqueued request's time (the fastest e2e) after the last
+    # send: leave that tail out, or a short run at a rate the server keeps up with looks behind.
+    tail = report["e2e"].get("min") or 0.0
+    window = report["duration_s"] - tail
+    if window <= 0 or report["requests"] == 0:
         return False
-    return report["throughput"]["requests_per_s"] < SATURATED_SHARE * rate
+    return report["completed"] / window < SATURATED_SHARE * rate
 
 
 async def sweep(

@@ -2,7 +2,7 @@
 
 Tiny configurations with made-up costs, fixed seeds: hit rates that queueing-free caches must
 give (everything fits: 1; uniform popularity under random routing: S/A in a slot, (H-S)/A in the
-host tier only), the M/D/1 mean wait (Pollaczek-Khinchine) for one replica serving one request
+host tier only; zipf under random routing: Che's approximation of LRU), the M/D/1 mean wait (Pollaczek-Khinchine) for one replica serving one request
 at a time, affinity routing against random on zipf, Ray's and llm-d's choices on hand-made
 states, and bookkeeping: every request finishes exactly once, the same seed gives the same run.
 """
@@ -79,6 +79,33 @@ def test_random_routing_over_uniform_adapters_hits_s_over_a_in_slots_and_h_over_
     assert summary.slot_hit_rate == pytest.approx(slots / adapters, abs=0.012)
     assert summary.host_rate == pytest.approx((host - slots) / adapters, abs=0.012)
     assert summary.disk_rate == pytest.approx(1 - host / adapters, abs=0.015)
+
+
+def che_lru_hit_rate(probabilities: np.ndarray, size: int) -> float:
+    """Che's approximation of an LRU cache of `size` under independent requests: the characteristic
+    time T solves sum_i (1 - exp(-p_i T)) = size, and the hit rate is sum_i p_i (1 - exp(-p_i T))."""
+    low, high = 0.0, 1.0
+    while np.sum(1 - np.exp(-probabilities * high)) < size:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if np.sum(1 - np.exp(-probabilities * middle)) < size else (low, middle)
+    return float(np.sum(probabilities * (1 - np.exp(-probabilities * high))))
+
+
+@pytest.mark.parametrize(("adapters", "alpha", "slots"), [(500, 1.0, 10), (2000, 1.5, 8)])
+def test_random_routing_over_zipf_adapters_hits_as_che_approximates_lru(
+    adapters: int, alpha: float, slots: int
+) -> None:
+    # Light load again: each replica's slots and host tier are LRU caches under independent
+    # zipf requests, which Che's approximation predicts to within a fraction of a percent.
+    probabilities = np.arange(1, adapters + 1, dtype=np.float64) ** -alpha
+    probabilities /= probabilities.sum()
+    wl = workload(adapters=adapters, popularity=f"zipf:{alpha}", rate=1.0, count=20_000)
+    summary = run(wl, 2, ReplicaShape(slots=slots, host_adapters=3 * slots)).summary(warmup=0.1)
+    assert summary.slot_hit_rate == pytest.approx(che_lru_hit_rate(probabilities, slots), abs=0.015)
+    in_host = summary.slot_hit_rate + summary.host_rate
+    assert in_host == pytest.approx(che_lru_hit_rate(probabilities, 3 * slots), abs=0.015)
 
 
 def test_affinity_routing_beats_random_on_zipf() -> None:

@@ -1,22 +1,30 @@
 """`--measure`: time our real engine in-process on the default model and write the `Costs`.
 
 1) Write `batch_sizes[-1] + loads` rank-8 q,k,v,o adapters with `bench make-adapters`'s writer
-   into a temp dir (the adapter root).
-2) Decode step at each batch size b, every sequence on one adapter and on b distinct adapters:
-   (T(N) - T(1)) / (N - 1), T(n) the wall time for b prompts to get n tokens (prefill, adapter
-   loads and the first token cancel out; `bench engine`'s method), best of `repeats`.
-3) Prefill per prompt token: (T(1) at long prompts - T(1) at short ones) / the extra tokens.
-4) Adapter loads, after the engine has stepped (every slot then holds an adapter): disk -> host
+   into a temp dir (the adapter root) and start an engine on it (`max_slots` = the largest batch).
+2) Every engine step is timed as it runs (`Engine.step` wrapped, the step's plan noted from
+   `Scheduler.schedule`), so each figure is the 25th percentile of many steps of one kind, runs
+   of every kind interleaved over `repeats` rounds after a warm-up round (which also copies the
+   adapters into their slots): on a shared machine a burst of other work slows some steps and
+   never speeds one, and no kind gets all of a burst.
+   - decode step at batch b: the steps with b decode tokens and no prompt, every sequence on one
+     adapter, and on b distinct adapters (runs of `new_tokens` tokens);
+   - prefill per prompt token: the steps that prefill (two) `long_prompt`-token prompts and decode
+     nothing, less a decode step at batch 1 (the step's fixed part), over their prompt tokens.
+3) Adapter loads, after the engine has stepped (every slot then holds an adapter): disk -> host
    is `AdapterManager.prefetch` of an adapter never read (read, validated, device-ready form;
    the files were just written, so they come from the page cache, not the disk), a host hit is
    the same call again, host -> device is `DeviceSlots.acquire` of it (a slot evicted and
    filled). Medians over `loads` adapters.
-Everything runs on this machine's CPU with the engine's default threads; `about` records where.
+Everything runs on this machine's CPU with as many threads as it has usable CPUs, fixed (a fleet's
+replica has its CPUs to itself: the thread governor, which backs off beside a busy neighbour, is
+off); `about` records where, and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -26,31 +34,85 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.clustersim.costs import Costs
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
+QUANTILE = 25  # of a kind of step's times
 
 
 @dataclass(frozen=True)
 class MeasureConfig:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    new_tokens: int = 12  # N of the decode timing
+    new_tokens: int = 16  # tokens per request in a decode run
     short_prompt: int = 16
     long_prompt: int = 240
-    repeats: int = 2
-    loads: int = 5
+    repeats: int = 5
+    loads: int = 7
     rank: int = 8
 
 
+@dataclass(frozen=True)
+class StepSample:
+    seconds: float
+    decodes: int  # decode tokens in the step
+    prompt_tokens: int  # prompt tokens prefilled in it
+
+
+class StepTimer:
+    """Times every step of `engine` on its own thread, with what the step ran."""
+
+    def __init__(self, engine: Any) -> None:
+        self.samples: list[StepSample] = []
+        schedule, step = engine.scheduler.schedule, engine.step
+        planned: list[Any] = [None]
+
+        def noted_schedule() -> Any:
+            planned[0] = schedule()
+            return planned[0]
+
+        def timed_step() -> None:
+            start = time.perf_counter()
+            step()
+            plan = planned[0]
+            prompt = sum(chunk for _, chunk in plan.prefills)
+            self.samples.append(StepSample(time.perf_counter() - start, len(plan.decodes), prompt))
+
+        engine.scheduler.schedule = noted_schedule
+        engine.step = timed_step
+
+
+def low_quantile(values: list[float], what: str) -> float:
+    """The 25th percentile: a burst of the machine's other work slows some steps, never speeds one."""
+    if not values:
+        raise RuntimeError(f"no engine step ran {what}")
+    return float(np.percentile(values, QUANTILE))
+
+
+def decode_step_s(samples: list[StepSample], batch: int) -> float:
+    chosen = [s.seconds for s in samples if s.decodes == batch and not s.prompt_tokens]
+    return low_quantile(chosen, f"{batch} decodes and no prompt")
+
+
+def prefill_per_token_s(samples: list[StepSample], overhead: float) -> float:
+    """(step - `overhead`) / its prompt tokens, over the steps that prefill and decode nothing."""
+    chosen = [
+        max(s.seconds - overhead, 0.0) / s.prompt_tokens for s in samples if s.prompt_tokens and not s.decodes
+    ]
+    return low_quantile(chosen, "a prompt without decoding")
+
+
 def measure_costs(config: MeasureConfig, progress: Callable[[str], None] = print) -> Costs:
-    from bench.engine_bench import best_of, make_prompts, run_engine
+    from bench.engine_bench import make_prompts, run_engine
     from bench.make_adapters_bench import add_arguments, plan_from_args, prepare_out, write_adapters
     from server.config import AdapterConfig, EngineConfig, ServerConfig
+    from server.cpus import default_threads
     from server.runtime import build_engine
 
     largest = config.batch_sizes[-1]
     with tempfile.TemporaryDirectory(prefix="loramux-cluster-costs-") as tmp:
-        # 1) the adapters
+        # 1) the adapters and the engine
         root = Path(tmp)
         parser = argparse.ArgumentParser()
         add_arguments(parser)
@@ -66,38 +128,40 @@ def measure_costs(config: MeasureConfig, progress: Callable[[str], None] = print
         engine = build_engine(
             ServerConfig(
                 device="cpu",
+                threads=default_threads(os.environ),  # fixed: no governor (see the module docstring)
                 engine=EngineConfig(max_running=largest, max_batched_tokens=max(512, largest)),
                 adapters=AdapterConfig(roots=(tmp,), max_slots=largest, max_rank=config.rank),
             )
         )
+        timer = StepTimer(engine)
         engine.start()
         try:
             prompts = make_prompts(engine.tokenizer, largest, config.long_prompt)
 
-            def seconds(batch: int, prompt: int, tokens: int, adapters: list[str]) -> float:
-                rows = [p[:prompt] for p in prompts[:batch]]
-                return best_of(config.repeats, lambda: run_engine(engine, rows, tokens, adapters))
-
-            # 2) decode steps
-            same: list[float] = []
-            distinct: list[float] = []
+            # 2) every kind of run once as a warm-up (it also fills the slots), then `repeats` rounds
+            # of all of them, so that a burst of other work on the machine spreads over every kind
+            kinds: dict[str, tuple[int, int, int, list[str]]] = {}  # batch, prompt, tokens, adapters
             for batch in config.batch_sizes:
-                for adapters, out in (([names[0]] * batch, same), (names[:batch], distinct)):
-                    t_n = seconds(batch, config.short_prompt, config.new_tokens, adapters)
-                    t_1 = seconds(batch, config.short_prompt, 1, adapters)
-                    out.append((t_n - t_1) / (config.new_tokens - 1))
+                kinds[f"same-{batch}"] = (batch, config.short_prompt, config.new_tokens, [names[0]] * batch)
+                kinds[f"distinct-{batch}"] = (batch, config.short_prompt, config.new_tokens, names[:batch])
+            kinds["prefill"] = (2, config.long_prompt, 1, names[:2])
+            samples: dict[str, list[StepSample]] = {kind: [] for kind in kinds}
+            for round_ in range(config.repeats + 1):
+                for kind, (batch, prompt, tokens, adapters) in kinds.items():
+                    since = len(timer.samples)
+                    run_engine(engine, [p[:prompt] for p in prompts[:batch]], tokens, adapters)
+                    if round_:
+                        samples[kind] += timer.samples[since:]
+                progress(f"round {round_} of {config.repeats} done" if round_ else "warm-up done")
+            same = [decode_step_s(samples[f"same-{b}"], b) for b in config.batch_sizes]
+            distinct = [decode_step_s(samples[f"distinct-{b}"], b) for b in config.batch_sizes]
+            for batch, one, many in zip(config.batch_sizes, same, distinct, strict=True):
                 progress(
-                    f"batch {batch}: decode step {same[-1] * 1e3:.1f} ms one adapter, "
-                    f"{distinct[-1] * 1e3:.1f} ms {batch} adapters"
+                    f"batch {batch}: decode step {one * 1e3:.1f} ms one adapter, {many * 1e3:.1f} ms {batch}"
                 )
-            # 3) prefill
-            batch = 2
-            extra = batch * (config.long_prompt - config.short_prompt)
-            long_s = seconds(batch, config.long_prompt, 1, names[:batch])
-            short_s = seconds(batch, config.short_prompt, 1, names[:batch])
-            prefill = max(long_s - short_s, 0.0) / extra
+            prefill = prefill_per_token_s(samples["prefill"], overhead=distinct[0])
             progress(f"prefill: {prefill * 1e6:.0f} us per prompt token")
-            # 4) adapter loads
+            # 3) adapter loads
             manager = engine.adapters
             assert manager is not None
             disk, hit, device, nbytes = [], [], [], 0
@@ -145,9 +209,11 @@ def _about(config: MeasureConfig, disk_bytes: int) -> dict[str, Any]:
         "model": base_model_config(None)[0],
         "machine": f"{platform.machine()} {_cpu_name()}".strip(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # others' work on a shared machine
         "adapter": f"LoRA rank {config.rank} on {TARGETS}, {disk_bytes} bytes of fp16 factors on disk",
-        "method": "decode: (T(N) - T(1)) / (N - 1), best of repeats; loads: medians; "
-        "disk -> host from the page cache (files just written)",
+        "method": "25th percentile of timed engine steps of one kind (decode at batch b, prefill "
+        "of long prompts), kinds interleaved over rounds; loads: medians; disk -> host from the "
+        "page cache (files just written)",
         "config": {
             "new_tokens": config.new_tokens,
             "short_prompt": config.short_prompt,

@@ -53,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--utilisation", type=float, default=0.7, help="offered load per replica, of its full-batch rate"
     )
-    parser.add_argument("--requests-per-replica", type=int, default=400, help="requests planned per replica")
+    parser.add_argument("--requests-per-replica", type=int, default=5000, help="requests planned per replica")
     parser.add_argument("--min-requests", type=int, default=30_000, help="at least this many per run")
-    parser.add_argument("--warmup", type=float, default=0.2, help="fraction of requests not counted")
+    parser.add_argument("--warmup", type=float, default=0.6, help="fraction of requests not counted")
     parser.add_argument("--host-mb", type=int, default=1024, help="host tier per replica (serve's default)")
     parser.add_argument("--host-adapters", type=int, default=0, help="host tier in adapters (overrides MiB)")
     parser.add_argument("--max-running", type=int, default=32, help="as EngineConfig.max_running")
@@ -105,7 +105,7 @@ def _policies(args: argparse.Namespace) -> list[PolicySpec]:
 def _workload_config(args: argparse.Namespace, rate: float, count: int) -> WorkloadConfig:
     return WorkloadConfig(
         adapters=tuple(f"adapter-{i:05d}" for i in range(args.adapters)),
-        token_ids=(0, 1),  # the simulation needs lengths only; one id keeps the plan small
+        token_ids=(0, 1),
         popularity=args.popularity,
         churn=args.churn,
         arrival=args.arrival,

@@ -19,6 +19,7 @@ no event queue.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,12 +61,10 @@ class Costs:
         spread = _interpolate(self.batch_sizes, self.distinct_adapters_s, batch) - same
         return same + spread * (min(distinct, batch) - 1) / (batch - 1)
 
-    def step_table(self, max_batch: int) -> list[list[float]]:
-        """decode_s as a table: table[b][d] for 0 <= d <= b <= max_batch (b = 0: an empty step, 0 s)."""
-        table = [[0.0]]
-        for batch in range(1, max_batch + 1):
-            table.append([max(0.0, self.decode_s(batch, distinct)) for distinct in range(batch + 1)])
-        return table
+    def step_table(self, max_batch: int) -> tuple[tuple[float, ...], ...]:
+        """decode_s as a table: table[b][d] for 0 <= d <= b <= max_batch (b = 0: an empty step, 0 s).
+        Built once per (costs, max_batch): every replica of a fleet reads the same one."""
+        return _step_table(self, max_batch)
 
     def full_batch_s(self, batch: int, distinct: float, prompt_tokens: float, max_tokens: float) -> float:
         """Seconds for a replica to run `batch` requests start to end at a full batch: max_tokens
@@ -109,6 +108,14 @@ def read_costs(path: Path = COSTS_PATH) -> Costs:
 
 def write_costs(costs: Costs, path: Path = COSTS_PATH) -> None:
     path.write_text(json.dumps(costs.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=8)
+def _step_table(costs: Costs, max_batch: int) -> tuple[tuple[float, ...], ...]:
+    rows: list[tuple[float, ...]] = [(0.0,)]
+    for batch in range(1, max_batch + 1):
+        rows.append(tuple(max(0.0, costs.decode_s(batch, distinct)) for distinct in range(batch + 1)))
+    return tuple(rows)
 
 
 def _interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:

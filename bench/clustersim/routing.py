@@ -170,25 +170,24 @@ class LlmdRouter(Router):
         self.resident: dict[int, set[int]] = {}
         self.use_residency = spec.name == "llm-d-resident"
         self.base = np.zeros(state.replicas)
+        self.base_without_lora = np.zeros(state.replicas)
         self.has_room = np.ones(state.replicas, dtype=bool)
 
     def route(self, adapter: int, now: float) -> int | None:
         if now >= self.next_scrape_s:
             self._scrape(now)
-        lora: dict[int, float] = {}  # pods whose lora score is not the base's (0.8 with room, else 0)
-        for pod in self.waits.get(adapter, ()):
-            if not self.has_room[pod]:
-                lora[pod] = 0.6
-        for pod in self.runs.get(adapter, ()):
-            lora[pod] = 1.0
+        w_lora = self.weights[2]
+        score = self.base.copy()  # the lora score in it: 0.8 with room, else 0
+        waiting = self.waits.get(adapter)
+        if waiting:
+            pods = np.fromiter(waiting, dtype=np.int64, count=len(waiting))
+            score[pods[~self.has_room[pods]]] += w_lora * 0.6
+        active = self.runs.get(adapter, set())
         if self.use_residency:
-            for pod in self.resident.get(adapter, ()):
-                lora[pod] = 1.0
-        score = self.base
-        if lora:
-            score = score.copy()
-            for pod, value in lora.items():
-                score[pod] += self.weights[2] * (value - 0.8 * self.has_room[pod])
+            active = active | self.resident.get(adapter, set())
+        if active:
+            pods = np.fromiter(active, dtype=np.int64, count=len(active))
+            score[pods] = self.base_without_lora[pods] + w_lora * 1.0
         return self._pick(np.flatnonzero(score >= score.max() - 1e-9))
 
     def _scrape(self, now: float) -> None:
@@ -211,7 +210,8 @@ class LlmdRouter(Router):
         queue = np.ones(state.replicas) if high == low else (high - waiting) / (high - low)
         kv = 1.0 - state.running / self.max_running
         self.has_room = state.num_lora < self.max_lora
-        self.base = w_queue * queue + w_kv * kv + w_lora * 0.8 * self.has_room
+        self.base_without_lora = w_queue * queue + w_kv * kv
+        self.base = self.base_without_lora + w_lora * 0.8 * self.has_room
         # Scrapes run on a fixed tick: this copy serves every request until the next one.
         self.next_scrape_s = (np.floor(now / self.scrape_s) + 1) * self.scrape_s if self.scrape_s else now
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from bench.clustersim.replica import (
 )
 from bench.clustersim.routing import PolicySpec, make_router
 from bench.clustersim.state import FleetState
-from bench.loadtest.workload import WorkloadConfig, expected_frequencies, parse_length, plan
+from bench.loadtest.workload import WorkloadConfig, _Streams, expected_frequencies, parse_length, plan
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,31 @@ class Workload:
 
 
 def workload_from(config: WorkloadConfig) -> Workload:
-    """Plan `config` (open loop: it needs arrival times) into columns."""
+    """Plan `config` (open loop: it needs arrival times) into columns.
+
+    Only prompt lengths matter here, so a synthetic plan is made with one-token prompts (a
+    million requests of 128 token ids would not fit in memory) and the lengths are drawn from the
+    planner's own prompt-length stream: each aspect of a plan has its own stream, so the times,
+    adapters and max tokens are the same draws and the lengths are what `plan(config)` draws (a
+    test holds the two equal). A trace, whose lines may give their own lengths, is planned whole.
+    """
     if config.arrival not in ("poisson", "gamma", "trace"):
         raise ValueError(f"the simulation replays planned times; arrival {config.arrival!r} has none")
-    planned = plan(config)
+    if config.arrival == "trace":
+        planned = plan(config)
+        prompt_tokens = tuple(len(p.prompt_token_ids) for p in planned)
+    else:
+        planned = plan(replace(config, prompt_tokens="1"))
+        lengths = parse_length(config.prompt_tokens).sample(
+            _Streams(config.seed).prompt_lengths, len(planned)
+        )
+        prompt_tokens = tuple(lengths.tolist())
     names = tuple(dict.fromkeys((*config.adapters, *(p.adapter for p in planned))))
     index = {name: i for i, name in enumerate(names)}
     return Workload(
         arrival_s=tuple(float(p.at_s or 0.0) for p in planned),
         adapter=tuple(index[p.adapter] for p in planned),
-        prompt_tokens=tuple(len(p.prompt_token_ids) for p in planned),
+        prompt_tokens=prompt_tokens,
         max_tokens=tuple(p.max_tokens for p in planned),
         names=names,
     )

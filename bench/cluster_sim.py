@@ -34,7 +34,7 @@ from bench.clustersim.replica import ReplicaShape
 from bench.clustersim.report import markdown_header, markdown_row, plot, sizing
 from bench.clustersim.routing import EXTRA_POLICIES, POLICIES, PolicySpec
 from bench.clustersim.sim import FleetConfig, Workload, replica_capacity_rps, simulate, workload_from
-from bench.loadtest.workload import WorkloadConfig
+from bench.loadtest.workload import MAX_PLANNED_REQUESTS, WorkloadConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--utilisation", type=float, default=0.7, help="offered load per replica, of its full-batch rate"
     )
-    parser.add_argument("--requests-per-replica", type=int, default=5000, help="requests planned per replica")
-    parser.add_argument("--min-requests", type=int, default=30_000, help="at least this many per run")
-    parser.add_argument("--warmup", type=float, default=0.6, help="fraction of requests not counted")
+    parser.add_argument("--requests-per-replica", type=int, default=3900, help="requests planned per replica")
+    parser.add_argument("--min-requests", type=int, default=60_000, help="at least this many per run")
+    parser.add_argument("--warmup", type=float, default=0.7, help="fraction of requests not counted")
     parser.add_argument("--host-mb", type=int, default=1024, help="host tier per replica (serve's default)")
     parser.add_argument("--host-adapters", type=int, default=0, help="host tier in adapters (overrides MiB)")
     parser.add_argument("--max-running", type=int, default=32, help="as EngineConfig.max_running")
@@ -140,7 +140,8 @@ def sweep(args: argparse.Namespace, costs: Costs) -> list[dict[str, Any]]:
     for slots in slot_counts:
         for replicas in replica_counts:
             if replicas not in workloads:
-                count = max(args.min_requests, args.requests_per_replica * replicas)
+                wanted = max(args.min_requests, args.requests_per_replica * replicas)
+                count = min(wanted, MAX_PLANNED_REQUESTS)  # the planner's guard
                 workloads[replicas] = workload_from(_workload_config(args, per_replica * replicas, count))
             for policy in policies:
                 started = time.perf_counter()

@@ -13,7 +13,8 @@ cold-load costs are this machine's, measured on the real engine (bench/cluster_c
 `--measure`). The offered rate scales with R: `--utilisation` (0.7) times what one replica
 completes at a full batch of this workload, times R. Reported per (S, R, policy) after the first
 `--warmup` of requests: slot hit rate, where the others found their adapter, cold loads/s, offered
-and completed req/s, output tok/s, TTFT p50/p99, the fraction of replica-time spent stepping and the mean batch.
+and completed req/s, output tok/s, TTFT p50/p99 and the mean batch (the JSON also has the fraction of
+replica-time spent stepping).
 
 It is a model: no network, no KV-cache memory, no refusals, every request runs to its
 max_tokens; see the modules' docstrings for what each part leaves out.

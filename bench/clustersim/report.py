@@ -24,7 +24,6 @@ COLUMNS = (
     ("output_tok_s", "tok/s", "{:.0f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.2f}"),
-    ("stepping", "stepping", "{:.2f}"),
     ("mean_batch", "batch", "{:.1f}"),
 )
 

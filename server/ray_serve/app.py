@@ -30,7 +30,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -87,14 +86,6 @@ def application(config: ServerConfig, ray_config: RayConfig) -> serve.Applicatio
 # -- replica ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Listing:
-    """What the replicas serve: the base model's id and the adapters in their roots."""
-
-    base_model: str
-    adapters: frozenset[str]
-
-
 @serve.deployment
 class LoramuxReplica:
     """One loramux server; `forward` answers one OpenAI request through it."""
@@ -125,10 +116,12 @@ class LoramuxReplica:
         async for item in self.server.forward(request, ((REPLICA_HEADER.encode(), self.name.encode()),)):
             yield item
 
-    async def listing(self) -> Listing:
+    async def adapter_names(self) -> frozenset[str]:
+        """Every adapter this replica can serve (its roots scanned: off the event loop)."""
         adapters = self.server.engine.adapters
-        names = await asyncio.to_thread(lambda: [a.name for a in adapters.list()]) if adapters else []
-        return Listing(self.server.model_name, frozenset(names))
+        if adapters is None:
+            return frozenset()
+        return frozenset(await asyncio.to_thread(lambda: [a.name for a in adapters.list()]))
 
     def check_health(self) -> None:
         if not self.server.alive:  # Ray replaces a replica that fails this
@@ -148,7 +141,7 @@ class LoramuxIngress:
     def __init__(self, replicas: DeploymentHandle, adapters_on: bool) -> None:
         self.replicas = replicas
         self.adapters_on = adapters_on
-        self.listing: Listing | None = None
+        self.listing: frozenset[str] | None = None  # the adapters, as a replica last listed them
         self.listed_at = 0.0
         self.refreshing: asyncio.Task[None] | None = None
 
@@ -195,10 +188,10 @@ class LoramuxIngress:
         if not isinstance(model, str) or model in ("", AUTO_MODEL):
             return ""
         listing = await self._listing()
-        return model if listing is not None and model in listing.adapters else ""
+        return model if listing is not None and model in listing else ""
 
-    async def _listing(self) -> Listing | None:
-        """The replicas' listing; refreshed in the background once stale (awaited only the first time)."""
+    async def _listing(self) -> frozenset[str] | None:
+        """The replicas' adapters; refreshed in the background once stale (awaited only the first time)."""
         stale = time.monotonic() - self.listed_at > LISTING_REFRESH_S
         if stale and (self.refreshing is None or self.refreshing.done()):
             self.refreshing = asyncio.create_task(self._refresh())
@@ -208,7 +201,7 @@ class LoramuxIngress:
 
     async def _refresh(self) -> None:
         try:
-            self.listing = await self.replicas.listing.remote()
+            self.listing = await self.replicas.adapter_names.remote()
         except Exception as exc:  # routed without affinity meanwhile; retried on a later request
             logger.warning("listing the replicas' adapters failed: %s", exc)
             return

@@ -214,14 +214,19 @@ def _response(response: Response, headers: tuple[tuple[bytes, bytes], ...]) -> R
 
 
 async def _rest(items: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    """The rest of a streamed answer; a replica that stops ends it with an error event."""
+    """The rest of a streamed answer; a replica that stops ends it with an error event. A client
+    that leaves closes this generator, which cancels the replica's call (and its engine requests)."""
+    ended = False
     try:
         async for chunk in items:
             yield chunk
+        ended = True
     except REPLICA_GONE:
+        ended = True
         error = error_body(503, REPLICA_GONE_MESSAGE, code="replica_unavailable")
         yield (sse(json.dumps(error)) + DONE).encode()
-    except RequestCancelledError:  # the client left
-        return
+    except RequestCancelledError:  # the client left, and Ray has cancelled the call
+        ended = True
     finally:
-        items.cancel()
+        if not ended:
+            items.cancel()

@@ -200,7 +200,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(dirs: dict[str, Path]) -> Iterator[str]:
+def cluster(dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The application on a local Ray instance: its URL."""
     if not HAVE_RAY:
         pytest.skip("the `ray` extra is not installed (pip install -e '.[ray]')")
@@ -218,7 +218,7 @@ def cluster(dirs: dict[str, Path]) -> Iterator[str]:
             device="cpu",
             engine=ENGINE,
             adapters=AdapterConfig(roots=(str(dirs["root"]),), max_slots=SLOTS, max_rank=8),
-            router=RouterConfig(enabled=False),
+            router=RouterConfig(state_path=str(tmp_path_factory.mktemp("router") / "tables.safetensors")),
             drain_timeout_s=2.0,
         )
         serve.run(application(config, RayConfig(replicas=2)), name="loramux-test", route_prefix="/")
@@ -255,7 +255,7 @@ def test_replicas_answer_as_a_single_server(client: httpx.Client, oracle: str, d
     base = dirs["base"].name
     chat = {"messages": [{"role": "user", "content": "Say hello."}], **GREEDY}
     with httpx.Client(base_url=oracle, timeout=60) as single:
-        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {base, *ADAPTERS}
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {base, "auto", *ADAPTERS}
         texts = set()
         for model in (base, *ADAPTERS):
             expected = _complete(single, model).json()
@@ -268,6 +268,8 @@ def test_replicas_answer_as_a_single_server(client: httpx.Client, oracle: str, d
             text, _ = _stream_text(client, "/v1/chat/completions", {"model": model, **chat})
             assert text == expected_chat["choices"][0]["message"]["content"]
         assert len(texts) == 5  # every adapter really changes the answer: equality means something
+        routed = _complete(client, "auto")  # the replica's router picks (any replica)
+        assert routed.status_code == 200 and "routing" in routed.json() and routed.headers[REPLICA_HEADER]
         unknown = _complete(client, "nobody")  # the shim's own 404, through Ray
         assert unknown.status_code == 404 and unknown.json() == _complete(single, "nobody").json()
 

@@ -6,8 +6,8 @@ gRPC service on a free loopback port, and the OpenAI HTTP app as a client of it.
 opened: `forward(request)` calls the app as an ASGI application and yields its answer as
 `wire` items, so a request is parsed, validated and answered exactly as `loramux serve` would.
 `start(config, router_tag=...)` keeps the router's tables in a file of that tag's own (beside
-the one `loramux serve` saves), so replicas sharing a cache directory never write one file at
-once. `warm(name)` reads an adapter into the host tier ahead of its requests (AdapterNotFound for a
+the one `loramux serve` would save: `<model>.<tag>.safetensors`), so replicas sharing a cache
+directory never write one file at once. `warm(name)` reads an adapter into the host tier ahead of its requests (AdapterNotFound for a
 name the server cannot serve). `stop()` closes all of it.
 
 It runs on the caller's event loop (a Ray replica's) and does not know Ray.
@@ -21,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.ray_serve.wire import Answer, Forwarded, Headers, StreamStart, header
@@ -64,7 +65,7 @@ class LocalServer:
         metrics = Metrics()
         engine = await asyncio.to_thread(build_engine, config, metrics)
         try:
-            if router_tag is not None and config.router.state_path is None:
+            if router_tag is not None:
                 config = _tagged_router_state(config, engine.info.model_name, router_tag)
             router = await asyncio.to_thread(build_router, engine, config)
             metrics.watch(engine.snapshot)
@@ -229,12 +230,15 @@ async def _wind_up(task: asyncio.Task[None]) -> None:
 
 
 def _tagged_router_state(config: ServerConfig, model_name: str, tag: str) -> ServerConfig:
-    """`config` with the router's tables in `<cache>/router/<model>.<tag>.safetensors`."""
+    """`config` with the router's tables in `<name>.<tag>.safetensors` beside where they would be."""
     from server.model.loader import cache_root
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model_name}.{tag}")  # as build_router
-    state = cache_root(config.cache_dir) / "router" / f"{safe}.safetensors"
-    return replace(config, router=replace(config.router, state_path=str(state)))
+    state = config.router.state_path
+    if state is None:  # where build_router puts them
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+        state = str(cache_root(config.cache_dir) / "router" / f"{safe}.safetensors")
+    tagged = Path(state).with_suffix(f".{tag}.safetensors")
+    return replace(config, router=replace(config.router, state_path=str(tagged)))
 
 
 def _raw(headers: Any) -> Headers:

@@ -128,7 +128,9 @@ class LoramuxReplica:
             raise RuntimeError("the engine thread died")
 
     async def __del__(self) -> None:
-        await self.server.stop()
+        server = getattr(self, "server", None)  # None when the constructor failed
+        if server is not None:
+            await server.stop()
 
 
 # -- ingress ---------------------------------------------------------------------------------

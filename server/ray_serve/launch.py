@@ -71,7 +71,9 @@ def cmd_ray(config: ServerConfig, ray_config: RayConfig) -> int:
         serve.start(http_options={"host": config.host, "port": config.http_port})
         serve.run(application(config, ray_config), name=ray_config.app_name, route_prefix="/")
     except Exception as exc:  # a replica that cannot start (no such model, ...) fails the deployment
-        print(f"error: the application could not be deployed: {exc}", file=sys.stderr)
+        print(
+            f"error: the application could not be deployed: {exc}{_why(ray_config.app_name)}", file=sys.stderr
+        )
         _stop(local, ray_config.app_name)
         return 1
     logger.info(
@@ -84,6 +86,20 @@ def cmd_ray(config: ServerConfig, ray_config: RayConfig) -> int:
     logger.info("shutting down")
     _stop(local, ray_config.app_name)
     return 0
+
+
+def _why(app_name: str) -> str:
+    """What the failed deployments of the application say last (a replica's error), as lines."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app_name].deployments.values()
+    except Exception:  # Serve itself did not come up: the exception says it all
+        return ""
+    reasons = [
+        lines[-1] for d in deployments if (lines := [ln for ln in d.message.splitlines() if ln.strip()])
+    ]
+    return "".join(f"\n  {reason}" for reason in reasons)
 
 
 def _wait_for_signal() -> None:

@@ -4,11 +4,11 @@ The `ray`-marked tests share one Ray instance on loopback (2 CPUs, no dashboard)
 application `loramux ray` deploys: 2 replicas with 2 device slots each, so Ray's multiplexing must
 split the 4 adapters between them. Their oracle is a single loramux server (engine, gRPC and the
 OpenAI shim, as `loramux serve` runs them) over the same model and adapter root. They check what a
-user relies on: the same greedy answers as one server, streamed or not; requests for an adapter
-land on a replica that already holds it; a killed replica's requests end with a clear error (none
-hangs) and Ray brings a replica back. The rest runs without Ray: the `serve run` arguments as
-flags, the in-process ASGI call a replica makes, and the message when ray is not installed.
-"""
+user relies on: the same greedy answers as one server, streamed or not ("auto" reaching a
+replica's router); requests for an adapter land on a replica that already holds it; a killed
+replica's requests end with a clear error (none hangs) and Ray brings a replica back. The rest
+runs without Ray: the `serve run` arguments as flags, the in-process ASGI call a replica makes,
+and the message when ray is not installed."""
 
 from __future__ import annotations
 

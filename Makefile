@@ -9,7 +9,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 ARGS ?=
 
-.PHONY: serve test test-slow test-soak test-gpu lint format proto bench-engine demo-adapters docker clean
+.PHONY: serve serve-ray test test-ray test-slow test-soak test-gpu lint format proto bench-engine demo-adapters docker clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,19 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 serve: $(STAMP)
 	$(BIN)/loramux serve --adapter-root adapters --router-adapters '*,!*-mos,!*-compeft-*' $(ARGS)
 
+# Two loramux replicas on Ray Serve (a local Ray instance), OpenAI API on :8000; Ray's router sends
+# a request to a replica that holds its adapter. Installs the `ray` extra first if it is missing.
+serve-ray: $(STAMP)
+	$(BIN)/python -c 'import ray.serve' 2>/dev/null || \
+		$(BIN)/pip install --quiet torch==2.13.0 -c requirements/constraints.txt -e '.[ray]'
+	$(BIN)/loramux ray --replicas 2 --adapter-root adapters --router-adapters '*,!*-mos,!*-compeft-*' $(ARGS)
+
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(ARGS)
+
+# Ray Serve on a local Ray instance: two replicas, affinity, a killed replica (`make test` runs them too).
+test-ray: $(STAMP)
+	$(BIN)/python -m pytest -m ray -q tests/test_ray_serve.py $(ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" -q $(ARGS)

@@ -2,6 +2,7 @@
 
     loramux serve     run the server (engine + gRPC + OpenAI HTTP shim) until SIGINT/SIGTERM
     loramux http      run only the OpenAI HTTP shim in front of a running gRPC server
+    loramux ray       run replicas of the server on Ray Serve, with adapter affinity (extra `ray`)
     loramux generate  stream one completion from a running server; prints only the text
     loramux info      print a running server's GetInfo as JSON
     loramux adapters list | load NAME PATH | unload NAME | examples NAME FILE
@@ -29,6 +30,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from server.client_commands import (
     cmd_adapters_examples,
@@ -41,6 +43,9 @@ from server.client_commands import (
 )
 from server.config import MODEL_KERNELS, AdapterConfig, EngineConfig, HttpLimits, RouterConfig, ServerConfig
 from server.serve_commands import cmd_http, configure_logging, run_server
+
+if TYPE_CHECKING:
+    from server.ray_serve.settings import RayConfig
 
 MAX_ROUTE_TOP_K = 8  # server.preparation.MAX_MIXTURE (not imported: it brings torch)
 API_KEY_ENV = "LORAMUX_API_KEY"
@@ -72,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_compress(commands)
     _add_export(commands)
+    _add_ray(commands)
     return parser
 
 
@@ -577,6 +583,108 @@ def _cmd_http(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return cmd_http(args, limits)
+
+
+# -- ray -----------------------------------------------------------------------------------
+
+
+def _add_ray(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from server.ray_serve.settings import RayConfig  # no ray import: the handler checks it is there
+
+    default = RayConfig()
+    ray = commands.add_parser(
+        "ray",
+        parents=[_serve_flags()],  # `loramux serve`'s flags, the same set whatever it grows
+        conflict_handler="resolve",  # the inherited -h/--help
+        allow_abbrev=False,  # `serve run` arguments name flags whole: max_slot is not max_slots
+        help="run replicas of the server on Ray Serve, with adapter affinity (needs the `ray` extra)",
+        description="Deploys --replicas loramux servers (each one engine, in-process) behind an "
+        "OpenAI ingress on Ray Serve, whose router sends a request to a replica that already holds "
+        "its adapter. Starts a local Ray instance, or joins --address. Takes `loramux serve`'s "
+        "flags: --host and --http-port are Ray's HTTP proxy's; --grpc-port and the HTTP connection "
+        "limits are not used (each replica's gRPC server listens on a free loopback port, Ray's "
+        "proxy holds the connections) and --enable-admin is refused (adapters come from the "
+        "adapter roots every replica reads). Needs `pip install -e '.[ray]'`.",
+    )
+    group = ray.add_argument_group("Ray Serve")
+    group.add_argument(
+        "--replicas", type=_positive, default=default.replicas, help="engine replicas (default: %(default)s)"
+    )
+    group.add_argument(
+        "--address",
+        default=default.address,
+        help="the Ray cluster to deploy on: 'auto' (the one this machine belongs to), HOST:PORT or "
+        "ray://HOST:10001 (default: start a local Ray instance)",
+    )
+    group.add_argument(
+        "--replica-cpus",
+        type=_non_negative_float,
+        default=default.replica_cpus,
+        help="CPUs Ray reserves for each replica; its torch threads unless --threads (default: %(default)s)",
+    )
+    group.add_argument(
+        "--replica-gpus",
+        type=_non_negative_float,
+        default=default.replica_gpus,
+        help="GPUs Ray reserves for each replica; 0 runs them on CPUs (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-ongoing",
+        type=_positive,
+        default=default.max_ongoing,
+        help="requests Ray hands one replica at once before it spills over to another "
+        "(default: --max-running)",
+    )
+    group.add_argument(
+        "--app-name", default=default.app_name, help="the Serve application (default: %(default)s)"
+    )
+    ray.set_defaults(handler=_cmd_ray)
+
+
+def _serve_flags() -> argparse.ArgumentParser:
+    """A parser holding exactly `loramux serve`'s flags, for commands that take them too."""
+    holder = argparse.ArgumentParser(add_help=False).add_subparsers()
+    _add_serve(holder)
+    return holder.choices["serve"]
+
+
+def ray_settings(argv: Sequence[str]) -> tuple[ServerConfig, RayConfig]:
+    """The settings `loramux ray ARGV` describes; raises ValueError on bad or unknown flags.
+    (`serve run`'s application arguments come here as flags: server/ray_serve/settings.py.)"""
+    try:
+        args, unknown = build_parser().parse_known_args(["ray", *argv])
+    except SystemExit:  # argparse has printed what was wrong
+        raise ValueError(f"bad loramux application arguments: {' '.join(argv)}") from None
+    if unknown:
+        raise ValueError(f"unknown loramux application arguments: {' '.join(unknown)}")
+    return _ray_settings(args)
+
+
+def _ray_settings(args: argparse.Namespace) -> tuple[ServerConfig, RayConfig]:
+    from server.ray_serve.settings import RayConfig
+
+    ray_config = RayConfig(
+        replicas=args.replicas,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+        max_ongoing=args.max_ongoing,
+        address=args.address,
+        app_name=args.app_name,
+    )
+    return server_config(args), ray_config
+
+
+def _cmd_ray(args: argparse.Namespace, extra: list[str]) -> int:
+    """Flags to a ServerConfig and RayConfig (2 when they are bad); `cmd_ray` deploys them."""
+    from server.ray_serve.launch import cmd_ray
+
+    configure_logging(args.log_level)
+    try:
+        config, ray_config = _ray_settings(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return cmd_ray(config, ray_config)
 
 
 # -- generate ------------------------------------------------------------------------------

@@ -157,19 +157,16 @@ async def _closed_loop(
 ) -> None:
     send = _sender(client, clock, bar)
     queue = iter(plan)
-    sent = 0
 
     async def worker() -> None:
-        nonlocal sent
         for planned in queue:  # one shared iterator: each request goes to exactly one worker
             now = clock()
             if options.duration_s is not None and now > options.duration_s:
                 return
-            sent += 1
             record = _record(planned, now)
             result.records.append(record)
             await send(planned, record)
 
     assert options.concurrency is not None and options.concurrency > 0
     await asyncio.gather(*(worker() for _ in range(options.concurrency)))
-    result.not_sent = len(plan) - sent
+    result.not_sent = len(plan) - len(result.records)

@@ -23,8 +23,9 @@ class Detokenizer:
         self._emitted = 0  # characters of self.text already released
         self.stopped = False
 
-    def add(self, token_id: int) -> None:
-        """Append one generated token; sets `stopped` if a stop string appeared (text cut before it)."""
+    def add(self, token_id: int, check_stop: bool = True) -> None:
+        """Append one generated token; sets `stopped` if a stop string appeared (text cut before it).
+        `check_stop=False` (before min_tokens) looks for none in the new text."""
         all_ids = self._context + self._ids + [token_id]
         self._ids.append(token_id)
         decode = self._tokenizer.decode
@@ -36,7 +37,7 @@ class Detokenizer:
         self.text += full[len(prefix) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(all_ids)
-        if self._stop:
+        if self._stop and check_stop:
             self._check_stop(before)
 
     def _check_stop(self, before: int) -> None:

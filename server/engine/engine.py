@@ -27,6 +27,7 @@ from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
 from server.engine.events import UNKNOWN_ADAPTER, EngineEvents, EngineSnapshot, FinishedRequest, NoEvents
+from server.engine.logits_processors import LogitsProcessor
 from server.engine.request import (
     EngineOverloaded,
     EngineUnavailable,
@@ -126,7 +127,8 @@ class Engine:
             adapters.events = self.events
         self.scheduler = Scheduler(config, self.kv, max_len, frozenset(self.eos_token_ids), adapters)
         sampler = Sampler(torch.Generator().manual_seed(int(time.time_ns() % 2**63)))
-        self.runner = ModelRunner(self.model, self.kv, sampler, adapters)
+        processor = LogitsProcessor(frozenset(self.eos_token_ids))
+        self.runner = ModelRunner(self.model, self.kv, sampler, adapters, logits_processor=processor)
         self._inbox: queue.Queue[_Abort | _Wake | _Stop] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False

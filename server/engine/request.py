@@ -36,6 +36,7 @@ class EngineUnavailable(EngineError):
 
 # A temperature below this samples the argmax: dividing logits by it could overflow (vLLM uses 1e-5 too).
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 
 
 class FinishReason(StrEnum):
@@ -57,6 +58,24 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # -- sampling controls (server.engine.logits_processors; min_p in server.engine.sampling) --
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often it was generated
+    repetition_penalty: float = 1.0  # vLLM/HF: logits of prompt or generated tokens / (> 0) or * (<= 0) it
+    min_p: float = 0.0  # vLLM: drop tokens less likely than min_p x the most likely (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids ascending
+    min_tokens: int = 0  # no EOS, stop token id or stop string before this many tokens
+
+    @property
+    def processes_logits(self) -> bool:
+        """True if a logits processor must touch this row (bias, penalties or min_tokens)."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +102,34 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise InvalidRequest(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+        self._validate_controls(vocab_size)
+
+    def _validate_controls(self, vocab_size: int) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0.0:
+            raise InvalidRequest(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        seen: set[int] = set()
+        for token, bias in self.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise InvalidRequest(
+                    f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})"
+                )
+            if token in seen:
+                raise InvalidRequest(f"logit_bias names token id {token} more than once")
+            seen.add(token)
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise InvalidRequest(f"logit_bias for token id {token} must be in [-100, 100], got {bias}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(
+                f"min_tokens must be in [0, max_tokens] (max_tokens is {self.max_tokens}), got {self.min_tokens}"
+            )
 
 
 @dataclass(frozen=True)

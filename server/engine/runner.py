@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from server.engine.logits_processors import LogitsProcessor
 from server.engine.sampling import Sampler
 from server.engine.scheduler import StepPlan, StepResult
 from server.model.batch import DecodeSeq, StepBatch
@@ -32,12 +33,19 @@ class AdapterMetadata(Protocol):
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, kv: KVCache, sampler: Sampler, adapters: AdapterMetadata | None = None
+        self,
+        model: LlamaModel,
+        kv: KVCache,
+        sampler: Sampler,
+        adapters: AdapterMetadata | None = None,
+        *,
+        logits_processor: LogitsProcessor | None = None,  # None: one that knows no EOS ids
     ) -> None:
         self.model = model
         self.kv = kv
         self.sampler = sampler
         self.adapters = adapters
+        self.logits_processor = logits_processor or LogitsProcessor(frozenset())
         self.device = model.embed_tokens.device
 
     def run(self, plan: StepPlan) -> StepResult:
@@ -49,10 +57,13 @@ class ModelRunner:
             log.exception("the forward of an engine step failed; failing the requests it ran")
             return StepResult([], {}, failure=f"engine step failed: {exc!r}")
         sampled = plan.sampled
+        # logit_bias, min_tokens and penalties, in place; rows that use none are not touched
+        unprocessed = self.logits_processor.apply(logits, sampled)  # {row: why}, those fail alone
         result = self.sampler.sample(
             logits, [s.request.sampling for s in sampled], [s.generator for s in sampled]
         )
-        return StepResult(result.tokens, result.errors)
+        tokens = [-1 if row in unprocessed else t for row, t in enumerate(result.tokens)]
+        return StepResult(tokens, result.errors | unprocessed)
 
     def _build_batch(self, plan: StepPlan) -> StepBatch:
         decodes = [DecodeSeq(s.kv_slot, s.num_cached, s.output_ids[-1]) for s in plan.decodes]

@@ -1,9 +1,11 @@
 """Next-token sampling for one step: greedy rows with one max(), the rest in batched groups.
 
-Rows that share (temperature, top_k, top_p) are sampled together by inverse CDF: each row draws
+Rows that share (temperature, top_k, top_p, min_p) are sampled together by inverse CDF: each row draws
 exactly one uniform per step, from its request's own generator when the request is seeded (so
 its tokens do not depend on what it is batched with) or from the sampler's generator when not;
 greedy and top_k=1 rows draw nothing.
+min_p (vLLM's) drops, after the temperature, the tokens less likely than min_p times the most
+likely one, before top_k and top_p look at the row; greedy rows never see it (it keeps the argmax).
 No full-vocabulary sort: top_k takes `torch.topk`; top_p looks for its nucleus in the head of the
 row that a block search finds (TopPSearch) and sorts a whole row only when the nucleus reaches
 past that head, so it stays exact.
@@ -15,6 +17,7 @@ requests beyond their SamplingParams, nor about the model, the scheduler or stre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +63,7 @@ class _GroupKey:
     temperature: float
     top_k: int  # 0 = the whole vocabulary
     top_p: float  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off
 
 
 class Sampler:
@@ -126,6 +130,8 @@ class Sampler:
         uniforms: torch.Tensor,  # [n] float64
     ) -> torch.Tensor:  # [n] token ids
         scaled = self._shifted(logits, row_max, rows).div_(key.temperature)  # [n, width], <= 0
+        if key.min_p > 0.0:  # p / p_max = exp(scaled) < min_p: out
+            scaled.masked_fill_(scaled < math.log(key.min_p), float("-inf"))
         if key.top_k:
             values, candidates = scaled.topk(key.top_k)  # sorted, so top_p can cut a prefix
             positions = _inverse_cdf(torch.softmax(values, -1), uniforms, key.top_p)
@@ -241,7 +247,7 @@ def _groups(
         top_k = p.top_k if p.top_k < vocab_size else 0
         if p.greedy or top_k == 1 or row in failed:
             continue
-        groups.setdefault(_GroupKey(p.temperature, top_k, p.top_p), []).append(row)
+        groups.setdefault(_GroupKey(p.temperature, top_k, p.top_p, p.min_p), []).append(row)
     return groups
 
 

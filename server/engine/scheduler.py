@@ -284,8 +284,8 @@ class Scheduler:
         if len(seq.output_ids) == 1:
             seq.first_token_at = time.monotonic()
         is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if not is_eos:
-            seq.detokenizer.add(token)
+        if not is_eos:  # stop strings count from min_tokens on (vLLM's rule)
+            seq.detokenizer.add(token, check_stop=len(seq.output_ids) >= params.min_tokens)
         reason = None
         if is_eos or token in params.stop_token_ids or seq.detokenizer.stopped:
             reason = FinishReason.STOP

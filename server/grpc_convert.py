@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loramux.v1 import inference_pb2 as pb
 from server.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
@@ -67,7 +67,20 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        **_controls_from_pb(request),
     )
+
+
+def _controls_from_pb(request: pb.GenerateRequest) -> dict[str, Any]:
+    """The sampling controls of fields 18-23; an unset one keeps SamplingParams' default (off)."""
+    controls: dict[str, Any] = {
+        name: getattr(request, name)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens")
+        if request.HasField(name)
+    }
+    if request.logit_bias:
+        controls["logit_bias"] = tuple(sorted(request.logit_bias.items()))
+    return controls
 
 
 def mixture_from_pb(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:

@@ -105,7 +105,8 @@ class LogitsProcessor:
             self._states.clear()
             return {}
         try:
-            self._apply(logits, seqs, rows)
+            with torch.inference_mode():  # the forward's logits are inference tensors
+                self._apply(logits, seqs, rows)
         except Exception as exc:  # fail the requests that asked for controls, not their neighbours
             self._states.clear()
             return dict.fromkeys(rows, f"applying logit_bias, min_tokens or penalties failed: {exc!r}")

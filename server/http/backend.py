@@ -218,9 +218,20 @@ def _sampling(body: SamplingParams, adapter: str) -> pb.GenerateRequest:
         request.stop_token_ids.extend(body.stop_token_ids)
     if body.route_top_k is not None:
         request.route_top_k = body.route_top_k
+    _controls(body, request)
     for entry in body.adapters or ():
         request.adapters.add(name=entry.name, weight=entry.weight)
     return request
+
+
+def _controls(body: SamplingParams, request: pb.GenerateRequest) -> None:
+    """The sampling controls (penalties, min_p, min_tokens, logit_bias) that the body sets."""
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(request, name, value)
+    for token, bias in (body.logit_bias or {}).items():  # keys checked: token ids < 2**32
+        request.logit_bias[int(token)] = bias
 
 
 FINISH_REASONS = {

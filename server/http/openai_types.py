@@ -1,7 +1,8 @@
 """The OpenAI request and response bodies the shim speaks, as pydantic models.
 
 FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
-the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions, `route_top_k`
+the OpenAI API; `top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`, `min_p` and
+`min_tokens` are vLLM's extensions, `route_top_k`
 and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
 answers of model "auto" carry loramux's `routing`, answers an adapter served its `adapter_tier`.
 The router's own routes have their bodies here too. Fields a client may send that loramux cannot
@@ -39,6 +40,16 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _token_id_keys(bias: dict[str, float]) -> dict[str, float]:
+    """logit_bias keys are token ids written as strings (JSON object keys), as OpenAI sends them."""
+    for key in bias:
+        if not (key.isascii() and key.isdigit() and int(key) < 2**32):
+            raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key[:32]!r}")
+    return bias
+
+
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
 TokenIds = Annotated[list[UInt32], Field(min_length=1)]
 AdapterName = Annotated[
@@ -94,19 +105,36 @@ class SamplingParams(_Request):
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    # -- sampling controls (ranges are checked by the server: server.engine.request.SamplingParams)
+    presence_penalty: float | None = Field(
+        default=None, description="in [-2, 2]: minus this for every token already generated (unset: 0)"
+    )
+    frequency_penalty: float | None = Field(
+        default=None, description="in [-2, 2]: minus this times how often a token was generated (unset: 0)"
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        description="vLLM extension, > 0: positive logits of prompt and generated tokens are divided by it, "
+        "negative ones multiplied (unset: 1, off)",
+    )
+    min_p: float | None = Field(
+        default=None,
+        description="vLLM extension, in [0, 1]: drop tokens less likely than min_p times the most likely "
+        "one, after the temperature (unset: 0, off)",
+    )
+    min_tokens: UInt32 | None = Field(
+        default=None,
+        description="vLLM extension: generate at least this many tokens (EOS, stop_token_ids and stop "
+        "strings are not honoured before), <= max_tokens (unset: 0)",
+    )
+    logit_bias: Annotated[dict[str, float], AfterValidator(_token_id_keys)] | None = Field(
+        default=None,
+        description="token id (as a string) -> bias in [-100, 100] added to its logit; at most 300 entries",
+    )
     user: Text | None = None
 
     def unsupported(self) -> str | None:
         """The name of a field set to something loramux cannot do, or None."""
-        if self.presence_penalty:
-            return "presence_penalty"
-        if self.frequency_penalty:
-            return "frequency_penalty"
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
 

@@ -1,0 +1,228 @@
+"""`loramux bench penalties`: what the sampling controls cost, the rows that use them and those beside them.
+
+Part 1, the engine (in-process, the default SmolLM2 unless --model): decode throughput of a batch of
+--batch requests at the API's default sampling (temperature 1.0), every request producing exactly
+--new-tokens tokens, in these cases:
+- `plain`: no request uses a control (the baseline);
+- `8 penalized`: --penalized requests use frequency_penalty + presence_penalty + repetition_penalty,
+  the rest none;
+- `all penalized`: every request does;
+- `8 min_p`: --penalized requests use min_p (its own sampling group), the rest none.
+Decode throughput is B * (N - 1) / (T(N) - T(1)) (prefill and first token cancel out); the cases run
+interleaved, --repeats rounds of all of them, and each keeps its best round, so a neighbour's noise
+on the shared cores hits every case alike. `vs_plain` is a case's throughput over the baseline's.
+
+Part 2, the logits processor alone on a [batch, vocab] step (ms per step, median of --micro-steps,
+one thread):
+how a sequence's token counts are kept. `incremental` is server/engine/logits_processors.py (counts
+kept per sequence and updated with the new token; a sparse gather/scatter over the tokens seen);
+`on-demand dense` is the alternative it was measured against: bincount of each row's tokens every
+step into a [rows, vocab] buffer, and the penalties over whole rows. Flags belong to this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from bench.engine_bench import make_prompts
+from server.config import EngineConfig, ServerConfig
+from server.engine.engine import Engine
+from server.engine.logits_processors import LogitsProcessor
+from server.engine.request import PreparedRequest, RequestOutput, SamplingParams
+from server.preparation import RequestInput, RequestPreparer
+from server.prompts import PromptInput
+from server.runtime import build_engine
+
+PLAIN = SamplingParams(temperature=1.0)
+PENALIZED = replace(PLAIN, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.1)
+MIN_P = replace(PLAIN, min_p=0.05)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=32, help="concurrent requests (default 32)")
+    parser.add_argument("--penalized", type=int, default=8, help="requests with controls in the mixed cases")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every case (best kept)")
+    parser.add_argument("--model", default=None, help="local checkpoint (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--threads", type=int, default=None, help="as `serve --threads`")
+    parser.add_argument("--micro-steps", type=int, default=50, help="steps timed per micro case")
+    parser.add_argument("--no-engine", action="store_true", help="only the processor micro-benchmark")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cases(batch: int, penalized: int) -> dict[str, list[SamplingParams]]:
+    """Each case's params, one per request; controlled requests spread through the batch."""
+    every = max(batch // max(penalized, 1), 1)
+    mixed = [i % every == 0 and i // every < penalized for i in range(batch)]
+    return {
+        "plain": [PLAIN] * batch,
+        f"{penalized} penalized": [PENALIZED if m else PLAIN for m in mixed],
+        "all penalized": [PENALIZED] * batch,
+        f"{penalized} min_p": [MIN_P if m else PLAIN for m in mixed],
+    }
+
+
+def run_batch(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], new_tokens: int
+) -> float:
+    """Seconds to generate new_tokens for every prompt, all submitted at once."""
+    remaining = threading.Semaphore(0)
+    errors: list[str] = []
+
+    def sink(out: RequestOutput) -> None:
+        if out.finished:
+            if out.error is not None:
+                errors.append(out.error)
+            remaining.release()
+
+    preparer = RequestPreparer.for_engine(engine)
+    start = time.perf_counter()
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        sampling = replace(p, max_tokens=new_tokens, ignore_eos=True)
+        given = RequestInput(PromptInput(token_ids=tuple(prompt)), sampling, f"pen-{start}-{i}")
+        engine.submit(preparer.prepare(given), sink)
+    for _ in prompts:
+        remaining.acquire()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(prompts)} bench requests failed, first: {errors[0]}")
+    return seconds
+
+
+def engine_part(args: argparse.Namespace) -> dict[str, Any]:
+    config = ServerConfig(
+        model=args.model,
+        device="cpu",
+        threads=args.threads,
+        engine=EngineConfig(max_running=args.batch, max_batched_tokens=max(512, args.batch)),
+    )
+    engine = build_engine(config)
+    engine.start()
+    try:
+        prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
+        all_cases = cases(args.batch, args.penalized)
+        for params in all_cases.values():  # warm-up, every case once
+            run_batch(engine, prompts, params, 2)
+        best: dict[str, dict[int, float]] = {name: {} for name in all_cases}
+        for _ in range(args.repeats):
+            for name, params in all_cases.items():
+                for n in (args.new_tokens, 1):
+                    seconds = run_batch(engine, prompts, params, n)
+                    best[name][n] = min(best[name].get(n, seconds), seconds)
+    finally:
+        engine.shutdown()
+    decode = {
+        name: args.batch * (args.new_tokens - 1) / (t[args.new_tokens] - t[1]) for name, t in best.items()
+    }
+    return {
+        name: {"decode_tok_s": round(tok_s, 1), "vs_plain": round(tok_s / decode["plain"], 3)}
+        for name, tok_s in decode.items()
+    }
+
+
+# -- part 2: the processor alone ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Seq:
+    request: PreparedRequest
+    output_ids: list[int] = field(default_factory=list)
+
+
+def _sequences(batch: int, penalized: int, vocab: int, prompt_tokens: int, outputs: int) -> list[_Seq]:
+    rng = random.Random(0)
+    return [
+        _Seq(
+            PreparedRequest(
+                str(i),
+                tuple(rng.randrange(vocab) for _ in range(prompt_tokens)),
+                PENALIZED if i < penalized else PLAIN,
+            ),
+            [rng.randrange(vocab) for _ in range(outputs)],
+        )  # fmt: skip
+        for i in range(batch)
+    ]
+
+
+def _dense_on_demand(logits: torch.Tensor, seqs: list[_Seq]) -> Any:
+    """The alternative: every step, bincount each penalized row's tokens, then [rows, vocab] ops."""
+    rows = [i for i, s in enumerate(seqs) if s.request.sampling.processes_logits]
+    if not rows:
+        return
+    counts = torch.zeros(len(rows), logits.shape[-1])  # [rows, vocab]
+    for i, r in enumerate(rows):
+        output = torch.tensor(seqs[r].output_ids)
+        counts[i].index_add_(0, output, torch.ones(len(output)))
+    seen = counts > 0
+    for i, r in enumerate(rows):
+        seen[i].index_fill_(0, torch.tensor(seqs[r].request.prompt_token_ids), True)
+    params = [seqs[r].request.sampling for r in rows]
+    repetition = torch.tensor([p.repetition_penalty for p in params]).unsqueeze(-1)
+    frequency = torch.tensor([p.frequency_penalty for p in params]).unsqueeze(-1)
+    presence = torch.tensor([p.presence_penalty for p in params]).unsqueeze(-1)
+    index = torch.tensor(rows)
+    values = logits.index_select(0, index)
+    penalty = torch.where(seen, repetition, 1.0)
+    values = torch.where(values > 0, values / penalty, values * penalty)
+    values -= frequency * counts + presence * (counts > 0)
+    logits.index_copy_(0, index, values)
+
+
+def micro_part(args: argparse.Namespace, vocab: int = 49152) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for outputs in (32, 512):
+        for penalized in (0, args.penalized, args.batch):
+            seqs = _sequences(args.batch, penalized, vocab, args.prompt_tokens, outputs)
+            processor = LogitsProcessor(frozenset())
+            logits = torch.randn(args.batch, vocab)
+            rng = random.Random(1)
+            times: dict[str, list[float]] = {"incremental": [], "on-demand dense": []}
+            processor.apply(logits, seqs)  # the counts of the tokens so far, as a running engine has them
+            for _ in range(args.micro_steps):
+                for seq in seqs:
+                    seq.output_ids.append(rng.randrange(vocab))
+                for name, apply in (("incremental", processor.apply), ("on-demand dense", _dense_on_demand)):
+                    start = time.perf_counter()
+                    apply(logits, seqs)
+                    times[name].append(time.perf_counter() - start)
+            result[f"{penalized}/{args.batch} penalized, {outputs} tokens out"] = {
+                name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()
+            }
+    return {"ms_per_step": result}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch < 1 or not 0 <= args.penalized <= args.batch or args.new_tokens < 2 or args.repeats < 1:
+        raise SystemExit("bench penalties: need --batch >= 1, 0 <= --penalized <= --batch, --new-tokens >= 2")
+    result: dict[str, Any] = {
+        "batch": args.batch,
+        "penalized": args.penalized,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "controls": "frequency_penalty=0.5 presence_penalty=0.5 repetition_penalty=1.1; min_p=0.05; T=1.0",
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the engine runs on shared, busy cores (server/engine/threads.py)
+    with torch.inference_mode():
+        result["processor"] = micro_part(args)
+    torch.set_num_threads(threads)
+    if not args.no_engine:
+        result["engine"] = engine_part(args)
+    result["torch_threads"] = torch.get_num_threads()
+    result["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0

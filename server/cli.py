@@ -872,6 +872,7 @@ _BENCHMARKS = {
     "load": "load-test a running server (gRPC or OpenAI HTTP): latencies, per adapter, cold vs warm, canaries",
     "scaling": "the scaling study: 8 to 1,000 adapters (and the demo adapters) under zipf traffic",
     "make-adapters": "write N random, distinct PEFT LoRA adapters for the base model (scaling runs)",
+    "replicas": "one loramux serve vs loramux on Ray Serve with 1 and 2 replicas: latency, affinity",
     "cluster-sim": "a simulated fleet of R replicas x S slots: routing policies, hit rates, cold loads, TTFT",
 }
 

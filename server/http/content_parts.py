@@ -13,15 +13,15 @@ from adapters_store.errors import shown
 
 # Chat content part types a text-only model cannot read, and what to call them.
 _NOT_TEXT = {
-    "image_url": "images",
-    "input_image": "images",
-    "image": "images",
-    "input_audio": "audio",
-    "audio": "audio",
-    "audio_url": "audio",
-    "video_url": "video",
-    "file": "files",
-    "input_file": "files",
+    "image_url": "images are",
+    "input_image": "images are",
+    "image": "images are",
+    "input_audio": "audio is",
+    "audio": "audio is",
+    "audio_url": "audio is",
+    "video_url": "video is",
+    "file": "files are",
+    "input_file": "files are",
 }
 
 
@@ -36,7 +36,7 @@ def text_only(content: Any) -> Any:
         what = _NOT_TEXT.get(kind)
         if what is not None:
             raise ValueError(
-                f"part {index} is {shown(kind)}: {what} are not supported by loramux, which serves "
+                f"part {index} is {shown(kind)}: {what} not supported by loramux, which serves "
                 'text-only models; send the text as {"type": "text", "text": ...} parts'
             )
         raise ValueError(

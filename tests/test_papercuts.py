@@ -40,7 +40,7 @@ from server.http.server import HttpServer
 from server.reflection import V1_METHOD, V1_SERVICE_NAME
 from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
-from tests.test_grpc_service import ServerThread, _greedy, _wait_until
+from tests.test_grpc_service import ServerThread, _greedy, _slow_down, _wait_until
 
 QV4: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 GOOD = ("qv4", "qv4b", "qv4c")
@@ -308,6 +308,22 @@ def test_every_finished_request_gets_one_access_line(
     assert refused["outcome"] == "not_found" and refused["completion_tokens"] == "0"
     (http,) = _access_lines(caplog, answer.id)
     assert http["api"] == "http" and http["outcome"] == "length" and http["completion_tokens"] == "2"
+
+
+def test_a_stream_the_client_leaves_is_logged_cancelled(
+    caplog: pytest.LogCaptureFixture,
+    stub: pb_grpc.InferenceStub,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="loramux.access")
+    _slow_down(engine, monkeypatch, seconds_per_output=0.05)
+    call = stub.GenerateStream(_greedy(max_tokens=100, request_id="pc-left"), timeout=60)
+    next(call)
+    call.cancel()
+    assert _wait_until(lambda: bool(_access_lines(caplog, "pc-left")))
+    (left,) = _access_lines(caplog, "pc-left")
+    assert left["outcome"] == "cancelled" and int(left["completion_tokens"]) < 100
 
 
 def test_adapter_loads_evictions_and_refusals_are_logged(

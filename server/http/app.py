@@ -296,17 +296,20 @@ async def _generate(http_request: Request, body: Body, answer: Answer, chunks: C
         return await _generate_known(http_request, body, answer, chunks)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:  # a model (or mixture adapter) nobody serves
-            raise await _unknown_model(http_request.app.state.backend, body) from None
+            raise await _unknown_model(http_request.app.state.backend, body, err) from None
         raise
 
 
-async def _unknown_model(backend: Backend, body: Body) -> ApiError:
-    """404 naming the model (or the mixture's adapter) that does not exist, and those that do."""
+async def _unknown_model(backend: Backend, body: Body, err: grpc.aio.AioRpcError) -> ApiError:
+    """404 naming the model (or the mixture's adapter) that does not exist, and those that do; the
+    server's own words when every name is listed (it went away in between)."""
     models = [card.id for card in await _model_cards(backend)]
     name, param = body.model, "model"
     missing = [entry.name for entry in body.adapters or () if entry.name not in models]
     if missing:
         name, param = missing[0], "adapters"
+    elif name in models:
+        return from_rpc_error(err)
     return ApiError(404, unknown_model(name, models, param), param=param, code="model_not_found")
 
 

@@ -164,6 +164,7 @@ class HostCache:
                 return None
             self._bytes -= adapter.nbytes
             self._evictions += 1
+            lifecycle_log.evicted(name, "host", bytes=adapter.nbytes)
             return name
 
     def discard(self, name: str, adapter: LoadedAdapter) -> bool:

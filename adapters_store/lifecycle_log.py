@@ -4,9 +4,10 @@
     adapter loaded name=sql tier=device slot=2 pool=lora rank=16 seconds=0.003
     adapter evicted name=sql tier=host bytes=4718592
     adapter evicted name=sql tier=device slot=2
+    adapter unloaded name=sql
     adapter refused name=bad reason="bad/adapter_config.json: r must be ..."
 
-Loads and evictions are INFO, refusals WARNING (each refusal once, until the adapter's files
+Loads, evictions and unloads (UnloadAdapter) are INFO, refusals WARNING (each refusal once, until the adapter's files
 change: the store remembers it). Values with spaces, quotes or '=' are JSON-quoted; a reason is
 cut to REASON_CHARS. It never logs a weight, a prompt or an absolute path (sources are relative
 to their adapter root). This module only formats; the tiers call it where things happen.
@@ -41,6 +42,11 @@ def loaded(name: str, tier: str, **fields: object) -> None:
 def evicted(name: str, tier: str, **fields: object) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info(_line("evicted", {"name": name, "tier": tier, **fields}))
+
+
+def unloaded(name: str) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(_line("unloaded", {"name": name}))
 
 
 def refused(name: str, reason: object) -> None:

@@ -161,6 +161,7 @@ class AdapterStore:
             self._refused.pop(name, None)
         if not (registered or cached) and self._root_directory(name) is None:
             raise AdapterNotFound(f"adapter {shown(name)} is not loaded and not in the adapter roots")
+        lifecycle_log.unloaded(name)
 
     def list(self, in_roots: dict[str, Path] | None = None) -> list[StoredAdapter]:
         """Every name the store can serve (roots and explicit loads), sorted by name.

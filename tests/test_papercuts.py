@@ -462,7 +462,8 @@ def _admin_calls(stub: pb_grpc.InferenceStub, metadata: Any = None) -> list[grpc
     return codes
 
 
-def test_grpc_adapter_rpcs_follow_the_admin_rule(engine: Engine) -> None:
+def test_grpc_adapter_rpcs_follow_the_admin_rule(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="loramux.adapters")
     denied = [grpc.StatusCode.PERMISSION_DENIED] * 3
     plain = ServerThread(engine, auth=AuthConfig())
     token = ServerThread(engine, auth=AuthConfig(admin_token="admin-secret"))
@@ -478,6 +479,8 @@ def test_grpc_adapter_rpcs_follow_the_admin_rule(engine: Engine) -> None:
             assert passed[2] == grpc.StatusCode.FAILED_PRECONDITION
         with grpc.insecure_channel(enabled.target) as channel:
             assert _admin_calls(pb_grpc.InferenceStub(channel))[:2] == [grpc.StatusCode.OK] * 2
+        unloads = [r.getMessage() for r in caplog.records if r.getMessage() == "adapter unloaded name=qv4"]
+        assert len(unloads) == 2  # the two UnloadAdapter calls that passed the gate
     finally:
         for server in (plain, token, enabled):
             server.close()

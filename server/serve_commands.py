@@ -210,7 +210,9 @@ async def _serve_until_signal(
     from server.auth import AuthConfig
     from server.grpc_server import serve_grpc
 
-    auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
+    auth = AuthConfig(
+        api_key=config.api_key, admin_token=config.admin_token, enable_admin=config.enable_admin
+    )
     server = await serve_grpc(
         engine,
         config.host,
@@ -233,7 +235,7 @@ async def _serve_until_signal(
 
         app = create_app(
             _local_target(config.host, server.port),
-            enable_admin=config.enable_admin,
+            enable_admin=auth.admin_allowed,  # the same rule as gRPC's: --enable-admin or --admin-token
             metrics_registry=metrics.registry,
             api_key=config.api_key,
             admin_token=config.admin_token,

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloramux/v1/inference.proto\x12\nloramux.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x0fWeightedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xc2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x1b.loramux.v1.WeightedAdapter\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\t \x01(\r\x12\x12\n\x05top_p\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x0broute_top_k\x18\x0f \x01(\rH\x05\x88\x01\x01\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_route_top_k\"\xfd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12*\n\x07routing\x18\x08 \x01(\x0b\x32\x19.loramux.v1.RouteResponse\x12\x14\n\x0c\x61\x64\x61pter_tier\x18\t \x01(\t\"\x92\x02\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\x12*\n\x07routing\x18\t \x01(\x0b\x32\x19.loramux.v1.RouteResponse\x12\x14\n\x0c\x61\x64\x61pter_tier\x18\n \x01(\t\"\xef\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12%\n\x04tier\x18\x05 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nload_count\x18\x07 \x01(\x04\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x92\x01\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x12\x0f\n\x07replace\x18\x05 \x01(\x08\x12\x17\n\x0f\x65xample_prompts\x18\x06 \x03(\t\"?\n\x13LoadAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.loramux.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"{\n\x0cRouteRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\rB\t\n\x07_prompt\"L\n\x0eRouteCandidate\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\n\n\x02\x62y\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x02\"\x80\x01\n\rRouteResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.loramux.v1.RouteCandidate\x12\x18\n\x10\x66\x61llback_to_base\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rroute_seconds\x18\x04 \x01(\x01\";\n\x17RegisterExamplesRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\"]\n\x18RegisterExamplesResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x08\x65xamples\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x10\n\x0eGetInfoRequest\"\xc1\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bmax_running\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\x06 \x01(\r\x12\x17\n\x0fkernels_backend\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x0b \x01(\r\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12&\n\x06router\x18\r \x01(\x0b\x32\x16.loramux.v1.RouterInfo\"\x8a\x01\n\nRouterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x1c\n\x14\x61\x64\x61pters_by_examples\x18\x05 \x01(\r\x12\x1b\n\x13\x61\x64\x61pters_by_weights\x18\x06 \x01(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\x81\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_PEFT_LORA\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_FORMAT_MOS\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_FORMAT_COMPEFT\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xfe\x04\n\tInference\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\x1f.loramux.v1.GenerateStreamChunk0\x01\x12N\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x1f.loramux.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a!.loramux.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12<\n\x05Route\x12\x18.loramux.v1.RouteRequest\x1a\x19.loramux.v1.RouteResponse\x12]\n\x10RegisterExamples\x12#.loramux.v1.RegisterExamplesRequest\x1a$.loramux.v1.RegisterExamplesResponse\x12\x42\n\x07GetInfo\x12\x1a.loramux.v1.GetInfoRequest\x1a\x1b.loramux.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloramux/v1/inference.proto\x12\nloramux.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x0fWeightedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xc2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x1b.loramux.v1.WeightedAdapter\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\t \x01(\r\x12\x12\n\x05top_p\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x0broute_top_k\x18\x0f \x01(\rH\x05\x88\x01\x01\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_route_top_k\"\xfd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12*\n\x07routing\x18\x08 \x01(\x0b\x32\x19.loramux.v1.RouteResponse\x12\x14\n\x0c\x61\x64\x61pter_tier\x18\t \x01(\t\"\x92\x02\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\x12*\n\x07routing\x18\t \x01(\x0b\x32\x19.loramux.v1.RouteResponse\x12\x14\n\x0c\x61\x64\x61pter_tier\x18\n \x01(\t\"\xfe\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12%\n\x04tier\x18\x05 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nload_count\x18\x07 \x01(\x04\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\"\x92\x01\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.loramux.v1.AdapterFormat\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x12\x0f\n\x07replace\x18\x05 \x01(\x08\x12\x17\n\x0f\x65xample_prompts\x18\x06 \x03(\t\"?\n\x13LoadAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.loramux.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"{\n\x0cRouteRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\rB\t\n\x07_prompt\"L\n\x0eRouteCandidate\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\n\n\x02\x62y\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x02\"\x80\x01\n\rRouteResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.loramux.v1.RouteCandidate\x12\x18\n\x10\x66\x61llback_to_base\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rroute_seconds\x18\x04 \x01(\x01\";\n\x17RegisterExamplesRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\"]\n\x18RegisterExamplesResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x08\x65xamples\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x10\n\x0eGetInfoRequest\"\xa2\x03\n\x0fGetInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bmax_running\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\x06 \x01(\r\x12\x17\n\x0fkernels_backend\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x0b \x01(\r\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12&\n\x06router\x18\r \x01(\x0b\x32\x16.loramux.v1.RouterInfo\x12(\n\x07kernels\x18\x0e \x01(\x0b\x32\x17.loramux.v1.KernelsInfo\x12\x35\n\x10\x61\x64\x61pter_settings\x18\x0f \x01(\x0b\x32\x1b.loramux.v1.AdapterSettings\"g\n\x0bKernelsInfo\x12\x14\n\x0clora_backend\x18\x01 \x01(\t\x12\x13\n\x0blora_gather\x18\x02 \x01(\t\x12\x11\n\tmodel_ops\x18\x03 \x01(\t\x12\x1a\n\x12triton_interpreted\x18\x04 \x01(\x08\"\xc3\x01\n\x0f\x41\x64\x61pterSettings\x12\x11\n\tmax_slots\x18\x01 \x01(\r\x12\x10\n\x08max_rank\x18\x02 \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x03 \x01(\x04\x12\x19\n\x11max_adapter_bytes\x18\x04 \x01(\x04\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\'\n\x05pools\x18\x06 \x03(\x0b\x32\x18.loramux.v1.SlotPoolInfo\x12\x15\n\radapter_roots\x18\x07 \x01(\r\"=\n\x0cSlotPoolInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x10\n\x08max_rank\x18\x03 \x01(\r\"\x8a\x01\n\nRouterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12\x1c\n\x14\x61\x64\x61pters_by_examples\x18\x05 \x01(\r\x12\x1b\n\x13\x61\x64\x61pters_by_weights\x18\x06 \x01(\r*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\x81\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_PEFT_LORA\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_FORMAT_MOS\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_FORMAT_COMPEFT\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xfe\x04\n\tInference\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\x1f.loramux.v1.GenerateStreamChunk0\x01\x12N\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x1f.loramux.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a!.loramux.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12<\n\x05Route\x12\x18.loramux.v1.RouteRequest\x1a\x19.loramux.v1.RouteResponse\x12]\n\x10RegisterExamples\x12#.loramux.v1.RegisterExamplesRequest\x1a$.loramux.v1.RegisterExamplesResponse\x12\x42\n\x07GetInfo\x12\x1a.loramux.v1.GetInfoRequest\x1a\x1b.loramux.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2705
-  _globals['_FINISHREASON']._serialized_end=2829
-  _globals['_ADAPTERFORMAT']._serialized_start=2832
-  _globals['_ADAPTERFORMAT']._serialized_end=2961
-  _globals['_ADAPTERTIER']._serialized_start=2963
-  _globals['_ADAPTERTIER']._serialized_end=3077
+  _globals['_FINISHREASON']._serialized_start=3183
+  _globals['_FINISHREASON']._serialized_end=3307
+  _globals['_ADAPTERFORMAT']._serialized_start=3310
+  _globals['_ADAPTERFORMAT']._serialized_end=3439
+  _globals['_ADAPTERTIER']._serialized_start=3441
+  _globals['_ADAPTERTIER']._serialized_end=3555
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_WEIGHTEDADAPTER']._serialized_start=88
@@ -48,35 +48,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMCHUNK']._serialized_start=847
   _globals['_GENERATESTREAMCHUNK']._serialized_end=1121
   _globals['_ADAPTERINFO']._serialized_start=1124
-  _globals['_ADAPTERINFO']._serialized_end=1363
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1366
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1512
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1514
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1577
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1579
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1615
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1617
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1640
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1642
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1663
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1665
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1730
-  _globals['_ROUTEREQUEST']._serialized_start=1732
-  _globals['_ROUTEREQUEST']._serialized_end=1855
-  _globals['_ROUTECANDIDATE']._serialized_start=1857
-  _globals['_ROUTECANDIDATE']._serialized_end=1933
-  _globals['_ROUTERESPONSE']._serialized_start=1936
-  _globals['_ROUTERESPONSE']._serialized_end=2064
-  _globals['_REGISTEREXAMPLESREQUEST']._serialized_start=2066
-  _globals['_REGISTEREXAMPLESREQUEST']._serialized_end=2125
-  _globals['_REGISTEREXAMPLESRESPONSE']._serialized_start=2127
-  _globals['_REGISTEREXAMPLESRESPONSE']._serialized_end=2220
-  _globals['_GETINFOREQUEST']._serialized_start=2222
-  _globals['_GETINFOREQUEST']._serialized_end=2238
-  _globals['_GETINFORESPONSE']._serialized_start=2241
-  _globals['_GETINFORESPONSE']._serialized_end=2562
-  _globals['_ROUTERINFO']._serialized_start=2565
-  _globals['_ROUTERINFO']._serialized_end=2703
-  _globals['_INFERENCE']._serialized_start=3080
-  _globals['_INFERENCE']._serialized_end=3718
+  _globals['_ADAPTERINFO']._serialized_end=1378
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1381
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1527
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1529
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1592
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1594
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1630
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1632
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1655
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1657
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1678
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1680
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1745
+  _globals['_ROUTEREQUEST']._serialized_start=1747
+  _globals['_ROUTEREQUEST']._serialized_end=1870
+  _globals['_ROUTECANDIDATE']._serialized_start=1872
+  _globals['_ROUTECANDIDATE']._serialized_end=1948
+  _globals['_ROUTERESPONSE']._serialized_start=1951
+  _globals['_ROUTERESPONSE']._serialized_end=2079
+  _globals['_REGISTEREXAMPLESREQUEST']._serialized_start=2081
+  _globals['_REGISTEREXAMPLESREQUEST']._serialized_end=2140
+  _globals['_REGISTEREXAMPLESRESPONSE']._serialized_start=2142
+  _globals['_REGISTEREXAMPLESRESPONSE']._serialized_end=2235
+  _globals['_GETINFOREQUEST']._serialized_start=2237
+  _globals['_GETINFOREQUEST']._serialized_end=2253
+  _globals['_GETINFORESPONSE']._serialized_start=2256
+  _globals['_GETINFORESPONSE']._serialized_end=2674
+  _globals['_KERNELSINFO']._serialized_start=2676
+  _globals['_KERNELSINFO']._serialized_end=2779
+  _globals['_ADAPTERSETTINGS']._serialized_start=2782
+  _globals['_ADAPTERSETTINGS']._serialized_end=2977
+  _globals['_SLOTPOOLINFO']._serialized_start=2979
+  _globals['_SLOTPOOLINFO']._serialized_end=3040
+  _globals['_ROUTERINFO']._serialized_start=3043
+  _globals['_ROUTERINFO']._serialized_end=3181
+  _globals['_INFERENCE']._serialized_start=3558
+  _globals['_INFERENCE']._serialized_end=4196
 # @@protoc_insertion_point(module_scope)

@@ -450,3 +450,15 @@ def test_http_refuses_bad_controls(
         assert message in error["message"]
         if param is not None:
             assert error["param"] == param
+
+
+def test_the_bench_baseline_agrees_with_the_processor() -> None:
+    """bench/penalties_bench.py's on-demand dense penalties and the processor: two implementations, one result."""
+    from bench.penalties_bench import _dense_on_demand, _sequences
+
+    seqs = _sequences(batch=6, penalized=4, vocab=40, prompt_tokens=8, outputs=12)
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3)) * 3
+    dense = logits.clone()
+    assert LogitsProcessor(frozenset()).apply(logits, seqs) == {}
+    _dense_on_demand(dense, seqs)
+    assert torch.allclose(logits, dense, atol=1e-5)

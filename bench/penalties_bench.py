@@ -13,6 +13,9 @@ interleaved, --repeats rounds of all of them, and each keeps its best round, so 
 on the shared cores hits every case alike. `vs_plain` is a case's best over the baseline's best;
 `vs_plain_median_round` the median over rounds of the ratio within a round.
 
+Part 3, the whole step after the forward (processor + sampler) for each case of part 1, on
+SmolLM2-shaped logits, one thread, the cases interleaved step by step: ms per step, median.
+
 Part 2, the logits processor alone on a [batch, vocab] step (ms per step, median of --micro-steps,
 one thread):
 how a sequence's token counts are kept. `incremental` is server/engine/logits_processors.py (counts
@@ -208,6 +211,33 @@ def micro_part(args: argparse.Namespace, vocab: int = 49152) -> dict[str, Any]:
     return {"ms_per_step": result}
 
 
+def after_forward_part(args: argparse.Namespace, vocab: int = 49152) -> dict[str, float]:
+    """ms per step of what runs between the forward and the next step (processor + sampler) for each
+    case, on SmolLM2-shaped logits, the cases interleaved step by step; median of --micro-steps."""
+    from bench.sampling_bench import make_logits
+    from server.engine.sampling import Sampler
+
+    logits = make_logits("lm", args.batch, vocab)
+    runs = {}
+    for name, params in cases(args.batch, args.penalized).items():
+        seqs = _sequences(args.batch, 0, vocab, args.prompt_tokens, 32)
+        for seq, p in zip(seqs, params, strict=True):
+            seq.request = replace(seq.request, sampling=p)
+        runs[name] = (LogitsProcessor(frozenset()), Sampler(torch.Generator().manual_seed(0)), seqs)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    rng = random.Random(2)
+    for _ in range(args.micro_steps):
+        for name, (processor, sampler, seqs) in runs.items():
+            for seq in seqs:
+                seq.output_ids.append(rng.randrange(vocab))
+            step = logits.clone()
+            start = time.perf_counter()
+            processor.apply(step, seqs)
+            sampler.sample(step, [s.request.sampling for s in seqs], [None] * len(seqs))
+            times[name].append(time.perf_counter() - start)
+    return {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+
+
 def main(args: argparse.Namespace) -> int:
     if args.batch < 1 or not 0 <= args.penalized <= args.batch or args.new_tokens < 2 or args.repeats < 1:
         raise SystemExit("bench penalties: need --batch >= 1, 0 <= --penalized <= --batch, --new-tokens >= 2")
@@ -222,6 +252,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # as the engine runs on shared, busy cores (server/engine/threads.py)
     with torch.inference_mode():
         result["processor"] = micro_part(args)
+        result["after_forward_ms_per_step"] = after_forward_part(args)
     torch.set_num_threads(threads)
     if not args.no_engine:
         result["engine"] = engine_part(args)

@@ -145,12 +145,27 @@ def test_a_failure_fails_only_the_rows_with_controls() -> None:
 MIN_P_LOGITS = [2.0, 1.5, 0.2, -0.5, 1.9, -3.0, 0.8]
 
 
-@pytest.mark.parametrize("temperature,min_p,top_k", [(1.0, 0.3, 0), (0.7, 0.1, 0), (1.5, 0.5, 3)])
-def test_min_p_samples_its_definition(temperature: float, min_p: float, top_k: int) -> None:
+@pytest.mark.parametrize(
+    "temperature,min_p,top_k,top_p",
+    [(1.0, 0.3, 0, 1.0), (0.7, 0.1, 0, 1.0), (1.5, 0.5, 3, 1.0), (2.0, 0.1, 0, 0.7)],
+)
+def test_min_p_samples_its_definition(temperature: float, min_p: float, top_k: int, top_p: float) -> None:
     expected = torch.tensor(min_p_probs(MIN_P_LOGITS, temperature, min_p))
     if top_k:  # top_k after min_p; the kept set here is within the top 3
         assert int((expected > 0).sum()) <= top_k
-    params = SamplingParams(temperature=temperature, min_p=min_p, top_k=top_k)
+    if top_p < 1.0:  # then the nucleus of what min_p kept, renormalised
+        mass, order = 0.0, expected.argsort(descending=True).tolist()
+        for token in order:
+            if mass >= top_p:
+                expected[token] = 0.0
+            mass += float(expected[token])
+        expected /= expected.sum()
+        assert (
+            0
+            < int((expected > 0).sum())
+            < int((torch.tensor(min_p_probs(MIN_P_LOGITS, temperature, min_p)) > 0).sum())
+        )
+    params = SamplingParams(temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p)
     sampler = Sampler(torch.Generator().manual_seed(7))
     logits = torch.tensor([MIN_P_LOGITS]).expand(4000, -1).contiguous()
     out = sampler.sample(logits, [params] * 4000, [None] * 4000)

@@ -130,13 +130,17 @@ class Sampler:
         uniforms: torch.Tensor,  # [n] float64
     ) -> torch.Tensor:  # [n] token ids
         scaled = self._shifted(logits, row_max, rows).div_(key.temperature)  # [n, width], <= 0
-        if key.min_p > 0.0:  # p / p_max = exp(scaled) < min_p: out
-            scaled.masked_fill_(scaled < math.log(key.min_p), float("-inf"))
+        # min_p keeps p / p_max = exp(scaled) >= min_p: a prefix of the sorted row, as top_k's is, so
+        # it is applied where it is cheapest: on the top_k values, or on the weights in one fused pass.
         if key.top_k:
             values, candidates = scaled.topk(key.top_k)  # sorted, so top_p can cut a prefix
+            if key.min_p > 0.0:
+                values.masked_fill_(values < math.log(key.min_p), float("-inf"))
             positions = _inverse_cdf(torch.softmax(values, -1), uniforms, key.top_p)
             return candidates.gather(-1, positions).squeeze(-1)
         weights = scaled.exp_()  # unnormalised probabilities: 1 at the row max, 0 in the padding
+        if key.min_p > 0.0:  # threshold_ keeps w > the float32 just below min_p, i.e. w >= min_p
+            torch.nn.functional.threshold_(weights, _just_below(key.min_p), 0.0)
         if key.top_p >= 1.0:  # vocabulary order: no sort at all
             return _inverse_cdf(weights, uniforms, 1.0).squeeze(-1)
         return self._sample_top_p(weights, uniforms, key.top_p)
@@ -236,6 +240,11 @@ def _inverse_cdf(
     target = cdf.gather(-1, end).double() * uniforms.unsqueeze(-1)
     # right=True: the first position whose cdf exceeds the draw, so zero-probability tokens never win
     return torch.searchsorted(cdf, target.float(), right=True).clamp_(max=end)
+
+
+def _just_below(value: float) -> float:
+    """The largest float32 below `value` (a strict > against it is >= value in float32)."""
+    return float(torch.nextafter(torch.tensor(value), torch.tensor(0.0)))
 
 
 def _groups(

@@ -140,7 +140,7 @@ class Sampler:
             return candidates.gather(-1, positions).squeeze(-1)
         weights = scaled.exp_()  # unnormalised probabilities: 1 at the row max, 0 in the padding
         if key.min_p > 0.0:  # threshold_ keeps w > the float32 just below min_p, i.e. w >= min_p
-            torch.nn.functional.threshold_(weights, _just_below(key.min_p), 0.0)
+            torch.threshold_(weights, _just_below(key.min_p), 0.0)
         if key.top_p >= 1.0:  # vocabulary order: no sort at all
             return _inverse_cdf(weights, uniforms, 1.0).squeeze(-1)
         return self._sample_top_p(weights, uniforms, key.top_p)

@@ -63,7 +63,44 @@ class WeightedAdapter(_Request):
     weight: float = Field(description="its weight in the mixture, > 0 (used as given, not normalized)")
 
 
-class SamplingParams(_Request):
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Text = Field(default="response", description="the schema's name (not used)")
+    description: Text | None = None
+    schema_: dict | None = Field(
+        default=None, alias="schema", description="the JSON schema the answer follows"
+    )
+    strict: bool | None = Field(
+        default=None, description="always strict: the answer is valid against the schema"
+    )
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (free), json_object (any JSON object) or json_schema (valid against json_schema.schema)"
+    )
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredFields(_Request):
+    """Structured output: OpenAI's response_format and vLLM's guided_* extensions (at most one)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict | Text | None = Field(
+        default=None, description="vLLM extension: a JSON schema (an object or its JSON text)"
+    )
+    guided_regex: Text | None = Field(default=None, description="vLLM extension: the answer matches it")
+    guided_choice: list[Text] | None = Field(
+        default=None, description="vLLM extension: the answer is one of these strings"
+    )
+    guided_grammar: Text | None = Field(
+        default=None, description="vLLM extension: an EBNF grammar (xgrammar's dialect) the answer matches"
+    )
+
+
+class SamplingParams(StructuredFields):
     """The fields completions and chat completions share."""
 
     model: Text = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
@@ -161,15 +198,12 @@ class ChatCompletionRequest(SamplingParams):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     def unsupported(self) -> str | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs"
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
         return super().unsupported()
 
 

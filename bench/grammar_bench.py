@@ -310,31 +310,32 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     engine = Engine(load_model(None, torch.device("cpu"), torch.float32, config.max_model_len), config)
     engine.start()
     preparer = RequestPreparer.for_engine(engine)
-    schemas = [json.dumps(s) for s in SCHEMAS.values()]
+    schemas = [json.dumps(long_schema(s)) for s in SCHEMAS.values()]
     free = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
 
     def requests(constrained: int) -> list[Any]:
         prepared = []
         for i in range(args.batch):
             params = free
-            prompt = f"Describe item number {i} of the catalogue as a short record."
+            prompt = f"Write record number {i} of the catalogue as JSON."  # the same on both sides
             if i < constrained:
                 spec = StructuredOutput("json_schema", schemas[i % len(schemas)])
                 params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, structured=spec)
-                prompt = f"Write record {i} as JSON."
             prepared.append(preparer.prepare(RequestInput(PromptInput(text=prompt), params, f"r{i}")))
         return prepared
 
     try:
         sides: dict[str, list[float]] = {"free": [], "constrained": []}
         grammar_ms: list[dict[str, float]] = []
+        tokens_per_run: dict[str, list[int]] = {"free": [], "constrained": []}
         run_batch(engine, requests(0))  # warm-up (and the tokenizer info of the first compile)
         run_batch(engine, requests(args.constrained))
         for _ in range(args.repeats):
-            sides["free"].append(run_batch(engine, requests(0)))
+            sides["free"].append(run_batch(engine, requests(0), tokens_per_run["free"]))
             masks = engine.runner.grammar
             masks.timers.clear()
-            sides["constrained"].append(run_batch(engine, requests(args.constrained)))
+            constrained = requests(args.constrained)
+            sides["constrained"].append(run_batch(engine, constrained, tokens_per_run["constrained"]))
             grammar_ms.append(masks.timers.per_step_ms())
     finally:
         engine.shutdown()
@@ -345,13 +346,25 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "constrained": args.constrained,
         "max_tokens": args.max_tokens,
         "tokens_per_s": {"free": free_tps, "constrained": constrained_tps},
+        "tokens_per_run": tokens_per_run,
         "runs": sides,
         "ratio": constrained_tps / free_tps,
         "grammar_ms_per_step": {key: statistics.median(m[key] for m in grammar_ms) for key in grammar_ms[0]},
     }
 
 
-def run_batch(engine: Any, requests: list[Any]) -> float:
+def long_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with a required list of at least 16 notes: no answer ends before max_tokens, so both
+    sides generate the same number of tokens in full batches."""
+    notes = {"type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 40}, "minItems": 16}
+    return {
+        **schema,
+        "properties": {**schema["properties"], "notes": notes},
+        "required": [*schema["required"], "notes"],
+    }
+
+
+def run_batch(engine: Any, requests: list[Any], tokens_out: list[int] | None = None) -> float:
     """Submit every request at once and wait: generated tokens per second."""
     import threading
 
@@ -374,6 +387,8 @@ def run_batch(engine: Any, requests: list[Any]) -> float:
     for request in requests:
         engine.submit(request, sink)
     done.wait()
+    if tokens_out is not None:
+        tokens_out.append(tokens[0])
     return tokens[0] / (time.perf_counter() - start)
 
 

@@ -9,9 +9,9 @@ PreparedRequest to the answer. Every rule lives in one
 place with one message (quoting at most a bounded prefix of what the client sent); the gRPC service calls it for every generation and the HTTP shim reaches
 it through the gRPC service, so both refuse the same requests with the same words.
 
-`prepare` (and `route`) tokenize, may look at the adapter roots on disk and, for "auto", run the
-base model's first layers: call them off the event loop, from one thread (the tokenizer is not
-used concurrently). It knows nothing about protobuf or HTTP, and does not load adapters (the
+`prepare` (and `route`) tokenize, may look at the adapter roots on disk, compile a structured
+output's constraint (server.engine.structured, cached) and, for "auto", run the base model's first
+layers: call them off the event loop, from one thread (the tokenizer is not used concurrently). It knows nothing about protobuf or HTTP, and does not load adapters (the
 engine does, once the request is accepted) nor how the router decides.
 """
 

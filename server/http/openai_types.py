@@ -3,6 +3,7 @@
 FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
 the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions, `route_top_k`
 and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
+structured output is OpenAI's `response_format` or vLLM's `guided_json|regex|choice|grammar`;
 answers of model "auto" carry loramux's `routing`, answers an adapter served its `adapter_tier`.
 The router's own routes have their bodies here too. Fields a client may send that loramux cannot
 honour are declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.

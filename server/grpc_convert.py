@@ -162,6 +162,7 @@ def adapter_info_to_pb(status: AdapterStatus) -> pb.AdapterInfo:
         requests_served=status.requests_served,
         target_modules=status.target_modules,
         source=status.source,
+        error=status.error,
     )
 
 

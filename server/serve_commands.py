@@ -94,7 +94,7 @@ def run_server(config: ServerConfig) -> int:
     _raise_open_file_limit()
     engine.start()
     if router is not None:
-        _reconcile_in_background(router)
+        reconcile_in_background(router)
     try:
         return asyncio.run(_serve_until_signal(engine, router, config, metrics))
     except OSError as exc:  # the port is taken or the host is wrong
@@ -159,7 +159,7 @@ def adapter_residency(adapters: AdapterManager) -> list[ResidentAdapter]:
     return resident
 
 
-def _reconcile_in_background(router: Router) -> threading.Thread:
+def reconcile_in_background(router: Router) -> threading.Thread:
     """Bring the router's tables in line with the adapters on a thread of its own (seconds to a
     minute); "auto" routes meanwhile with the tables it has. Then, every `rescan_s`, adapters added
     to or removed from the roots are learned or forgotten (a listing of the roots when nothing
@@ -210,7 +210,9 @@ async def _serve_until_signal(
     from server.auth import AuthConfig
     from server.grpc_server import serve_grpc
 
-    auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
+    auth = AuthConfig(
+        api_key=config.api_key, admin_token=config.admin_token, enable_admin=config.enable_admin
+    )
     server = await serve_grpc(
         engine,
         config.host,
@@ -233,7 +235,7 @@ async def _serve_until_signal(
 
         app = create_app(
             _local_target(config.host, server.port),
-            enable_admin=config.enable_admin,
+            enable_admin=auth.admin_allowed,  # the same rule as gRPC's: --enable-admin or --admin-token
             metrics_registry=metrics.registry,
             api_key=config.api_key,
             admin_token=config.admin_token,

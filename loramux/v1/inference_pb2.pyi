@@ -159,7 +159,7 @@ class GenerateStreamChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ..., routing: _Optional[_Union[RouteResponse, _Mapping]] = ..., adapter_tier: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules", "source")
+    __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules", "source", "error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class AdapterInfo(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: AdapterFormat
     rank: int
@@ -180,7 +181,8 @@ class AdapterInfo(_message.Message):
     requests_served: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     source: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., pinned: _Optional[bool] = ..., load_count: _Optional[int] = ..., requests_served: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+    error: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., pinned: _Optional[bool] = ..., load_count: _Optional[int] = ..., requests_served: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path", "format", "pin", "replace", "example_prompts")
@@ -285,7 +287,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "max_running", "max_queue", "max_prompt_tokens", "max_prompt_chars", "kernels_backend", "device", "dtype", "vocab_size", "default_max_tokens", "server_version", "router")
+    __slots__ = ("model_name", "max_model_len", "max_running", "max_queue", "max_prompt_tokens", "max_prompt_chars", "kernels_backend", "device", "dtype", "vocab_size", "default_max_tokens", "server_version", "router", "kernels", "adapter_settings")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +301,8 @@ class GetInfoResponse(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     max_running: int
@@ -312,7 +316,49 @@ class GetInfoResponse(_message.Message):
     default_max_tokens: int
     server_version: str
     router: RouterInfo
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., kernels_backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., router: _Optional[_Union[RouterInfo, _Mapping]] = ...) -> None: ...
+    kernels: KernelsInfo
+    adapter_settings: AdapterSettings
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., kernels_backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., router: _Optional[_Union[RouterInfo, _Mapping]] = ..., kernels: _Optional[_Union[KernelsInfo, _Mapping]] = ..., adapter_settings: _Optional[_Union[AdapterSettings, _Mapping]] = ...) -> None: ...
+
+class KernelsInfo(_message.Message):
+    __slots__ = ("lora_backend", "lora_gather", "model_ops", "triton_interpreted")
+    LORA_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LORA_GATHER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OPS_FIELD_NUMBER: _ClassVar[int]
+    TRITON_INTERPRETED_FIELD_NUMBER: _ClassVar[int]
+    lora_backend: str
+    lora_gather: str
+    model_ops: str
+    triton_interpreted: bool
+    def __init__(self, lora_backend: _Optional[str] = ..., lora_gather: _Optional[str] = ..., model_ops: _Optional[str] = ..., triton_interpreted: _Optional[bool] = ...) -> None: ...
+
+class AdapterSettings(_message.Message):
+    __slots__ = ("max_slots", "max_rank", "host_cache_bytes", "max_adapter_bytes", "target_modules", "pools", "adapter_roots")
+    MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ROOTS_FIELD_NUMBER: _ClassVar[int]
+    max_slots: int
+    max_rank: int
+    host_cache_bytes: int
+    max_adapter_bytes: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    pools: _containers.RepeatedCompositeFieldContainer[SlotPoolInfo]
+    adapter_roots: int
+    def __init__(self, max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., pools: _Optional[_Iterable[_Union[SlotPoolInfo, _Mapping]]] = ..., adapter_roots: _Optional[int] = ...) -> None: ...
+
+class SlotPoolInfo(_message.Message):
+    __slots__ = ("kind", "slots", "max_rank")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    slots: int
+    max_rank: int
+    def __init__(self, kind: _Optional[str] = ..., slots: _Optional[int] = ..., max_rank: _Optional[int] = ...) -> None: ...
 
 class RouterInfo(_message.Message):
     __slots__ = ("threshold", "top_k", "layer", "adapters", "adapters_by_examples", "adapters_by_weights")

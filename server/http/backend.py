@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
+from server.access_log import API_METADATA_KEY
 from server.auth import bearer_metadata
 from server.http.errors import ApiError
 from server.http.openai_types import (
@@ -42,9 +43,10 @@ AUTO_MODEL = "auto"  # server.preparation.AUTO_ADAPTER
 
 
 class _Bearer:
-    """Adds `authorization: Bearer <key>` to calls that carry no authorization of their own."""
+    """Adds `authorization: Bearer <key>` to calls that carry no authorization of their own, and
+    says that the call comes from the HTTP shim (`loramux-api: http`, for the access log)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str | None) -> None:
         self._metadata = bearer_metadata(token)
 
     def _details(self, details: Any) -> Any:
@@ -52,6 +54,7 @@ class _Bearer:
         if "authorization" not in metadata:
             for key, value in self._metadata:
                 metadata.add(key, value)
+        metadata.add(API_METADATA_KEY, "http")
         return details._replace(metadata=metadata)
 
 
@@ -68,7 +71,7 @@ class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
 
 def bearer_channel(target: str, api_key: str | None) -> grpc.aio.Channel:
     """An insecure channel to `target` whose calls present `api_key` (none when None)."""
-    interceptors: Any = [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None
+    interceptors: Any = [_BearerUnary(api_key), _BearerStream(api_key)]
     return grpc.aio.insecure_channel(target, interceptors=interceptors)
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from adapters_store.names import NAME_PATTERN
+from server.http.content_parts import text_only
 from server.quoting import LONE_SURROGATE, has_lone_surrogate
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -181,7 +182,8 @@ class TextPart(_Request):
 
 class ChatMessageIn(_Request):
     role: Literal[CHAT_ROLES] = Field(description="who speaks; the chat template renders it")  # type: ignore[valid-type]
-    content: Text | list[TextPart] | None = None
+    # An image, audio or file part is refused in one sentence (server.http.content_parts).
+    content: Annotated[Text | list[TextPart] | None, BeforeValidator(text_only)] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -329,6 +331,13 @@ class ModelCard(BaseModel):
         default=None, description="the base model's id for an adapter; null for the base"
     )
     max_model_len: int | None = None
+    # loramux extension: an adapter found broken without serving it (its config, or its last load).
+    status: Literal["ready", "invalid"] = Field(
+        default="ready", description="loramux extension: invalid = it cannot be served (see error)"
+    )
+    error: str | None = Field(
+        default=None, description="loramux extension: why an invalid model cannot be served"
+    )
 
 
 class ModelList(BaseModel):

@@ -60,7 +60,7 @@ class LocalServer:
         from server.http.app import create_app
         from server.metrics import Metrics
         from server.runtime import build_engine, build_router
-        from server.serve_commands import _reconcile_in_background
+        from server.serve_commands import reconcile_in_background
 
         metrics = Metrics()
         engine = await asyncio.to_thread(build_engine, config, metrics)
@@ -73,7 +73,7 @@ class LocalServer:
                 metrics.watch_router(router.routable_counts)
             engine.start()
             if router is not None:
-                _reconcile_in_background(router)
+                reconcile_in_background(router)
             grpc = await serve_grpc(
                 engine,
                 "127.0.0.1",

@@ -299,6 +299,24 @@ def test_padded_vocabulary_ids_are_never_allowed(tokenizer: Any) -> None:
     assert masks.begin([Seq(None), Seq(None)]) is None  # type: ignore[list-item]
 
 
+def test_bounded_json_strings_admit_no_raw_control_character(tokenizer: Any) -> None:
+    """JSON forbids raw U+0000-U+001F in a string (they must be escaped): no token that carries one
+    may follow an opening quote, whatever bounds the schema puts on the string."""
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    schemas = [{"type": "string"}, {"type": "string", "maxLength": 5}, {"type": "string", "minLength": 2}]
+    for schema in schemas:
+        matcher = compiler.compile(StructuredOutput("json_schema", json.dumps(schema))).matcher()
+        assert matcher.accept_string('"')
+        bitmask = torch.zeros(1, (len(tokenizer) + 31) // 32, dtype=torch.int32)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        words = bitmask[0].tolist()
+        allowed = [t for t in range(len(tokenizer)) if (words[t // 32] >> (t % 32)) & 1]
+        texts = [tokenizer.decode([t]) for t in allowed]
+        assert "abc" in texts or "a" in texts  # not vacuous: plain text may follow
+        bad = [t for t in texts if any(ord(ch) < 0x20 for ch in t)]
+        assert not bad, (schema, bad[:5])
+
+
 def test_compiled_grammars_are_cached_by_their_spec_and_bounded(tokenizer: Any) -> None:
     compiler = GrammarCompiler(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}), max_cached=2)
     first = compiler.compile(StructuredOutput("regex", "[ab]+"))

@@ -132,10 +132,10 @@ class GrammarCompiler:
         compiler = self._library()
         try:
             if kind == "json_object":
-                return compiler.compile_json_schema(_OBJECT_SCHEMA, any_whitespace=False)
+                return _compile_json(compiler, _OBJECT_SCHEMA)
             if kind == "json_schema":
                 _check_schema(spec)
-                return compiler.compile_json_schema(spec, any_whitespace=False)
+                return _compile_json(compiler, spec)
             if kind == "regex":
                 return compiler.compile_regex(spec)
             if kind == "choice":
@@ -159,6 +159,21 @@ class GrammarCompiler:
                 # Our own LRU caches by the request's constraint; the library's cache would hold a second copy.
                 self._compiler = xgrammar.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
             return self._compiler
+
+
+# xgrammar 0.2.9 writes a string with minLength or maxLength as EBNF `[^"\\\r\n]{m,n}`, which lets
+# raw control characters into it (invalid JSON: they must be escaped): JSON's own rule for a
+# string character excludes U+0000-U+001F. Found by tests/test_structured.py; llguidance gets it right.
+_LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\]"
+
+
+def _compile_json(compiler: Any, schema: str) -> Any:
+    """A JSON schema compiled on one line (", " and ": "), strings without raw control characters."""
+    import xgrammar
+
+    grammar = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False))
+    return compiler.compile_grammar(grammar.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER))
 
 
 def _check_schema(spec: str) -> None:

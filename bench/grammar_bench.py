@@ -8,7 +8,7 @@ Two parts (`--part`, default both):
   (the per-step cost that matters: it is paid for every constrained row of every step), a batch
   of 8 rows' masks, and the resident memory each library adds. Each library runs in its own
   process so that their memory does not mix; a library that is not installed is skipped
-  (loramux depends on the one it chose, xgrammar; `pip install llguidance` to compare).
+  (loramux depends on the one it chose, xgrammar; `pip install llguidance==1.9.1` to compare).
 - `throughput`: the engine on SmolLM2 (the default model, embedded: nothing downloads), batch 32
   at the API's default temperature 1.0, all 32 requests free against 8 schema-constrained ones
   among 24 free ones; the two sides alternate, `--repeats` times each, in one process, and the

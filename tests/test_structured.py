@@ -299,6 +299,32 @@ def test_padded_vocabulary_ids_are_never_allowed(tokenizer: Any) -> None:
     assert masks.begin([Seq(None), Seq(None)]) is None  # type: ignore[list-item]
 
 
+def test_a_mask_that_cannot_be_made_fails_its_row_alone(tokenizer: Any) -> None:
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    grammar = compiler.compile(StructuredOutput("choice", '["yes", "no"]'))
+
+    class Broken:
+        def is_terminated(self) -> bool:
+            return False
+
+        def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
+            raise RuntimeError("no mask today")
+
+    class Seq:
+        def __init__(self, grammar: Any, matcher: Any) -> None:
+            self.request = type("R", (), {"grammar": grammar})()
+            self.grammar_matcher = matcher
+
+    masks = GrammarMasks()  # filled in the worker thread
+    step = masks.begin([Seq(None, None), Seq(grammar, Broken()), Seq(grammar, None)])  # type: ignore[list-item]
+    assert step is not None and step.rows == [1, 2]
+    logits = torch.zeros(3, len(tokenizer))
+    step.apply(logits)
+    errors = step.advance([5, 6, 7], {})
+    assert set(errors) == {1, 2} and "no mask today" in errors[1]  # the free row 0 is untouched
+    assert bool((logits[0] == 0).all())
+
+
 def test_bounded_json_strings_admit_no_raw_control_character(tokenizer: Any) -> None:
     """JSON forbids raw U+0000-U+001F in a string (they must be escaped): no token that carries one
     may follow an opening quote, whatever bounds the schema puts on the string."""

@@ -269,6 +269,7 @@ class StepMasks:
     mask_vocab_size: int
     timers: GrammarTimers
     filled: Future[float] | None = None  # the worker's fill; its result is the time it took
+    failure: str | None = None  # why the masks could not be made or applied: the constrained rows fail
     _waited: bool = field(default=False, repr=False)
 
     def wait(self) -> None:
@@ -278,25 +279,36 @@ class StepMasks:
         self._waited = True
         if self.filled is not None:
             start = time.perf_counter()
-            self.timers.fill_s += self.filled.result()
+            try:
+                self.timers.fill_s += self.filled.result()
+            except Exception as exc:  # these rows fail, not the step
+                self.failure = f"structured output failed: {exc!r}"
             self.timers.wait_s += time.perf_counter() - start
 
     def apply(self, logits: torch.Tensor) -> None:  # [num sampled, vocab] in place
-        """-inf wherever a constrained row's grammar does not allow the token."""
+        """-inf wherever a constrained row's grammar does not allow the token. Never raises: a
+        failure fails the constrained rows (in `advance`)."""
         import xgrammar
 
         self.wait()
+        if self.failure is not None:
+            return
         start = time.perf_counter()
-        bitmask = self.bitmask
-        if logits.device != bitmask.device:
-            bitmask = bitmask.to(logits.device, non_blocking=True)
-        vocab_size = min(logits.shape[-1], self.mask_vocab_size)
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=self.rows)
+        try:
+            bitmask = self.bitmask
+            if logits.device != bitmask.device:
+                bitmask = bitmask.to(logits.device, non_blocking=True)
+            vocab_size = min(logits.shape[-1], self.mask_vocab_size)
+            xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=self.rows)
+        except Exception as exc:
+            self.failure = f"structured output failed: {exc!r}"
         self.timers.apply_s += time.perf_counter() - start
 
     def advance(self, tokens: Sequence[int], errors: dict[int, str]) -> dict[int, str]:
         """Move each matcher past its row's sampled token (-1: the row failed); `errors` plus any row
         whose token its grammar refused (only possible if the mask was not applied)."""
+        if self.failure is not None:
+            return {**errors, **{row: self.failure for row in self.rows}}
         start = time.perf_counter()
         refused: dict[int, str] = {}
         for row, matcher in zip(self.rows, self.matchers, strict=True):

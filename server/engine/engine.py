@@ -40,6 +40,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Delivery, Scheduler
 from server.engine.sequence import Sequence, Status
+from server.engine.structured import GrammarCompiler
 from server.engine.threads import ThreadGovernor
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
@@ -96,6 +97,10 @@ class Engine:
         # at once can raise "Already borrowed".
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self.eos_token_ids = loaded.eos_token_ids
+        # Structured output's constraints, compiled by the servers' preparation (its thread, its tokenizer).
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer, loaded.model.arch.vocab_size, frozenset(self.eos_token_ids)
+        )
         arch = self.model.arch
         max_len = min(config.max_model_len, arch.max_position_embeddings)
         if arch.sliding_window:  # no sliding-window attention yet: stay inside the window

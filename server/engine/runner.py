@@ -16,6 +16,7 @@ import torch
 
 from server.engine.sampling import Sampler
 from server.engine.scheduler import StepPlan, StepResult
+from server.engine.structured import GrammarMasks
 from server.model.batch import DecodeSeq, StepBatch
 from server.model.kv_cache import KVCache
 from server.model.llama import LlamaModel
@@ -39,20 +40,29 @@ class ModelRunner:
         self.sampler = sampler
         self.adapters = adapters
         self.device = model.embed_tokens.device
+        self.grammar = GrammarMasks()  # structured output's token masks (rows that ask for it only)
 
     def run(self, plan: StepPlan) -> StepResult:
         if plan.empty:
             return StepResult([], {})
+        sampled = plan.sampled
+        masks = self.grammar.begin(sampled)  # the constrained rows' masks fill beside the forward
         try:
             logits = self.model(self._build_batch(plan), self.kv)  # [len(plan.sampled), vocab]
         except Exception as exc:
             log.exception("the forward of an engine step failed; failing the requests it ran")
+            if masks is not None:
+                masks.wait()
             return StepResult([], {}, failure=f"engine step failed: {exc!r}")
-        sampled = plan.sampled
+        if masks is not None:  # (3) the grammar's token mask
+            masks.apply(logits)
         result = self.sampler.sample(
             logits, [s.request.sampling for s in sampled], [s.generator for s in sampled]
         )
-        return StepResult(result.tokens, result.errors)
+        errors = result.errors
+        if masks is not None:  # (5) the matchers move past the sampled tokens
+            errors = masks.advance(result.tokens, errors)
+        return StepResult(result.tokens, errors)
 
     def _build_batch(self, plan: StepPlan) -> StepBatch:
         decodes = [DecodeSeq(s.kv_slot, s.num_cached, s.output_ids[-1]) for s in plan.decodes]

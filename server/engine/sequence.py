@@ -43,6 +43,8 @@ class Sequence(RequestHandle):
     first_token_at: float = 0.0  # time.monotonic() of the first sampled token; 0.0 = none yet
     # Where its adapters were when it arrived (AdapterManager.tier): device | host | disk; "" = base.
     adapter_tier: str = ""
+    # Its constraint's matcher (server.engine.structured), made on the first step that samples it.
+    grammar_matcher: Any = None
 
     @property
     def prompt_len(self) -> int:

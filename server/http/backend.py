@@ -33,6 +33,7 @@ from server.http.openai_types import (
     RouteRequest,
     SamplingParams,
 )
+from server.http.structured import structured_output_pb
 
 INFO_TIMEOUT_S = 10.0
 ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files; RegisterExamples trains
@@ -223,6 +224,9 @@ def _sampling(body: SamplingParams, adapter: str) -> pb.GenerateRequest:
         request.route_top_k = body.route_top_k
     for entry in body.adapters or ():
         request.adapters.add(name=entry.name, weight=entry.weight)
+    structured = structured_output_pb(body)
+    if structured is not None:
+        request.structured_output.CopyFrom(structured)
     return request
 
 

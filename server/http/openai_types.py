@@ -3,6 +3,7 @@
 FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
 the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions, `route_top_k`
 and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
+structured output is OpenAI's `response_format` or vLLM's `guided_json|regex|choice|grammar`;
 answers of model "auto" carry loramux's `routing`, answers an adapter served its `adapter_tier`.
 The router's own routes have their bodies here too. Fields a client may send that loramux cannot
 honour are declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
@@ -64,7 +65,44 @@ class WeightedAdapter(_Request):
     weight: float = Field(description="its weight in the mixture, > 0 (used as given, not normalized)")
 
 
-class SamplingParams(_Request):
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Text = Field(default="response", description="the schema's name (not used)")
+    description: Text | None = None
+    schema_: dict | None = Field(
+        default=None, alias="schema", description="the JSON schema the answer follows"
+    )
+    strict: bool | None = Field(
+        default=None, description="always strict: the answer is valid against the schema"
+    )
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (free), json_object (any JSON object) or json_schema (valid against json_schema.schema)"
+    )
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredFields(_Request):
+    """Structured output: OpenAI's response_format and vLLM's guided_* extensions (at most one)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict | Text | None = Field(
+        default=None, description="vLLM extension: a JSON schema (an object or its JSON text)"
+    )
+    guided_regex: Text | None = Field(default=None, description="vLLM extension: the answer matches it")
+    guided_choice: list[Text] | None = Field(
+        default=None, description="vLLM extension: the answer is one of these strings"
+    )
+    guided_grammar: Text | None = Field(
+        default=None, description="vLLM extension: an EBNF grammar (xgrammar's dialect) the answer matches"
+    )
+
+
+class SamplingParams(StructuredFields):
     """The fields completions and chat completions share."""
 
     model: Text = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
@@ -163,15 +201,12 @@ class ChatCompletionRequest(SamplingParams):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     def unsupported(self) -> str | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs"
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
         return super().unsupported()
 
 

@@ -162,6 +162,19 @@ def choose(scored: Sequence[tuple[Candidate, float]], reference_alpha: float) ->
     return min(tied, key=lambda c: abs(math.log(c.alpha / reference_alpha)))
 
 
+def pick(
+    client: Completions,
+    task: Task,
+    validation: Validation,
+    candidates: Sequence[Candidate],
+    reference_alpha: float,
+) -> tuple[Candidate, list[list[float]]]:
+    """Score every candidate on the validation rows (nothing else); the chosen one, [alpha, score] each."""
+    scores = score_candidates(client, task, validation.examples, [c.name for c in candidates])
+    chosen = choose(list(zip(candidates, scores, strict=True)), reference_alpha)
+    return chosen, [[round(c.alpha, 6), round(s, 4)] for c, s in zip(candidates, scores, strict=True)]
+
+
 def score_candidates(
     client: Completions, task: Task, examples: Sequence[Example], names: Sequence[str]
 ) -> list[float]:
@@ -234,12 +247,8 @@ def tune(options: Options) -> dict[str, Any]:
                 rows: dict[str, Any] = {"validation_rows": len(validation.examples), "densities": {}}
                 report["tasks"][name] = rows
                 for shipped, candidates in plans[name]:
-                    scores = score_candidates(client, task, validation.examples, [c.name for c in candidates])
                     reference = kl_alpha(shipped)
-                    chosen = choose(list(zip(candidates, scores, strict=True)), reference)
-                    trials = [
-                        [round(c.alpha, 6), round(s, 4)] for c, s in zip(candidates, scores, strict=True)
-                    ]
+                    chosen, trials = pick(client, task, validation, candidates, reference)
                     record = {
                         "alpha_source": validation.source(),
                         "alpha_validation": {

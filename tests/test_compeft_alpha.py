@@ -60,10 +60,8 @@ def _independent_signs(source: Path, density: float) -> dict[str, torch.Tensor]:
     return signs
 
 
-def test_candidates_change_only_alpha_and_the_delta_scales_as_alpha_squared(
-    shipped, make_tiny_model, tmp_path
-) -> None:
-    source, directory, spec = shipped
+def test_candidates_change_only_alpha_and_the_delta_scales_as_alpha_squared(shipped, tmp_path) -> None:
+    source, _, spec = shipped
     unbalanced = tmp_path / "unbalanced"
     source_adapter = load_peft_lora(source, spec, "source")
     save_compeft(compress_compeft(source_adapter, density=0.2, alpha=KL_ALPHA), unbalanced)
@@ -86,7 +84,9 @@ def test_candidates_change_only_alpha_and_the_delta_scales_as_alpha_squared(
             block = "self_attn" if projection in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             key = f"base_model.model.model.layers.{layer}.{block}.{projection}"
             expected = w.scale * gamma**2 * signs[f"{key}.lora_B.weight"] @ signs[f"{key}.lora_A.weight"]
-            torch.testing.assert_close(w.scale * (w.B.double() @ w.A.double()), expected, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(
+                w.scale * (w.B.double() @ w.A.double()), expected, rtol=1e-5, atol=1e-9
+            )
 
 
 def _source_tensors(source: Path) -> dict[str, torch.Tensor]:

@@ -178,3 +178,17 @@ def test_choose_breaks_ties_towards_the_kl_alpha() -> None:
     low, mid, high = (Candidate(n, f, KL_ALPHA * f) for n, f in (("a", 0.7, ), ("b", 1.0), ("c", 1.4)))  # fmt: skip
     assert choose([(low, 0.5), (mid, 0.5), (high, 0.5)], KL_ALPHA) is mid
     assert choose([(low, 0.5), (mid, 0.4), (high, 0.5)], KL_ALPHA) is high  # |log 1.4| < |log 0.7|
+
+
+def test_the_demo_picks_compeft_alpha_after_compressing_unless_told_not_to(monkeypatch, tmp_path) -> None:
+    import tasks.demo as demo
+
+    built, tuned = [], []
+    monkeypatch.setattr(demo, "build", lambda adapter_format, name, *rest: built.append(adapter_format) or 0)
+    monkeypatch.setattr(demo, "tune_alpha", lambda names, out: tuned.append((names, out)) or 0)
+    common = ["--tasks", "sql", "--out", str(tmp_path), "--skip-measure"]
+    assert demo.main([*common, "--formats", "lora,compeft"]) == 0
+    assert built == ["lora", "compeft"] and tuned == [(["sql"], tmp_path)]
+    assert demo.main([*common, "--formats", "compeft", "--skip-alpha"]) == 0
+    assert demo.main([*common, "--formats", "lora,mos"]) == 0
+    assert len(tuned) == 1

@@ -236,7 +236,7 @@ def tune(options: Options) -> dict[str, Any]:
                     print(f"skipped: {shipped} does not exist", file=sys.stderr)
                     continue
                 plans[name].append((shipped, write_candidates(shipped, root, options.factors, spec)))
-        slots = max(len(plan) for plan in plans.values()) * len(options.factors) + 1
+        slots = max((len(plan) for plan in plans.values()), default=0) * len(options.factors) + 1
         with served(root, max_slots=slots, threads=options.threads, timeout=900.0) as client:
             # 1) choose on validation rows, write the choice: the held-out set is not read here
             for name in options.names:
@@ -247,32 +247,8 @@ def tune(options: Options) -> dict[str, Any]:
                 rows: dict[str, Any] = {"validation_rows": len(validation.examples), "densities": {}}
                 report["tasks"][name] = rows
                 for shipped, candidates in plans[name]:
-                    reference = kl_alpha(shipped)
-                    chosen, trials = pick(client, task, validation, candidates, reference)
-                    record = {
-                        "alpha_source": validation.source(),
-                        "alpha_validation": {
-                            "kl_alpha": reference,
-                            "metric": task.metric,
-                            "rows": len(validation.examples),
-                            "seed": validation.seed,
-                            "candidates": trials,
-                            "chosen": chosen.alpha,
-                        },
-                    }
-                    adopt(shipped, spec, chosen.alpha, record)
-                    rows["densities"][shipped.name] = {
-                        "kl_alpha": reference,
-                        "alpha": chosen.alpha,
-                        "factor": chosen.factor,
-                        "validation": trials,
-                        "kl_candidate": next(c.name for c in candidates if c.factor == 1.0)
-                        if 1.0 in options.factors
-                        else None,
-                        "chosen_candidate": chosen.name,
-                    }
-                    print(
-                        f"{shipped.name}: alpha {reference:.3f} -> {chosen.alpha:.3f} ({trials})", flush=True
+                    rows["densities"][shipped.name] = choose_and_adopt(
+                        client, task, validation, (shipped, candidates), spec
                     )
             # 2) the held-out set, after every choice is written: LoRA, KL alpha, chosen alpha
             if options.heldout:
@@ -280,7 +256,45 @@ def tune(options: Options) -> dict[str, Any]:
     return report
 
 
+def choose_and_adopt(
+    client: Completions,
+    task: Task,
+    validation: Validation,
+    plan: tuple[Path, list[Candidate]],
+    spec: BaseModelSpec,
+) -> dict[str, Any]:
+    """Pick the shipped adapter's alpha among its candidates on the validation rows and rewrite it; its report row."""
+    shipped, candidates = plan
+    reference = kl_alpha(shipped)
+    chosen, trials = pick(client, task, validation, candidates, reference)
+    validation_record = {
+        "kl_alpha": reference,
+        "metric": task.metric,
+        "rows": len(validation.examples),
+        "seed": validation.seed,
+        "candidates": trials,
+        "chosen": chosen.alpha,
+    }
+    adopt(
+        shipped,
+        spec,
+        chosen.alpha,
+        {"alpha_source": validation.source(), "alpha_validation": validation_record},
+    )
+    print(f"{shipped.name}: alpha {reference:.3f} -> {chosen.alpha:.3f} ({trials})", flush=True)
+    kl_candidate = next((c.name for c in candidates if c.factor == 1.0), None)
+    return {
+        "kl_alpha": reference,
+        "alpha": chosen.alpha,
+        "factor": chosen.factor,
+        "validation": trials,
+        "kl_candidate": kl_candidate,
+        "chosen_candidate": chosen.name,
+    }
+
+
 def measure_heldout(client: Completions, report: dict[str, Any], names: Sequence[str]) -> None:
+    """Score each task's LoRA, KL-alpha and chosen candidates on its held-out set into `report` (after choosing)."""
     for name in names:
         task = get_task(name)
         rows = report["tasks"][name]

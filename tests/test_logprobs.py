@@ -148,6 +148,33 @@ def test_token_texts_are_each_tokens_own_text(chunked_engine, tokenizer) -> None
             )
 
 
+def test_steps_without_asking_rows_do_no_log_prob_work() -> None:
+    from server.engine.logprobs import Logprobs
+    from server.model.batch import DecodeSeq, StepBatch
+
+    logits = torch.randn(3, 50)
+    assert Logprobs().begin(logits, [SamplingParams()] * 3) is None
+    assert Logprobs().finish(None, [1, 2, 3]) == {}
+    cpu = torch.device("cpu")
+    plain = StepBatch.build([DecodeSeq(0, 4, 1)], [(1, 0, [5, 6, 7], True)], cpu)
+    assert plain.logits_rows.tolist() == [0, 3] and plain.num_sampled == 2
+    echo = StepBatch.build([DecodeSeq(0, 4, 1)], [(1, 0, [5, 6, 7], True)], cpu, prompt_scores=[2])
+    assert echo.logits_rows.tolist() == [0, 3, 1, 2] and echo.num_sampled == 2  # sampled rows first
+
+
+@pytest.mark.parametrize("alternatives", [0, 1, 2, 5])
+def test_ranks_count_every_token_at_least_as_likely_ties_included(alternatives: int) -> None:
+    from server.engine.logprobs import Logprobs
+
+    logits = torch.tensor([[3.0, 3.0, 1.0, 2.0, 2.0, 2.0, 0.0]] * 7)
+    tokens = list(range(7))  # row i picks token i
+    pending = Logprobs().begin(logits, [SamplingParams(logprobs=alternatives)] * 7)
+    entries = Logprobs().finish(pending, tokens)
+    expected = [int((logits[0] >= logits[0, t]).sum()) for t in tokens]  # vLLM's rank
+    assert [entries[i].rank for i in range(7)] == expected == [2, 2, 6, 5, 5, 5, 7]
+    assert all(len(entries[i].top) == alternatives for i in range(7))
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -395,6 +422,22 @@ def test_streamed_completion_logprobs_join_to_the_whole_answer(wire, client) -> 
     assert offsets == whole.logprobs.text_offset  # no held-back text here: the same offsets
 
 
+def test_streamed_echo_with_max_tokens_zero_is_one_event_of_the_prompt(wire, client) -> None:
+    events = list(
+        client.completions.create(
+            model=_base_id(wire), prompt="Score me, please", max_tokens=0, logprobs=1, echo=True, stream=True
+        )
+    )
+    choices = [e.choices[0] for e in events if e.choices]
+    assert (
+        len(choices) == 1 and choices[0].text == "Score me, please" and choices[0].finish_reason == "length"
+    )
+    assert "".join(choices[0].logprobs.tokens) == "Score me, please"
+    assert choices[0].logprobs.token_logprobs[0] is None and all(
+        v is not None and v <= 0 for v in choices[0].logprobs.token_logprobs[1:]
+    )
+
+
 def test_chat_logprobs_have_openais_shape_whole_and_streamed(wire, client) -> None:
     kwargs: dict[str, Any] = dict(
         model="qv4",
@@ -470,16 +513,16 @@ def _multiple_choice(tokenizer: Any, questions: int = 10) -> list[tuple[list[int
 def test_lm_eval_loglikelihood_requests_pick_what_transformers_picks(
     wire, client, wire_oracle, tokenizer, model: str
 ) -> None:
-    """lm-eval's local-completions loglikelihood request (token-id prompt, echo, logprobs=1,
-    max_tokens 0; older versions max_tokens 1 and drop the last entry): the sums of the
-    continuation's log-probs and is_greedy give transformers' choices and accuracy."""
+    """lm-eval's local-completions loglikelihood request (token-id prompt, echo, logprobs=1, and
+    max_tokens 1, whose last entry lm-eval drops; or max_tokens 0): the sums of the continuation's
+    log-probs and is_greedy (lm-eval's parse_logprobs) give transformers' choices and accuracy."""
     adapter = "" if model == "base" else model
     ours, theirs, golds = [], [], []
     for index, (context, choices, gold) in enumerate(_multiple_choice(tokenizer)):
         scores, expected = [], []
         for c, continuation in enumerate(choices):
             ids = context + continuation
-            max_tokens = 1 if index == 0 and c == 0 else 0  # lm-eval's older payload once
+            max_tokens = index % 2  # lm-eval 0.4's payload (max_tokens 1) and vLLM's documented one (0)
             answer = client.completions.create(
                 model=adapter or _base_id(wire),
                 prompt=[ids],

@@ -44,6 +44,29 @@ class TokenTexts:
         return text
 
 
+def _ranks(
+    logprobs: torch.Tensor,  # [m, vocab]
+    values: torch.Tensor,  # [m, 1] the chosen tokens' log-probs
+    chosen: torch.Tensor,  # [m, 1] the chosen tokens
+    head: tuple[torch.Tensor, torch.Tensor],  # ([m, k] top values, [m, k] their ids), most likely first
+) -> torch.Tensor:  # [m]
+    """Each chosen token's rank: the number of tokens at least as likely (itself included).
+
+    A token found in the head before a strictly smaller value has its rank there; the others
+    (outside the head, or tied with what follows) count over the whole row."""
+    top_values, top_ids = head
+    k = top_ids.shape[-1]
+    hit = top_ids == chosen  # [m, k]
+    position = hit.int().argmax(-1)  # [m] first match (0 when none)
+    after = top_values.gather(-1, (position + 1).clamp(max=k - 1).unsqueeze(-1)).squeeze(-1)
+    exact = hit.any(-1) & (position < k - 1) & (after < values.squeeze(-1))
+    ranks = position + 1
+    rest = (~exact).nonzero().flatten()
+    if len(rest):
+        ranks[rest] = (logprobs.index_select(0, rest) >= values.index_select(0, rest)).sum(-1)
+    return ranks
+
+
 def _no_text(token_id: int) -> str:
     return ""
 
@@ -55,7 +78,7 @@ class PendingLogprobs:
     rows: list[int]  # indices into the step's sampled rows
     counts: list[int]  # alternatives each row asks for
     logprobs: torch.Tensor  # [m, vocab] log-softmax of those rows' raw logits
-    top_values: torch.Tensor  # [m, k] k = max(counts), most likely first
+    top_values: torch.Tensor  # [m, k] k = max(counts) + 1, most likely first
     top_ids: torch.Tensor  # [m, k]
 
 
@@ -73,8 +96,9 @@ class Logprobs:
         counts = [params[i].logprobs or 0 for i in rows]
         picked = logits if len(rows) == logits.shape[0] else logits.index_select(0, torch.tensor(rows))
         logprobs = torch.log_softmax(picked, -1)  # [m, vocab]
-        top_values, top_ids = logprobs.topk(max(counts)) if max(counts) else (logprobs[:, :0],) * 2
-        return PendingLogprobs(rows, counts, logprobs, top_values, top_ids.long())
+        # One more than asked: a token found in the head with a smaller value after it has its rank there.
+        top_values, top_ids = logprobs.topk(min(max(counts) + 1, logprobs.shape[-1]))
+        return PendingLogprobs(rows, counts, logprobs, top_values, top_ids)
 
     def finish(self, pending: PendingLogprobs | None, tokens: Sequence[int]) -> dict[int, TokenLogprob]:
         """Each asking row's entry for its sampled token (tokens: one per sampled row, -1 = failed)."""
@@ -82,7 +106,7 @@ class Logprobs:
             return {}
         chosen = torch.tensor([max(tokens[r], 0) for r in pending.rows]).unsqueeze(-1)  # [m, 1]
         values = pending.logprobs.gather(-1, chosen)  # [m, 1]
-        ranks = (pending.logprobs >= values).sum(-1)  # [m]
+        ranks = _ranks(pending.logprobs, values, chosen, (pending.top_values, pending.top_ids))
         entries = self._entries(
             chosen.squeeze(-1).tolist(),
             values.squeeze(-1).tolist(),
@@ -100,9 +124,8 @@ class Logprobs:
         logprobs = torch.log_softmax(logits, -1)  # [M, vocab]
         chosen = torch.tensor(list(targets)).unsqueeze(-1)
         values = logprobs.gather(-1, chosen)
-        ranks = (logprobs >= values).sum(-1)
-        k = max(counts)
-        top_values, top_ids = logprobs.topk(k) if k else (logprobs[:, :0],) * 2
+        top_values, top_ids = logprobs.topk(min(max(counts) + 1, logprobs.shape[-1]))
+        ranks = _ranks(logprobs, values, chosen, (top_values, top_ids))
         return self._entries(
             list(targets),
             values.squeeze(-1).tolist(),

@@ -6,9 +6,12 @@ that many alternatives), against the same batch asking for none; both sides samp
 default (temperature 1.0 unless --temperature). Decode throughput is B * (N - 1) / (T(N) - T(1))
 as in `bench engine`, so the prefill and first token cancel out. The two sides alternate
 (off, on, off, on, ...) for --repeats rounds in one process, and each side keeps its median,
-so a neighbour that slows the machine for a while slows both. `cost` = 1 - on / off.
-`step_ms`: the log-prob work alone (Logprobs.begin + finish) on one step's [batch, vocab] of
-the model's logit shape, median of 50 calls: what the figure above is made of.
+so a neighbour that slows the machine for a while slows both: `cost` = the median decode step
+with log-probs over the median without, minus 1; `cost_paired` the median of the rounds' own
+ratios. On a shared machine both swing by more than the effect, so `logprobs_ms` measures the
+log-prob work alone (Logprobs.begin + finish on one step's [batch, vocab] of the model's logit
+shape, median of 50 calls) and `logprobs_share` divides it by the decode step without log-probs
+(`step_ms_off`): the steadier estimate of the same cost.
 A micro-benchmark: it drives the engine in-process, not over the wire.
 """
 
@@ -82,25 +85,31 @@ def main(args: argparse.Namespace) -> int:
                     times[side][n].append(run_engine(engine, prompts, n, sampling=sampling))
     finally:
         engine.shutdown()
-    decode = {
-        side: args.batch
-        * (args.new_tokens - 1)
-        / (statistics.median(t[args.new_tokens]) - statistics.median(t[1]))
-        for side, t in times.items()
+    n = args.new_tokens
+    # Per round and side: seconds per decode step, (T(N) - T(1)) / (N - 1).
+    step_s = {
+        side: [(tn - t1) / (n - 1) for tn, t1 in zip(t[n], t[1], strict=True)] for side, t in times.items()
     }
+    off_s, on_s = statistics.median(step_s["off"]), statistics.median(step_s["on"])
+    work_ms = step_ms(args.batch, engine.model.arch.vocab_size, args.top_logprobs, engine.tokenizer)
     result = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "batch": args.batch,
-        "new_tokens": args.new_tokens,
+        "new_tokens": n,
         "prompt_tokens": args.prompt_tokens,
         "temperature": args.temperature,
         "top_logprobs": args.top_logprobs,
         "repeats": args.repeats,
-        "off_tok_s": round(decode["off"], 1),
-        "on_tok_s": round(decode["on"], 1),
-        "cost": round(1 - decode["on"] / decode["off"], 3),
-        "step_ms": step_ms(args.batch, engine.model.arch.vocab_size, args.top_logprobs, engine.tokenizer),
+        "off_tok_s": round(args.batch / off_s, 1),
+        "on_tok_s": round(args.batch / on_s, 1),
+        "cost": round(on_s / off_s - 1, 3),  # medians of each side
+        "cost_paired": round(
+            statistics.median(b / a - 1 for a, b in zip(step_s["off"], step_s["on"], strict=True)), 3
+        ),
+        "step_ms_off": round(off_s * 1e3, 1),
+        "logprobs_ms": work_ms,  # the log-prob work alone, per step
+        "logprobs_share": round(work_ms / (off_s * 1e3), 3),
     }
     if args.json:
         print(json.dumps(result))

@@ -520,7 +520,7 @@ def test_lm_eval_loglikelihood_requests_pick_what_transformers_picks(
     ours, theirs, golds = [], [], []
     for index, (context, choices, gold) in enumerate(_multiple_choice(tokenizer)):
         scores, expected = [], []
-        for c, continuation in enumerate(choices):
+        for continuation in choices:
             ids = context + continuation
             max_tokens = index % 2  # lm-eval 0.4's payload (max_tokens 1) and vLLM's documented one (0)
             answer = client.completions.create(

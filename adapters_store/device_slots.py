@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from adapters_store import lifecycle_log
 from adapters_store.adapter import LoadedAdapter
 from adapters_store.errors import AdapterError
 from adapters_store.slot_pools import DeviceForm, Group, SlotPool, Term
@@ -203,12 +204,15 @@ class DeviceSlots:
             slot = self._take_idle_slot(ready.pool)
             if slot is None:
                 return None
+            evicted = None if self._stale[slot] else self._keys[slot]  # a stale one was unloaded before
             # Reserve: pinned and named, but not yet handed to anyone else by key.
             self._keys[slot] = ready.key
             self._ranks[slot] = ready.adapter.rank
             self._pins[slot] = 1
             self._stale[slot] = False
             self._filling[slot] = ready.key
+        if evicted is not None:
+            lifecycle_log.evicted(evicted[0], "device", slot=slot)
         start = time.perf_counter()
         pool = self.pools[ready.pool]
         pool.fill(slot - self.offsets[ready.pool], ready.form)  # the copy, outside the lock
@@ -219,6 +223,14 @@ class DeviceSlots:
                 self._slot_of[ready.key] = slot
             self._loads += 1
             self._last_load_seconds = seconds
+        lifecycle_log.loaded(
+            ready.key[0],
+            "device",
+            slot=slot,
+            pool=pool.kind,
+            rank=ready.adapter.rank,
+            seconds=f"{seconds:.3f}",
+        )
         return slot
 
     def release(self, slot: int) -> None:

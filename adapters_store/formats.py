@@ -122,9 +122,8 @@ def detect_format(directory: Path | str, label: str | None = None) -> str:
         raise AdapterError(f"{label} is not a directory")
     raise AdapterError(
         f"{label} holds no adapter loramux recognises: expected {CONFIG_FILE} + "
-        f"{WEIGHTS_FILE} (a PEFT LoRA directory) or {MOS_CONFIG_FILE} + {MOS_WEIGHTS_FILE} (a MoS directory)"
-        f"{WEIGHTS_FILE} (a PEFT LoRA directory) or {COMPEFT_CONFIG_FILE} + {COMPEFT_WEIGHTS_FILE} "
-        "(a compeft directory, from `loramux compress`)"
+        f"{WEIGHTS_FILE} (a PEFT LoRA directory), {MOS_CONFIG_FILE} + {MOS_WEIGHTS_FILE} (a MoS directory) "
+        f"or {COMPEFT_CONFIG_FILE} + {COMPEFT_WEIGHTS_FILE} (a compeft directory, from `loramux compress`)"
     )
 
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from adapters_store import lifecycle_log
 from adapters_store.adapter import LoadedAdapter
 from adapters_store.errors import AdapterTooLarge, message_only
 
@@ -150,6 +151,7 @@ class HostCache:
         name, adapter = self._entries.popitem(last=False)
         self._bytes -= adapter.nbytes
         self._evictions += 1
+        lifecycle_log.evicted(name, "host", bytes=adapter.nbytes)
         return name
 
     def evict(self, name: str | None = None) -> str | None:
@@ -162,6 +164,7 @@ class HostCache:
                 return None
             self._bytes -= adapter.nbytes
             self._evictions += 1
+            lifecycle_log.evicted(name, "host", bytes=adapter.nbytes)
             return name
 
     def discard(self, name: str, adapter: LoadedAdapter) -> bool:

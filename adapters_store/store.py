@@ -24,6 +24,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters_store import lifecycle_log
 from adapters_store.adapter import LoadedAdapter
 from adapters_store.errors import AdapterError, AdapterExists, AdapterNotFound, message_only, shown
 from adapters_store.formats import ADAPTER_FILES, load_adapter
@@ -137,11 +138,17 @@ class AdapterStore:
         if current == directory and not replace:
             return self.get(name)
         files = fingerprint(directory)
-        adapter = self._read(name, directory, format)
-        with self._lock:
-            self.host.put(adapter)  # raises AdapterTooLarge before changing anything
-            self._registered[name] = _Registration(path, directory, format)
-            self._remember(name, adapter, directory, files)
+        started = time.perf_counter()
+        try:
+            adapter = self._read(name, directory, format)
+            with self._lock:
+                self.host.put(adapter)  # raises AdapterTooLarge before changing anything
+                self._registered[name] = _Registration(path, directory, format)
+                self._remember(name, adapter, directory, files)
+        except AdapterError as exc:
+            lifecycle_log.refused(name, exc)
+            raise
+        self._log_loaded(adapter, directory, time.perf_counter() - started)
         return adapter
 
     def unload(self, name: str) -> None:
@@ -154,6 +161,7 @@ class AdapterStore:
             self._refused.pop(name, None)
         if not (registered or cached) and self._root_directory(name) is None:
             raise AdapterNotFound(f"adapter {shown(name)} is not loaded and not in the adapter roots")
+        lifecycle_log.unloaded(name)
 
     def list(self, in_roots: dict[str, Path] | None = None) -> list[StoredAdapter]:
         """Every name the store can serve (roots and explicit loads), sorted by name.
@@ -178,6 +186,13 @@ class AdapterStore:
     def knows(self, name: str) -> bool:
         """Whether `name` is registered by a load or present in a root (nothing is read)."""
         return self._directory_of(name) is not None
+
+    def refusal(self, name: str) -> str | None:
+        """The message of `name`'s last refused load while its files look unchanged (memory only:
+        a change is noticed at its next load), or None."""
+        with self._lock:
+            refused = self._refused.get(name)
+        return str(refused.error) if refused is not None else None
 
     def refused_names(self) -> frozenset[str]:
         """Names whose last load was refused and whose files have not been seen to change since."""
@@ -235,15 +250,29 @@ class AdapterStore:
             refusal = self._refused.get(name)
         if refusal is not None and (refusal.directory, refusal.fingerprint) == (directory, files):
             raise message_only(refusal.error)
+        started = time.perf_counter()
         try:
             adapter = self._read(name, directory, format)
         except AdapterError as exc:
             with self._lock:
                 self._refused[name] = _Refusal(directory, files, message_only(exc))
+            lifecycle_log.refused(name, exc)  # once: asked again, the remembered refusal is raised
             raise
         with self._lock:
             self._remember(name, adapter, directory, files)
+        self._log_loaded(adapter, directory, time.perf_counter() - started)
         return adapter
+
+    def _log_loaded(self, adapter: LoadedAdapter, directory: Path, seconds: float) -> None:
+        lifecycle_log.loaded(
+            adapter.name,
+            "host",
+            format=adapter.format,
+            rank=adapter.rank,
+            bytes=adapter.nbytes,
+            seconds=f"{seconds:.3f}",
+            source=self.roots.relative(directory),
+        )
 
     def _read(self, name: str, directory: Path, format: str | None) -> LoadedAdapter:
         label = self.roots.relative(directory)

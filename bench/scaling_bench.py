@@ -27,14 +27,12 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from bench.served import ServerProcess, free_port, loramux_command, median, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "demo"
@@ -108,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
 def _make_adapters(args: argparse.Namespace, count: int, root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
     command = [
-        *_loramux(),
+        *loramux_command(),
         "bench",
         "make-adapters",
         "--count",
@@ -132,66 +130,26 @@ def _names(root: Path) -> str:
     return ",".join(sorted(p.name for p in root.iterdir() if p.is_dir()))
 
 
-def _loramux() -> list[str]:
-    return [sys.executable, "-m", "server.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Server:
-    """`loramux serve` over one adapter root, in a subprocess, until closed."""
-
-    def __init__(self, args: argparse.Namespace, root: Path, log: Path) -> None:
-        self.http_port, grpc_port = _free_port(), _free_port()
-        command = [
-            *_loramux(),
-            "serve",
-            "--adapter-root",
-            str(root),
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--host",
-            "127.0.0.1",
-            "--no-router",
-            *args.server_args.split(),
-        ]
-        if args.model:
-            command += ["--model", args.model]
-        self._log = log.open("w")
-        self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
-        )
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self._wait_ready(log)
-
-    def _wait_ready(self, log: Path, timeout_s: float = 300.0) -> None:
-        import httpx2 as httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"loramux serve exited ({self.process.returncode}); see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"loramux serve was not ready after {timeout_s:.0f} s; see {log}")
-
-    def close(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
+def _server(args: argparse.Namespace, root: Path, log: Path) -> ServerProcess:
+    """`loramux serve` over one adapter root, router off."""
+    http_port = free_port()
+    command = [
+        *loramux_command(),
+        "serve",
+        "--adapter-root",
+        str(root),
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(free_port()),
+        "--host",
+        "127.0.0.1",
+        "--no-router",
+        *args.server_args.split(),
+    ]
+    if args.model:
+        command += ["--model", args.model]
+    return ServerProcess(command, http_port, log)
 
 
 def _study_one(
@@ -199,7 +157,7 @@ def _study_one(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One fixed-rate run (and, in the first repeat, the sweep) against a fresh server over `root`."""
     out.mkdir(parents=True, exist_ok=True)
-    server = _Server(args, root, out / "server.log")
+    server = _server(args, root, out / "server.log")
     try:
         common = [
             "--target",
@@ -216,7 +174,7 @@ def _study_one(
         ]
         if adapters is not None:
             common += ["--adapters", adapters]
-        fixed = _load(
+        fixed = run_load(
             [
                 *common,
                 "--rate",
@@ -234,7 +192,7 @@ def _study_one(
         )
         sweep = None
         if not args.no_sweep and repeat == 0:
-            sweep = _load(
+            sweep = run_load(
                 [
                     *common,
                     "--num-requests",
@@ -259,17 +217,6 @@ def _study_one(
         server.close()
 
 
-def _load(argv: list[str], json_path: Path) -> dict[str, Any]:
-    print("loramux bench load " + " ".join(a if len(a) < 80 else a[:40] + "..." for a in argv), flush=True)
-    subprocess.run([*_loramux(), "bench", "load", *argv, "--json", str(json_path)], check=False)
-    return json.loads(json_path.read_text())
-
-
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def _summary(args: argparse.Namespace, runs: dict[str, dict[str, Any]], counts: list[int]) -> dict[str, Any]:
     rows = []
     for name, run in runs.items():
@@ -279,19 +226,19 @@ def _summary(args: argparse.Namespace, runs: dict[str, dict[str, Any]], counts: 
         row = {
             "adapters": name,
             "repeats": len(fixed),
-            "tokens_per_s": _median([f["throughput"]["output_tokens_per_s"] for f in fixed]),
+            "tokens_per_s": median([f["throughput"]["output_tokens_per_s"] for f in fixed]),
             "tokens_per_s_each": [f["throughput"]["output_tokens_per_s"] for f in fixed],
-            "ttft_p50": _median([f["ttft"]["p50"] for f in fixed]),
+            "ttft_p50": median([f["ttft"]["p50"] for f in fixed]),
             "ttft_p50_each": [f["ttft"]["p50"] for f in fixed],
-            "ttft_p99": _median([f["ttft"]["p99"] for f in fixed]),
-            "tpot_mean": _median([f["tpot"]["mean"] for f in fixed]),
+            "ttft_p99": median([f["ttft"]["p99"] for f in fixed]),
+            "tpot_mean": median([f["tpot"]["mean"] for f in fixed]),
             "errors": sum(sum(f["errors"].values()) for f in fixed),
             "canary_mismatches": sum(len(f["canaries"]["mismatches"]) for f in fixed),
-            "jain": _median([f["fairness"]["jain_speed"] for f in fixed]),
+            "jain": median([f["fairness"]["jain_speed"] for f in fixed]),
             "ttft_p50_by_tier": {tier: row["ttft"]["p50"] for tier, row in first["by_tier"].items()},
             "requests_by_tier": {tier: row["requests"] for tier, row in first["by_tier"].items()},
             "best_rate": sweep["best_rate"] if sweep else None,
-            "lateness_p99": _median([f["lateness"]["p99"] for f in fixed]),
+            "lateness_p99": median([f["lateness"]["p99"] for f in fixed]),
         }
         rows.append(row)
     base = rows[0] if counts else None

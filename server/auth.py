@@ -5,6 +5,8 @@ Two secrets, both optional:
     (HTTP: the `Authorization` header on `/v1/*`); a missing or wrong key is UNAUTHENTICATED (401);
   - the admin token: LoadAdapter / UnloadAdapter / RegisterExamples (HTTP: the admin routes) need it
     when set, and a call without it is PERMISSION_DENIED (403). The admin token also passes where the API key does.
+The admin calls are refused (PERMISSION_DENIED, "admin_disabled") unless admin is enabled
+(`--enable-admin`, `AuthConfig.enable_admin`) or an admin token is set, over gRPC as over HTTP.
 Health and reflection stay open: load balancers probe them without credentials.
 
 Comparisons are constant-time (`hmac.compare_digest`) and no key is ever logged or echoed.
@@ -34,6 +36,12 @@ class AuthConfig:
 
     api_key: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    enable_admin: bool = False  # admin calls allowed without an admin token (--enable-admin)
+
+    @property
+    def admin_allowed(self) -> bool:
+        """Whether admin calls can pass at all: admin enabled, or an admin token to present."""
+        return self.enable_admin or self.admin_token is not None
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -51,7 +59,10 @@ def token_matches(given: str | None, expected: str) -> bool:
 
 
 def check(auth: AuthConfig, token: str | None, *, admin: bool) -> str | None:
-    """None if `token` may make the call; else "unauthenticated" or "permission_denied"."""
+    """None if `token` may make the call; else "unauthenticated", "permission_denied" or, for an
+    admin call on a server where admin is neither enabled nor guarded by a token, "admin_disabled"."""
+    if admin and not auth.admin_allowed:
+        return "admin_disabled"
     if admin and auth.admin_token is not None:
         if token_matches(token, auth.admin_token):
             return None
@@ -71,6 +82,10 @@ UNAUTHENTICATED_MESSAGE = "missing or wrong API key; send it as 'Authorization: 
 PERMISSION_DENIED_MESSAGE = (
     "loading and unloading adapters, and registering their example prompts, needs the admin token "
     "('Authorization: Bearer <token>')"
+)
+ADMIN_DISABLED_MESSAGE = (
+    "loading and unloading adapters and registering their example prompts is disabled on this server; "
+    "start it with --enable-admin, or with --admin-token TOKEN and present that token"
 )
 
 
@@ -130,6 +145,8 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             return _refusal(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, handler)
         if refused == "permission_denied":
             return _refusal(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, handler)
+        if refused == "admin_disabled":
+            return _refusal(grpc.StatusCode.PERMISSION_DENIED, ADMIN_DISABLED_MESSAGE, handler)
         return handler  # type: ignore[no-any-return]
 
 

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from server.cli_support import DEFAULT_GRPC_PORT, exit_quietly_on_broken_pipe, grpc_target, package_version
 from server.client_commands import (
     cmd_adapters_examples,
     cmd_adapters_list,
@@ -60,11 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Handler = args.handler
-    return handler(args, extra)
+    return exit_quietly_on_broken_pipe(lambda: handler(args, extra))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loramux", description="Multi-adapter LLM inference server.")
+    parser.add_argument("--version", action="version", version=f"loramux {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_generate(commands)
@@ -110,8 +112,9 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument(
         "--enable-admin",
         action="store_true",
-        help="allow changing adapters over HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter, "
-        "/v1/router/examples)",
+        help="allow changing adapters at run time, over gRPC (LoadAdapter, UnloadAdapter, "
+        "RegisterExamples) and HTTP (/v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/router/examples); "
+        "an --admin-token allows them too, to whoever presents it",
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=server.device)
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=server.dtype)
@@ -558,7 +561,10 @@ def _add_http(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "by calling the loramux gRPC server at --grpc-target.",
     )
     http.add_argument(
-        "--grpc-target", default="127.0.0.1:50051", help="gRPC server HOST:PORT (default: %(default)s)"
+        "--grpc-target",
+        type=grpc_target,
+        default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+        help=f"gRPC server HOST[:PORT], port {DEFAULT_GRPC_PORT} when left out (default: %(default)s)",
     )
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     http.add_argument("--port", type=_port, default=8000, help="HTTP port (default: %(default)s)")
@@ -751,7 +757,10 @@ def _add_route(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _add_target(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
     parser.add_argument(
-        "--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)"
+        "--target",
+        type=grpc_target,
+        default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+        help=f"server address HOST[:PORT], port {DEFAULT_GRPC_PORT} when left out (default: %(default)s)",
     )
     _add_secrets(parser, admin=admin)
 
@@ -866,6 +875,7 @@ _BENCHMARKS = {
     "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
     "sampling": "next-token sampling, new sampler vs the old per-row sort",
     "logprobs": "decode at batch 32 with logprobs (top 5) on every row vs none, interleaved",
+    "grammar": "structured output: xgrammar vs llguidance on our vocabulary; batch 32 with 8 schema-constrained",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
     "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",
@@ -873,6 +883,7 @@ _BENCHMARKS = {
     "load": "load-test a running server (gRPC or OpenAI HTTP): latencies, per adapter, cold vs warm, canaries",
     "scaling": "the scaling study: 8 to 1,000 adapters (and the demo adapters) under zipf traffic",
     "make-adapters": "write N random, distinct PEFT LoRA adapters for the base model (scaling runs)",
+    "replicas": "one loramux serve vs loramux on Ray Serve with 1 and 2 replicas: latency, affinity",
     "cluster-sim": "a simulated fleet of R replicas x S slots: routing policies, hit rates, cold loads, TTFT",
 }
 

@@ -186,7 +186,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8000  # the OpenAI-compatible HTTP shim; 0 = no HTTP
-    enable_admin: bool = False  # HTTP /v1/load_lora_adapter and /v1/unload_lora_adapter
+    # Loading / unloading adapters and example prompts, over gRPC and HTTP (an admin_token enables
+    # them too, for whoever presents it).
+    enable_admin: bool = False
     http_limits: HttpLimits = field(default_factory=HttpLimits)
     cache_dir: str | None = None  # default: $LORAMUX_CACHE or ~/.cache/loramux
     # Secrets: never in repr (so never in a logged config). None = not required.

@@ -9,12 +9,20 @@ This module knows both vocabularies and nothing else: no engine calls, no gRPC s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING
 
 from loramux.v1 import inference_pb2 as pb
-from server.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
+from server.engine.request import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+)
 from server.prompts import PromptInput, max_prompt_chars
 
 if TYPE_CHECKING:
@@ -69,7 +77,27 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
         ignore_eos=request.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+        structured=structured_from_pb(request),
     )
+
+
+def structured_from_pb(request: pb.GenerateRequest) -> StructuredOutput | None:
+    """The request's structured_output (None: free text); the choices travel as a JSON list."""
+    if not request.HasField("structured_output"):
+        return None
+    given = request.structured_output
+    kind = given.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not given.json_object:
+            raise InvalidRequest(
+                "structured_output.json_object must be true (leave structured_output unset for free text)"
+            )
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        return StructuredOutput("choice", json.dumps(list(given.choice.choices), ensure_ascii=False))
+    return StructuredOutput(kind, getattr(given, kind))
 
 
 def mixture_from_pb(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
@@ -137,6 +165,7 @@ def adapter_info_to_pb(status: AdapterStatus) -> pb.AdapterInfo:
         requests_served=status.requests_served,
         target_modules=status.target_modules,
         source=status.source,
+        error=status.error,
     )
 
 

@@ -4,7 +4,7 @@
   - `loramux.v1.Inference` behind the status-mapping interceptor,
   - the standard `grpc.health.v1.Health` service, SERVING for "" and "loramux.v1.Inference"
     while the engine thread is alive and NOT_SERVING otherwise (and once shutdown begins),
-  - server reflection, so `grpcurl` works without the .proto files.
+  - server reflection (grpc.reflection.v1 and v1alpha), so `grpcurl` works without the .proto files.
 `await server.start()` binds the port (port 0 picks a free one; `server.port` is the bound
 port) and `await server.stop(grace)` lets running calls finish for `grace` seconds.
 `await server.drain(timeout)` first refuses new Inference calls (UNAVAILABLE, health NOT_SERVING)
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from loramux.v1 import inference_pb2, inference_pb2_grpc
 from server.auth import AuthConfig, GateInterceptor
 from server.grpc_errors import StatusInterceptor
 from server.grpc_service import InferenceServicer
+from server.reflection import enable_reflection
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -77,9 +77,7 @@ class GrpcServer:
         self._server = grpc.aio.server(interceptors=[self._gate, StatusInterceptor()], options=_OPTIONS)
         inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
-        )
+        enable_reflection([INFERENCE_SERVICE, health.SERVICE_NAME], self._server)  # v1 and v1alpha
         self.port = 0
 
     async def start(self) -> int:

@@ -41,6 +41,7 @@ from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server import grpc_convert as convert
+from server.access_log import AccessRecord, access_logged, api_of
 from server.engine.request import (
     EngineUnavailable,
     FinishReason,
@@ -50,6 +51,7 @@ from server.engine.request import (
 )
 from server.grpc_errors import AdaptersDisabled, GenerationFailed, RequestTimedOut
 from server.preparation import RequestInput, RequestPreparer
+from server.running_kernels import adapter_settings, kernels_info
 
 if TYPE_CHECKING:
     from server.engine.adapters import AdapterManager
@@ -128,27 +130,36 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        prepared, tier = await self._prepare(request)
-        async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
-            parts = [output async for output in outputs]
+        with access_logged(api_of(context.invocation_metadata()), "unary") as record:
+            prepared, tier = await self._prepare(request, record)
+            async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
+                parts = [output async for output in outputs]
+            record.saw(parts[-1])
         return convert.response_to_pb(prepared.request_id, parts, prepared.adapters.label, _routing(prepared))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamChunk]:
-        prepared, tier = await self._prepare(request)
-        # aclosing: if the client goes away while a chunk is in flight, the engine request is
-        # aborted when this generator is closed, not whenever the inner one is collected.
-        routing = _routing(prepared)  # on the first chunk only
-        async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
-            async for output in outputs:
-                yield convert.chunk_to_pb(output, prepared.adapters.label, routing)
-                routing = None
+        with access_logged(api_of(context.invocation_metadata()), "stream") as record:
+            prepared, tier = await self._prepare(request, record)
+            # aclosing: if the client goes away while a chunk is in flight, the engine request is
+            # aborted when this generator is closed, not whenever the inner one is collected.
+            routing = _routing(prepared)  # on the first chunk only
+            async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
+                async for output in outputs:
+                    record.saw(output)
+                    yield convert.chunk_to_pb(output, prepared.adapters.label, routing)
+                    routing = None
 
-    async def _prepare(self, request: pb.GenerateRequest) -> tuple[PreparedRequest, str]:
+    async def _prepare(
+        self, request: pb.GenerateRequest, record: AccessRecord
+    ) -> tuple[PreparedRequest, str]:
         """Prepare a request off the event loop and wait for its adapters' host loads; raises
         InvalidRequest and friends (and counts the refusal in the engine's metrics). Also returns
-        where its adapters were before those loads (the answer's `adapter_tier`)."""
+        where its adapters were before those loads (the answer's `adapter_tier`); `record` (the
+        access log's) learns the request id and adapter label as soon as they are known."""
+        record.request_id = request.request_id or "-"
+        record.adapter = request.adapter or "+".join(entry.name for entry in request.adapters) or "-"
         given = RequestInput(
             prompt=convert.prompt_from_pb(request),
             sampling=convert.sampling_from_pb(request),
@@ -160,6 +171,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self._prepare_thread, self._preparer.prepare, given)
+            record.request_id = prepared.request_id
+            record.adapter = self._engine.adapter_label(prepared.adapters.label)
             if prepared.routing is not None:
                 label = self._engine.adapter_label(prepared.adapters.label)
                 self._router_events.request_routed(label, prepared.routing.reason, prepared.routing.seconds)
@@ -331,7 +344,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         router = None
         if self._router is not None:
             router = convert.router_info_to_pb(self._router.config, *self._router.routable_counts())
-        return convert.info_to_pb(self._engine.info, router)
+        info = convert.info_to_pb(self._engine.info, router)
+        info.kernels.CopyFrom(kernels_info(self._engine))
+        if self._engine.adapters is not None:
+            info.adapter_settings.CopyFrom(adapter_settings(self._engine.adapters))
+        return info
 
 
 def _one_intra_op_thread() -> None:

@@ -2,7 +2,7 @@
 
 One `Metrics` owns one `CollectorRegistry` (no module-level state, so a process or a test may hold
 many engines). The engine records per-request metrics once, when a request finishes or is
-refused; per-step state (queue depth, running requests, KV cache, adapter tiers, the vLLM LoRA
+refused, and one observation per engine step (its wall time); per-step state (queue depth, running requests, KV cache, adapter tiers, the vLLM LoRA
 gauge) is read at scrape time by a collector, so nothing here runs per token or per layer.
 
 Requests of the base model carry the base model's name as `adapter` label (the `model` an
@@ -28,6 +28,9 @@ server cannot serve is labelled `<unknown>`, so garbage names cannot grow the la
     loramux_adapter_evictions_total{tier}              LRU evictions from the host cache / device slots
     loramux_adapter_load_seconds{tier}                 histogram of those loads
     loramux_adapter_slots                              device slots
+    loramux_engine_step_seconds                        histogram, wall time of one engine step
+    loramux_engine_threads                             the engine's intra-op threads now (fewer while
+                                                       other processes contend for the CPUs)
     vllm:num_requests_running{model_name}              as loramux_running_requests, vLLM's name
     vllm:num_requests_waiting{model_name}              as loramux_queue_depth, vLLM's name
     vllm:kv_cache_usage_perc{model_name}               as loramux_kv_cache_usage_ratio: a fraction, 0..1
@@ -103,6 +106,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FALLBACK_REASONS = ("no routable adapter", "below threshold", "out of domain")  # server.router.router
 ADAPTER_TIERS = ("device", "host", "disk")  # server.engine.adapters.TIER_ORDER
@@ -207,6 +211,12 @@ class Metrics:
             "Example prompts the router learned at run time (RegisterExamples, LoadAdapter example_prompts).",
             registry=self.registry,
         )
+        self.step_seconds = Histogram(
+            "loramux_engine_step_seconds",
+            "Wall seconds of one engine step (admit and plan, forward, sample, deliver).",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
         self._watching = False
         self._watching_router = False
 
@@ -267,6 +277,9 @@ class Metrics:
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         self.adapter_load_seconds.labels(tier).observe(seconds)
 
+    def step_finished(self, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+
     def exposition(self) -> bytes:
         """The text exposition format of everything in the registry."""
         return generate_latest(self.registry)
@@ -304,6 +317,12 @@ class _EngineCollector(Collector):
             "loramux_kv_cache_bytes", "Bytes the KV cache holds now (it grows with the longest sequence).",
             value=state.kv_bytes,
         )  # fmt: skip
+        if state.threads:
+            yield GaugeMetricFamily(
+                "loramux_engine_threads",
+                "The engine's intra-op threads now (one while other processes contend for the CPUs).",
+                value=state.threads,
+            )
         yield from self._vllm_scheduler(state, kv_usage)
         tiers = GaugeMetricFamily(
             "loramux_adapters",

@@ -93,14 +93,15 @@ def run_server(config: ServerConfig) -> int:
         metrics.watch_router(router.routable_counts)
     _raise_open_file_limit()
     engine.start()
-    if router is not None:
-        _reconcile_in_background(router)
+    reconciler = BackgroundReconciler(router) if router is not None else None
     try:
         return asyncio.run(_serve_until_signal(engine, router, config, metrics))
     except OSError as exc:  # the port is taken or the host is wrong
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if reconciler is not None:
+            reconciler.stop()
         engine.shutdown()
 
 
@@ -159,49 +160,63 @@ def adapter_residency(adapters: AdapterManager) -> list[ResidentAdapter]:
     return resident
 
 
-def _reconcile_in_background(router: Router) -> threading.Thread:
-    """Bring the router's tables in line with the adapters on a thread of its own (seconds to a
+class BackgroundReconciler:
+    """Brings the router's tables in line with the adapters on a thread of its own (seconds to a
     minute); "auto" routes meanwhile with the tables it has. Then, every `rescan_s`, adapters added
     to or removed from the roots are learned or forgotten (a listing of the roots when nothing
     changed). The watching thread runs no torch; each reconcile runs on a thread that ends with it,
-    so no OpenMP pool outlives its work (server/runtime.py says why that matters)."""
+    so no OpenMP pool outlives its work (server/runtime.py says why that matters). `stop()` ends
+    both before the server exits: a process that exits while a reconcile runs torch is aborted
+    by the C++ runtime ("terminate called without an active exception")."""
 
-    def reconcile(names: set[str] | None) -> None:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="loramux-router-follow", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop watching and wait (up to `timeout_s`) for a reconcile under way to return."""
+        self._stop.set()
+        self.router.stop()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("router: a reconcile is still running after %.0f s; exiting anyway", timeout_s)
+
+    def _reconcile(self, names: set[str] | None) -> None:
         try:
-            router.reconcile(names)
+            self.router.reconcile(names)
         except Exception:
             logger.exception(
                 "router: reconciling with the adapters failed; 'auto' routes with the tables it has"
             )
 
-    def run(names: set[str] | None) -> None:
+    def _run(self, names: set[str] | None) -> None:
         worker = threading.Thread(
-            target=reconcile, args=(names,), name="loramux-router-reconcile", daemon=True
+            target=self._reconcile, args=(names,), name="loramux-router-reconcile", daemon=True
         )
         worker.start()
         worker.join()
 
-    def follow() -> None:
+    def _follow(self) -> None:
         started = time.monotonic()
-        run(None)
+        self._run(None)
+        if self._stop.is_set():
+            return
         logger.info(
             "router ready in %.1f s: %d adapters by examples, %d by weights only",
             time.monotonic() - started,
-            *router.routable_counts(),
+            *self.router.routable_counts(),
         )
-        while router.config.rescan_s > 0:
-            time.sleep(router.config.rescan_s)
+        rescan_s = self.router.config.rescan_s
+        while rescan_s > 0 and not self._stop.wait(rescan_s):
             try:
-                changed = router.changed()
+                changed = self.router.changed()
             except Exception:
                 logger.exception("router: listing the adapter roots failed; retrying later")
                 continue
             if changed:
-                run(changed)
-
-    thread = threading.Thread(target=follow, name="loramux-router-follow", daemon=True)
-    thread.start()
-    return thread
+                self._run(changed)
 
 
 async def _serve_until_signal(
@@ -210,7 +225,9 @@ async def _serve_until_signal(
     from server.auth import AuthConfig
     from server.grpc_server import serve_grpc
 
-    auth = AuthConfig(api_key=config.api_key, admin_token=config.admin_token)
+    auth = AuthConfig(
+        api_key=config.api_key, admin_token=config.admin_token, enable_admin=config.enable_admin
+    )
     server = await serve_grpc(
         engine,
         config.host,
@@ -233,7 +250,7 @@ async def _serve_until_signal(
 
         app = create_app(
             _local_target(config.host, server.port),
-            enable_admin=config.enable_admin,
+            enable_admin=auth.admin_allowed,  # the same rule as gRPC's: --enable-admin or --admin-token
             metrics_registry=metrics.registry,
             api_key=config.api_key,
             admin_token=config.admin_token,

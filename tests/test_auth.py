@@ -102,8 +102,15 @@ def test_bearer_parsing_and_comparison() -> None:
     assert check(both, "k", admin=True) == "permission_denied"
     assert check(both, "x", admin=True) == "unauthenticated"
     assert check(AuthConfig(admin_token="a"), None, admin=True) == "permission_denied"
-    assert check(AuthConfig(), None, admin=True) is None
-    assert repr(both) == "AuthConfig()"
+    # Admin calls: refused unless admin is enabled or an admin token is set (then it is needed).
+    assert check(AuthConfig(), None, admin=True) == "admin_disabled"
+    assert check(AuthConfig(api_key="k"), "k", admin=True) == "admin_disabled"
+    assert check(AuthConfig(enable_admin=True), None, admin=True) is None
+    assert check(AuthConfig(api_key="k", enable_admin=True), "k", admin=True) is None
+    assert check(AuthConfig(api_key="k", enable_admin=True), None, admin=True) == "unauthenticated"
+    assert check(AuthConfig(admin_token="a", enable_admin=True), None, admin=True) == "permission_denied"
+    assert check(AuthConfig(), None, admin=False) is None
+    assert repr(both) == "AuthConfig(enable_admin=False)"  # no secret in a repr
 
 
 # -- gRPC ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server import cli
+from server.auth import AuthConfig
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.grpc_server import GrpcServer, serve_grpc
@@ -50,9 +51,11 @@ def _engine(model_dir: Path, config: EngineConfig) -> Engine:
 
 
 class ServerThread:
-    """A GrpcServer on its own event loop in a daemon thread; `options` go to `serve_grpc`."""
+    """A GrpcServer on its own event loop in a daemon thread; `options` go to `serve_grpc`. Without
+    an `auth`, the adapter RPCs are enabled (a server started with --enable-admin)."""
 
     def __init__(self, engine: Engine, **options: Any) -> None:
+        options.setdefault("auth", AuthConfig(enable_admin=True))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-grpc", daemon=True)
         self.thread.start()

@@ -255,9 +255,12 @@ def test_canaries_catch_a_server_with_two_adapters_swapped(
 # -- a fake OpenAI server whose speed the test controls -----------------------------------------
 
 
-def fake_openai(capacity: int, token_interval_s: float, fail_status: int | None = None) -> FastAPI:
+def fake_openai(
+    capacity: int, token_interval_s: float, fail_status: int | None = None, replica_header: bool = False
+) -> FastAPI:
     """Serves `capacity` requests at a time, one token every `token_interval_s`; the others wait.
-    Its capacity is capacity / (max_tokens * token_interval_s) requests per second."""
+    Its capacity is capacity / (max_tokens * token_interval_s) requests per second. With
+    `replica_header`, answers name a replica per model ("replica-MODEL"), as loramux on Ray does."""
     app = FastAPI()
     slots: list[asyncio.Semaphore] = []
 
@@ -287,7 +290,8 @@ def fake_openai(capacity: int, token_interval_s: float, fail_status: int | None 
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        headers = {"x-loramux-replica": f"replica-{body['model']}"} if replica_header else None
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return app
 
@@ -364,3 +368,13 @@ def test_sweep_finds_the_knee_of_a_server_with_known_capacity(fake_server: Any, 
     over = [point for point in result["points"] if point["rate"] == 30]
     assert over and not over[0]["meets_objective"] and over[0]["over_saturated"]
     assert 60 not in rates and result["stopped_early"]  # nothing run past an over-saturated point
+
+
+def test_replicas_named_by_the_answers_are_counted_with_their_affinity(
+    fake_server: Any, tmp_path: Path
+) -> None:
+    url = fake_server(fake_openai(capacity=4, token_interval_s=0.005, replica_header=True))
+    argv = ["--target", url, "--adapters", "a", "--rate", "50", "--num-requests", "6"]
+    code, report = run_load([*argv, "--canary-adapters", "0", "--no-metrics", *SMALL], tmp_path)
+    assert code == 0 and report["completed"] == 6
+    assert report["replicas"] == {"requests": {"replica-a": 6}, "affinity": 1.0, "affinity_requests": 5}

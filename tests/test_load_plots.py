@@ -51,7 +51,9 @@ def test_a_loramux_exposition_gives_one_flat_sample() -> None:
         device_evictions=2,
         num_slots=4,
     )
-    metrics.watch(lambda: EngineSnapshot(3, 2, 8, 1000, ("a",), ("b",), tiers))
+    metrics.watch(lambda: EngineSnapshot(3, 2, 8, 1000, ("a",), ("b",), tiers, threads=2))
+    metrics.step_finished(0.25)
+    metrics.step_finished(0.5)
     metrics.request_finished(_finished("a", "stop", prompt=10, generated=5))
     metrics.request_finished(_finished("a", "length", prompt=7, generated=16))
     metrics.request_finished(_finished("base", "stop", prompt=3, generated=2))
@@ -79,15 +81,22 @@ def test_a_loramux_exposition_gives_one_flat_sample() -> None:
         "requests_overloaded": 1,
         "generation_tokens_total": 5 + 16 + 2,
         "prompt_tokens_total": 10 + 7 + 3,
+        "engine_steps_total": 2,
+        "engine_step_seconds_total": 0.75,
+        "engine_threads": 2,
     }
 
 
 def test_a_server_without_adapters_or_engine_has_those_series_missing() -> None:
     metrics = Metrics(process_metrics=False)
-    assert parse_sample(generate_latest(metrics.registry).decode()) == {}  # no engine watched, no requests
+    no_steps = {"engine_steps_total": 0, "engine_step_seconds_total": 0}  # the step histogram, empty
+    assert parse_sample(generate_latest(metrics.registry).decode()) == no_steps  # no engine watched
     metrics.watch(lambda: EngineSnapshot(0, 0, 4, 0, (), (), None))
     sample = parse_sample(generate_latest(metrics.registry).decode())
-    assert sample == {"queue_depth": 0, "running": 0, "kv_usage": 0, "kv_cache_bytes": 0, "adapter_slots": 0}
+    assert (
+        sample
+        == {"queue_depth": 0, "running": 0, "kv_usage": 0, "kv_cache_bytes": 0, "adapter_slots": 0} | no_steps
+    )
 
 
 VLLM_TEXT = """\
@@ -395,6 +404,15 @@ def test_counter_rates() -> None:
     rates = plots.counter_rates([0.0, 1.0, 2.0, 4.0, 5.0, 6.0], [0, 10, None, 30, 5, 7])
     finite = [r if not math.isnan(r) else None for r in rates]
     assert finite == [None, 10.0, None, None, None, 2.0]  # unknown at the start, at a gap and a reset
+
+
+def test_mean_step_ms_from_the_step_histograms_sum_and_count() -> None:
+    t_s = [0.0, 1.0, 2.0, 3.0]
+    seconds = [0.0, 0.5, 0.5, 2.5]  # sum of step seconds
+    steps = [0, 10, 10, 20]  # steps counted
+    ms = plots.mean_step_ms(t_s, seconds, steps)
+    assert math.isnan(ms[0]) and math.isnan(ms[2])  # the first scrape; no step in between
+    assert ms[1] == pytest.approx(50.0) and ms[3] == pytest.approx(200.0)
 
 
 def test_plot_sweep(tmp_path: Path) -> None:

@@ -137,3 +137,17 @@ def test_auto_sweep_doubles_then_bisects() -> None:
     assert rates == sorted(rates) and {1.0, 2.0, 4.0, 8.0} <= set(rates)
     assert 6.0 <= result["best_rate"] <= 7.0  # 4 -> 8 bisected three times: 6, 7, 7.5
     assert 16.0 not in rates
+
+
+def test_replica_affinity_counts_repeat_requests_on_a_replica_that_answered_before() -> None:
+    # a: r1, r1 (hit), r2 (miss); b: r2, r2 (hit); the base model is never counted; a request
+    # without a replica (a plain server) is left out.
+    plan = [("a", "r1"), ("b", "r2"), ("a", "r1"), ("", "r1"), ("a", "r2"), ("b", "r2"), ("", "r2")]
+    records = [_record(i, ad, float(i), i + 0.2, i + 1.0, 5, replica=rep) for i, (ad, rep) in enumerate(plan)]
+    records.append(_record(len(plan), "a", 9.0, 9.2, 10.0, 5))
+    replicas = build_report(records, {}, Objective())["replicas"]
+    assert replicas["requests"] == {"r1": 3, "r2": 4}
+    assert replicas["affinity_requests"] == 3 and replicas["affinity"] == pytest.approx(2 / 3)
+    # answers that name no replica: no section
+    plain = [_record(0, "a", 0.0, 0.2, 1.0, 5)]
+    assert build_report(plain, {}, Objective())["replicas"] is None

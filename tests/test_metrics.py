@@ -146,6 +146,24 @@ def test_requests_tokens_and_latencies_move(engine: Engine) -> None:
     assert 0 < ttft < e2e
 
 
+def test_engine_steps_are_timed_and_the_thread_count_shown(engine: Engine) -> None:
+    before = scrape(engine)
+    run(engine, "steps-1")  # 5 tokens: one prefill step, then a decode step per further token
+    after = scrape(engine)
+    steps = value(after, "loramux_engine_step_seconds_count") - value(
+        before, "loramux_engine_step_seconds_count"
+    )
+    seconds = value(after, "loramux_engine_step_seconds_sum") - value(
+        before, "loramux_engine_step_seconds_sum"
+    )
+    assert steps >= 5 and seconds > 0
+    assert value(after, "loramux_engine_step_seconds_bucket", le="+Inf") == value(
+        after, "loramux_engine_step_seconds_count"
+    )
+    assert engine.governor is None or engine.governor.current >= 1
+    assert value(after, "loramux_engine_threads") == engine.snapshot().threads >= 1
+
+
 def test_gauges_and_the_vllm_lora_gauge_follow_running_and_waiting_requests(engine: Engine) -> None:
     before = scrape(engine)
     assert value(before, "loramux_running_requests") == 0

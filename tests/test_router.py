@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -449,3 +450,54 @@ def test_tables_are_saved_reloaded_and_reconciled(smol: Any, tmp_path: Path) -> 
     assert load_tables(state, again.state_key(), again.reader.dim) is not None
     state.with_suffix(".safetensors").write_bytes(b"garbage")
     assert load_tables(state, again.state_key(), again.reader.dim) is None
+
+
+def test_a_reconcile_stopped_by_a_shutdown_returns_after_its_adapter_and_publishes_nothing(
+    smol: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    for name in ("arith", "sql"):
+        shutil.copytree(ADAPTERS / name, root / name)
+    router = _router(smol, root, ("*",))
+    before = router.tables
+    synced: list[str] = []
+    sync = router._sync_examples
+
+    def sync_then_shutdown(tables: Any, name: str, directory: Path, learned: list[str]) -> str:
+        synced.append(name)
+        why = sync(tables, name, directory, learned)
+        router.stop()  # SIGTERM arrives while the first adapter is being learned
+        return why
+
+    monkeypatch.setattr(router, "_sync_examples", sync_then_shutdown)
+    report = router.reconcile()
+    assert report.stopped and synced == ["arith"] and router.tables is before
+    assert router.reconcile().stopped and synced == ["arith"]  # later ones do nothing
+
+
+def test_the_background_reconciler_waits_for_a_reconcile_under_way_when_stopped() -> None:
+    from server.serve_commands import BackgroundReconciler
+
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowRouter:
+        config = RouterConfig(rescan_s=0.05)
+
+        def reconcile(self, names: Any) -> None:
+            started.set()
+            release.wait(10)
+            finished.set()
+
+        def stop(self) -> None:
+            release.set()  # as Router.stop: the reconcile returns after the adapter it is on
+
+        def routable_counts(self) -> tuple[int, int]:
+            return (0, 0)
+
+        def changed(self) -> set[str]:
+            return set()
+
+    reconciler = BackgroundReconciler(SlowRouter())  # type: ignore[arg-type]
+    assert started.wait(10) and not finished.is_set()
+    reconciler.stop(timeout_s=10)
+    assert finished.is_set()  # stop() returned only once the reconcile had

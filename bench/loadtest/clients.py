@@ -36,6 +36,8 @@ from bench.loadtest.records import (
 )
 
 BASE = ""  # the base model's adapter name
+# Which replica answered, as loramux's Ray Serve ingress says (server/ray_serve/app.py).
+REPLICA_HEADER = "x-loramux-replica"
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,7 @@ class OpenAIClient:
                     record.error_detail = _detail(f"HTTP {response.status_code}: {text}")
                     record.end_s = self._clock()
                     return
+                record.replica = response.headers.get(REPLICA_HEADER)
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue

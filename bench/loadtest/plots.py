@@ -86,6 +86,18 @@ def counter_rates(t_s: Sequence[float], values: Sequence[float | None]) -> list[
     return rates
 
 
+def mean_step_ms(
+    t_s: Sequence[float], seconds: Sequence[float | None], steps: Sequence[float | None]
+) -> list[float]:
+    """Mean engine step time (ms) between consecutive scrapes, from the step histogram's sum and
+    count, aligned with t_s (NaN where unknown or no step ran)."""
+    sum_rates, count_rates = counter_rates(t_s, seconds), counter_rates(t_s, steps)
+    return [
+        1000 * total / count if count > 0 else math.nan
+        for total, count in zip(sum_rates, count_rates, strict=True)
+    ]
+
+
 def _objective(report: Report) -> dict[str, Any]:
     return _get(report, "goodput", "objective") or {}
 
@@ -230,6 +242,9 @@ def _plot_server_metrics(report: Report, path: Path) -> Path | None:
     def rates(name: str) -> list[float]:
         return counter_rates(t_s, series[name])
 
+    def step_ms(name: str) -> list[float]:
+        return mean_step_ms(t_s, series[name], series.get(scrape.ENGINE_STEPS_TOTAL) or [None] * len(t_s))
+
     # panel title, y label, [(series name, legend label, values of it)]
     panels: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
         ("Requests in the server", "requests",
@@ -243,6 +258,9 @@ def _plot_server_metrics(report: Report, path: Path) -> Path | None:
          + [(scrape.ADAPTER_EVICTIONS + t, f"evictions from {t}", rates) for t in ("host", "device")]),
         ("Server's token throughput", "tokens per second",
          [(scrape.GENERATION_TOKENS_TOTAL, "generated", rates), (scrape.PROMPT_TOKENS_TOTAL, "prompt", rates)]),
+        ("Engine steps", "ms per step / threads",
+         [(scrape.ENGINE_STEP_SECONDS_TOTAL, "mean step (ms)", step_ms),
+          (scrape.ENGINE_THREADS, "intra-op threads", values)]),
         ("Requests the server counted, by outcome", "per second",
          [(name, name.removeprefix(scrape.REQUESTS), rates) for name in sorted(series)
           if name.startswith(scrape.REQUESTS) and name != scrape.REQUESTS_TOTAL]),

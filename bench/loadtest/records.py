@@ -56,6 +56,7 @@ class RequestRecord:
     error_detail: str = ""
     tier: str | None = None  # the adapter's tier when the request arrived (device | host | disk), if told
     served_by: str | None = None  # the adapter the server says served it
+    replica: str | None = None  # the replica that answered (`x-loramux-replica`), behind Ray Serve
     token_ids: list[int] = field(default_factory=list)  # kept for canaries only
     text: str = ""  # kept for canaries only
 

@@ -24,6 +24,9 @@ The report, as `loramux bench load --json PATH` writes it (all times in seconds)
                      ttft_p99: {min, max, ratio} over adapters with >= MIN_FAIRNESS_REQUESTS}
     by_tier         {device | host | disk | unknown: {requests, ttft, e2e}}: each request by the
                     tier its adapter was in when it arrived (from the server's answer)
+    replicas        behind several replicas (answers named theirs): {requests: {replica: count},
+                     affinity: the share of an adapter's requests after its first that went to a
+                     replica that had already answered for it, affinity_requests: how many counted}
     canaries        {adapters, sent, checked, mismatches: [{adapter, index, expected, got}]}
     server_metrics  {t_s: [...], series: {name: [...]}} scraped during the run (scrape.py)
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from bench.loadtest.records import CANARY, ERR_CANARY, LOAD, RequestRecord, percentile, summarize
 
@@ -163,6 +166,7 @@ def build_report(
     report["per_adapter"] = _per_adapter(load, per_second)
     report["fairness"] = _fairness(report["per_adapter"])
     report["by_tier"] = _by_tier(load)
+    report["replicas"] = _replicas(load)
     report["canaries"] = _canaries(canaries)
     report["server_metrics"] = server_metrics or {"t_s": [], "series": {}}
     report["meets_objective"] = objective.met_by_run(report) if not objective.empty else None
@@ -241,6 +245,27 @@ def _by_tier(load: list[RequestRecord]) -> dict[str, Any]:
             latencies = _latencies(groups[tier])
             table[tier] = {"requests": len(groups[tier]), "ttft": latencies["ttft"], "e2e": latencies["e2e"]}
     return table
+
+
+def _replicas(load: list[RequestRecord]) -> dict[str, Any] | None:
+    """Requests per replica and adapter affinity, in send order; None when no answer named a replica."""
+    answered = sorted((r for r in load if r.replica), key=lambda r: (r.sent_s, r.index))
+    if not answered:
+        return None
+    seen: dict[str, set[str]] = defaultdict(set)  # adapter -> replicas that answered for it so far
+    repeats = hits = 0
+    for record in answered:
+        if record.adapter:  # the base model goes anywhere: no affinity to keep
+            held = seen[record.adapter]
+            if held:
+                repeats += 1
+                hits += record.replica in held
+            held.add(cast(str, record.replica))
+    return {
+        "requests": dict(sorted(Counter(cast(str, r.replica) for r in answered).items())),
+        "affinity": hits / repeats if repeats else None,
+        "affinity_requests": repeats,
+    }
 
 
 def _canaries(canaries: list[RequestRecord]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ server (loramux, or vLLM under its own names):
     requests_<outcome>          ... by outcome                {outcome}, vLLM's {finished_reason}
     generation_tokens_total     tokens generated (total)      loramux_generation_tokens_total, vllm:...
     prompt_tokens_total         prompt tokens (total)         loramux_prompt_tokens_total, vllm:...
+    engine_steps_total          engine steps (total)          loramux_engine_step_seconds_count
+    engine_step_seconds_total   their wall seconds (total)    loramux_engine_step_seconds_sum
+    engine_threads              the engine's threads now      loramux_engine_threads
 
 Counters and counts are summed over every other label (adapters, vLLM's engines); the KV ratio is
 averaged over them. A metric the server does not expose is simply absent from the sample.
@@ -50,6 +53,9 @@ ADAPTER_SLOTS = "adapter_slots"
 REQUESTS_TOTAL = "requests_total"
 GENERATION_TOKENS_TOTAL = "generation_tokens_total"
 PROMPT_TOKENS_TOTAL = "prompt_tokens_total"
+ENGINE_STEPS_TOTAL = "engine_steps_total"
+ENGINE_STEP_SECONDS_TOTAL = "engine_step_seconds_total"
+ENGINE_THREADS = "engine_threads"
 # Prefixes of the labelled series: ADAPTERS + "device", ADAPTER_LOADS + "host", REQUESTS + "stop".
 ADAPTERS = "adapters_"
 ADAPTER_LOADS = "adapter_loads_"
@@ -83,6 +89,9 @@ RULES: tuple[_Rule, ...] = (
     _Rule("loramux_requests_total", REQUESTS, by_label="outcome"),
     _Rule("loramux_generation_tokens_total", GENERATION_TOKENS_TOTAL),
     _Rule("loramux_prompt_tokens_total", PROMPT_TOKENS_TOTAL),
+    _Rule("loramux_engine_step_seconds_count", ENGINE_STEPS_TOTAL),
+    _Rule("loramux_engine_step_seconds_sum", ENGINE_STEP_SECONDS_TOTAL),
+    _Rule("loramux_engine_threads", ENGINE_THREADS),
     _Rule("vllm:num_requests_waiting", QUEUE_DEPTH),
     _Rule("vllm:num_requests_running", RUNNING),
     _Rule("vllm:kv_cache_usage_perc", KV_USAGE, mean=True),  # a ratio 0..1 despite the name

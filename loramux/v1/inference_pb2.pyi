@@ -57,7 +57,7 @@ class WeightedAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "token_ids", "messages", "adapter", "adapters", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos", "route_top_k", "logprobs", "prompt_logprobs")
+    __slots__ = ("request_id", "prompt", "token_ids", "messages", "adapter", "adapters", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos", "route_top_k", "logprobs", "prompt_logprobs", "structured_output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class GenerateRequest(_message.Message):
     ROUTE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -92,7 +93,8 @@ class GenerateRequest(_message.Message):
     route_top_k: int
     logprobs: int
     prompt_logprobs: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., adapter: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., route_top_k: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
+    structured_output: StructuredOutput
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., adapter: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., route_top_k: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "text", "logprob")
@@ -117,6 +119,26 @@ class TokenLogprob(_message.Message):
     rank: int
     top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
+class StructuredOutput(_message.Message):
+    __slots__ = ("json_schema", "json_object", "regex", "choice", "grammar")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    json_object: bool
+    regex: str
+    choice: ChoiceList
+    grammar: str
+    def __init__(self, json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., choice: _Optional[_Union[ChoiceList, _Mapping]] = ..., grammar: _Optional[str] = ...) -> None: ...
+
+class ChoiceList(_message.Message):
+    __slots__ = ("choices",)
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "routing", "adapter_tier", "logprobs", "prompt_logprobs")
@@ -173,7 +195,7 @@ class GenerateStreamChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[str] = ..., routing: _Optional[_Union[RouteResponse, _Mapping]] = ..., adapter_tier: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules", "source")
+    __slots__ = ("name", "format", "rank", "bytes", "tier", "pinned", "load_count", "requests_served", "target_modules", "source", "error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +206,7 @@ class AdapterInfo(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: AdapterFormat
     rank: int
@@ -194,7 +217,8 @@ class AdapterInfo(_message.Message):
     requests_served: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     source: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., pinned: _Optional[bool] = ..., load_count: _Optional[int] = ..., requests_served: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+    error: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., pinned: _Optional[bool] = ..., load_count: _Optional[int] = ..., requests_served: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path", "format", "pin", "replace", "example_prompts")
@@ -299,7 +323,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "max_running", "max_queue", "max_prompt_tokens", "max_prompt_chars", "kernels_backend", "device", "dtype", "vocab_size", "default_max_tokens", "server_version", "router")
+    __slots__ = ("model_name", "max_model_len", "max_running", "max_queue", "max_prompt_tokens", "max_prompt_chars", "kernels_backend", "device", "dtype", "vocab_size", "default_max_tokens", "server_version", "router", "kernels", "adapter_settings")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +337,8 @@ class GetInfoResponse(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     max_running: int
@@ -326,7 +352,49 @@ class GetInfoResponse(_message.Message):
     default_max_tokens: int
     server_version: str
     router: RouterInfo
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., kernels_backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., router: _Optional[_Union[RouterInfo, _Mapping]] = ...) -> None: ...
+    kernels: KernelsInfo
+    adapter_settings: AdapterSettings
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., kernels_backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., router: _Optional[_Union[RouterInfo, _Mapping]] = ..., kernels: _Optional[_Union[KernelsInfo, _Mapping]] = ..., adapter_settings: _Optional[_Union[AdapterSettings, _Mapping]] = ...) -> None: ...
+
+class KernelsInfo(_message.Message):
+    __slots__ = ("lora_backend", "lora_gather", "model_ops", "triton_interpreted")
+    LORA_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LORA_GATHER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OPS_FIELD_NUMBER: _ClassVar[int]
+    TRITON_INTERPRETED_FIELD_NUMBER: _ClassVar[int]
+    lora_backend: str
+    lora_gather: str
+    model_ops: str
+    triton_interpreted: bool
+    def __init__(self, lora_backend: _Optional[str] = ..., lora_gather: _Optional[str] = ..., model_ops: _Optional[str] = ..., triton_interpreted: _Optional[bool] = ...) -> None: ...
+
+class AdapterSettings(_message.Message):
+    __slots__ = ("max_slots", "max_rank", "host_cache_bytes", "max_adapter_bytes", "target_modules", "pools", "adapter_roots")
+    MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ROOTS_FIELD_NUMBER: _ClassVar[int]
+    max_slots: int
+    max_rank: int
+    host_cache_bytes: int
+    max_adapter_bytes: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    pools: _containers.RepeatedCompositeFieldContainer[SlotPoolInfo]
+    adapter_roots: int
+    def __init__(self, max_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., pools: _Optional[_Iterable[_Union[SlotPoolInfo, _Mapping]]] = ..., adapter_roots: _Optional[int] = ...) -> None: ...
+
+class SlotPoolInfo(_message.Message):
+    __slots__ = ("kind", "slots", "max_rank")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    slots: int
+    max_rank: int
+    def __init__(self, kind: _Optional[str] = ..., slots: _Optional[int] = ..., max_rank: _Optional[int] = ...) -> None: ...
 
 class RouterInfo(_message.Message):
     __slots__ = ("threshold", "top_k", "layer", "adapters", "adapters_by_examples", "adapters_by_weights")

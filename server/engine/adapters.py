@@ -23,11 +23,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from adapters_store import AdapterNotFound, AdapterStore, LoadedAdapter, check_adapter_name
+from adapters_store.config_check import ConfigCheck
 from adapters_store.device_slots import AdapterKey, DeviceSlots, DeviceSlotStats, DeviceStep, ReadyAdapter
 from adapters_store.errors import message_only, shown
 from adapters_store.host_cache import HostCacheStats
@@ -58,6 +59,7 @@ class AdapterStatus:
     requests_served: int
     source: str  # its directory relative to its adapter root (clients never see absolute paths)
     target_modules: tuple[str, ...]
+    error: str = ""  # why it cannot be served, when known without serving it ("" = nothing known)
 
 
 class AdapterManager:
@@ -75,6 +77,7 @@ class AdapterManager:
         self._root_names: frozenset[str] = frozenset(store.roots.list())
         self._root_names_at = time.monotonic()
         self._rescanning = False
+        self._config_check = ConfigCheck(store.spec)  # adapters found on disk: their configs, checked
 
     @classmethod
     def attach(cls, model: LlamaModel, store: AdapterStore, slots: DeviceSlots) -> AdapterManager:
@@ -247,10 +250,22 @@ class AdapterManager:
         on_device = self._on_device()
         with self._lock:
             served, loads = Counter(self._served), Counter(self._loads)
-        return [
+        statuses = [
             self._status(stored, self.store.roots.relative(stored.directory), on_device, served, loads)
             for stored in listed
         ]
+        self._config_check.forget_except({stored.directory for stored in listed})
+        return [
+            replace(status, error=self._problem(stored, status.source))
+            for stored, status in zip(listed, statuses, strict=True)
+        ]
+
+    def _problem(self, stored: StoredAdapter, label: str) -> str:
+        """Why `stored` cannot be served, as far as is known without loading it: its last refusal
+        (its files unchanged since), else the cheap config check; "" when it is in host memory."""
+        if stored.adapter is not None:
+            return ""
+        return self.store.refusal(stored.name) or self._config_check.problem(stored.directory, label) or ""
 
     def stats(self) -> tuple[HostCacheStats, DeviceSlotStats]:
         return self.store.stats(), self.slots.stats()

@@ -41,6 +41,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Delivery, Scheduler
 from server.engine.sequence import Sequence, Status
+from server.engine.structured import GrammarCompiler
 from server.engine.threads import ThreadGovernor
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
@@ -97,6 +98,10 @@ class Engine:
         # at once can raise "Already borrowed".
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self.eos_token_ids = loaded.eos_token_ids
+        # Structured output's constraints, compiled by the servers' preparation (its thread, its tokenizer).
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer, loaded.model.arch.vocab_size, frozenset(self.eos_token_ids)
+        )
         arch = self.model.arch
         max_len = min(config.max_model_len, arch.max_position_embeddings)
         if arch.sliding_window:  # no sliding-window attention yet: stay inside the window
@@ -136,6 +141,7 @@ class Engine:
         self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting)
         # Set by server.runtime on CPU: fewer intra-op threads while other processes contend.
         self.governor: ThreadGovernor | None = None
+        self._threads = 0  # the engine thread's intra-op threads, once it runs (snapshots show it)
 
     # ---- caller side (any thread) -------------------------------------------------------------
 
@@ -210,6 +216,7 @@ class Engine:
             running_adapters=running,
             waiting_adapters=waiting,
             adapters=self.adapters.snapshot() if self.adapters is not None else None,
+            threads=self.governor.current if self.governor is not None else self._threads,
         )
 
     def _sequence(self, request: PreparedRequest, sink: Sink) -> Sequence:
@@ -240,12 +247,15 @@ class Engine:
     def _run(self) -> None:
         # ATen sets this thread's OpenMP thread count on its first parallel call, from the
         # process-wide torch.set_num_threads (server/runtime.py); this reads it from here.
-        log.info("engine thread: %d intra-op threads", torch.get_num_threads())
+        self._threads = torch.get_num_threads()
+        log.info("engine thread: %d intra-op threads", self._threads)
         try:
             while not self._stopping:
                 self._drain_inbox(block=not self.scheduler.can_step)
                 if self.scheduler.has_work and not self._stopping:
+                    started = time.perf_counter()
                     self.step()
+                    self.events.step_finished(time.perf_counter() - started)
                     if self.governor is not None:
                         self.governor.tick()
                 self._publish_lora_state()

@@ -39,6 +39,9 @@ class EngineEvents(Protocol):
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         """tier: host (disk -> host: read + validate + device-ready form) | device (the slot copy)."""
 
+    def step_finished(self, seconds: float) -> None:
+        """One engine step (plan, forward, sample, deliver) took `seconds` of wall time."""
+
 
 class NoEvents:
     """The observer of an engine nobody watches."""
@@ -50,6 +53,9 @@ class NoEvents:
         pass
 
     def adapter_loaded(self, tier: str, seconds: float) -> None:
+        pass
+
+    def step_finished(self, seconds: float) -> None:
         pass
 
 
@@ -74,3 +80,4 @@ class EngineSnapshot:
     running_adapters: tuple[str, ...]  # sorted names of adapters that running requests use
     waiting_adapters: tuple[str, ...]
     adapters: AdapterSnapshot | None  # None: the server serves no adapters
+    threads: int = 0  # the engine's intra-op threads now (fewer while the CPUs are contended); 0 = unknown

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from server.engine.structured import Grammar  # a compiled constraint (opaque to the engine)
     from server.router.decision import RouteDecision  # a plain frozen dataclass
 
 
@@ -48,6 +49,22 @@ class FinishReason(StrEnum):
     ERROR = "error"  # the engine failed while running the request
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what a request may generate, as the API gave it (compiled by
+    `server.engine.structured` at preparation).
+
+    kind: json_object (spec "") | json_schema (spec: the schema as JSON text) | regex (spec: the
+    pattern) | choice (spec: a JSON list of the allowed strings) | grammar (spec: EBNF text).
+    """
+
+    kind: str
+    spec: str = ""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling; temperature 0 means greedy. Checked by `validate()`."""
@@ -64,6 +81,7 @@ class SamplingParams:
     # and of each prompt token (echo) with this many; None = not asked for.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None  # None = free text
 
     @property
     def greedy(self) -> bool:
@@ -137,11 +155,15 @@ class PreparedRequest:
     adapters: AdapterChoice = field(default_factory=AdapterChoice)
     # Adapter "auto": the router's decision that chose `adapters`, for the answer; the engine ignores it.
     routing: RouteDecision | None = None
+    # sampling.structured compiled against the model's vocabulary (None without a constraint).
+    grammar: Grammar | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # A sequence without prompt tokens would decode from nothing and fail its whole step.
         if not self.prompt_token_ids:
             raise InvalidRequest("the prompt has no tokens")
+        if (self.sampling.structured is None) != (self.grammar is None):
+            raise ValueError("a request's grammar is its sampling.structured compiled (preparation makes it)")
 
 
 class RequestHandle:

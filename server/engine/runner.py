@@ -22,6 +22,7 @@ from server.engine.request import TokenLogprob
 from server.engine.sampling import Sampler
 from server.engine.scheduler import StepPlan, StepResult
 from server.engine.sequence import Sequence
+from server.engine.structured import GrammarMasks
 from server.model.batch import DecodeSeq, StepBatch
 from server.model.kv_cache import KVCache
 from server.model.llama import LlamaModel
@@ -52,30 +53,41 @@ class ModelRunner:
         self.adapters = adapters
         self.logprobs = logprobs if logprobs is not None else Logprobs()
         self.device = model.embed_tokens.device
+        self.grammar = GrammarMasks()  # structured output's token masks (rows that ask for it only)
 
     def run(self, plan: StepPlan) -> StepResult:
         if plan.empty:
             return StepResult([], {})
+        sampled = plan.sampled
+        params = [s.request.sampling for s in sampled]
         scored = [_scored_prompt_tokens(s, n) for s, n in plan.prefills]  # per chunk; () = none
+        masks = self.grammar.begin(sampled)  # the constrained rows' masks fill beside the forward
         try:
             logits = self.model(self._build_batch(plan, scored), self.kv)  # [sampled + scored rows, vocab]
         except Exception as exc:
             log.exception("the forward of an engine step failed; failing the requests it ran")
+            if masks is not None:
+                masks.wait()
             return StepResult([], {}, failure=f"engine step failed: {exc!r}")
-        sampled = plan.sampled
-        params = [s.request.sampling for s in sampled]
         try:
             prompt_logprobs = self._score_prompts(plan, scored, logits[len(sampled) :])
         except Exception as exc:
             log.exception("scoring the prompts of an engine step failed; failing the requests it ran")
+            if masks is not None:
+                masks.wait()
             return StepResult([], {}, failure=f"prompt log-probs failed: {exc!r}")
         logits = logits[: len(sampled)]
-        # 1) log-probs from the raw logits, before anything changes them
+        # (1) log-probs from the raw logits, before anything changes them
         pending, logprob_error = self._logprobs(lambda: self.logprobs.begin(logits, params))
+        if masks is not None:  # (3) the grammar's token mask
+            masks.apply(logits)
         result = self.sampler.sample(logits, params, [s.generator for s in sampled])
+        errors = result.errors
+        if masks is not None:  # (5) the matchers move past the sampled tokens
+            errors = masks.advance(result.tokens, errors)
         logprobs, finish_error = self._logprobs(lambda: self.logprobs.finish(pending, result.tokens))
-        errors = dict(result.errors)
         if logprob_error or finish_error:  # the rows that asked fail alone
+            errors = dict(errors)
             for row, p in enumerate(params):
                 if p.logprobs is not None:
                     errors[row] = f"log-probs failed: {logprob_error or finish_error}"

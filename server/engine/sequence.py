@@ -46,6 +46,8 @@ class Sequence(RequestHandle):
     # Log-prob entries made but not delivered yet (of sampled tokens; of prompt tokens, echo).
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     new_prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Its constraint's matcher (server.engine.structured), made on the first step that samples it.
+    grammar_matcher: Any = None
 
     @property
     def prompt_len(self) -> int:

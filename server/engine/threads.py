@@ -71,6 +71,11 @@ class ThreadGovernor:
         self._stall = read_stall_us()
 
     @property
+    def current(self) -> int:
+        """The engine's thread count now."""
+        return 1 if self.reduced else self.threads
+
+    @property
     def active(self) -> bool:
         """False where there is nothing to govern (one thread, or no PSI)."""
         return self.threads > 1 and self._stall is not None

@@ -42,6 +42,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import grpc.aio
 import prometheus_client
 from fastapi import Depends, FastAPI, Request
@@ -57,6 +58,7 @@ from server.http import logprobs
 from server.http import openai_types as oa
 from server.http.backend import AUTO_MODEL, Backend, bearer_channel, finish_reason, generate_requests
 from server.http.body_limit import BodyLimit
+from server.http.client_words import unknown_model
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
 from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -139,6 +141,7 @@ def create_app(
             raise ApiError(401, authn.UNAUTHENTICATED_MESSAGE, code="invalid_api_key")
         if refused == "permission_denied":
             raise ApiError(403, authn.PERMISSION_DENIED_MESSAGE)
+        # "admin_disabled" (no --enable-admin, no admin token): the admin routes say so themselves
 
     app = FastAPI(
         title="loramux OpenAI-compatible API",
@@ -170,10 +173,12 @@ def create_app(
 
     @app.get("/v1/models/{model}", response_model=oa.ModelCard, responses=_MODEL_ERRORS)
     async def get_model(model: str, request: Request) -> oa.ModelCard:
-        for card in await _model_cards(backend(request)):
+        cards = await _model_cards(backend(request))
+        for card in cards:
             if card.id == model:
                 return card
-        raise ApiError(404, f"the model {shown(model)} does not exist", param="model", code="model_not_found")
+        message = unknown_model(model, [card.id for card in cards])
+        raise ApiError(404, message, param="model", code="model_not_found")
 
     @app.post("/v1/completions", response_model=oa.CompletionResponse, responses=_GENERATE_RESPONSES)
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
@@ -255,9 +260,10 @@ async def _model_cards(backend: Backend) -> list[oa.ModelCard]:
     if info.HasField("router"):  # the router picks the adapter(s) of each request
         cards.append(oa.ModelCard(id=AUTO_MODEL, created=now, root=base, parent=base))
     for adapter in await backend.list_adapters():
-        cards.append(
-            oa.ModelCard(id=adapter.name, created=now, root=adapter.source or adapter.name, parent=base)
-        )
+        card = oa.ModelCard(id=adapter.name, created=now, root=adapter.source or adapter.name, parent=base)
+        if adapter.error:  # found broken without serving it (server.engine.adapters)
+            card.status, card.error = "invalid", adapter.error
+        cards.append(card)
     return cards
 
 
@@ -287,6 +293,28 @@ Chunks = Callable[
 
 
 async def _generate(http_request: Request, body: Body, answer: Answer, chunks: Chunks) -> Any:
+    try:
+        return await _generate_known(http_request, body, answer, chunks)
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:  # a model (or mixture adapter) nobody serves
+            raise await _unknown_model(http_request.app.state.backend, body, err) from None
+        raise
+
+
+async def _unknown_model(backend: Backend, body: Body, err: grpc.aio.AioRpcError) -> ApiError:
+    """404 naming the model (or the mixture's adapter) that does not exist, and those that do; the
+    server's own words when every name is listed (it went away in between)."""
+    models = [card.id for card in await _model_cards(backend)]
+    name, param = body.model, "model"
+    missing = [entry.name for entry in body.adapters or () if entry.name not in models]
+    if missing:
+        name, param = missing[0], "adapters"
+    elif name in models:
+        return from_rpc_error(err)
+    return ApiError(404, unknown_model(name, models, param), param=param, code="model_not_found")
+
+
+async def _generate_known(http_request: Request, body: Body, answer: Answer, chunks: Chunks) -> Any:
     backend: Backend = http_request.app.state.backend
     adapter = await backend.adapter_for(body.model, mixture=bool(body.adapters))
     requests = generate_requests(body, adapter)

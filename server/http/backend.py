@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
+from server.access_log import API_METADATA_KEY
 from server.auth import bearer_metadata
 from server.http import logprobs
 from server.http.errors import ApiError
@@ -33,6 +34,7 @@ from server.http.openai_types import (
     RouteRequest,
     SamplingParams,
 )
+from server.http.structured import structured_output_pb
 
 INFO_TIMEOUT_S = 10.0
 ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files; RegisterExamples trains
@@ -42,9 +44,10 @@ AUTO_MODEL = "auto"  # server.preparation.AUTO_ADAPTER
 
 
 class _Bearer:
-    """Adds `authorization: Bearer <key>` to calls that carry no authorization of their own."""
+    """Adds `authorization: Bearer <key>` to calls that carry no authorization of their own, and
+    says that the call comes from the HTTP shim (`loramux-api: http`, for the access log)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str | None) -> None:
         self._metadata = bearer_metadata(token)
 
     def _details(self, details: Any) -> Any:
@@ -52,6 +55,7 @@ class _Bearer:
         if "authorization" not in metadata:
             for key, value in self._metadata:
                 metadata.add(key, value)
+        metadata.add(API_METADATA_KEY, "http")
         return details._replace(metadata=metadata)
 
 
@@ -68,7 +72,7 @@ class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
 
 def bearer_channel(target: str, api_key: str | None) -> grpc.aio.Channel:
     """An insecure channel to `target` whose calls present `api_key` (none when None)."""
-    interceptors: Any = [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None
+    interceptors: Any = [_BearerUnary(api_key), _BearerStream(api_key)]
     return grpc.aio.insecure_channel(target, interceptors=interceptors)
 
 
@@ -223,6 +227,9 @@ def _sampling(body: SamplingParams, adapter: str) -> pb.GenerateRequest:
         request.route_top_k = body.route_top_k
     for entry in body.adapters or ():
         request.adapters.add(name=entry.name, weight=entry.weight)
+    structured = structured_output_pb(body)
+    if structured is not None:
+        request.structured_output.CopyFrom(structured)
     return request
 
 

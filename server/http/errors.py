@@ -15,8 +15,10 @@ Every failure answers `{"error": {"message", "type", "param", "code"}}`:
     gRPC DEADLINE_EXCEEDED                                 -> 504 timeout_error
     anything else                                          -> 500 server_error
 
-The gRPC server already says what was wrong; its message is passed on, cut to
-MAX_MESSAGE_BYTES of valid UTF-8 like every message here. 429 means "retry later" (OpenAI's
+The gRPC server already says what was wrong; its message is passed on in HTTP terms (no RPC or
+status-code names: `server.http.client_words`), cut to MAX_MESSAGE_BYTES of valid UTF-8 like every
+message here; `code` is OpenAI's (invalid_api_key, model_not_found, rate_limit_exceeded, ...) or
+null. A body that is not a JSON object sent as JSON gets one sentence saying so. 429 means "retry later" (OpenAI's
 clients do, by themselves), so only a full queue gets it, with the server's retry hint
 (`grpc-retry-pushback-ms`) as Retry-After; a too-large request must not be retried: 413.
 Starlette's own errors keep their headers (405's Allow). This module does not know the routes.
@@ -38,6 +40,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.errors import shown
+from server.http.client_words import body_problem, for_http
 from server.quoting import LONE_SURROGATE, encodable
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,13 @@ _HTTP_STATUS_BY_GRPC = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+# OpenAI's `code` of an error, where it has one (null otherwise).
+_CODE_BY_STATUS = {
+    401: "invalid_api_key",
+    404: "not_found",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+}
 MAX_MESSAGE_BYTES = 2048
 DEFAULT_RETRY_AFTER_S = 1
 # What gRPC says when a message or its metadata is over a size limit (RESOURCE_EXHAUSTED too).
@@ -76,6 +86,7 @@ _TOO_LARGE_MARKERS = ("larger than max", "size exceeds limit")
 _PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # Validation errors that say what is wrong with a value (ours, and unparseable text).
 _OWN_CHECKS = frozenset({"value_error", "string_unicode"})
+_VALUE_ERROR = "Value error, "  # pydantic's prefix to the message of a ValueError
 
 
 class ApiError(Exception):
@@ -117,19 +128,22 @@ def error_response(
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
-    """The HTTP error for a failed gRPC call; the status code's name becomes OpenAI's `code`."""
+    """The HTTP error for a failed gRPC call, in HTTP terms (`client_words.for_http`): no RPC or
+    status-code names; `code` is OpenAI's where it has one."""
     status = _HTTP_STATUS_BY_GRPC.get(err.code(), 500)
-    message = err.details() or err.code().name
+    details = err.details() or ""
+    message = for_http(details) or HTTPStatus(status).phrase
     headers: dict[str, str] = {}
-    if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
-        message = f"the loramux gRPC server is not reachable ({message}); retry later"
+    if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
+        logger.warning("the gRPC server is not reachable: %s", details)
+        message = "the loramux engine is not reachable (starting, stopped or restarting); retry later"
     if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if any(marker in message for marker in _TOO_LARGE_MARKERS):
+        if any(marker in details for marker in _TOO_LARGE_MARKERS):
             status = 413
-            message = f"the request is too large for the gRPC server ({message}); send less"
+            message = f"the request is too large ({message}); send less"
         else:
             headers["Retry-After"] = str(_retry_after_s(err))
-    return ApiError(status, message, code=err.code().name.lower(), headers=headers)
+    return ApiError(status, message, code=_CODE_BY_STATUS.get(status), headers=headers)
 
 
 def _retry_after_s(err: grpc.aio.AioRpcError) -> int:
@@ -158,10 +172,13 @@ def install_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers a malformed body with 400, not FastAPI's 422.
         problems = exc.errors()
+        whole_body = body_problem(request.headers.get("content-type"), problems)
+        if whole_body is not None:  # not JSON, not sent as JSON, empty, or not an object
+            return error_response(400, whole_body)
         first = _most_telling(problems)
         location = [str(part) for part in first.get("loc", ()) if _is_field(part)]
         param = ".".join(location) or None
-        message = first.get("msg", "the request body is invalid")
+        message = first.get("msg", "the request body is invalid").removeprefix(_VALUE_ERROR)
         if first.get("type") == "string_unicode":  # pydantic's JSON parser met a lone surrogate
             message = LONE_SURROGATE
         if param:

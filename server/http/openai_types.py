@@ -3,6 +3,7 @@
 FastAPI validates requests against them and builds the OpenAPI schema from them. Fields follow
 the OpenAI API; `top_k`, `stop_token_ids` and `ignore_eos` are vLLM's extensions, `route_top_k`
 and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
+structured output is OpenAI's `response_format` or vLLM's `guided_json|regex|choice|grammar`;
 answers of model "auto" carry loramux's `routing`, answers an adapter served its `adapter_tier`.
 The router's own routes have their bodies here too. Fields a client may send that loramux cannot
 honour are declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from adapters_store.names import NAME_PATTERN
+from server.http.content_parts import text_only
 from server.quoting import LONE_SURROGATE, has_lone_surrogate
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -63,7 +65,44 @@ class WeightedAdapter(_Request):
     weight: float = Field(description="its weight in the mixture, > 0 (used as given, not normalized)")
 
 
-class SamplingParams(_Request):
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Text = Field(default="response", description="the schema's name (not used)")
+    description: Text | None = None
+    schema_: dict | None = Field(
+        default=None, alias="schema", description="the JSON schema the answer follows"
+    )
+    strict: bool | None = Field(
+        default=None, description="always strict: the answer is valid against the schema"
+    )
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (free), json_object (any JSON object) or json_schema (valid against json_schema.schema)"
+    )
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredFields(_Request):
+    """Structured output: OpenAI's response_format and vLLM's guided_* extensions (at most one)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict | Text | None = Field(
+        default=None, description="vLLM extension: a JSON schema (an object or its JSON text)"
+    )
+    guided_regex: Text | None = Field(default=None, description="vLLM extension: the answer matches it")
+    guided_choice: list[Text] | None = Field(
+        default=None, description="vLLM extension: the answer is one of these strings"
+    )
+    guided_grammar: Text | None = Field(
+        default=None, description="vLLM extension: an EBNF grammar (xgrammar's dialect) the answer matches"
+    )
+
+
+class SamplingParams(StructuredFields):
     """The fields completions and chat completions share."""
 
     model: Text = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
@@ -145,7 +184,8 @@ class TextPart(_Request):
 
 class ChatMessageIn(_Request):
     role: Literal[CHAT_ROLES] = Field(description="who speaks; the chat template renders it")  # type: ignore[valid-type]
-    content: Text | list[TextPart] | None = None
+    # An image, audio or file part is refused in one sentence (server.http.content_parts).
+    content: Annotated[Text | list[TextPart] | None, BeforeValidator(text_only)] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -165,13 +205,10 @@ class ChatCompletionRequest(SamplingParams):
         default=None, description="with logprobs: this many most likely alternatives per token, 0-20"
     )
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     def unsupported(self) -> str | None:
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
         return super().unsupported()
 
 
@@ -321,6 +358,13 @@ class ModelCard(BaseModel):
         default=None, description="the base model's id for an adapter; null for the base"
     )
     max_model_len: int | None = None
+    # loramux extension: an adapter found broken without serving it (its config, or its last load).
+    status: Literal["ready", "invalid"] = Field(
+        default="ready", description="loramux extension: invalid = it cannot be served (see error)"
+    )
+    error: str | None = Field(
+        default=None, description="loramux extension: why an invalid model cannot be served"
+    )
 
 
 class ModelList(BaseModel):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from server.config import ServerConfig
     from server.engine.engine import Engine
     from server.grpc_server import GrpcServer
+    from server.serve_commands import BackgroundReconciler
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class LocalServer:
     grpc: GrpcServer
     app: FastAPI
     lifespan: AbstractAsyncContextManager[Any]
+    reconciler: BackgroundReconciler | None = None
 
     @classmethod
     async def start(cls, config: ServerConfig, router_tag: str | None = None) -> LocalServer:
@@ -60,10 +62,11 @@ class LocalServer:
         from server.http.app import create_app
         from server.metrics import Metrics
         from server.runtime import build_engine, build_router
-        from server.serve_commands import _reconcile_in_background
+        from server.serve_commands import BackgroundReconciler
 
         metrics = Metrics()
         engine = await asyncio.to_thread(build_engine, config, metrics)
+        reconciler = None
         try:
             if router_tag is not None:
                 config = _tagged_router_state(config, engine.info.model_name, router_tag)
@@ -73,7 +76,7 @@ class LocalServer:
                 metrics.watch_router(router.routable_counts)
             engine.start()
             if router is not None:
-                _reconcile_in_background(router)
+                reconciler = BackgroundReconciler(router)
             grpc = await serve_grpc(
                 engine,
                 "127.0.0.1",
@@ -84,6 +87,8 @@ class LocalServer:
                 router_events=metrics,
             )
         except BaseException:
+            if reconciler is not None:
+                reconciler.stop()
             engine.shutdown()
             raise
         # Adapters come from the adapter roots every replica reads: changing them over HTTP on one
@@ -97,7 +102,7 @@ class LocalServer:
         )
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()  # opens the app's gRPC channel
-        return cls(engine, grpc, app, lifespan)
+        return cls(engine, grpc, app, lifespan, reconciler)
 
     @property
     def model_name(self) -> str:
@@ -121,6 +126,8 @@ class LocalServer:
         with contextlib.suppress(Exception):
             await self.lifespan.__aexit__(None, None, None)
         await self.grpc.stop(STOP_GRACE_S)
+        if self.reconciler is not None:
+            await asyncio.to_thread(self.reconciler.stop)
         await asyncio.to_thread(self.engine.shutdown)
 
     def forward(

@@ -72,6 +72,10 @@ class ReconcileReport:
     weight_only: tuple[str, ...]
     refused: tuple[tuple[str, str], ...]  # (adapter, why)
     seconds: float
+    stopped: bool = False  # cut short by `Router.stop`: nothing was published
+
+
+_STOPPED = ReconcileReport((), (), (), (), 0.0, stopped=True)
 
 
 class Router:
@@ -89,7 +93,13 @@ class Router:
         self.source = source
         self.config = config
         self._lock = threading.Lock()  # one learner at a time; `route` never takes it
+        self._stopping = threading.Event()
         self.tables = Tables(Selector(reader.dim))
+
+    def stop(self) -> None:
+        """The server is shutting down: a reconcile under way returns after the adapter it is on,
+        publishing nothing, and later ones do nothing (learning would outlive the process)."""
+        self._stopping.set()
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -179,6 +189,8 @@ class Router:
         weight_only: list[str] = []
         refused: list[tuple[str, str]] = []
         with self._lock:
+            if self._stopping.is_set():
+                return _STOPPED
             tables = self.tables.copy()
             listed = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
             scope = set(listed) | set(tables.known) if names is None else set(names)
@@ -189,6 +201,8 @@ class Router:
                     tables.known.pop(name, None)
                     forgotten.append(name)
             for name in sorted(scope & set(listed)):
+                if self._stopping.is_set():
+                    return _STOPPED
                 why = self._sync_examples(tables, name, listed[name], learned)
                 if why:
                     refused.append((name, why))
@@ -196,6 +210,8 @@ class Router:
             if without_examples:  # they compete with the example group: every adapter needs prototypes
                 reference: list[Taps] | None = None
                 for name in sorted(listed):
+                    if self._stopping.is_set():
+                        return _STOPPED
                     if name in scope or name not in tables.prototypes:
                         reference = reference if reference is not None else self._reference()
                         why = self._prototype(tables, name, reference)

@@ -1,0 +1,108 @@
+"""The cheap check of an adapter found on disk: is its config one loramux could serve?
+
+`ConfigCheck(spec).problem(directory, label)` reads only the adapter's small JSON config and
+stats its weights file: the config parses, its format is known, its required keys are present
+and valid for this base model (ranks, targets), and the weights file the format needs exists.
+It returns the refusal's message, or None when nothing is wrong so far. Loading still validates
+the weights (shapes, dtypes, finite values, checksum), which this never reads. Results are kept
+per directory until the config's or the weights file's stat changes, so listing thousands of
+adapters costs a few `stat` calls each after the first listing.
+
+It does not know the host cache or the device tier, and never raises for a bad adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from adapters_store import compeft_config, mos, peft_config, peft_lora
+from adapters_store.compeft import WEIGHTS_FILE as COMPEFT_WEIGHTS_FILE
+from adapters_store.errors import AdapterError
+from adapters_store.formats import FORMAT_REGISTRY, detect_format
+from adapters_store.spec import BaseModelSpec
+
+Stat = tuple[int, int, int] | None  # (size, mtime_ns, inode); None when missing
+
+
+def _check_peft_lora(directory: Path, spec: BaseModelSpec, label: str) -> None:
+    source = f"{label}/{peft_config.CONFIG_FILE}"
+    config = peft_config.parse_peft_lora_config(
+        peft_config.read_config_json(directory / peft_config.CONFIG_FILE, source), source
+    )
+    peft_config.plan_modules(config, spec, source)  # targets and ranks against the base model
+    _weights_present(directory, label, peft_lora.WEIGHTS_FILE, peft_config.CONFIG_FILE)
+
+
+def _check_mos(directory: Path, spec: BaseModelSpec, label: str) -> None:
+    source = f"{label}/{mos.CONFIG_FILE}"
+    mos.parse_mos_config(peft_config.read_config_json(directory / mos.CONFIG_FILE, source), spec, source)
+    _weights_present(directory, label, mos.WEIGHTS_FILE, mos.CONFIG_FILE)
+
+
+def _check_compeft(directory: Path, spec: BaseModelSpec, label: str) -> None:
+    source = f"{label}/{compeft_config.CONFIG_FILE}"
+    raw = peft_config.read_config_json(directory / compeft_config.CONFIG_FILE, source)
+    compeft_config.parse_compeft_config(raw, spec, source)
+    _weights_present(directory, label, COMPEFT_WEIGHTS_FILE, compeft_config.CONFIG_FILE)
+
+
+def _weights_present(directory: Path, label: str, weights: str, config: str) -> None:
+    path = directory / weights
+    if not path.is_file():
+        what = "is missing" if not path.exists() else "is not a regular file"
+        raise AdapterError(f"{label}/{weights} {what}: the adapter needs it beside {config}")
+
+
+_CHECKS: dict[str, Callable[[Path, BaseModelSpec, str], None]] = {
+    peft_lora.FORMAT: _check_peft_lora,
+    mos.FORMAT: _check_mos,
+    compeft_config.FORMAT: _check_compeft,
+}
+_WATCHED_FILES = tuple(dict.fromkeys(file for f in FORMAT_REGISTRY for file in f.files))
+
+
+class ConfigCheck:
+    """Config checks against one base model, remembered per directory until its files change."""
+
+    def __init__(self, spec: BaseModelSpec) -> None:
+        self.spec = spec
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[tuple[Stat, ...], str | None]] = {}
+
+    def problem(self, directory: Path, label: str) -> str | None:
+        """Why the adapter in `directory` (named `label` in messages) cannot be served, or None."""
+        stats = tuple(_stat(directory / file) for file in _WATCHED_FILES)
+        with self._lock:
+            seen = self._seen.get(directory)
+        if seen is not None and seen[0] == stats:
+            return seen[1]
+        found = self._check(directory, label)
+        with self._lock:
+            self._seen[directory] = (stats, found)
+        return found
+
+    def forget_except(self, directories: set[Path]) -> None:
+        """Drop what is remembered about directories no longer listed."""
+        with self._lock:
+            for directory in set(self._seen) - directories:
+                del self._seen[directory]
+
+    def _check(self, directory: Path, label: str) -> str | None:
+        try:
+            _CHECKS[detect_format(directory, label)](directory, self.spec, label)
+        except AdapterError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a listing must never fail for one adapter
+            return f"{label}: its config could not be checked ({type(exc).__name__})"
+        return None
+
+
+def _stat(path: Path) -> Stat:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)

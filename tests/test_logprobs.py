@@ -552,3 +552,21 @@ def test_lm_eval_loglikelihood_requests_pick_what_transformers_picks(
     assert ours == theirs
     accuracy = sum(o == g for o, g in zip(ours, golds, strict=True)) / len(golds)
     assert accuracy == sum(t == g for t, g in zip(theirs, golds, strict=True)) / len(golds)
+
+
+def test_a_constrained_request_reports_the_raw_log_probs_of_what_the_grammar_let_through(
+    chunked_engine, hf_tiny, tokenizer
+) -> None:
+    """Grammar masks come after the log-probs: values are the model's, not the masked row's."""
+    import json
+
+    from server.engine.request import StructuredOutput
+
+    words = ["alpha", "beta", "gamma"]
+    params = SamplingParams(
+        max_tokens=12, temperature=0.0, logprobs=3, structured=StructuredOutput("choice", json.dumps(words))
+    )
+    prompt = tokenizer.encode("Pick one:")
+    out = submit(chunked_engine, "choice", prompt, params).wait()
+    assert out.text in words
+    _check_request(out, prompt, params, lambda ids: _oracle_logprobs(hf_tiny, ids))

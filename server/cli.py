@@ -874,6 +874,7 @@ _BENCHMARKS = {
     "memory": "resident memory over 1,000 distinct adapters through a small host cache",
     "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
     "sampling": "next-token sampling, new sampler vs the old per-row sort",
+    "logprobs": "decode at batch 32 with logprobs (top 5) on every row vs none, interleaved",
     "grammar": "structured output: xgrammar vs llguidance on our vocabulary; batch 32 with 8 schema-constrained",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",

@@ -21,6 +21,7 @@ from server.engine.request import (
     RequestOutput,
     SamplingParams,
     StructuredOutput,
+    TokenLogprob,
 )
 from server.prompts import PromptInput, max_prompt_chars
 
@@ -74,6 +75,8 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         structured=structured_from_pb(request),
     )
 
@@ -184,6 +187,8 @@ def chunk_to_pb(
         adapter=adapter,
         routing=routing,
         adapter_tier=output.adapter_tier,
+        logprobs=logprobs_to_pb(output.logprobs),
+        prompt_logprobs=logprobs_to_pb(output.prompt_logprobs),
     )
 
 
@@ -205,7 +210,22 @@ def response_to_pb(
         adapter=adapter,
         routing=routing,
         adapter_tier=last.adapter_tier,  # the same on every output
+        logprobs=logprobs_to_pb([entry for output in outputs for entry in output.logprobs]),
+        prompt_logprobs=logprobs_to_pb([entry for output in outputs for entry in output.prompt_logprobs]),
     )
+
+
+def logprobs_to_pb(entries: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=entry.token_id,
+            text=entry.text,
+            logprob=entry.logprob,  # None (the prompt's first token) leaves it unset
+            rank=entry.rank,
+            top=[pb.TopLogprob(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in entry.top],
+        )
+        for entry in entries
+    ]
 
 
 def info_to_pb(info: EngineInfo, router: pb.RouterInfo | None = None) -> pb.GetInfoResponse:

@@ -27,6 +27,7 @@ from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
 from server.engine.events import UNKNOWN_ADAPTER, EngineEvents, EngineSnapshot, FinishedRequest, NoEvents
+from server.engine.logprobs import Logprobs, TokenTexts
 from server.engine.request import (
     EngineOverloaded,
     EngineUnavailable,
@@ -131,7 +132,8 @@ class Engine:
             adapters.events = self.events
         self.scheduler = Scheduler(config, self.kv, max_len, frozenset(self.eos_token_ids), adapters)
         sampler = Sampler(torch.Generator().manual_seed(int(time.time_ns() % 2**63)))
-        self.runner = ModelRunner(self.model, self.kv, sampler, adapters)
+        logprobs = Logprobs(TokenTexts(self._tokenizer))  # token texts on the engine thread only
+        self.runner = ModelRunner(self.model, self.kv, sampler, adapters, logprobs)
         self._inbox: queue.Queue[_Abort | _Wake | _Stop] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False

@@ -35,6 +35,9 @@ class EngineUnavailable(EngineError):
     """The engine is stopped or its thread died (maps to UNAVAILABLE / HTTP 503)."""
 
 
+# Most alternatives a request may ask for per token (logprobs, prompt_logprobs), as OpenAI and vLLM.
+MAX_LOGPROBS = 20
+
 # A temperature below this samples the argmax: dividing logits by it could overflow (vLLM uses 1e-5 too).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -74,6 +77,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities (server.engine.logprobs): of each sampled token with this many alternatives,
+    # and of each prompt token (echo) with this many; None = not asked for.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None  # None = free text
 
     @property
@@ -83,8 +90,15 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first absurd value."""
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 1 and not (self.max_tokens == 0 and self.prompt_logprobs is not None):
+            raise InvalidRequest(
+                f"max_tokens must be >= 1, got {self.max_tokens}; 0 (score the prompt, generate nothing) "
+                "only with prompt_logprobs (echo over HTTP)"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise InvalidRequest(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:
@@ -159,6 +173,28 @@ class RequestHandle:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    text: str  # the token alone as text (a piece of a UTF-8 character shows as U+FFFD)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability: log_softmax of the model's raw next-token logits (before
+    temperature, penalties and masks), its rank (1 = the most likely) and the `top` alternatives,
+    most likely first. The prompt's first token has none (logprob None, rank 0)."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    rank: int
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One increment of a running request, delivered in order to the request's sink.
 
@@ -178,3 +214,7 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     adapter_tier: str = ""
+    # With SamplingParams.logprobs: one entry per token of `token_ids`. With prompt_logprobs: one per
+    # prompt token, on the request's first output only.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()

@@ -158,16 +158,18 @@ class CompletionRequest(SamplingParams):
     ) = Field(
         description="text, a list of texts, token ids or a list of token-id lists (one choice set each)"
     )
-    echo: bool = False
-    logprobs: int | None = None
+    # 0 only with echo: score the prompt, generate nothing (lm-eval's loglikelihood requests).
+    max_tokens: UInt32 | None = Field(
+        None, description="most tokens to generate (unset: the server's default, 64); 0 only with echo"
+    )
+    echo: bool = Field(default=False, description="prepend the prompt (and its log-probs, with logprobs)")
+    logprobs: int | None = Field(
+        default=None, description="log-probs of each token with this many alternatives, 0-20"
+    )
     suffix: Text | None = None
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo"
-        if self.logprobs is not None:
-            return "logprobs"
         if self.suffix:
             return "suffix"
         if self.best_of is not None and self.best_of != self.n:
@@ -198,13 +200,13 @@ class ChatCompletionRequest(SamplingParams):
     max_completion_tokens: MaxTokens | None = Field(
         default=None, description="OpenAI's newer name for max_tokens"
     )
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(default=False, description="log-probs of each generated token")
+    top_logprobs: int | None = Field(
+        default=None, description="with logprobs: this many most likely alternatives per token, 0-20"
+    )
     tools: list[dict] | None = None
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs"
         if self.tools:
             return "tools"
         return super().unsupported()
@@ -255,11 +257,22 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogprobs(BaseModel):
+    """A completion choice's log-probs (OpenAI's legacy shape, as vLLM answers it): per token its
+    text, log-prob (null for the prompt's first token), the alternatives {text: log-prob} and the
+    character offset where the token's text starts."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -278,11 +291,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -305,7 +332,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -64,7 +64,8 @@ proto: $(STAMP)
 	$(BIN)/python -m server.protogen .
 
 # Build the five demo task adapters into adapters/ from generated data, in every format (LoRA, MoS,
-# ComPEFT at densities 0.05/0.1/0.2; about 1.5 h on 2 quiet cores), and score each, base model
+# ComPEFT at densities 0.05/0.1/0.2 with alpha picked on validation rows by tasks.compeft_alpha;
+# about 2 h on 2 quiet cores), and score each, base model
 # beside it, through a real server; ARGS="--tasks sql --formats lora,compeft --steps 50" etc.
 demo-adapters: $(STAMP)
 	$(BIN)/python -m tasks.demo --report build/demo/results.json $(ARGS)

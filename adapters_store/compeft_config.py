@@ -34,7 +34,9 @@ Where each module sits in tau is fixed by its PEFT name (see adapters_store/comp
 
 Version 1 (one object per module, with its in/out features and offset) was never released; this
 loader refuses it and asks for the adapter to be compressed again. Other keys (e.g. "fidelity"
-and "alpha_search", written by `loramux compress`) are kept for people and ignored by the loader.
+and "alpha_search", written by `loramux compress`; "alpha_source" and "alpha_validation", written
+by tasks.compeft_alpha when it re-picks alpha by a task metric) are kept for people and ignored by
+the loader.
 This module knows JSON and the base model spec; not bits or files.
 """
 

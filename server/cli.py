@@ -875,6 +875,8 @@ _BENCHMARKS = {
     "cpu-share": "one request's latency, quiet vs beside a busy neighbour process",
     "sampling": "next-token sampling, new sampler vs the old per-row sort",
     "penalties": "batch-32 decode with penalties / min_p on some or all rows vs none; the processor's cost",
+    "logprobs": "decode at batch 32 with logprobs (top 5) on every row vs none, interleaved",
+    "grammar": "structured output: xgrammar vs llguidance on our vocabulary; batch 32 with 8 schema-constrained",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
     "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",

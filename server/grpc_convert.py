@@ -9,12 +9,20 @@ This module knows both vocabularies and nothing else: no engine calls, no gRPC s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from loramux.v1 import inference_pb2 as pb
-from server.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
+from server.engine.request import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+)
 from server.prompts import PromptInput, max_prompt_chars
 
 if TYPE_CHECKING:
@@ -68,6 +76,9 @@ def sampling_from_pb(request: pb.GenerateRequest) -> SamplingParams:
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         **_controls_from_pb(request),
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+        structured=structured_from_pb(request),
     )
 
 
@@ -81,6 +92,25 @@ def _controls_from_pb(request: pb.GenerateRequest) -> dict[str, Any]:
     if request.logit_bias:
         controls["logit_bias"] = tuple(sorted(request.logit_bias.items()))
     return controls
+
+
+def structured_from_pb(request: pb.GenerateRequest) -> StructuredOutput | None:
+    """The request's structured_output (None: free text); the choices travel as a JSON list."""
+    if not request.HasField("structured_output"):
+        return None
+    given = request.structured_output
+    kind = given.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not given.json_object:
+            raise InvalidRequest(
+                "structured_output.json_object must be true (leave structured_output unset for free text)"
+            )
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        return StructuredOutput("choice", json.dumps(list(given.choice.choices), ensure_ascii=False))
+    return StructuredOutput(kind, getattr(given, kind))
 
 
 def mixture_from_pb(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
@@ -170,6 +200,8 @@ def chunk_to_pb(
         adapter=adapter,
         routing=routing,
         adapter_tier=output.adapter_tier,
+        logprobs=logprobs_to_pb(output.logprobs),
+        prompt_logprobs=logprobs_to_pb(output.prompt_logprobs),
     )
 
 
@@ -191,7 +223,22 @@ def response_to_pb(
         adapter=adapter,
         routing=routing,
         adapter_tier=last.adapter_tier,  # the same on every output
+        logprobs=logprobs_to_pb([entry for output in outputs for entry in output.logprobs]),
+        prompt_logprobs=logprobs_to_pb([entry for output in outputs for entry in output.prompt_logprobs]),
     )
+
+
+def logprobs_to_pb(entries: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=entry.token_id,
+            text=entry.text,
+            logprob=entry.logprob,  # None (the prompt's first token) leaves it unset
+            rank=entry.rank,
+            top=[pb.TopLogprob(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in entry.top],
+        )
+        for entry in entries
+    ]
 
 
 def info_to_pb(info: EngineInfo, router: pb.RouterInfo | None = None) -> pb.GetInfoResponse:

@@ -9,9 +9,9 @@ PreparedRequest to the answer. Every rule lives in one
 place with one message (quoting at most a bounded prefix of what the client sent); the gRPC service calls it for every generation and the HTTP shim reaches
 it through the gRPC service, so both refuse the same requests with the same words.
 
-`prepare` (and `route`) tokenize, may look at the adapter roots on disk and, for "auto", run the
-base model's first layers: call them off the event loop, from one thread (the tokenizer is not
-used concurrently). It knows nothing about protobuf or HTTP, and does not load adapters (the
+`prepare` (and `route`) tokenize, may look at the adapter roots on disk, compile a structured
+output's constraint (server.engine.structured, cached) and, for "auto", run the base model's first
+layers: call them off the event loop, from one thread (the tokenizer is not used concurrently). It knows nothing about protobuf or HTTP, and does not load adapters (the
 engine does, once the request is accepted) nor how the router decides.
 """
 
@@ -25,11 +25,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters_store import AdapterNotFound, check_adapter_name
 from adapters_store.errors import AdapterError, shown
-from server.engine.request import AdapterChoice, InvalidRequest, PreparedRequest, SamplingParams
+from server.engine.request import (
+    AdapterChoice,
+    InvalidRequest,
+    PreparedRequest,
+    SamplingParams,
+    StructuredOutput,
+)
 from server.prompts import PromptInput, check_input, check_prompt_tokens, tokenize
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine, EngineInfo
+    from server.engine.structured import Grammar, GrammarCompiler
     from server.router.decision import Candidate, RouteDecision
     from server.router.router import Router
 
@@ -66,15 +73,17 @@ class RequestPreparer:
         tokenizer: Any,
         adapters: AdapterCatalog | None,
         router: Router | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.info = info
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.router = router  # None: "auto" is refused (RouterDisabled)
+        self.grammars = grammars  # None: structured output is refused
 
     @classmethod
     def for_engine(cls, engine: Engine, router: Router | None = None) -> RequestPreparer:
-        return cls(engine.info, engine.tokenizer, engine.adapters, router)
+        return cls(engine.info, engine.tokenizer, engine.adapters, router, engine.grammars)
 
     def prepare(self, given: RequestInput) -> PreparedRequest:
         """Check `given`, tokenize its prompt and route it if it asks for "auto". Raises
@@ -93,11 +102,20 @@ class RequestPreparer:
         given.sampling.validate(info.vocab_size)
         token_ids = tokenize(self.tokenizer, given.prompt)
         check_prompt_tokens(token_ids, given.sampling.max_tokens, info.vocab_size, info.max_model_len)
+        grammar = self._grammar(given.sampling.structured)
         routing = None
         if route_top_k is not None:
             routing = self._servable(self.router_or_refuse().route(token_ids), route_top_k)
             adapters = AdapterChoice(tuple((name, _float32(w)) for name, w in routing.mixture(route_top_k)))
-        return PreparedRequest(request_id, tuple(token_ids), given.sampling, adapters, routing)
+        return PreparedRequest(request_id, tuple(token_ids), given.sampling, adapters, routing, grammar)
+
+    def _grammar(self, structured: StructuredOutput | None) -> Grammar | None:
+        """The request's structured output compiled against the vocabulary (cached by the compiler)."""
+        if structured is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequest("structured output is not available on this server")
+        return self.grammars.compile(structured)
 
     def route(self, prompt: PromptInput) -> RouteDecision:
         """The router's decision for `prompt`, read as `prepare` reads a generation's (the Route RPC).

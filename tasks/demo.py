@@ -8,7 +8,8 @@ prompt), write them to `<work>/<task>/train.jsonl`, and build its adapters in ev
 all-linear, rank 3: under 2 MB); `mos`: `loramux train --method mos` on the same rows into
 `<out>/<task>-mos` (per-layer rank 4 from shard pools with a quarter of the LoRA's parameters);
 `compeft`: `loramux compress --method compeft --alpha auto` of the LoRA at each of COMPEFT_DENSITIES
-into `<out>/<task>-compeft-<percent>`. Each directory gets `examples.jsonl` (the first `EXAMPLES`
+into `<out>/<task>-compeft-<percent>`, then `python -m tasks.compeft_alpha` re-picks each one's alpha
+by the task metric on generated validation rows (`--skip-alpha`: keep the KL alpha). Each directory gets `examples.jsonl` (the first `EXAMPLES`
 training prompts, for the router). Then a real `loramux serve --adapter-root <out>` is started and
 every task's held-out set is scored through its gRPC API, base model and every adapter
 (`tasks.evaluate`, what `loramux eval` runs), and one concurrent burst of every adapter and the
@@ -23,19 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from tasks import TASK_NAMES, get_task, write_jsonl
 from tasks.evaluate import GrpcCompletions, evaluate
+from tasks.serving import served
 
 EXAMPLES = 160  # training prompts kept beside each adapter for the router (160: bench/RESULTS.md "Router")
 TRAIN_FLAGS = ("--rank", "3", "--alpha", "6", "--targets", "all-linear", "--lr", "1e-3", "--batch-size", "8")
@@ -62,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=None, help="write the results as JSON here")
     parser.add_argument("--skip-train", action="store_true", help="measure the adapters already in --out")
     parser.add_argument("--skip-measure", action="store_true", help="build the adapters, do not measure them")
+    parser.add_argument(
+        "--skip-alpha",
+        action="store_true",
+        help="keep the ComPEFT adapters' KL alpha (do not re-pick it on validation rows: tasks.compeft_alpha)",
+    )
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     for name in names:
@@ -76,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 if build(adapter_format, name, out, work, args) != 0:
                     print(f"error: building the {name} {adapter_format} adapter failed", file=sys.stderr)
                     return 1
+        if "compeft" in formats and not args.skip_alpha and tune_alpha(names, out) != 0:
+            print("error: picking the ComPEFT adapters' alpha on validation rows failed", file=sys.stderr)
+            return 1
     if args.skip_measure:
         return 0
     results = measure(names, out)
@@ -138,24 +145,17 @@ def compress(name: str, out: Path, density: float) -> int:
     return status
 
 
+def tune_alpha(names: list[str], out: Path) -> int:
+    """`python -m tasks.compeft_alpha`: every ComPEFT adapter's alpha by its task metric on validation rows."""
+    command = [sys.executable, "-m", "tasks.compeft_alpha", "--tasks", ",".join(names), "--out", str(out)]
+    command += ["--densities", ",".join(map(str, COMPEFT_DENSITIES)), "--no-heldout"]
+    print(f"== {' '.join(command[1:])}", flush=True)
+    return subprocess.run(command, check=False).returncode
+
+
 def measure(names: list[str], out: Path) -> dict[str, Any]:
     """Serve `out` with a real `loramux serve`, score base and every adapter of each task, check one burst."""
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--adapter-root",
-        str(out),
-        "--grpc-port",
-        str(port),
-    ]
-    command += ["--max-slots", str(len(names) + 1), "--max-rank", "8"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    client = GrpcCompletions(f"127.0.0.1:{port}", os.environ.get("LORAMUX_API_KEY"), timeout=300.0)
-    try:
-        _wait_until_serving(client, server)
+    with served(out, max_slots=len(names) + 1) as client:
         tasks: dict[str, Any] = {}
         for name in names:
             task = get_task(name)
@@ -184,10 +184,6 @@ def measure(names: list[str], out: Path) -> dict[str, Any]:
             }
             print(f"{name}: base {base.score:.3f} -> adapter {adapter.score:.3f}", flush=True)
         burst = same_text_in_a_burst(client, names)
-    finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=60)
     return {"tasks": tasks, "burst": burst}
 
 
@@ -275,31 +271,6 @@ def _cell(text: str, limit: int = 160) -> str:
     """`text` for one markdown table cell: one line, pipes escaped, at most `limit` characters."""
     flat = " ".join(text.split()).replace("|", "\\|")
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _wait_until_serving(
-    client: GrpcCompletions, server: subprocess.Popen[bytes], timeout_s: float = 300
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"loramux serve exited with status {server.returncode}")
-        try:
-            client.complete("hi", "", 1)
-            return
-        except Exception:  # noqa: BLE001 - not listening yet
-            time.sleep(1.0)
-    raise TimeoutError("loramux serve did not start in time")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ alone, greedy (temperature 0), with the task's `max_tokens`, a bounded number in
 answers are scored with the task's own metric (`Task.score`), so the number measures what the
 server serves. Two transports: the gRPC API (`--target`) or the OpenAI HTTP API (`--http`, plain
 urllib: the base model is the id `/v1/models` lists without a parent). `--compare-base` runs
-the base model too and prints both rows.
+the base model too and prints both rows. `evaluate` scores any examples the same way (tasks.compeft_alpha
+passes generated validation rows).
 
 This module knows the server only through its APIs; argparse lives in server/cli.py.
 """
@@ -18,11 +19,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tasks import Task, get_task, write_jsonl
+from tasks import Example, Task, get_task, write_jsonl
 
 
 class EvalError(Exception):
@@ -69,10 +71,17 @@ class EvalResult:
 
 
 def evaluate(
-    task: Task, client: Completions, adapter: str, *, limit: int | None = None, concurrency: int = 8
+    task: Task,
+    client: Completions,
+    adapter: str,
+    *,
+    examples: Sequence[Example] | None = None,
+    limit: int | None = None,
+    concurrency: int = 8,
 ) -> EvalResult:
-    """Send the task's held-out prompts (the first `limit`) through `client` and score the answers."""
-    examples = task.heldout()[:limit]
+    """Send `examples` (default: the task's held-out set; the first `limit`) through `client` and
+    score the answers with the task's metric."""
+    examples = list(task.heldout() if examples is None else examples)[:limit]
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = [pool.submit(client.complete, e.prompt, adapter, task.max_tokens) for e in examples]

@@ -204,8 +204,9 @@ def test_bad_parameters_are_bad_requests(client: openai.OpenAI, base_id: str) ->
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=base_id, prompt=PROMPT, max_tokens=0)
     assert caught.value.body["param"] == "max_tokens"  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=base_id, prompt=PROMPT, logprobs=2)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=base_id, prompt=PROMPT, logprobs=21)
+    assert caught.value.body["param"] == "logprobs"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=base_id, messages=[], max_tokens=4)
 

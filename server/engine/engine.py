@@ -28,6 +28,7 @@ from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
 from server.engine.events import UNKNOWN_ADAPTER, EngineEvents, EngineSnapshot, FinishedRequest, NoEvents
 from server.engine.logits_processors import LogitsProcessor
+from server.engine.logprobs import Logprobs, TokenTexts
 from server.engine.request import (
     EngineOverloaded,
     EngineUnavailable,
@@ -41,6 +42,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Delivery, Scheduler
 from server.engine.sequence import Sequence, Status
+from server.engine.structured import GrammarCompiler
 from server.engine.threads import ThreadGovernor
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
@@ -97,6 +99,10 @@ class Engine:
         # at once can raise "Already borrowed".
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self.eos_token_ids = loaded.eos_token_ids
+        # Structured output's constraints, compiled by the servers' preparation (its thread, its tokenizer).
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer, loaded.model.arch.vocab_size, frozenset(self.eos_token_ids)
+        )
         arch = self.model.arch
         max_len = min(config.max_model_len, arch.max_position_embeddings)
         if arch.sliding_window:  # no sliding-window attention yet: stay inside the window
@@ -127,8 +133,11 @@ class Engine:
             adapters.events = self.events
         self.scheduler = Scheduler(config, self.kv, max_len, frozenset(self.eos_token_ids), adapters)
         sampler = Sampler(torch.Generator().manual_seed(int(time.time_ns() % 2**63)))
+        logprobs = Logprobs(TokenTexts(self._tokenizer))  # token texts on the engine thread only
         processor = LogitsProcessor(frozenset(self.eos_token_ids))
-        self.runner = ModelRunner(self.model, self.kv, sampler, adapters, logits_processor=processor)
+        self.runner = ModelRunner(
+            self.model, self.kv, sampler, adapters, logprobs, logits_processor=processor
+        )
         self._inbox: queue.Queue[_Abort | _Wake | _Stop] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from server.engine.structured import Grammar  # a compiled constraint (opaque to the engine)
     from server.router.decision import RouteDecision  # a plain frozen dataclass
 
 
@@ -34,6 +35,9 @@ class EngineUnavailable(EngineError):
     """The engine is stopped or its thread died (maps to UNAVAILABLE / HTTP 503)."""
 
 
+# Most alternatives a request may ask for per token (logprobs, prompt_logprobs), as OpenAI and vLLM.
+MAX_LOGPROBS = 20
+
 # A temperature below this samples the argmax: dividing logits by it could overflow (vLLM uses 1e-5 too).
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
@@ -44,6 +48,22 @@ class FinishReason(StrEnum):
     LENGTH = "length"  # max_tokens or the model's context length
     CANCELLED = "cancelled"  # the caller aborted (or disconnected)
     ERROR = "error"  # the engine failed while running the request
+
+
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what a request may generate, as the API gave it (compiled by
+    `server.engine.structured` at preparation).
+
+    kind: json_object (spec "") | json_schema (spec: the schema as JSON text) | regex (spec: the
+    pattern) | choice (spec: a JSON list of the allowed strings) | grammar (spec: EBNF text).
+    """
+
+    kind: str
+    spec: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,12 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
         )
 
+    # Log-probabilities (server.engine.logprobs): of each sampled token with this many alternatives,
+    # and of each prompt token (echo) with this many; None = not asked for.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None  # None = free text
+
     @property
     def greedy(self) -> bool:
         """Argmax sampling: temperature 0, or one too small to divide logits by safely."""
@@ -84,8 +110,15 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first absurd value."""
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 1 and not (self.max_tokens == 0 and self.prompt_logprobs is not None):
+            raise InvalidRequest(
+                f"max_tokens must be >= 1, got {self.max_tokens}; 0 (score the prompt, generate nothing) "
+                "only with prompt_logprobs (echo over HTTP)"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise InvalidRequest(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:
@@ -170,17 +203,43 @@ class PreparedRequest:
     adapters: AdapterChoice = field(default_factory=AdapterChoice)
     # Adapter "auto": the router's decision that chose `adapters`, for the answer; the engine ignores it.
     routing: RouteDecision | None = None
+    # sampling.structured compiled against the model's vocabulary (None without a constraint).
+    grammar: Grammar | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # A sequence without prompt tokens would decode from nothing and fail its whole step.
         if not self.prompt_token_ids:
             raise InvalidRequest("the prompt has no tokens")
+        if (self.sampling.structured is None) != (self.grammar is None):
+            raise ValueError("a request's grammar is its sampling.structured compiled (preparation makes it)")
 
 
 class RequestHandle:
     """What `Engine.submit` returns: the identity of one submission, for `Engine.abort`."""
 
     request: PreparedRequest
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    text: str  # the token alone as text (a piece of a UTF-8 character shows as U+FFFD)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability: log_softmax of the model's raw next-token logits (before
+    temperature, penalties and masks), its rank (1 = the most likely) and the `top` alternatives,
+    most likely first. The prompt's first token has none (logprob None, rank 0)."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    rank: int
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,3 +262,7 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     adapter_tier: str = ""
+    # With SamplingParams.logprobs: one entry per token of `token_ids`. With prompt_logprobs: one per
+    # prompt token, on the request's first output only.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()

@@ -21,11 +21,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.config import EngineConfig
-from server.engine.request import EngineOverloaded, EngineUnavailable, FinishReason, RequestOutput
+from server.engine.request import (
+    EngineOverloaded,
+    EngineUnavailable,
+    FinishReason,
+    RequestOutput,
+    TokenLogprob,
+)
 from server.engine.sequence import Sequence, Status
 from server.model.kv_cache import KVCache
 
@@ -43,6 +49,7 @@ class StepPlan:
     decodes: list[Sequence]  # one token each, in KV-slot order
     prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
     sampled: list[Sequence]  # those that get a next token: decodes, then prompts this step completes
+    # (a prompt that is only scored, max_tokens 0, gets none: it finishes once read)
     failed: list[Delivery]  # sequences that could not be admitted or planned
 
     @property
@@ -58,6 +65,9 @@ class StepResult:
     tokens: list[int]
     errors: dict[int, str]  # index into plan.sampled -> why that row failed
     failure: str | None = None
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # index into plan.sampled -> entry
+    # index into plan.prefills -> entries of the prompt tokens that chunk scored (echo)
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
 
 
 class AdapterSlots(Protocol):
@@ -145,7 +155,9 @@ class Scheduler:
                 chunk = min(budget, seq.prompt_len - seq.num_cached)
                 prefills.append((seq, chunk))
                 budget -= chunk
-        completed = [seq for seq, chunk in prefills if seq.num_cached + chunk >= seq.prompt_len]
+        completed = [
+            seq for seq, chunk in prefills if seq.num_cached + chunk >= seq.prompt_len and seq.generates
+        ]
         return StepPlan(decodes, prefills, decodes + completed, failed)
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> list[Delivery]:
@@ -153,13 +165,21 @@ class Scheduler:
         deliveries = list(plan.failed)
         if result.failure is not None:
             return deliveries + self.fail_running(result.failure)
-        for seq, chunk in plan.prefills:
+        for index, (seq, chunk) in enumerate(plan.prefills):
             seq.num_cached += chunk
+            seq.new_prompt_logprobs += result.prompt_logprobs.get(index, ())
         for seq in plan.decodes:
             seq.num_cached += 1
+        # A prompt only scored (max_tokens 0) is done once read; released only now that every
+        # sequence's num_cached counts this step (a release may move another's KV slot).
+        for seq, _ in plan.prefills:
+            if seq.prefilled and not seq.generates and seq.status is Status.RUNNING:
+                deliveries.append(self.finish(seq, FinishReason.LENGTH))
         for row, (seq, token) in enumerate(zip(plan.sampled, result.tokens, strict=True)):
             if seq.status is not Status.RUNNING:
                 continue
+            if row in result.logprobs:
+                seq.new_logprobs.append(result.logprobs[row])
             error = result.errors.get(row)
             if error is None:
                 try:
@@ -313,7 +333,16 @@ class Scheduler:
             completion_tokens=len(seq.output_ids),
             error=error,
             adapter_tier=seq.adapter_tier,
+            logprobs=_taken(seq.new_logprobs),
+            prompt_logprobs=_taken(seq.new_prompt_logprobs),
         )
+
+
+def _taken(entries: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    """The entries not delivered yet, for an output: `entries` is emptied."""
+    taken = tuple(entries)
+    entries.clear()
+    return taken
 
 
 def _adapter_error(seq: Sequence, exc: BaseException) -> str:

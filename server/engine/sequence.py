@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from server.engine.detokenizer import Detokenizer
-from server.engine.request import PreparedRequest, RequestHandle, RequestOutput
+from server.engine.request import PreparedRequest, RequestHandle, RequestOutput, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -43,6 +43,11 @@ class Sequence(RequestHandle):
     first_token_at: float = 0.0  # time.monotonic() of the first sampled token; 0.0 = none yet
     # Where its adapters were when it arrived (AdapterManager.tier): device | host | disk; "" = base.
     adapter_tier: str = ""
+    # Log-prob entries made but not delivered yet (of sampled tokens; of prompt tokens, echo).
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    new_prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Its constraint's matcher (server.engine.structured), made on the first step that samples it.
+    grammar_matcher: Any = None
 
     @property
     def prompt_len(self) -> int:
@@ -51,6 +56,11 @@ class Sequence(RequestHandle):
     @property
     def prefilled(self) -> bool:
         return self.num_cached >= self.prompt_len
+
+    @property
+    def generates(self) -> bool:
+        """False for a request that only scores its prompt (max_tokens 0 with prompt_logprobs)."""
+        return self.request.sampling.max_tokens > 0
 
     @property
     def loads_done(self) -> bool:

@@ -54,6 +54,7 @@ from adapters_store.errors import shown
 from loramux.v1 import inference_pb2 as pb
 from server import auth as authn
 from server.config import HttpLimits
+from server.http import logprobs
 from server.http import openai_types as oa
 from server.http.backend import AUTO_MODEL, Backend, bearer_channel, finish_reason, generate_requests
 from server.http.body_limit import BodyLimit
@@ -417,10 +418,19 @@ def _total_usage(body: Body, prompt_tokens: list[int], completion_tokens: list[i
 def _completion_answer(
     answer_id: str, model: str, body: Body, responses: list[pb.GenerateResponse]
 ) -> oa.CompletionResponse:
-    choices = [
-        oa.CompletionChoice(index=i, text=r.text, finish_reason=finish_reason(r.finish_reason))  # type: ignore[arg-type]
-        for i, r in enumerate(responses)
-    ]
+    assert isinstance(body, oa.CompletionRequest)
+    choices = []
+    for i, r in enumerate(responses):
+        text, entries = r.text, list(r.logprobs)
+        if body.echo:  # the prompt first, as vLLM echoes it
+            text, entries = (
+                logprobs.echo_text(body, i, r.prompt_logprobs) + text,
+                [*r.prompt_logprobs, *entries],
+            )
+        choice = oa.CompletionChoice(index=i, text=text, finish_reason=finish_reason(r.finish_reason))  # type: ignore[arg-type]
+        if body.logprobs is not None:
+            choice.logprobs = logprobs.completion_logprobs(entries, body.logprobs)
+        choices.append(choice)
     usage = _total_usage(body, [r.prompt_tokens for r in responses], [r.completion_tokens for r in responses])
     return oa.CompletionResponse(
         id=answer_id, created=int(time.time()), model=model, choices=choices, usage=usage
@@ -435,6 +445,7 @@ def _chat_answer(
             index=i,
             message=oa.ChatMessageOut(content=r.text),
             finish_reason=finish_reason(r.finish_reason),  # type: ignore[arg-type]
+            logprobs=logprobs.chat_logprobs(r.logprobs) if body.logprobs else None,
         )
         for i, r in enumerate(responses)
     ]
@@ -455,17 +466,32 @@ async def _completion_chunks(
     extensions: Extensions,
     chunks: AsyncIterator[tuple[int, pb.GenerateStreamChunk]],
 ) -> AsyncGenerator[str, None]:
+    assert isinstance(body, oa.CompletionRequest)
     created = int(time.time())
     last: dict[int, pb.GenerateStreamChunk] = {}
+    sent: dict[int, int] = {}  # characters of text sent per choice (where text_offset goes on)
     async for index, chunk in chunks:
+        first = index not in last
         last[index] = chunk
-        if not chunk.text and not chunk.finished:
+        text, entries = chunk.text, list(chunk.logprobs)
+        if body.echo and first:  # the prompt first, in the choice's first event
+            text, entries = (
+                logprobs.echo_text(body, index, chunk.prompt_logprobs) + text,
+                [
+                    *chunk.prompt_logprobs,
+                    *entries,
+                ],
+            )
+        if not text and not chunk.finished and not entries:
             continue
         choice = oa.CompletionChoice(
             index=index,
-            text=chunk.text,
+            text=text,
             finish_reason=finish_reason(chunk.finish_reason) if chunk.finished else None,  # type: ignore[arg-type]
         )
+        if body.logprobs is not None:
+            choice.logprobs = logprobs.completion_logprobs(entries, body.logprobs, sent.get(index, 0))
+        sent[index] = sent.get(index, 0) + len(text)
         event = oa.CompletionResponse(
             id=answer_id,
             created=created,
@@ -516,11 +542,14 @@ async def _chat_chunks(
             yield event([opening], extras=extensions)
             extensions = NO_EXTENSIONS  # on the first event only
         last[index] = chunk
-        if not chunk.text and not chunk.finished:
+        if not chunk.text and not chunk.finished and not chunk.logprobs:
             continue
         reason = finish_reason(chunk.finish_reason) if chunk.finished else None
         delta = oa.ChatDelta(content=chunk.text or None)
-        yield event([oa.ChatChunkChoice(index=index, delta=delta, finish_reason=reason)])  # type: ignore[arg-type]
+        choice = oa.ChatChunkChoice(index=index, delta=delta, finish_reason=reason)  # type: ignore[arg-type]
+        if body.logprobs:
+            choice.logprobs = logprobs.chat_logprobs(chunk.logprobs)
+        yield event([choice])
     if _include_usage(body):
         yield event([], _stream_usage(body, last))
 

@@ -25,6 +25,7 @@ from loramux.v1 import inference_pb2 as pb
 from loramux.v1 import inference_pb2_grpc as pb_grpc
 from server.access_log import API_METADATA_KEY
 from server.auth import bearer_metadata
+from server.http import logprobs
 from server.http.errors import ApiError
 from server.http.openai_types import (
     MAX_CHOICES,
@@ -33,6 +34,7 @@ from server.http.openai_types import (
     RouteRequest,
     SamplingParams,
 )
+from server.http.structured import structured_output_pb
 
 INFO_TIMEOUT_S = 10.0
 ADAPTER_RPC_TIMEOUT_S = 120.0  # LoadAdapter reads and validates files; RegisterExamples trains
@@ -161,6 +163,7 @@ def generate_requests(
     refused = body.unsupported()
     if refused is not None:
         raise ApiError(400, f"{refused} is not supported by loramux; leave it unset", param=refused)
+    logprobs.check(body)
     prompts = _prompts(body)
     if body.model == AUTO_MODEL and len(prompts) > 1:
         raise ApiError(
@@ -177,6 +180,7 @@ def generate_requests(
         for i in range(body.n):
             request = _sampling(body, adapter)
             request.MergeFrom(prompt)
+            logprobs.ask(body, request)
             if body.seed is not None:
                 request.seed = (body.seed + i) % 2**64
             requests.append(request)
@@ -224,6 +228,9 @@ def _sampling(body: SamplingParams, adapter: str) -> pb.GenerateRequest:
     _controls(body, request)
     for entry in body.adapters or ():
         request.adapters.add(name=entry.name, weight=entry.weight)
+    structured = structured_output_pb(body)
+    if structured is not None:
+        request.structured_output.CopyFrom(structured)
     return request
 
 

@@ -4,6 +4,7 @@ FastAPI validates requests against them and builds the OpenAPI schema from them.
 the OpenAI API; `top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`, `min_p` and
 `min_tokens` are vLLM's extensions, `route_top_k`
 and `adapters` (a weighted mixture) loramux's (send them in the `openai` client's `extra_body`);
+structured output is OpenAI's `response_format` or vLLM's `guided_json|regex|choice|grammar`;
 answers of model "auto" carry loramux's `routing`, answers an adapter served its `adapter_tier`.
 The router's own routes have their bodies here too. Fields a client may send that loramux cannot
 honour are declared so that a non-default value is refused (`unsupported()`) rather than silently ignored.
@@ -75,7 +76,44 @@ class WeightedAdapter(_Request):
     weight: float = Field(description="its weight in the mixture, > 0 (used as given, not normalized)")
 
 
-class SamplingParams(_Request):
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Text = Field(default="response", description="the schema's name (not used)")
+    description: Text | None = None
+    schema_: dict | None = Field(
+        default=None, alias="schema", description="the JSON schema the answer follows"
+    )
+    strict: bool | None = Field(
+        default=None, description="always strict: the answer is valid against the schema"
+    )
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (free), json_object (any JSON object) or json_schema (valid against json_schema.schema)"
+    )
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredFields(_Request):
+    """Structured output: OpenAI's response_format and vLLM's guided_* extensions (at most one)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict | Text | None = Field(
+        default=None, description="vLLM extension: a JSON schema (an object or its JSON text)"
+    )
+    guided_regex: Text | None = Field(default=None, description="vLLM extension: the answer matches it")
+    guided_choice: list[Text] | None = Field(
+        default=None, description="vLLM extension: the answer is one of these strings"
+    )
+    guided_grammar: Text | None = Field(
+        default=None, description="vLLM extension: an EBNF grammar (xgrammar's dialect) the answer matches"
+    )
+
+
+class SamplingParams(StructuredFields):
     """The fields completions and chat completions share."""
 
     model: Text = Field(description="the base model's id (no adapter), an adapter's name, or 'auto'")
@@ -148,16 +186,18 @@ class CompletionRequest(SamplingParams):
     ) = Field(
         description="text, a list of texts, token ids or a list of token-id lists (one choice set each)"
     )
-    echo: bool = False
-    logprobs: int | None = None
+    # 0 only with echo: score the prompt, generate nothing (lm-eval's loglikelihood requests).
+    max_tokens: UInt32 | None = Field(
+        None, description="most tokens to generate (unset: the server's default, 64); 0 only with echo"
+    )
+    echo: bool = Field(default=False, description="prepend the prompt (and its log-probs, with logprobs)")
+    logprobs: int | None = Field(
+        default=None, description="log-probs of each token with this many alternatives, 0-20"
+    )
     suffix: Text | None = None
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo"
-        if self.logprobs is not None:
-            return "logprobs"
         if self.suffix:
             return "suffix"
         if self.best_of is not None and self.best_of != self.n:
@@ -188,18 +228,15 @@ class ChatCompletionRequest(SamplingParams):
     max_completion_tokens: MaxTokens | None = Field(
         default=None, description="OpenAI's newer name for max_tokens"
     )
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(default=False, description="log-probs of each generated token")
+    top_logprobs: int | None = Field(
+        default=None, description="with logprobs: this many most likely alternatives per token, 0-20"
+    )
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs"
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
         return super().unsupported()
 
 
@@ -248,11 +285,22 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogprobs(BaseModel):
+    """A completion choice's log-probs (OpenAI's legacy shape, as vLLM answers it): per token its
+    text, log-prob (null for the prompt's first token), the alternatives {text: log-prob} and the
+    character offset where the token's text starts."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -271,11 +319,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -298,7 +360,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -37,8 +37,9 @@ class StepBatch:
     num_decode: int
     decode: DecodeMeta  # where the decode rows read their cached context
     prefills: tuple[PrefillChunk, ...]
-    logits_rows: torch.Tensor  # [N] rows whose next-token logits are wanted
+    logits_rows: torch.Tensor  # [N + M] rows whose next-token logits are wanted: sampled, then scored
     adapter_batch: Any = None  # per-step adapter metadata (adapters_store.DeviceStep), None = base only
+    num_sampled: int = -1  # the first N of logits_rows; the M after them score prompt tokens (-1 = all)
 
     @property
     def num_tokens(self) -> int:
@@ -51,8 +52,12 @@ class StepBatch:
         prefills: list[tuple[int, int, list[int], bool]],
         device: torch.device,
         adapter_batch: Any = None,
+        prompt_scores: list[int] | None = None,
     ) -> StepBatch:
-        """decodes: one token each; prefills: (slot, start, token_ids, wants_logits) per chunk."""
+        """decodes: one token each; prefills: (slot, start, token_ids, wants_logits) per chunk.
+
+        prompt_scores: per chunk, how many of its first tokens' logits are wanted too (to score the
+        prompt token after each: log-probs of an echo request); their rows follow the sampled rows."""
         token_ids = [d.token_id for d in decodes]
         positions = [d.position for d in decodes]
         kv_slots = [d.slot for d in decodes]
@@ -66,6 +71,9 @@ class StepBatch:
             kv_slots.extend([slot] * len(ids))
             if wants_logits:
                 logits_rows.append(row + len(ids) - 1)
+        num_sampled = len(logits_rows)
+        for chunk, count in zip(chunks, prompt_scores or [0] * len(chunks), strict=True):
+            logits_rows.extend(range(chunk.row, chunk.row + count))
 
         num_decode = len(decodes)
 
@@ -81,4 +89,5 @@ class StepBatch:
             prefills=tuple(chunks),
             logits_rows=as_tensor(logits_rows),
             adapter_batch=adapter_batch,
+            num_sampled=num_sampled,
         )

@@ -1,7 +1,7 @@
 """The Llama-family decoder forward over one flat, mixed batch (decode tokens + prefill chunks).
 
 `LlamaModel.forward(batch, kv)` writes the step's K/V into the cache and returns next-token
-logits only for `batch.logits_rows`. Weights arrive as a name -> tensor mapping in Hugging Face
+logits only for `batch.logits_rows` (the sampled rows, then any prompt rows an echo request scores). Weights arrive as a name -> tensor mapping in Hugging Face
 naming (see loader.py); q/k/v and gate/up are fused into one AdaptedLinear each.
 """
 
@@ -175,7 +175,7 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
-        """Next-token logits [len(batch.logits_rows), vocab] in fp32."""
+        """Next-token logits [len(batch.logits_rows), vocab] in fp32, in the order of logits_rows."""
         h = F.embedding(batch.token_ids, self.embed_tokens)  # the residual stream
         rotary = self.ops.rotary(self.rotary.cos, self.rotary.sin, batch.positions)
         delta = None

@@ -477,3 +477,15 @@ def test_the_bench_baseline_agrees_with_the_processor() -> None:
     assert LogitsProcessor(frozenset()).apply(logits, seqs) == {}
     _dense_on_demand(dense, seqs)
     assert torch.allclose(logits, dense, atol=1e-5)
+
+
+def test_log_probs_are_of_the_raw_logits_not_the_biased_ones(engine: Engine) -> None:
+    """Step order: log-probs (1) before logit_bias / penalties (2): a forced token keeps its raw log-prob."""
+    params = SamplingParams(
+        max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias=((1000, 100.0),), logprobs=1
+    )
+    done = submit(engine, "raw", PROMPT, params).wait()
+    assert done.tokens == [1000] * 3
+    entries = [entry for output in done.outputs for entry in output.logprobs]
+    assert len(entries) == 3 and all(e.token_id == 1000 and e.logprob is not None for e in entries)
+    assert all(e.logprob < -1.0 and e.rank > 1 for e in entries)  # biased it would be ~0.0, rank 1

@@ -489,3 +489,11 @@ def test_log_probs_are_of_the_raw_logits_not_the_biased_ones(engine: Engine) -> 
     entries = [entry for output in done.outputs for entry in output.logprobs]
     assert len(entries) == 3 and all(e.token_id == 1000 and e.logprob is not None for e in entries)
     assert all(e.logprob < -1.0 and e.rank > 1 for e in entries)  # biased it would be ~0.0, rank 1
+
+
+def test_min_tokens_with_structured_output_is_refused() -> None:
+    from server.engine.request import StructuredOutput
+
+    params = SamplingParams(max_tokens=8, min_tokens=2, structured=StructuredOutput("json_object", ""))
+    with pytest.raises(InvalidRequest, match="min_tokens cannot be combined with structured output"):
+        params.validate(100)

@@ -163,6 +163,12 @@ class SamplingParams:
             raise InvalidRequest(
                 f"min_tokens must be in [0, max_tokens] (max_tokens is {self.max_tokens}), got {self.min_tokens}"
             )
+        if self.min_tokens and self.structured is not None:
+            # A complete grammar allows only EOS, which min_tokens would forbid: no token left to sample.
+            raise InvalidRequest(
+                "min_tokens cannot be combined with structured output (response_format, guided_*): "
+                "the grammar decides where the answer ends"
+            )
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,22 @@ class ServerThread:
         self.loop.close()
 
 
+class OpenAIServers:
+    """gRPC (adapter RPCs enabled) and an OpenAI shim over it, on one event loop in a thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        from server.http.app import create_app
+        from server.http.server import HttpServer
+
+        self.grpc = ServerThread(engine)
+        self.http = HttpServer(create_app(self.grpc.target), "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.grpc._call(self.http.start())}"
+
+    def close(self) -> None:
+        self.grpc._call(self.http.stop())
+        self.grpc.close()
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Iterator[Engine]:
     config = EngineConfig(max_running=4, max_queue=8, max_model_len=MAX_MODEL_LEN, max_batched_tokens=64)

@@ -34,13 +34,11 @@ from server.access_log import KEYS
 from server.auth import AuthConfig
 from server.cli_support import BROKEN_PIPE_STATUS, exit_quietly_on_broken_pipe, grpc_target
 from server.engine.engine import Engine
-from server.http.app import create_app
 from server.http.client_words import MAX_LISTED_MODELS, for_http, unknown_model
-from server.http.server import HttpServer
 from server.reflection import V1_METHOD, V1_SERVICE_NAME
 from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
-from tests.test_grpc_service import ServerThread, _greedy, _slow_down, _wait_until
+from tests.test_grpc_service import OpenAIServers, ServerThread, _greedy, _slow_down, _wait_until
 
 QV4: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 GOOD = ("qv4", "qv4b", "qv4c")
@@ -86,34 +84,21 @@ def engine(dirs: dict[str, Path]) -> Iterator[Engine]:
     engine_.shutdown()
 
 
-class Servers:
-    """gRPC (adapter RPCs enabled) and an OpenAI shim over it, on one event loop in a thread."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.grpc = ServerThread(engine)
-        self.http = HttpServer(create_app(self.grpc.target), "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.grpc._call(self.http.start())}"
-
-    def close(self) -> None:
-        self.grpc._call(self.http.stop())
-        self.grpc.close()
-
-
 @pytest.fixture(scope="module")
-def servers(engine: Engine) -> Iterator[Servers]:
-    running = Servers(engine)
+def servers(engine: Engine) -> Iterator[OpenAIServers]:
+    running = OpenAIServers(engine)
     yield running
     running.close()
 
 
 @pytest.fixture()
-def client(servers: Servers) -> Iterator[openai.OpenAI]:
+def client(servers: OpenAIServers) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=servers.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client_:
         yield client_
 
 
 @pytest.fixture()
-def stub(servers: Servers) -> Iterator[pb_grpc.InferenceStub]:
+def stub(servers: OpenAIServers) -> Iterator[pb_grpc.InferenceStub]:
     with grpc.insecure_channel(servers.grpc.target) as channel:
         yield pb_grpc.InferenceStub(channel)
 
@@ -135,7 +120,7 @@ def _speaks_http(message: str) -> None:
 
 
 def test_an_unknown_model_lists_the_models_base_first(
-    client: openai.OpenAI, servers: Servers, engine: Engine
+    client: openai.OpenAI, servers: OpenAIServers, engine: Engine
 ) -> None:
     base = engine.info.model_name
     calls = (
@@ -213,7 +198,7 @@ def test_the_router_off_message_names_routes(client: openai.OpenAI) -> None:
     ],
 )
 def test_a_body_that_is_not_a_json_object_gets_one_sentence(
-    servers: Servers, content: bytes, headers: dict[str, str], says: str
+    servers: OpenAIServers, content: bytes, headers: dict[str, str], says: str
 ) -> None:
     for path in ("/v1/completions", "/v1/chat/completions"):
         answer = httpx.post(servers.url + path, content=content, headers=headers, timeout=30)
@@ -242,7 +227,7 @@ def test_the_openai_client_with_another_content_type_is_told_to_send_json(client
     ],
 )
 def test_an_image_audio_or_file_part_is_not_supported(
-    client: openai.OpenAI, servers: Servers, engine: Engine, part: dict[str, Any], says: str
+    client: openai.OpenAI, servers: OpenAIServers, engine: Engine, part: dict[str, Any], says: str
 ) -> None:
     messages: Any = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
     with pytest.raises(openai.BadRequestError) as caught:
@@ -368,7 +353,7 @@ def test_host_cache_evictions_are_logged(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_invalid_adapters_are_flagged_in_models_and_list_adapters(
-    servers: Servers, stub: pb_grpc.InferenceStub
+    servers: OpenAIServers, stub: pb_grpc.InferenceStub
 ) -> None:
     cards = {card["id"]: card for card in httpx.get(servers.url + "/v1/models", timeout=30).json()["data"]}
     for name in BROKEN:
@@ -489,7 +474,7 @@ def test_grpc_adapter_rpcs_follow_the_admin_rule(engine: Engine, caplog: pytest.
 # -- reflection v1 -------------------------------------------------------------------------------
 
 
-def test_reflection_answers_v1(servers: Servers) -> None:
+def test_reflection_answers_v1(servers: OpenAIServers) -> None:
     pool = descriptor_pool.Default()
     request_type = message_factory.GetMessageClass(
         pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionRequest")
@@ -544,7 +529,7 @@ def test_a_target_without_a_port_gets_the_default_port() -> None:
         parser.parse_args(["info", "--target", "host:notaport"])
 
 
-def test_a_broken_pipe_exits_quietly(servers: Servers) -> None:
+def test_a_broken_pipe_exits_quietly(servers: OpenAIServers) -> None:
     assert exit_quietly_on_broken_pipe(lambda: 0) == 0
     with subprocess.Popen(
         [sys.executable, "-m", "server.cli", "adapters", "list", "--target", servers.grpc.target],

@@ -32,13 +32,11 @@ from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import InvalidRequest, RequestOutput, SamplingParams, StructuredOutput
 from server.engine.structured import GrammarCompiler, GrammarMasks
-from server.http.app import create_app
-from server.http.server import HttpServer
 from server.preparation import RequestInput, RequestPreparer
 from server.prompts import PromptInput
 from tests.conftest import prepare, start_adapter_engine, start_engine
 from tests.test_adapters_engine import _save_adapter
-from tests.test_grpc_service import ServerThread
+from tests.test_grpc_service import OpenAIServers
 
 QV4: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 ADAPTERS = ["", "qv4", "other"]  # "" = the base model
@@ -356,26 +354,15 @@ def test_compiled_grammars_are_cached_by_their_spec_and_bounded(tokenizer: Any) 
 # -- the APIs ------------------------------------------------------------------------------------
 
 
-class Servers:
-    def __init__(self, engine: Engine) -> None:
-        self.grpc = ServerThread(engine)
-        self.http = HttpServer(create_app(self.grpc.target), "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.grpc._call(self.http.start())}"
-
-    def close(self) -> None:
-        self.grpc._call(self.http.stop())
-        self.grpc.close()
-
-
 @pytest.fixture(scope="module")
-def servers(engine: Engine) -> Iterator[Servers]:
-    running = Servers(engine)
+def servers(engine: Engine) -> Iterator[OpenAIServers]:
+    running = OpenAIServers(engine)
     yield running
     running.close()
 
 
 @pytest.fixture()
-def client(servers: Servers) -> Iterator[openai.OpenAI]:
+def client(servers: OpenAIServers) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=servers.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client_:
         yield client_
 
@@ -473,7 +460,7 @@ def test_invalid_schema_is_400_over_http(client: openai.OpenAI, dirs: dict[str, 
     assert ok.choices[0].text in ("a", "b")
 
 
-def test_structured_output_over_grpc(servers: Servers) -> None:
+def test_structured_output_over_grpc(servers: OpenAIServers) -> None:
     with grpc.insecure_channel(servers.grpc.target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         request = pb.GenerateRequest(prompt="JSON:", max_tokens=MAX_TOKENS, adapter="qv4")

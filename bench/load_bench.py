@@ -435,6 +435,13 @@ def _print_report(report: dict[str, Any]) -> None:
         + (f"  not sent {report.get('not_sent')}" if report.get("not_sent") else "")
         + ("  SATURATED" if report.get("saturated") else "")
     )
+    shown: set[str] = set()
+    for sample in report.get("error_samples", ()):  # the first of each kind, to say what it was
+        if sample["kind"] not in shown:
+            shown.add(sample["kind"])
+            print(
+                f"  {sample['kind']}: request {sample['index']} ({sample['adapter'] or 'base'}): {sample['detail']}"
+            )
     through = report["throughput"]
     print(
         f"duration {report['duration_s']:.1f} s  offered {rate if rate else '-'} req/s  "

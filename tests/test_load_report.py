@@ -60,11 +60,16 @@ def test_report_latencies_goodput_tiers_and_errors() -> None:
         _record(0, "a", 0.0, 0.5, 1.5, 11, tier="disk"),  # ttft 0.5, tpot 0.1
         _record(1, "a", 1.0, 1.1, 1.6, 6, tier="device"),  # ttft 0.1, tpot 0.1
         _record(2, "b", 2.0, 4.0, 4.2, 3, tier="host"),  # ttft 2.0: misses the objective
-        RequestRecord(3, "b", LOAD, 3.0, 3.0, 10, 8, end_s=3.1, error=ERR_REFUSED),
+        RequestRecord(
+            3, "b", LOAD, 3.0, 3.0, 10, 8, end_s=3.1, error=ERR_REFUSED, error_detail="HTTP 429: full"
+        ),
         _record(4, "", 3.5, 3.6, 3.9, 4),  # base model: no tier
     ]
     report = build_report(records, {}, Objective(ttft_p99_s=1.0, tpot_mean_s=0.2))
     assert report["requests"] == 5 and report["completed"] == 4 and report["errors"] == {"refused": 1}
+    assert report["error_samples"] == [
+        {"kind": "refused", "index": 3, "adapter": "b", "detail": "HTTP 429: full"}
+    ]
     assert report["ttft"]["count"] == 4 and report["ttft"]["mean"] == pytest.approx(
         (0.5 + 0.1 + 2.0 + 0.1) / 4
     )
@@ -87,6 +92,18 @@ def test_report_latencies_goodput_tiers_and_errors() -> None:
     assert report["itl"]["count"] == 10 + 5 + 2 + 3
     quantiles = dict(map(tuple, report["quantiles"]["ttft"]))
     assert quantiles[50.0] == pytest.approx(np.percentile([0.5, 0.1, 2.0, 0.1], 50))
+
+
+def test_error_samples_keep_a_few_of_each_kind() -> None:
+    records = [
+        RequestRecord(
+            i, "a", LOAD, float(i), float(i), 10, 8, end_s=i + 0.1, error=kind, error_detail=f"#{i}"
+        )
+        for i, kind in enumerate([ERR_REFUSED] * 7 + ["server_error"])
+    ]
+    samples = build_report(records, {}, Objective())["error_samples"]
+    assert [s["detail"] for s in samples if s["kind"] == ERR_REFUSED] == ["#0", "#1", "#2", "#3", "#4"]
+    assert [s["detail"] for s in samples if s["kind"] == "server_error"] == ["#7"]
 
 
 def test_objective_parsing() -> None:

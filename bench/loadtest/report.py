@@ -8,6 +8,8 @@ The report, as `loramux bench load --json PATH` writes it (all times in seconds)
     requests        load requests sent (canaries are counted apart, under `canaries`)
     completed       of those, answered in full
     errors          {kind: count} (records.ERR_*), canary mismatches included
+    error_samples   up to MAX_ERROR_SAMPLES per kind: [{kind, index, adapter, detail}] (what the
+                    client or the server said), so a rare error can be diagnosed from the report
     prompt_tokens, output_tokens                       totals over completed requests
     ttft, tpot, itl, e2e, lateness                     {count, mean, p50, p90, p99, max}
     quantiles       {ttft | tpot | itl | e2e: [[q, seconds], ...]} at q = 0..100, 99.5, 99.9 (the CDFs)
@@ -44,6 +46,7 @@ from bench.loadtest.records import CANARY, ERR_CANARY, LOAD, RequestRecord, perc
 
 BASE_LABEL = "<base>"
 TIERS = ("device", "host", "disk", "unknown")
+MAX_ERROR_SAMPLES = 5  # per error kind, in the report's `error_samples`
 # An adapter with fewer requests than this has no meaningful p99: left out of the TTFT spread.
 MIN_FAIRNESS_REQUESTS = 5
 
@@ -146,6 +149,7 @@ def build_report(
         "requests": len(load),
         "completed": len(ok),
         "errors": dict(sorted(errors.items())),
+        "error_samples": _error_samples(records),
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         **_latencies(load),
@@ -245,6 +249,23 @@ def _by_tier(load: list[RequestRecord]) -> dict[str, Any]:
             latencies = _latencies(groups[tier])
             table[tier] = {"requests": len(groups[tier]), "ttft": latencies["ttft"], "e2e": latencies["e2e"]}
     return table
+
+
+def _error_samples(records: list[RequestRecord]) -> list[dict[str, Any]]:
+    samples: list[dict[str, Any]] = []
+    taken: Counter[str] = Counter()
+    for record in sorted(records, key=lambda r: r.index):
+        if record.error is not None and taken[record.error] < MAX_ERROR_SAMPLES:
+            taken[record.error] += 1
+            samples.append(
+                {
+                    "kind": record.error,
+                    "index": record.index,
+                    "adapter": record.adapter,
+                    "detail": record.error_detail,
+                }
+            )
+    return samples
 
 
 def _replicas(load: list[RequestRecord]) -> dict[str, Any] | None:

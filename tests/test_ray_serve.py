@@ -271,7 +271,10 @@ def test_replicas_answer_as_a_single_server(client: httpx.Client, oracle: str, d
         routed = _complete(client, "auto")  # the replica's router picks (any replica)
         assert routed.status_code == 200 and "routing" in routed.json() and routed.headers[REPLICA_HEADER]
         unknown = _complete(client, "nobody")  # the shim's own 404, through Ray
-        assert unknown.status_code == 404 and unknown.json() == _complete(single, "nobody").json()
+        error, expected_error = unknown.json()["error"], _complete(single, "nobody").json()["error"]
+        assert unknown.status_code == 404 and error["code"] == expected_error["code"] == "model_not_found"
+        # the same words, save that the replicas (router on) also list "auto" where the oracle has no router
+        assert error["message"] == expected_error["message"].replace(f"'{base}', ", f"'{base}', 'auto', ")
 
 
 @pytest.mark.ray

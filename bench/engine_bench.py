@@ -86,14 +86,19 @@ def run_engine(
     prompts: list[list[int]],
     new_tokens: int,
     adapters: Sequence[AdapterSpec] | None = None,
-    sampling: SamplingParams | None = None,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
 ) -> float:
     """Seconds to generate new_tokens for every prompt (with its adapter or mixture, "" = base), all
     submitted at once.
 
-    `sampling` (greedy when None) has its max_tokens replaced by new_tokens."""
+    `sampling` (greedy when None; one for all, or one per prompt) has its max_tokens replaced by
+    new_tokens."""
     remaining = threading.Semaphore(0)
-    params = replace(sampling or SamplingParams(temperature=0.0), max_tokens=new_tokens, ignore_eos=True)
+    given_params = sampling if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+    per_prompt = [
+        replace(p or SamplingParams(temperature=0.0), max_tokens=new_tokens, ignore_eos=True)
+        for p in given_params
+    ]
     errors: list[str] = []
 
     def sink(out: RequestOutput) -> None:
@@ -108,7 +113,7 @@ def run_engine(
         adapter = adapters[i] if adapters else ""
         name, mixture = (adapter, ()) if isinstance(adapter, str) else ("", adapter)
         given = RequestInput(
-            PromptInput(token_ids=tuple(prompt)), params, f"bench-{start}-{i}", name, mixture
+            PromptInput(token_ids=tuple(prompt)), per_prompt[i], f"bench-{start}-{i}", name, mixture
         )
         engine.submit(preparer.prepare(given), sink)
     for _ in prompts:

@@ -31,20 +31,16 @@ import json
 import platform
 import random
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from bench.engine_bench import make_prompts
+from bench.engine_bench import make_prompts, run_engine
 from server.config import EngineConfig, ServerConfig
-from server.engine.engine import Engine
 from server.engine.logits_processors import LogitsProcessor
-from server.engine.request import PreparedRequest, RequestOutput, SamplingParams
-from server.preparation import RequestInput, RequestPreparer
-from server.prompts import PromptInput
+from server.engine.request import PreparedRequest, SamplingParams
 from server.runtime import build_engine
 
 PLAIN = SamplingParams(temperature=1.0)
@@ -77,33 +73,6 @@ def cases(batch: int, penalized: int) -> dict[str, list[SamplingParams]]:
     }
 
 
-def run_batch(
-    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], new_tokens: int
-) -> float:
-    """Seconds to generate new_tokens for every prompt, all submitted at once."""
-    remaining = threading.Semaphore(0)
-    errors: list[str] = []
-
-    def sink(out: RequestOutput) -> None:
-        if out.finished:
-            if out.error is not None:
-                errors.append(out.error)
-            remaining.release()
-
-    preparer = RequestPreparer.for_engine(engine)
-    start = time.perf_counter()
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        sampling = replace(p, max_tokens=new_tokens, ignore_eos=True)
-        given = RequestInput(PromptInput(token_ids=tuple(prompt)), sampling, f"pen-{start}-{i}")
-        engine.submit(preparer.prepare(given), sink)
-    for _ in prompts:
-        remaining.acquire()
-    seconds = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(prompts)} bench requests failed, first: {errors[0]}")
-    return seconds
-
-
 def engine_part(args: argparse.Namespace) -> dict[str, Any]:
     config = ServerConfig(
         model=args.model,
@@ -117,13 +86,13 @@ def engine_part(args: argparse.Namespace) -> dict[str, Any]:
         prompts = make_prompts(engine.tokenizer, args.batch, args.prompt_tokens)
         all_cases = cases(args.batch, args.penalized)
         for params in all_cases.values():  # warm-up, every case once
-            run_batch(engine, prompts, params, 2)
+            run_engine(engine, prompts, 2, sampling=params)
         rounds: list[dict[str, float]] = []  # per round: each case's decode tok/s
         for _ in range(args.repeats):
             decode: dict[str, float] = {}
             for name, params in all_cases.items():
-                t_n = run_batch(engine, prompts, params, args.new_tokens)
-                t_1 = run_batch(engine, prompts, params, 1)
+                t_n = run_engine(engine, prompts, args.new_tokens, sampling=params)
+                t_1 = run_engine(engine, prompts, 1, sampling=params)
                 decode[name] = args.batch * (args.new_tokens - 1) / (t_n - t_1)
             rounds.append(decode)
     finally:

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.served import ServerProcess, free_port, loramux_command, median, run_load
+from bench.served import ServerProcess, free_port, loramux_command, machine, median, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 SETUPS = ("serve", "ray-1", "ray-2")
@@ -129,7 +127,7 @@ def _summary(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) ->
             }
         )
     return {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "machine": machine(),
         "command": "loramux bench replicas " + " ".join(sys.argv[3:]),
         "rate": args.rate,
         "num_requests": args.num_requests,

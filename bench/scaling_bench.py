@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.served import ServerProcess, free_port, loramux_command, median, run_load
+from bench.served import ServerProcess, free_port, loramux_command, machine, median, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "demo"
@@ -249,7 +247,7 @@ def _summary(args: argparse.Namespace, runs: dict[str, dict[str, Any]], counts: 
             if row["best_rate"] is not None and base["best_rate"]:
                 row["best_rate_vs_first"] = row["best_rate"] / base["best_rate"]
     return {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "machine": machine(),
         "command": "loramux bench scaling " + " ".join(sys.argv[3:]),
         "rate": args.rate,
         "objective": args.objective,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -25,6 +26,11 @@ from typing import Any
 def loramux_command() -> list[str]:
     """How to run the `loramux` command with this interpreter (no installed script needed)."""
     return [sys.executable, "-m", "server.cli"]
+
+
+def machine() -> str:
+    """This machine in one line, for a study's summary."""
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}"
 
 
 def free_port() -> int:

@@ -67,19 +67,15 @@ class ModelRunner:
         scored = [_scored_prompt_tokens(s, n) for s, n in plan.prefills]  # per chunk; () = none
         masks = self.grammar.begin(sampled)  # the constrained rows' masks fill beside the forward
         try:
+            what = "engine step"
             logits = self.model(self._build_batch(plan, scored), self.kv)  # [sampled + scored rows, vocab]
-        except Exception as exc:
-            log.exception("the forward of an engine step failed; failing the requests it ran")
-            if masks is not None:
-                masks.wait()
-            return StepResult([], {}, failure=f"engine step failed: {exc!r}")
-        try:
+            what = "prompt log-probs"
             prompt_logprobs = self._score_prompts(plan, scored, logits[len(sampled) :])
         except Exception as exc:
-            log.exception("scoring the prompts of an engine step failed; failing the requests it ran")
+            log.exception("%s failed; failing the requests the step ran", what)
             if masks is not None:
-                masks.wait()
-            return StepResult([], {}, failure=f"prompt log-probs failed: {exc!r}")
+                masks.wait()  # the worker is done with the step's buffer before the next step reuses it
+            return StepResult([], {}, failure=f"{what} failed: {exc!r}")
         logits = logits[: len(sampled)]
         # (1) log-probs from the raw logits, before anything changes them
         pending, logprob_error = self._logprobs(lambda: self.logprobs.begin(logits, params))

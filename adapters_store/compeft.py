@@ -2,7 +2,10 @@
 
 Compression (`compress_compeft`), following ComPEFT (Yadav et al. 2023):
 
-1. tau = every lora_A and lora_B of the source adapter, flattened row-major and concatenated in
+0. (optional, `factors`) each module's A and B are replaced by other factors of the same B A:
+   rescaled to equal norms ("balanced") or B A's canonical SVD factors ("svd", what `loramux
+   compress` does by default); "as-trained" keeps the source's, as the paper does.
+1. tau = every lora_A and lora_B of the source adapter (after step 0), flattened row-major and concatenated in
    the order of their PEFT key names (`base_model.model.model.layers.{i}.{block}.{proj}.lora_{A|B}.weight`
    sorted as strings: per module A [rank, in] then B [out, rank], modules sorted by PEFT name).
 2. sigma = torch.std(tau), Bessel-corrected (divides by n - 1), computed in float64.
@@ -69,6 +72,7 @@ from adapters_store.compeft_codec import (
 )
 from adapters_store.compeft_config import (
     CONFIG_FILE,
+    FACTOR_FORMS,
     FORMAT,
     CompeftConfig,
     ModuleLayout,
@@ -99,7 +103,12 @@ class CompeftCodes:
     sigma: float
     gamma: float
     source_checksum: str
-    balanced: bool = False  # each module's A and B were rescaled to equal norms before step 1
+    factors: str = "as-trained"  # how each module's A and B were re-factored before step 1 (FACTOR_FORMS)
+
+    @property
+    def balanced(self) -> bool:
+        """Whether A and B had equal norms per module before step 1 ("balanced" and "svd" both do)."""
+        return self.factors != "as-trained"
 
     @property
     def nbytes(self) -> int:
@@ -146,14 +155,23 @@ class CompeftCodes:
 
 
 def compress_compeft(
-    source: LoadedAdapter, density: float, alpha: float, *, balance: bool = False
+    source: LoadedAdapter, density: float, alpha: float, *, factors: str = "as-trained"
 ) -> CompeftCodes:
     """ComPEFT of `source`'s LoRA factors (any format; PEFT LoRA in practice) at `density` and `alpha`.
 
-    balance: first rescale each module's A by c and B by 1/c, c = sqrt(||B|| / ||A||) (the
-    product B A, and so the adapter, is unchanged), so that one global threshold does not keep
-    nearly all of the larger factor and almost nothing of the other. Off: ComPEFT as published.
+    factors: which factors of each module's B A are compressed (the product, and so the adapter,
+    is the same for all three; what differs is how well signs with one scale approximate them):
+    - "as-trained": the source's A and B, ComPEFT as published. A trained LoRA's A is still mostly
+      its random initialisation and larger than B, so one global threshold keeps nearly all of
+      A and almost nothing of B;
+    - "balanced": A * c and B / c, c = sqrt(||B|| / ||A||), equal norms per module;
+    - "svd": B A's canonical factors, B' = U sqrt(S), A' = sqrt(S) V^T (`canonical_factors`):
+      equal norms too, and each row of A' a mix of A's rows, closer to Gaussian than the uniform
+      initialisation, which signs approximate better (the product's error: bench/RESULTS.md,
+      "ComPEFT of the canonical factors").
     """
+    if factors not in FACTOR_FORMS:
+        raise ValueError(f"factors must be one of {', '.join(FACTOR_FORMS)}, got {factors!r}")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if not (np.isfinite(alpha) and alpha > 0):
@@ -166,7 +184,9 @@ def compress_compeft(
         modules.append(ModuleLayout(layer, projection, w.rank, in_features, out_features, w.scale, offset))
         a, b = w.A.double(), w.B.double()
         norm_a, norm_b = float(a.norm()), float(b.norm())
-        if balance and norm_a > 0 and norm_b > 0:
+        if factors == "svd":
+            a, b = canonical_factors(a, b)
+        elif factors == "balanced" and norm_a > 0 and norm_b > 0:
             c = (norm_b / norm_a) ** 0.5
             a, b = a * c, b / c
         parts += [a.reshape(-1), b.reshape(-1)]
@@ -194,8 +214,21 @@ def compress_compeft(
         sigma=sigma,
         gamma=gamma,
         source_checksum=source.checksum,
-        balanced=balance,
+        factors=factors,
     )
+
+
+def canonical_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') with B' A' = B A: B' = U sqrt(S), A' = sqrt(S) V^T from the thin SVD of B A.
+
+    Through the QR of B (out x r), so the SVD is of an r x in matrix, never of the out x in product.
+    Each pair of singular vectors is signed so that the largest entry of its row of A' is positive:
+    the factors (and sigma, which depends on their mean) then do not depend on the SVD routine."""
+    q, r = torch.linalg.qr(b)  # b = q r, q [out, r] orthonormal
+    u, s, vh = torch.linalg.svd(r @ a, full_matrices=False)
+    sign = torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True))).squeeze(1)
+    root = s.sqrt() * torch.where(sign == 0, 1.0, sign).to(s.dtype)
+    return s.sqrt()[:, None] * vh * sign[:, None], (q @ u) * root
 
 
 def save_compeft(
@@ -225,7 +258,7 @@ def save_compeft(
         total_elements=codes.total_elements,
         kept=codes.rice.kept,
         modules=codes.modules,
-        balanced=codes.balanced,
+        factors=codes.factors,
     )
     document = {**config_json(config), **(extra or {})}
     (directory / CONFIG_FILE).write_text(config_text(document))
@@ -305,7 +338,7 @@ def load_compeft(
         sigma=config.sigma,
         gamma=config.gamma,
         source_checksum=config.source_checksum,
-        balanced=config.balanced,
+        factors=config.factors,
     )
     adapted = {m.projection for m in config.modules}
     return CodedCompeftAdapter(

@@ -14,8 +14,12 @@ The fields (see adapters_store/compeft.py for the whole format):
     rice_k            the Golomb-Rice parameter, 0 .. MAX_RICE_K
     total_elements    the length of tau: the sum over the adapted modules of rank * (in + out)
     kept              entries kept (nonzero in the reconstruction), 0 .. total_elements
-    balanced          optional, default false: each module's A and B were rescaled to equal norms
-                      before compressing (B A unchanged); informational, readers need not use it
+    factors           optional: how each module's A and B were re-factored before compressing, B A
+                      unchanged (informational, readers need not use it): "as-trained" (ComPEFT as
+                      published), "balanced" (A and B rescaled to equal norms) or "svd" (B A's
+                      canonical factors, B = U sqrt(S), A = sqrt(S) V^T); absent: from "balanced"
+    balanced          optional, default false: true when factors is "balanced" or "svd" (the older
+                      field, still written for readers that know only it)
     modules           the adapted modules, a non-empty list of groups, one per (projection, rank, scale):
                           {"projection": "q_proj", "rank": 3, "scale": 2.0, "layers": [0, 1, 2]}
                       projection   one of the base model's projections (q_proj .. down_proj)
@@ -55,6 +59,7 @@ from adapters_store.spec import PROJECTIONS, BaseModelSpec, module_name
 
 FORMAT = "compeft"
 VERSION = 2
+FACTOR_FORMS = ("as-trained", "balanced", "svd")  # how A and B were re-factored before compressing
 CONFIG_FILE = "compeft_config.json"
 GAMMA_REL_TOL = 1e-9  # gamma is written as alpha * sigma; allow only float rounding
 
@@ -96,7 +101,7 @@ class CompeftConfig:
     total_elements: int
     kept: int
     modules: tuple[ModuleLayout, ...]  # sorted by PEFT name, end to end in tau from 0
-    balanced: bool = False
+    factors: str = "as-trained"  # one of FACTOR_FORMS
 
 
 def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) -> CompeftConfig:
@@ -152,6 +157,11 @@ def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) 
     balanced = raw.get("balanced", False)
     if not isinstance(balanced, bool):
         raise fail("balanced", f"must be true or false, got {shown(balanced)}")
+    factors = raw.get("factors", "balanced" if balanced else "as-trained")
+    if factors not in FACTOR_FORMS:
+        raise fail("factors", f"is {shown(factors)}, expected one of {', '.join(map(repr, FACTOR_FORMS))}")
+    if balanced != (factors != "as-trained"):
+        raise fail("balanced", f"= {balanced} contradicts factors = {factors!r}")
     return CompeftConfig(
         base_model,
         density,
@@ -164,7 +174,7 @@ def parse_compeft_config(raw: dict[str, Any], spec: BaseModelSpec, source: str) 
         total,
         kept,
         modules,
-        balanced,
+        factors,
     )
 
 
@@ -184,7 +194,8 @@ def config_json(config: CompeftConfig) -> dict[str, Any]:
         "rice_k": config.rice_k,
         "total_elements": config.total_elements,
         "kept": config.kept,
-        "balanced": config.balanced,
+        "factors": config.factors,
+        "balanced": config.factors != "as-trained",
         "modules": module_groups(config.modules),
     }
 

@@ -827,8 +827,8 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
     evaluate = commands.add_parser(
         "eval",
-        help="score a running server on a demo task's held-out set",
-        description="Sends each held-out prompt of the task as one user chat message (greedy, the "
+        help="score a running server on a demo task's held-out (or validation) set",
+        description="Sends each held-out (--split validation: validation) prompt of the task as one user chat message (greedy, the "
         "task's max_tokens) and prints the task's metric. gRPC by default, the OpenAI HTTP API with "
         "--http. See tasks/README.md.",
     )
@@ -839,7 +839,14 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--http", default=None, metavar="URL", help="use the OpenAI HTTP API at URL instead"
     )
     evaluate.add_argument("--compare-base", action="store_true", help="also run the base model: two rows")
-    evaluate.add_argument("--limit", type=_positive, default=None, help="only the first N held-out prompts")
+    evaluate.add_argument(
+        "--split",
+        choices=("heldout", "validation"),
+        default="heldout",
+        help="the hand-written set to score: heldout (tasks/heldout, what results report) or "
+        "validation (tasks/validation, for choosing settings) (default: %(default)s)",
+    )
+    evaluate.add_argument("--limit", type=_positive, default=None, help="only the first N prompts of the set")
     evaluate.add_argument(
         "--concurrency", type=_positive, default=8, help="requests in flight (default: %(default)s)"
     )
@@ -879,6 +886,7 @@ _BENCHMARKS = {
     "grammar": "structured output: xgrammar vs llguidance on our vocabulary; batch 32 with 8 schema-constrained",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
+    "compeft-factors": "ComPEFT of an adapter's factors as trained, balanced or canonical (SVD): error, kept A/B",
     "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",
     "router": "the router: layer sweep, routing accuracy, auto vs named, growth to 64 adapters, cost",
     "load": "load-test a running server (gRPC or OpenAI HTTP): latencies, per adapter, cold vs warm, canaries",
@@ -1058,12 +1066,21 @@ def _add_compress(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help='calibration and report prompts, {"prompt": ...} per line',
     )
     compress.add_argument(
-        "--balance",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="first rescale each module's A and B to equal norms (B A unchanged), so that the one "
-        "global threshold keeps entries of both; --no-balance is ComPEFT as published, which keeps "
-        "almost nothing of B when a trained LoRA's A is larger than its B (default: balance)",
+        "--factors",
+        choices=("svd", "balanced", "as-trained"),
+        default=None,
+        help="which factors of each module's B A to compress (the adapter is the same; signs with "
+        "one scale approximate some factors better): svd = B A's canonical factors U sqrt(S), "
+        "sqrt(S) V^T (default; the least error on trained LoRAs); balanced = A and B rescaled to "
+        "equal norms; as-trained = ComPEFT as published, which keeps almost nothing of B when a "
+        "trained LoRA's A is larger than its B",
+    )
+    compress.add_argument(
+        "--no-balance",
+        dest="factors",
+        action="store_const",
+        const="as-trained",
+        help="the same as --factors as-trained (kept for older scripts)",
     )
     compress.set_defaults(handler=cmd_compress)
 

@@ -28,7 +28,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
             cache_dir=args.cache_dir,
             prompts=None if args.prompts is None else Path(args.prompts),
             method=args.method,
-            balance=args.balance,
+            factors=args.factors or "svd",
         )
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -43,7 +43,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
     codes = result.codes
     how = f"auto, least mean KL over {len(result.alpha_trials)} trials" if result.alpha_auto else "given"
     print(
-        f"wrote {result.out} (compeft: density {codes.density:g}, kept {codes.rice.kept:,} of "
+        f"wrote {result.out} (compeft of the {codes.factors} factors: density {codes.density:g}, kept {codes.rice.kept:,} of "
         f"{codes.total_elements:,} elements, alpha {codes.alpha:.4g} ({how}), gamma {codes.gamma:.4g})"
     )
     print(
@@ -54,7 +54,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
     kept_a, kept_b = codes.kept_fractions()
     print(f"kept {kept_a:.1%} of the lora_A entries and {kept_b:.1%} of the lora_B entries", end="")
     lopsided = not codes.balanced and min(kept_a, kept_b) < 0.1 * max(kept_a, kept_b)
-    print("; one factor kept almost nothing: compress without --no-balance" if lopsided else "")
+    print("; one factor kept almost nothing: try --factors svd" if lopsided else "")
     ours, base = result.fidelity, result.base_fidelity
     print(
         f"fidelity vs the uncompressed adapter on its answers to {ours.prompts} held-out prompts ({ours.positions} positions, "

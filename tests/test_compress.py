@@ -189,7 +189,7 @@ def test_compress_with_a_fixed_alpha_writes_reports_and_serves(source, tmp_path,
         == 0
     )
     out = capsys.readouterr().out
-    assert f"wrote {dst} (compeft: density 0.2" in out and "alpha 3 (given)" in out
+    assert f"wrote {dst} (compeft of the svd factors: density 0.2" in out and "alpha 3 (given)" in out
     assert "x smaller); as fp16" in out and "top-1 agreement" in out and "base model alone" in out
     config = json.loads((dst / "compeft_config.json").read_text())
     assert config["alpha"] == 3.0 and config["alpha_search"]["mode"] == "fixed"
@@ -200,8 +200,8 @@ def test_compress_with_a_fixed_alpha_writes_reports_and_serves(source, tmp_path,
     spec = _tiny_spec(base_dir)
     adapter = load_compeft(dst, spec, "c")
     assert adapter.gamma == pytest.approx(3.0 * config["sigma"])
-    assert config["balanced"] is True  # the default
-    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0, balance=True).ternary()
+    assert config["factors"] == "svd" and config["balanced"] is True  # the default
+    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0, factors="svd").ternary()
     for key, factors in adapter.ternary().items():
         assert torch.equal(factors.sign_A, expected[key].sign_A) and torch.equal(
             factors.sign_B, expected[key].sign_B
@@ -225,7 +225,7 @@ def test_compress_alpha_auto_picks_the_least_kl_and_beats_the_base_model(source,
     assert (
         config["alpha"] == pytest.approx(best_alpha, rel=1e-5) and f"alpha {config['alpha']:.4g} (auto" in out
     )
-    assert config["balanced"] is True
+    assert config["factors"] == "svd"
     fidelity = config["fidelity"]
     assert fidelity["mean_kl"] < fidelity["base_model_alone"]["mean_kl"]
     assert fidelity["top1_agreement"] >= fidelity["base_model_alone"]["top1_agreement"]
@@ -270,14 +270,25 @@ def test_user_errors_exit_1_and_leave_no_dst(source, tmp_path, capsys) -> None:
     assert "error: SRC: " in capsys.readouterr().err and not (tmp_path / "d3").exists()
 
 
-def test_no_balance_is_compeft_as_published(source, tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("flags", "factors"),
+    [
+        (["--no-balance"], "as-trained"),
+        (["--factors", "as-trained"], "as-trained"),
+        (["--factors", "balanced"], "balanced"),
+    ],
+)
+def test_factors_flag_picks_what_is_compressed(source, tmp_path, capsys, flags, factors) -> None:
+    """--factors as-trained (or the older --no-balance) is ComPEFT as published."""
     base_dir, src = source
     dst = tmp_path / "plain"
-    argv = ["compress", "--density", "0.2", "--alpha", "3", "--no-balance", str(src), str(dst)]
+    argv = ["compress", "--density", "0.2", "--alpha", "3", *flags, str(src), str(dst)]
     assert main([*argv, "--model", str(base_dir)]) == 0
-    assert json.loads((dst / "compeft_config.json").read_text())["balanced"] is False
+    assert f"compeft of the {factors} factors" in capsys.readouterr().out
+    config = json.loads((dst / "compeft_config.json").read_text())
+    assert config["factors"] == factors and config["balanced"] is (factors != "as-trained")
     spec = _tiny_spec(base_dir)
-    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0, balance=False).ternary()
-    for key, factors in load_compeft(dst, spec, "c").ternary().items():
-        assert torch.equal(factors.sign_A, expected[key].sign_A)
-        assert torch.equal(factors.sign_B, expected[key].sign_B)
+    expected = compress_compeft(load_peft_lora(src, spec, "s"), 0.2, 3.0, factors=factors).ternary()
+    for key, signs in load_compeft(dst, spec, "c").ternary().items():
+        assert torch.equal(signs.sign_A, expected[key].sign_A)
+        assert torch.equal(signs.sign_B, expected[key].sign_B)

@@ -77,7 +77,7 @@ class CompressConfig:
     cache_dir: str | None = None
     prompts: Path | None = None
     method: str = "compeft"
-    balance: bool = True  # equalise each module's ||A|| and ||B|| first (see compress_compeft)
+    factors: str = "svd"  # which factors of each B A are compressed (see compress_compeft)
 
     def __post_init__(self) -> None:
         if self.method != "compeft":
@@ -134,7 +134,7 @@ def compress(config: CompressConfig) -> CompressResult:
             source = load_peft_lora(config.source, _spec(model_dir), "source", label=str(config.source))
         except AdapterError as exc:
             raise CompressError(f"SRC: {exc}") from None
-        codes = compress_compeft(source, config.density, config.alpha or 1.0, balance=config.balance)
+        codes = compress_compeft(source, config.density, config.alpha or 1.0, factors=config.factors)
         # 4)
         calibration_prompts, report_prompts, prompts_from = _prompts(config)
         probe = DeltaProbe(model_dir)

@@ -42,20 +42,31 @@ WEIGHTS = "compeft_model.safetensors"
 
 
 def oracle(
-    source: Path, model: Any, density: float, alpha: float, balance: bool = False
+    source: Path, model: Any, density: float, alpha: float, factors: str = "as-trained"
 ) -> dict[tuple[int, str], tuple]:
     """(layer, projection) -> (A^, B^, scale) computed from the PEFT file and PEFT's own scaling.
 
-    balance: each module's A times sqrt(|B| / |A|) and B divided by it first (Frobenius norms)."""
+    factors "balanced": each module's A times sqrt(|B| / |A|) and B divided by it first (Frobenius
+    norms); "svd": A = sqrt(S) V^T and B = U sqrt(S) from the SVD of the whole product B A."""
     tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
     keys = sorted(tensors)  # PEFT key names, as strings
-    if balance:
-        tensors = {key: tensor.double() for key, tensor in tensors.items()}
-        for key in keys:
-            if ".lora_A." in key:
-                partner = key.replace(".lora_A.", ".lora_B.")
-                c = (tensors[partner].norm() / tensors[key].norm()).sqrt()
-                tensors[key], tensors[partner] = tensors[key] * c, tensors[partner] / c
+    tensors = {key: tensor.double() for key, tensor in tensors.items()}
+    for key in keys:
+        if ".lora_A." not in key or factors == "as-trained":
+            continue
+        partner = key.replace(".lora_A.", ".lora_B.")
+        a, b = tensors[key], tensors[partner]
+        if factors == "balanced":
+            c = (b.norm() / a.norm()).sqrt()
+            tensors[key], tensors[partner] = a * c, b / c
+        else:
+            u, s, vh = torch.linalg.svd(b @ a)
+            r = a.shape[0]
+            for i in range(r):  # each pair signed so that its row of A's largest entry is positive
+                if vh[i, vh[i].abs().argmax()] < 0:
+                    u[:, i], vh[i] = -u[:, i], -vh[i]
+            tensors[key] = s[:r].sqrt()[:, None] * vh[:r]
+            tensors[partner] = u[:, :r] * s[:r].sqrt()
     tau = torch.cat([tensors[key].double().flatten() for key in keys])
     sigma = tau.std(correction=1).item()
     count = max(1, round(density * tau.numel()))
@@ -127,7 +138,7 @@ def test_reconstruction_equals_compeft_computed_independently(
 def test_balanced_reconstruction_equals_compeft_of_the_rescaled_factors(
     make_adapter: AdapterFactory, spec: BaseModelSpec, density: float
 ) -> None:
-    """`balance` (loramux compress's default) is ComPEFT on each module's A * c, B / c, c = sqrt(|B|/|A|):
+    """factors "balanced" is ComPEFT on each module's A * c, B / c, c = sqrt(|B|/|A|):
     the same adapter (B A unchanged), factors of equal norm, so both keep entries."""
     source, model = make_adapter(name="src", **LORA_CONFIGS["all-linear"])
     with torch.no_grad():  # a trained LoRA's A is larger than its B: make it so, lopsided
@@ -136,13 +147,13 @@ def test_balanced_reconstruction_equals_compeft_of_the_rescaled_factors(
         safetensors.torch.save_file(tensors, source / "adapter_model.safetensors")
     adapter = load_peft_lora(source, spec, "src")
     plain = compress_compeft(adapter, density, 2.0)
-    balanced = compress_compeft(adapter, density, 2.0, balance=True)
+    balanced = compress_compeft(adapter, density, 2.0, factors="balanced")
     save_compeft(balanced, source.parent / "b", base_model="tiny")
     loaded = load_compeft(source.parent / "b", spec, "b")
     assert (
         loaded.codes.balanced and json.loads((source.parent / "b" / CONFIG).read_text())["balanced"] is True
     )
-    expected = oracle(source, model, density, alpha=2.0, balance=True)
+    expected = oracle(source, model, density, alpha=2.0, factors="balanced")
     weights = loaded.lora_weights()
     for key, (a, b, scale) in expected.items():
         torch.testing.assert_close(weights[key].A, a, rtol=1e-6, atol=0)
@@ -153,6 +164,63 @@ def test_balanced_reconstruction_equals_compeft_of_the_rescaled_factors(
         return sum(int(f.sign_B.count_nonzero()) for f in codes.ternary("x").values())
 
     assert kept_b(plain) < kept_b(balanced)  # the lopsided adapter keeps more of B when balanced
+
+
+def _trained_like(make_adapter: AdapterFactory, seed: int) -> tuple[Path, Any]:
+    """An adapter shaped like a briefly trained LoRA: A still its uniform initialisation, B small."""
+    source, model = make_adapter(name="src", **LORA_CONFIGS["all-linear"])
+    generator = torch.Generator().manual_seed(seed)
+    tensors = safetensors.torch.load_file(source / "adapter_model.safetensors")
+    tensors = {
+        k: (torch.rand(t.shape, generator=generator) * 2 - 1) * 0.1
+        if ".lora_A." in k
+        else torch.randn(t.shape, generator=generator) * 0.01
+        for k, t in tensors.items()
+    }
+    safetensors.torch.save_file(tensors, source / "adapter_model.safetensors")
+    return source, model
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3])
+def test_svd_reconstruction_equals_compeft_of_the_canonical_factors(
+    make_adapter: AdapterFactory, spec: BaseModelSpec, density: float
+) -> None:
+    """factors "svd" (loramux compress's default) is ComPEFT on B A's canonical factors U sqrt(S),
+    sqrt(S) V^T, here from the SVD of the whole product (the code goes through the QR of B), each
+    pair of singular vectors signed so that the largest entry of A's row is positive."""
+    source, model = _trained_like(make_adapter, seed=3)
+    codes = compress_compeft(load_peft_lora(source, spec, "src"), density, 2.0, factors="svd")
+    save_compeft(codes, source.parent / "s", base_model="tiny")
+    document = json.loads((source.parent / "s" / CONFIG).read_text())
+    assert document["factors"] == "svd" and document["balanced"] is True
+    loaded = load_compeft(source.parent / "s", spec, "s")
+    assert loaded.codes.factors == "svd" and loaded.codes.kept_fractions()[1] > 0
+    weights = loaded.lora_weights()
+    for key, (a, b, scale) in oracle(source, model, density, alpha=2.0, factors="svd").items():
+        torch.testing.assert_close(weights[key].A, a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(weights[key].B, b, rtol=1e-6, atol=0)
+        assert weights[key].scale == pytest.approx(scale, rel=1e-12)
+
+
+def test_svd_factors_approximate_the_adapter_better_than_balanced_ones(
+    make_adapter: AdapterFactory, spec: BaseModelSpec
+) -> None:
+    """Why "svd" is the default: at the same density and the best scale for each, the signs of the
+    canonical factors give a product B^ A^ nearer the adapter's B A than those of balanced ones."""
+    source, _ = _trained_like(make_adapter, seed=4)
+    adapter = load_peft_lora(source, spec, "src")
+    exact = {key: (w.B.double() @ w.A.double()) for key, w in adapter.lora_weights().items()}
+
+    def error(factors: str) -> float:
+        weights = compress_compeft(adapter, 0.1, 1.0, factors=factors).lora_weights()
+        got = {key: w.B.double() @ w.A.double() for key, w in weights.items()}
+        # the one scale that fits best (gamma is alpha * sigma; alpha is tuned separately)
+        power = sum((got[k] ** 2).sum() for k in exact)  # 0 when every module lost one factor
+        fit = sum((got[k] * exact[k]).sum() for k in exact) / power if power > 0 else 0.0
+        residual = sum(((fit * got[k] - exact[k]) ** 2).sum() for k in exact)
+        return float(residual / sum((exact[k] ** 2).sum() for k in exact))
+
+    assert error("svd") < error("balanced") < error("as-trained")
 
 
 def test_ties_go_to_the_lower_index_and_zeros_are_never_kept(
@@ -284,6 +352,15 @@ CONFIG_CASES = {
         "total_elements = 7809, but the modules hold 7808 with the base model's projection sizes",
     ),
     "kept": (dict(kept=10**7), "kept = 10000000 is more than total_elements"),
+    "factors unknown": (
+        dict(factors="qr"),
+        "factors is 'qr', expected one of 'as-trained', 'balanced', 'svd'",
+    ),
+    "balanced contradicts factors": (
+        dict(factors="svd", balanced=False),
+        "balanced = False contradicts factors = 'svd'",
+    ),
+    "balanced a string": (dict(balanced="yes"), "balanced must be true or false"),
     "checksum field": (dict(checksum="md5:00"), "checksum must be 'sha256:'"),
     "version 1": (
         dict(version=1),

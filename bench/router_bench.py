@@ -216,9 +216,12 @@ def accuracy(setup: Setup) -> dict[str, Any]:
     emit({"part": "accuracy", "reconcile_s": round(report.seconds, 1), "learned": len(report.learned)})
     picks: dict[str, list[str]] = {}
     for name in TASK_NAMES:
-        decisions = [router.route(setup.render(p)) for p in heldout(name)]
+        prompts = heldout(name)
+        decisions = [router.route(setup.render(p)) for p in prompts]
         picks[name] = ["" if d.fallback else d.candidates[0].adapter for d in decisions]
         right = sum(p == name for p in picks[name])
+        # which prompts went elsewhere (their row in the held-out file, from 0; "" = the base model)
+        misrouted = [[i, prompts[i], pick] for i, pick in enumerate(picks[name]) if pick != name]
         emit(
             {
                 "part": "accuracy",
@@ -229,6 +232,7 @@ def accuracy(setup: Setup) -> dict[str, Any]:
                 "top1_ignoring_fallback": round(
                     sum(d.candidates[0].adapter == name for d in decisions) / len(decisions), 4
                 ),
+                "misrouted": misrouted if name in CONTENT_TASKS else len(misrouted),
             }
         )
     content = [p == t for t in CONTENT_TASKS for p in picks[t]]
@@ -305,8 +309,9 @@ def metric(setup: Setup, picks: dict[str, list[str]]) -> dict[str, Any]:
         auto = list(named)
         for i, text in zip(missed, again, strict=True):
             auto[i] = text
-        named_score = sum(task.score(t, e) for t, e in zip(named, rows, strict=True)) / len(rows)
-        auto_score = sum(task.score(t, e) for t, e in zip(auto, rows, strict=True)) / len(rows)
+        named_scores = [task.score(t, e) for t, e in zip(named, rows, strict=True)]
+        auto_scores = [task.score(t, e) for t, e in zip(auto, rows, strict=True)]
+        named_score, auto_score = sum(named_scores) / len(rows), sum(auto_scores) / len(rows)
         ratio = auto_score / named_score if named_score else 1.0
         summary[name] = round(ratio, 4)
         emit(
@@ -317,6 +322,7 @@ def metric(setup: Setup, picks: dict[str, list[str]]) -> dict[str, Any]:
                 "auto": round(auto_score, 4),
                 "auto_vs_named": round(ratio, 4),
                 "misrouted": len(missed),
+                "rows": {"named": named_scores, "auto": auto_scores},  # per held-out row, in file order
             }
         )
     return summary

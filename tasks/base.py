@@ -3,7 +3,8 @@
 A task's training rows come from its generator (`Task.generate(rng, n)`, seeded, with many
 templates); its held-out rows come from a hand-written file, `tasks/heldout/<name>.jsonl`, one
 `{"prompt": ..., "response": ...}` per line, written apart from the generator so that a score on
-it says how the adapter does on inputs phrased by someone else. `generate` never returns a
+it says how the adapter does on inputs phrased by someone else; its validation rows, for choosing
+settings, from another such file, `tasks/validation/<name>.jsonl`. `generate` never returns a
 prompt of the held-out set. The metric is `Task.score(answer, example)` in [0, 1].
 
 This module knows nothing of any one task, of training, or of a server.
@@ -69,11 +70,25 @@ class Task:
         """The hand-written held-out set (tasks/heldout/<name>.jsonl)."""
         return list(self._heldout)
 
+    def validation(self) -> list[Example]:
+        """The hand-written validation set (tasks/validation/<name>.jsonl): for choosing settings
+        (ComPEFT's alpha), so that the held-out set is only ever measured. Written apart from the
+        generator and from the held-out set; no prompt of either (tests/test_tasks.py)."""
+        return list(self._validation)
+
     @cached_property
     def _heldout(self) -> tuple[Example, ...]:
-        text = resources.files("tasks").joinpath("heldout").joinpath(f"{self.name}.jsonl").read_text("utf-8")
-        rows = (json.loads(line) for line in text.splitlines() if line.strip())
-        return tuple(Example(row["prompt"], row.get("response", "")) for row in rows)
+        return _read_rows("heldout", self.name)
+
+    @cached_property
+    def _validation(self) -> tuple[Example, ...]:
+        return _read_rows("validation", self.name)
+
+
+def _read_rows(folder: str, name: str) -> tuple[Example, ...]:
+    text = resources.files("tasks").joinpath(folder).joinpath(f"{name}.jsonl").read_text("utf-8")
+    rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    return tuple(Example(row["prompt"], row.get("response", "")) for row in rows)
 
 
 def prompt_key(prompt: str) -> str:

@@ -1,7 +1,7 @@
 """Pick each shipped ComPEFT adapter's alpha by its task's metric on validation rows, as the ComPEFT paper does.
 
     python -m tasks.compeft_alpha [--tasks sql,...] [--densities 0.05,0.1,0.2]
-                                  [--factors 0.5,0.7,0.85,1,1.2,1.4] [--validation 32] [--out adapters]
+                                  [--factors 0.7,0.85,1,1.2,1.4] [--validation 32] [--out adapters]
 
 `loramux compress --alpha auto` picks alpha by the least KL against the source LoRA on 8 prompts;
 ComPEFT (Yadav et al. 2023) tunes alpha on validation data by the task metric. For each task and
@@ -9,7 +9,8 @@ density this command takes the shipped adapter `<out>/<task>-compeft-<percent>` 
 as they are: alpha only sets gamma = alpha * sigma, and the served delta scales as alpha**2),
 writes one candidate per factor, alpha = KL alpha * factor, into a temporary adapter root beside a
 copy of the task's LoRA, serves them all from one `loramux serve` (gRPC, greedy) and scores every
-candidate with the task's own metric (`Task.score`) on VALIDATION rows: `task.generate` with
+candidate with the task's own metric (`Task.score`) on VALIDATION rows: the task's hand-written
+validation set (tasks/validation/<task>.jsonl) and `--validation` rows from its generator with
 VALIDATION_SEED, minus any prompt that is (up to case, punctuation and spacing) one the LoRA was
 trained on or one of the held-out set. The best candidate wins (ties: the alpha closest to the
 KL alpha, as a ratio) and the shipped adapter is rewritten with it; its compeft_config.json
@@ -48,7 +49,7 @@ from tasks.serving import served
 
 VALIDATION_SEED = 1000  # training rows use tasks.demo.SEED = 0
 VALIDATION = 32
-FACTORS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.4)
+FACTORS = (0.7, 0.85, 1.0, 1.2, 1.4)  # x0.5 never won (bench/RESULTS.md)
 DENSITIES = (0.05, 0.1, 0.2)
 IN_FLIGHT = 32  # requests in flight over all candidates (the server's default --max-running)
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -67,13 +68,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Validation:
-    """A task's validation rows: the first `len(examples)` new prompts its generator gave from `seed`,
-    after skipping `skipped` draws that were a training or held-out prompt (or a repeat)."""
+    """A task's validation rows: `handwritten` rows of its hand-written validation set, then the
+    first new prompts its generator gave from `seed`, after skipping `skipped` draws that were a
+    training, held-out or hand-written validation prompt (or a repeat)."""
 
     examples: tuple[Example, ...]
     skipped: int
     seed: int
     strict: bool  # training prompts excluded up to prompt_key; else only as exact strings
+    handwritten: int = 0
 
     def source(self) -> str:
         unseen = (
@@ -82,33 +85,45 @@ class Validation:
             else "the generator has no question unseen in training: other surface forms (case, "
             "punctuation) of training prompts, held-out prompts skipped"
         )
+        generated = len(self.examples) - self.handwritten
         return (
-            f"validation task metric, {len(self.examples)} generated rows, seed {self.seed} "
-            f"({unseen}: {self.skipped})"
+            f"validation task metric, {self.handwritten} hand-written rows (tasks/validation) and "
+            f"{generated} generated rows, seed {self.seed} ({unseen}: {self.skipped})"
         )
 
 
 def validation_examples(
     task: Task, n: int, *, seed: int = VALIDATION_SEED, training: Sequence[Example] = ()
 ) -> Validation:
-    """n rows drawn from `task.sample` with Random(seed), none a held-out prompt or drawn before
+    """The task's hand-written validation rows (`Task.validation`), then n rows drawn from
+    `task.sample` with Random(seed), none a held-out or hand-written prompt or drawn before
     (compared by prompt_key: case, punctuation and spacing ignored), none a training prompt.
+
+    Both kinds, because each misses what the other sees: generated rows come from the training
+    distribution, where several alphas score alike; hand-written ones are phrased as people do
+    (like the held-out set), but few.
 
     Not `task.generate(rng, n)` minus the collisions: a generator with few templates repeats
     training prompts often, and dropping them would leave too few rows. Training prompts are kept
     out by prompt_key too; where that leaves fewer than n (shout: its 2,000 training rows hold
     every one of its 517 questions), by exact string instead, and the result says so (`strict`)."""
+    handwritten = task.validation()
     for strict in (True, False):
-        examples, skipped = _draw(task, n, seed, training, strict)
+        examples, skipped = _draw(task, n, seed, training, strict, handwritten)
         if len(examples) == n:
-            return Validation(tuple(examples), skipped, seed, strict)
+            return Validation(tuple(handwritten + examples), skipped, seed, strict, len(handwritten))
     raise ValueError(f"{task.name}: only {len(examples)} validation prompts unseen in training")
 
 
 def _draw(
-    task: Task, n: int, seed: int, training: Sequence[Example], strict: bool
+    task: Task,
+    n: int,
+    seed: int,
+    training: Sequence[Example],
+    strict: bool,
+    handwritten: Sequence[Example],
 ) -> tuple[list[Example], int]:
-    heldout = {prompt_key(e.prompt) for e in task.heldout()}
+    heldout = {prompt_key(e.prompt) for e in [*task.heldout(), *handwritten]}
     trained = {prompt_key(e.prompt) if strict else e.prompt for e in training}
     rng, seen, skipped = random.Random(seed), set(), 0
     examples: list[Example] = []
@@ -356,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated (default: all)")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="(default: %(default)s)")
     parser.add_argument("--factors", default=",".join(f"{f:g}" for f in FACTORS), help="x the KL alpha")
-    parser.add_argument("--validation", type=int, default=VALIDATION, help="generated rows per task")
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=VALIDATION,
+        help="generated rows per task (beside the hand-written ones)",
+    )
     parser.add_argument("--out", default="adapters", help="the adapter root to rewrite (default: adapters)")
     parser.add_argument("--threads", type=int, default=None, help="the server's threads (default: its own)")
     parser.add_argument(
@@ -374,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--densities and --factors take comma-separated numbers")
     if not factors or any(not (math.isfinite(f) and f > 0) for f in factors):
         parser.error("--factors: positive numbers")
-    if args.validation < 1:
-        parser.error("--validation: at least 1 row")
+    if args.validation < 0:
+        parser.error("--validation: 0 or more rows")
     options = Options(
         names, densities, factors, args.validation, Path(args.out), args.threads, not args.no_heldout
     )

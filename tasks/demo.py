@@ -9,7 +9,7 @@ all-linear, rank 3: under 2 MB); `mos`: `loramux train --method mos` on the same
 `<out>/<task>-mos` (per-layer rank 4 from shard pools with a quarter of the LoRA's parameters);
 `compeft`: `loramux compress --method compeft --alpha auto` of the LoRA at each of COMPEFT_DENSITIES
 into `<out>/<task>-compeft-<percent>`, then `python -m tasks.compeft_alpha` re-picks each one's alpha
-by the task metric on generated validation rows (`--skip-alpha`: keep the KL alpha). Each directory gets `examples.jsonl` (the first `EXAMPLES`
+by the task metric on validation rows (`--skip-alpha`: keep the KL alpha). Each directory gets `examples.jsonl` (the first `EXAMPLES`
 training prompts, for the router). Then a real `loramux serve --adapter-root <out>` is started and
 every task's held-out set is scored through its gRPC API, base model and every adapter
 (`tasks.evaluate`, what `loramux eval` runs), and one concurrent burst of every adapter and the
@@ -42,7 +42,8 @@ TRAIN_FLAGS = ("--rank", "3", "--alpha", "6", "--targets", "all-linear", "--lr",
 # projection, a quarter of the rank-3 LoRA's parameters; the same scale (alpha / r = 2) as the LoRA
 MOS_FLAGS: tuple[str, ...] = ("--method", "mos", "--rank", "4", "--alpha", "8", "--shards", "4")
 MOS_FLAGS += ("--equivalent-rank", "0.75", "--private-rank", "0.25", "--targets", "all-linear")
-MOS_FLAGS += ("--lr", "1e-3", "--batch-size", "8")
+MOS_FLAGS += ("--batch-size", "8")
+MOS_LR = 1e-3  # the LoRA's; `--mos-lr` to try another
 COMPEFT_DENSITIES = (0.05, 0.1, 0.2)
 FORMATS = ("lora", "mos", "compeft")
 BURST_PROMPTS = 2  # per task, in the one-burst check
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=2000, help="training rows generated per task")
     parser.add_argument("--steps", type=int, default=150, help="training steps per adapter")
     parser.add_argument("--threads", type=int, default=None, help="training threads (default: loramux's)")
+    parser.add_argument(
+        "--mos-lr", type=float, default=MOS_LR, help="MoS learning rate (default: %(default)s)"
+    )
     parser.add_argument("--out", default="adapters", help="the adapter root to write (default: adapters)")
     parser.add_argument("--work", default="build/demo", help="training data goes here (default: build/demo)")
     parser.add_argument("--report", default=None, help="write the results as JSON here")
@@ -100,7 +104,7 @@ def build(adapter_format: str, name: str, out: Path, work: Path, args: argparse.
             if status != 0:
                 return status
         return 0
-    flags = MOS_FLAGS if adapter_format == "mos" else TRAIN_FLAGS
+    flags = (*MOS_FLAGS, "--lr", f"{args.mos_lr:g}") if adapter_format == "mos" else TRAIN_FLAGS
     target = out / variant_name(name, adapter_format)
     return train(name, target, work, flags, args)
 
@@ -139,6 +143,8 @@ def compress(name: str, out: Path, density: float) -> int:
     command = [sys.executable, "-m", "server.cli", "compress", "--method", "compeft"]
     command += ["--density", str(density), "--alpha", "auto", str(source), str(target)]
     print(f"== {target.name}: {' '.join(command[1:])}", flush=True)
+    if target.is_dir():  # an earlier build's: loramux compress writes only into an empty DST
+        shutil.rmtree(target)
     status = subprocess.run(command, check=False).returncode
     if status == 0:
         shutil.copyfile(source / "examples.jsonl", target / "examples.jsonl")

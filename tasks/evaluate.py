@@ -198,8 +198,9 @@ def _error_message(err: urllib.error.HTTPError) -> str:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    """Evaluate (base and) adapter on the task's held-out set; 0 done, 1 a request failed."""
+    """Evaluate (base and) adapter on the task's held-out (or validation) set; 0 done, 1 a request failed."""
     task = get_task(args.task)
+    examples = task.validation() if args.split == "validation" else task.heldout()
     models = ([""] if args.compare_base or not args.adapter else []) + (
         [args.adapter] if args.adapter else []
     )
@@ -213,7 +214,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         try:
             for adapter in models:
                 results.append(
-                    evaluate(task, client, adapter, limit=args.limit, concurrency=args.concurrency)
+                    evaluate(
+                        task,
+                        client,
+                        adapter,
+                        examples=examples,
+                        limit=args.limit,
+                        concurrency=args.concurrency,
+                    )
                 )
         finally:
             client.close()

@@ -168,6 +168,8 @@ def _listing(rng: random.Random) -> tuple[str, str]:
             f"show me the people in {d}",
             f"Names of all staff in {d}?",
             f"Give me the names of the employees who belong to {d}.",
+            f"Who do we have in {d}?",
+            f"Can you list our people in {d}?",
         ],
     )
     return question, f"SELECT name FROM employees WHERE department = '{dept}'"
@@ -185,6 +187,8 @@ def _count_dept(rng: random.Random) -> tuple[str, str]:
             f"Number of staff in {d}?",
             f"How big is {d}?",
             f"How many employees does {d} have?",
+            f"How many people do we have in {d}?",
+            f"I'd like the headcount for {d}.",
         ],
     )
     return question, f"SELECT COUNT(*) FROM employees WHERE department = '{dept}'"
@@ -199,6 +203,8 @@ def _count_all(rng: random.Random) -> tuple[str, str]:
             "How many people does the company employ?",
             "total headcount?",
             "Count all the staff.",
+            "How many people do we employ?",
+            "How many of us are there in total?",
         ],
     )
     return question, "SELECT COUNT(*) FROM employees"
@@ -224,6 +230,9 @@ def _aggregate_dept(rng: random.Random) -> tuple[str, str]:
             f"Tell me the {w} pay in {d}.",
             f"What's the {w} salary of employees in {d}?",
             f"In {d}, what is the {w} salary?",
+            f"What do we pay in {d} on the {w}?"
+            if w in ("average", "mean")
+            else f"What's our {w} salary in {d}?",
         ],
     )
     return question, f"SELECT {fn}(salary) FROM employees WHERE department = '{dept}'"
@@ -266,6 +275,7 @@ def _salary_filter(rng: random.Random) -> tuple[str, str]:
                 f"Which employees make over {m}?",
                 f"list employees with a salary above {m}",
                 f"Anyone paid more than {m}?",
+                f"Which of our people make more than {m}?",
                 f"Names of people earning over {m} a year.",
             ],
         )
@@ -277,6 +287,7 @@ def _salary_filter(rng: random.Random) -> tuple[str, str]:
             f"Which employees make under {m}?",
             f"list employees with a salary below {m}",
             f"Who is paid less than {m}?",
+            f"Do we pay anyone under {m}? Who?",
         ],
     )
     return question, f"SELECT name FROM employees WHERE salary < {amount}"
@@ -293,6 +304,7 @@ def _year_filter(rng: random.Random) -> tuple[str, str]:
             f"Which employees joined {w} {year}?",
             f"List the people who started {w} {year}.",
             f"employees hired {w} {year}?",
+            f"Who did we hire {w} {year}?",
         ],
     )
     return question, f"SELECT name FROM employees WHERE hire_year {op} {year}"
@@ -383,6 +395,7 @@ def _person_fact(rng: random.Random) -> tuple[str, str]:
                     f"When was {name} hired?",
                     f"What year did {name} join?",
                     f"In which year did {name} start working here?",
+                    f"When did we hire {name}?",
                 ],
             ),
         ]
@@ -401,6 +414,7 @@ def _top_n(rng: random.Random) -> tuple[str, str]:
                     "Who is the highest paid employee?",
                     "Who earns the most?",
                     "which employee has the biggest salary?",
+                    "Who's our best-paid person?",
                 ],
             )
             if high
@@ -421,6 +435,7 @@ def _top_n(rng: random.Random) -> tuple[str, str]:
             f"Show the {n} {rng.choice(words)} employees and their salaries.",
             f"List the {rng.choice(words)} {n} people with their pay.",
             f"Who are the {n} {rng.choice(words)} employees? Include salaries.",
+            f"I want our {n} {rng.choice(words)} people and what they make.",
         ],
     )
     order = "DESC" if high else "ASC"
@@ -436,6 +451,7 @@ def _group_by(rng: random.Random) -> tuple[str, str]:
                 "How many employees are in each department?",
                 "Headcount per department?",
                 "Count the staff by department.",
+                "How many people do we have on each team?",
                 "Show the number of people in every team.",
             ],
         )
@@ -544,9 +560,52 @@ _PATTERNS: tuple[tuple[Callable[[random.Random], tuple[str, str]], int], ...] = 
 )
 
 
+# Questions as colleagues send them: a greeting, a reason or a request around the bare question,
+# in the first person. Without these every generated question was terse and impersonal, and the
+# router (which learns from an adapter's prompts) took chatty questions for product reviews.
+_OPENINGS = (
+    "Quick question: ",
+    "Hi! ",
+    "Hey, ",
+    "Hello there. ",
+    "For my monthly report: ",
+    "My manager is asking me this. ",
+    "I'm putting together the budget review. ",
+    "Need this before the meeting: ",
+    "Can you check something for me? ",
+    "I'm new here and trying to learn the org. ",
+    "We're planning next year's hiring. ",
+    "Sorry to bother you. ",
+    "One more for you: ",
+    "I have to answer HQ by noon. ",
+)
+_CLOSINGS = (
+    " Thanks!",
+    " Thank you.",
+    " Please.",
+    " Cheers.",
+    " It's for a slide I'm making.",
+    " Much appreciated.",
+    " Thanks in advance.",
+    " Need it today if possible.",
+)
+VOICED = 0.35  # share of questions wrapped in an opening and/or a closing
+
+
+def _voiced(rng: random.Random, question: str) -> str:
+    roll = rng.random()
+    if roll < 0.45:
+        return rng.choice(_OPENINGS) + question
+    if roll < 0.75:
+        return question + rng.choice(_CLOSINGS)
+    return rng.choice(_OPENINGS) + question + rng.choice(_CLOSINGS)
+
+
 def sample(rng: random.Random) -> Example:
     patterns, weights = zip(*_PATTERNS, strict=True)
     question, query = rng.choices(patterns, weights)[0](rng)
+    if rng.random() < VOICED:
+        question = _voiced(rng, question)
     return Example(vary_surface(rng, question), query)
 
 

@@ -127,13 +127,19 @@ def test_validation_rows_are_never_training_or_heldout_prompts() -> None:
     training = [Example(f"Training question {i}?", "") for i in range(20)]
     fresh = [f"Fresh question {i}?" for i in range(40)]
     # held-out and training prompts in other surface forms, and fresh ones
+    handwritten = [e.prompt for e in real.validation()]
     pool = [p.upper() for p in heldout] + [e.prompt.lower().rstrip("?") for e in training] + fresh
+    pool += [p.lower() for p in handwritten]
     task = Task("sql", "", "m", 4, _sampler(pool), lambda answer, example: 0.0)
     validation = validation_examples(task, 30, seed=1000, training=training)
-    keys = [prompt_key(e.prompt) for e in validation.examples]
+    # the hand-written validation rows first, as written; then 30 generated, none seen anywhere
+    assert validation.handwritten == len(handwritten) >= 30
+    assert [e.prompt for e in validation.examples[: len(handwritten)]] == handwritten
+    keys = [prompt_key(e.prompt) for e in validation.examples[len(handwritten) :]]
     assert len(keys) == len(set(keys)) == 30 and validation.strict
     assert set(keys) <= {prompt_key(p) for p in fresh}
-    assert validation.skipped > 0 and "seed 1000" in validation.source()
+    source = validation.source()
+    assert validation.skipped > 0 and "seed 1000" in source and f"{len(handwritten)} hand-written" in source
     assert validation_examples(task, 30, seed=1000, training=training) == validation  # seeded
 
 
@@ -144,7 +150,9 @@ def test_shout_validation_falls_back_to_unseen_surface_forms_and_says_so() -> No
     assert not validation.strict and "surface forms" in validation.source()
     trained = {e.prompt for e in training}
     heldout = {prompt_key(e.prompt) for e in task.heldout()}
-    assert all(e.prompt not in trained and prompt_key(e.prompt) not in heldout for e in validation.examples)
+    generated = validation.examples[validation.handwritten :]
+    assert len(generated) == 32 and validation.handwritten == len(task.validation())
+    assert all(e.prompt not in trained and prompt_key(e.prompt) not in heldout for e in generated)
 
 
 class FakeServer:

@@ -50,9 +50,11 @@ def _eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
     return code, captured.out, captured.err
 
 
-def _check_rows(rows: list[dict[str, Any]], answers_file: Path, task_name: str, limit: int | None) -> None:
+def _check_rows(
+    rows: list[dict[str, Any]], answers_file: Path, task_name: str, limit: int | None, split: str = "heldout"
+) -> None:
     task = get_task(task_name)
-    heldout = task.heldout()[:limit]
+    heldout = (task.validation() if split == "validation" else task.heldout())[:limit]
     answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
     for row in rows:
         mine = [a for a in answers if a["model"] == row["model"]]
@@ -108,6 +110,16 @@ def test_http_scores_what_the_server_returns(
     rows = json.loads(out)
     assert [row["model"] for row in rows] == ["qv4"]
     _check_rows(rows, answers, "arith", 5)
+
+
+def test_split_validation_scores_the_validation_set(
+    servers: Servers, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    answers = tmp_path / "answers.jsonl"
+    argv = ["--task", "extract", "--adapter", "qv4", "--target", servers.grpc.target, "--split", "validation"]
+    code, out, err = _eval(capsys, *argv, "--limit", "4", "--json", "--answers", str(answers))
+    assert code == 0, err
+    _check_rows(json.loads(out), answers, "extract", 4, split="validation")
 
 
 def test_table_output_names_task_model_and_metric(

@@ -185,6 +185,20 @@ def test_heldout_is_hand_written_apart_from_the_generator(name: str) -> None:
         assert all(task.score(e.response, e) == 1 for e in heldout)
 
 
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_validation_is_hand_written_apart_from_training_and_heldout(name: str) -> None:
+    """What tasks.compeft_alpha chooses by: never a prompt the demo adapters were trained on (the
+    2,000 rows of tasks.demo) nor one they are measured on."""
+    task = get_task(name)
+    validation = task.validation()
+    keys = {prompt_key(e.prompt) for e in validation}
+    assert len(validation) >= 30 and len(keys) == len(validation)
+    assert not keys & {prompt_key(e.prompt) for e in task.heldout()}
+    assert not keys & {prompt_key(e.prompt) for e in task.generate(random.Random(0), 2000)}
+    if name != "shout":
+        assert all(task.score(e.response, e) == 1 for e in validation)
+
+
 def test_generate_never_returns_a_heldout_prompt_even_when_sampled() -> None:
     task = get_task("arith")
     heldout = task.heldout()[0]

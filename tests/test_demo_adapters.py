@@ -8,6 +8,7 @@ chat template as served). The full evaluation is `make demo-adapters`' job (benc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -101,7 +102,12 @@ def test_the_compressed_demo_adapters_load_and_keep_the_papers_sizes(
     else:
         assert adapter.format == "compeft"
         config = json.loads((directory / "compeft_config.json").read_text())
-        assert config["density"] == int(variant.split("-")[1]) / 100 and config["balanced"] is True
+        assert config["density"] == int(variant.split("-")[1]) / 100 and config["factors"] == "svd"
+        assert (
+            config["source_checksum"]
+            == "sha256:"
+            + hashlib.sha256((ROOT / name / "adapter_model.safetensors").read_bytes()).hexdigest()
+        )  # compressed from the LoRA shipped beside it
         if variant == "compeft-10":
             assert (directory / "compeft_model.safetensors").stat().st_size * 8 <= lora_file
     assert (directory / "examples.jsonl").read_text() == (ROOT / name / "examples.jsonl").read_text()

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(names, out)
     print(markdown(results))
     if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

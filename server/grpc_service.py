@@ -50,7 +50,7 @@ from server.engine.request import (
     RequestOutput,
 )
 from server.grpc_errors import AdaptersDisabled, GenerationFailed, RequestTimedOut
-from server.preparation import RequestInput, RequestPreparer
+from server.preparation import AUTO_ADAPTER, RequestInput, RequestPreparer
 from server.running_kernels import adapter_settings, kernels_info
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return prepared, tier
         except Exception as exc:
             names = (request.adapter,) if request.adapter else tuple(name for name, _ in given.mixture)
-            self._engine.record_refused(names, exc)
+            self._engine.record_refused(names, exc, AUTO_ADAPTER if request.adapter == AUTO_ADAPTER else None)
             raise
 
     async def _run(self, request: PreparedRequest, adapter_tier: str) -> AsyncGenerator[RequestOutput, None]:

@@ -7,7 +7,8 @@ gauge) is read at scrape time by a collector, so nothing here runs per token or 
 
 Requests of the base model carry the base model's name as `adapter` label (the `model` an
 OpenAI client sends for it, like vLLM's `model_name`); a refused request naming an adapter the
-server cannot serve is labelled `<unknown>`, so garbage names cannot grow the label set.
+server cannot serve is labelled `<unknown>`, so garbage names cannot grow the label set; an `auto`
+request refused before the router chose (bad sampling values, say) is labelled `auto`.
 
     loramux_requests_total{adapter,outcome}            outcome: stop | length | cancelled | error |
                                                        invalid | overloaded | unavailable

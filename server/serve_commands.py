@@ -228,6 +228,12 @@ async def _serve_until_signal(
     auth = AuthConfig(
         api_key=config.api_key, admin_token=config.admin_token, enable_admin=config.enable_admin
     )
+    # Before anything listens: a SIGTERM right after the "serving" line (a supervisor, a test) stops
+    # the server cleanly instead of killing it while the HTTP shim still starts.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     server = await serve_grpc(
         engine,
         config.host,
@@ -262,10 +268,6 @@ async def _serve_until_signal(
         except BaseException:
             await server.stop(0)
             raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     status = 0
     while not stop.is_set():
         try:

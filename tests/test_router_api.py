@@ -484,6 +484,19 @@ def test_metrics_count_routing(stack: Stack, held_out: dict[str, str]) -> None:
     assert _sample(after, "loramux_router_adapters", '{by="weights"}') == 0
 
 
+def test_a_refused_auto_request_is_counted_as_auto(stack: Stack, held_out: dict[str, str]) -> None:
+    refused = ("loramux_requests_total", '{adapter="auto",outcome="invalid"}')
+    unknown = ("loramux_requests_total", '{adapter="<unknown>",outcome="invalid"}')
+    before = stack.metrics.exposition().decode()
+    error = _refused(
+        lambda: stack.stub.Generate(_greedy(held_out["alpha"], adapter="auto", top_p=7.0), timeout=30)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in error.details()
+    after = stack.metrics.exposition().decode()
+    assert _sample(after, *refused) == _sample(before, *refused) + 1
+    assert _sample(after, *unknown) == _sample(before, *unknown)
+
+
 def test_load_with_examples_learns_and_unload_forgets(stack: Stack) -> None:
     load = pb.LoadAdapterRequest(
         name="gamma", path="spare/gamma", example_prompts=TASKS[2].prompts(20, seed=0)

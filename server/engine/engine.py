@@ -197,12 +197,16 @@ class Engine:
         """The `adapter` label of a request's metrics: the adapter(s), or the base model's name."""
         return adapter or self.info.model_name
 
-    def record_refused(self, names: tuple[str, ...], exc: Exception) -> None:
+    def record_refused(self, names: tuple[str, ...], exc: Exception, label: str | None = None) -> None:
         """Report a request for adapters `names` (() = base model) refused before it ran (here, or by
-        the servers' preparation). Reads memory only: callers may be on an event loop."""
-        adapters = self.adapters
-        known = not names or (adapters is not None and all(adapters.is_listed(name) for name in names))
-        label = self.adapter_label("+".join(names)) if known else UNKNOWN_ADAPTER  # no label per garbage name
+        the servers' preparation), under `label` if given (a request that named no adapter yet: the
+        router's `auto`), else its adapters'. Reads memory only: callers may be on an event loop."""
+        if label is None:
+            adapters = self.adapters
+            known = not names or (adapters is not None and all(adapters.is_listed(name) for name in names))
+            label = (
+                self.adapter_label("+".join(names)) if known else UNKNOWN_ADAPTER
+            )  # no label per garbage name
         self.events.request_refused(label, _refusal_outcome(exc))
 
     def stats(self) -> EngineStats:

@@ -17,7 +17,10 @@ Parts (`--parts`, default all), each printed as JSON lines and summarized at the
   prompts are generated again with what `auto` chose).
 - `growth`: synthetic tasks (tasks/synthetic.py) added one by one up to `--max-adapters`:
   steps, head rows trained per step, calibration examples and seconds per add, top-1 accuracy
-  over all tasks so far and over the first two.
+  over all tasks so far and over the first two; and the time to save the tables after each add,
+  as the server does (`save_s`: one TableFiles kept, only the new adapter's file written) beside
+  rewriting every adapter's file (`save_all_s`, a fresh TableFiles each time: what one-file
+  tables cost), with the bytes each wrote.
 - `weights`: weight-only routing (Arrow prototypes, no examples) per demo task, beside the selector.
 - `cost`: routing time per request against the prefill time of the same prompt (our model, on the
   benchmark's threads), over the held-out prompts; and routing as served, on one intra-op thread
@@ -53,6 +56,7 @@ from server.preparation import RequestInput, RequestPreparer
 from server.prompts import PromptInput, chat_prompt_ids
 from server.router.features import FeatureReader, chat_template_edges
 from server.router.router import Router, StoreSource
+from server.router.state import TableFiles
 from tasks import TASK_NAMES, get_task
 from tasks.synthetic import synthetic_tasks
 
@@ -336,10 +340,15 @@ def growth(setup: Setup, max_adapters: int) -> None:
     router = setup.router(["*"])
     test = {t.name: [setup.render(p) for p in t.prompts(20, seed=1)] for t in tasks}
     checkpoints = {2, 4, 8, 16, 32, 64, 128, max_adapters}
+    directory = Path(tempfile.mkdtemp(prefix="loramux-router-bench-"))
+    kept = TableFiles(directory / "kept" / "router.safetensors")
     for count, task in enumerate(tasks, start=1):
         started = time.perf_counter()
         report = router.learn(task.name, task.prompts(40, seed=0))
         seconds = time.perf_counter() - started
+        save_s, save_bytes = _timed_save(kept, router)
+        shutil.rmtree(directory / "all", ignore_errors=True)
+        save_all_s, save_all_bytes = _timed_save(TableFiles(directory / "all" / "router.safetensors"), router)
         row: dict[str, Any] = {
             "part": "growth",
             "adapters": count,
@@ -349,6 +358,10 @@ def growth(setup: Setup, max_adapters: int) -> None:
             "calibration": report.calibration,
             "train_s": round(report.seconds, 3),
             "add_s": round(seconds, 3),
+            "save_s": round(save_s, 4),
+            "save_bytes": save_bytes,
+            "save_all_s": round(save_all_s, 4),
+            "save_all_bytes": save_all_bytes,
         }
         if count in checkpoints and count >= 2:
 
@@ -359,6 +372,18 @@ def growth(setup: Setup, max_adapters: int) -> None:
             seen = [t.name for t in tasks[:count]]
             row |= {"top1_all": top1(seen), "top1_first_two": top1(seen[:2])}
         emit(row)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _timed_save(files: TableFiles, router: Router) -> tuple[float, int]:
+    """Seconds to save the router's tables into `files`, and the bytes of the files it wrote."""
+    folder = files.path.parent
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+    started = time.perf_counter()
+    files.save(router.tables, router.state_key())
+    seconds = time.perf_counter() - started
+    written = [p for p in folder.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+    return seconds, sum(p.stat().st_size for p in written)
 
 
 # -- weights -------------------------------------------------------------------------------------

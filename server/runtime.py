@@ -7,7 +7,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -152,7 +151,6 @@ def build_router(engine: Engine, config: ServerConfig) -> Router | None:
     (None when adapters are off or the router is disabled). Call `reconcile()` before relying on it."""
     from server.router.features import FeatureReader, chat_template_edges
     from server.router.router import Router, StoreSource
-    from server.router.state import load_tables
 
     settings = config.router
     if engine.adapters is None or not settings.enabled:
@@ -165,8 +163,5 @@ def build_router(engine: Engine, config: ServerConfig) -> Router | None:
     edges = chat_template_edges(lambda content: chat_prompt_ids(tokenizer, [("user", content)]))
     reader = FeatureReader(engine.model, settings.layer, edges)
     router = Router(engine.info.model_name, reader, tokenizer, StoreSource(engine.adapters.store), settings)
-    assert settings.state_path is not None
-    saved = load_tables(Path(settings.state_path), router.state_key(), reader.dim)
-    if saved is not None:
-        router.tables = saved
+    router.restore()
     return router

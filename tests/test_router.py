@@ -40,7 +40,7 @@ from server.router.selector import (
     Selector,
     cross_entropy_gradient,
 )
-from server.router.state import load_tables, save_tables
+from server.router.state import TableFiles
 from tasks import TASK_NAMES, get_task
 from tasks.synthetic import synthetic_tasks
 
@@ -423,9 +423,8 @@ def test_tables_are_saved_reloaded_and_reconciled(smol: Any, tmp_path: Path) -> 
     before = router.route(prompt)
 
     again = _router(smol, root, ("*",), state)
-    saved = load_tables(state, again.state_key(), again.reader.dim)
-    assert saved is not None
-    again.tables = saved
+    assert again.restore()
+    saved = again.tables
     after = again.route(prompt)
     assert [(c.adapter, round(c.score, 5)) for c in after.candidates] == [
         (c.adapter, round(c.score, 5)) for c in before.candidates
@@ -447,11 +446,10 @@ def test_tables_are_saved_reloaded_and_reconciled(smol: Any, tmp_path: Path) -> 
     assert {(c.adapter, c.by) for c in mixed.candidates} == {("arith", "examples"), ("sentiment", "weights")}
     assert sum(c.score for c in mixed.candidates) == pytest.approx(1.0, abs=1e-5)
     # another model or setting: the saved tables are not used
-    assert load_tables(state, {**again.state_key(), "layer": 5}, again.reader.dim) is None
-    save_tables(state, again.tables, again.state_key())
-    assert load_tables(state, again.state_key(), again.reader.dim) is not None
+    assert TableFiles(state).load({**again.state_key(), "layer": 5}, again.reader.dim) is None
+    assert TableFiles(state).load(again.state_key(), again.reader.dim) is not None
     state.with_suffix(".safetensors").write_bytes(b"garbage")
-    assert load_tables(state, again.state_key(), again.reader.dim) is None
+    assert TableFiles(state).load(again.state_key(), again.reader.dim) is None
 
 
 def test_a_reconcile_stopped_by_a_shutdown_returns_after_its_adapter_and_publishes_nothing(

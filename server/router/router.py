@@ -49,7 +49,7 @@ from server.router.prototypes import (
     calibrated,
 )
 from server.router.selector import LearnReport, Selector
-from server.router.state import save_tables
+from server.router.state import TableFiles
 from server.router.tables import Known, Tables
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,15 @@ class Router:
         self._lock = threading.Lock()  # one learner at a time; `route` never takes it
         self._stopping = threading.Event()
         self.tables = Tables(Selector(reader.dim))
+        self._files = TableFiles(Path(config.state_path)) if config.state_path is not None else None
+
+    def restore(self) -> bool:
+        """Read the tables saved at `config.state_path` back (at start, before `reconcile`); False
+        when there are none to reuse (none saved, unreadable, another model or setting)."""
+        saved = self._files.load(self.state_key(), self.reader.dim) if self._files is not None else None
+        if saved is not None:
+            self.tables = saved
+        return saved is not None
 
     def stop(self) -> None:
         """The server is shutting down: a reconcile under way returns after the adapter it is on,
@@ -299,8 +308,8 @@ class Router:
 
     def _publish(self, tables: Tables) -> None:
         self.tables = tables
-        if self.config.state_path is not None:
-            save_tables(Path(self.config.state_path), tables, self.state_key())
+        if self._files is not None:
+            self._files.save(tables, self.state_key())
 
     def state_key(self) -> dict[str, Any]:
         """What saved tables must match to be reused: the model and how prompts are read."""

@@ -166,6 +166,21 @@ _LOAD_LOCK = threading.Lock()  # a library registers its op namespace once per p
 _REFUSED: list[str] = []  # why a loaded library must not be used (it cannot be unloaded)
 
 
+def take_intra_op_threads() -> int:
+    """Fix the calling thread's intra-op thread count now, in torch and in these kernels alike; returns it.
+
+    ATen gives each thread the process-wide count (`torch.set_num_threads`) on its first parallel
+    call, once per library that inlines at::parallel_for: these kernels keep their own "taken" flag.
+    A thread that took its count in torch alone gets the process-wide count of a later moment on its
+    first kernel call: the engine thread ran on one thread for good after a helper thread lowered
+    the process-wide count for itself (server/engine/threads.py). Call this first on any thread that
+    runs torch and must keep its count."""
+    count = torch.get_num_threads()
+    if is_loaded():
+        torch.ops.loramux_cpu.intra_op_threads()
+    return count
+
+
 def load(build_dir: Path | None = None) -> None:
     """Build if needed and register torch.ops.loramux_cpu in this process (raises CpuExtensionError)."""
     with _LOAD_LOCK:

@@ -49,6 +49,7 @@ from server.engine.request import (
     PreparedRequest,
     RequestOutput,
 )
+from server.engine.threads import one_intra_op_thread
 from server.grpc_errors import AdaptersDisabled, GenerationFailed, RequestTimedOut
 from server.preparation import AUTO_ADAPTER, RequestInput, RequestPreparer
 from server.running_kernels import adapter_settings, kernels_info
@@ -106,13 +107,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # One thread: preparing (tokenizing, looking at adapter roots, routing) stays off the event
         # loop and never runs concurrently.
         self._prepare_thread = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="loramux-prepare", initializer=_one_intra_op_thread
+            max_workers=1, thread_name_prefix="loramux-prepare", initializer=one_intra_op_thread
         )
         # One thread: LoadAdapter / UnloadAdapter read files and run one at a time, in arrival order.
-        self._adapter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-rpc")
+        self._adapter_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="loramux-adapter-rpc", initializer=one_intra_op_thread
+        )
         # One thread: the router learns (seconds) and forgets, in arrival order.
         self._router_thread = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="loramux-router", initializer=_one_intra_op_thread
+            max_workers=1, thread_name_prefix="loramux-router", initializer=one_intra_op_thread
         )
 
     @property
@@ -349,16 +352,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if self._engine.adapters is not None:
             info.adapter_settings.CopyFrom(adapter_settings(self._engine.adapters))
         return info
-
-
-def _one_intra_op_thread() -> None:
-    """Run this helper thread's torch ops (the router's) on itself alone. libgomp keeps an OpenMP
-    pool per thread that runs parallel torch code, and once the pools hold more threads than there
-    are CPUs the engine's stop spin-waiting and every step slows down (server/runtime.py). Thread
-    counts are per thread in libgomp, so the engine thread keeps its own (it set it at start)."""
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _routing(prepared: PreparedRequest) -> pb.RouteResponse | None:

@@ -19,7 +19,18 @@
 
 using namespace loramux::cpu_kernels;
 
+// This thread's intra-op thread count, taken now in this library. ATen takes a thread's count
+// lazily and once per library: at::parallel_for is inlined here with its own "taken" flag, so a
+// thread's first call into these kernels applies the process-wide torch.set_num_threads count of
+// that moment to the thread, whatever the thread set for itself through torch. Calling this at a
+// thread's start (kernels/cpu_extension.py take_intra_op_threads) fixes its count in both.
+int64_t intra_op_threads() {
+  at::internal::lazy_init_num_threads();
+  return at::get_num_threads();
+}
+
 TORCH_LIBRARY(loramux_cpu, m) {
+  m.def("intra_op_threads() -> int", &intra_op_threads);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def(

@@ -35,6 +35,7 @@ from adapters_store.host_cache import HostCacheStats
 from adapters_store.store import StoredAdapter
 from server.engine.events import AdapterSnapshot, EngineEvents, NoEvents
 from server.engine.sequence import Sequence as EngineSequence
+from server.engine.threads import one_intra_op_thread
 from server.model.llama import LlamaModel
 
 # The model's adapted linears, as fused projection groups in output order.
@@ -67,7 +68,11 @@ class AdapterManager:
         self.store = store
         self.slots = slots
         self.events: EngineEvents = NoEvents()  # the engine sets its own
-        self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="loramux-adapter-load")
+        # Torch on one thread each (threads.one_intra_op_thread): a MoS adapter's materialization
+        # with the engine's count left pools that slowed every later step.
+        self._loader = ThreadPoolExecutor(
+            loader_threads, thread_name_prefix="loramux-adapter-load", initializer=one_intra_op_thread
+        )
         self._lock = threading.Lock()
         self._in_flight: dict[str, Future[ReadyAdapter]] = {}  # name -> its load, only while it runs
         self._served: Counter[str] = Counter()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store import AdapterError
+from kernels.cpu_extension import take_intra_op_threads
 from server.config import EngineConfig
 from server.engine.adapters import AdapterManager
 from server.engine.detokenizer import Detokenizer
@@ -145,7 +146,8 @@ class Engine:
         self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting)
         # Set by server.runtime on CPU: fewer intra-op threads while other processes contend.
         self.governor: ThreadGovernor | None = None
-        self._threads = 0  # the engine thread's intra-op threads, once it runs (snapshots show it)
+        self._threads = 0  # the engine thread's intra-op threads, read after every step (snapshots show it)
+        self._took_threads = threading.Event()
 
     # ---- caller side (any thread) -------------------------------------------------------------
 
@@ -156,6 +158,9 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
         self._thread.start()
+        # Helper threads lower the process-wide count for themselves (threads.one_intra_op_thread):
+        # the engine thread must have taken its own before the first request can start one.
+        self._took_threads.wait()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still in flight are finished with CANCELLED."""
@@ -224,7 +229,7 @@ class Engine:
             running_adapters=running,
             waiting_adapters=waiting,
             adapters=self.adapters.snapshot() if self.adapters is not None else None,
-            threads=self.governor.current if self.governor is not None else self._threads,
+            threads=self._threads,
         )
 
     def _sequence(self, request: PreparedRequest, sink: Sink) -> Sequence:
@@ -253,9 +258,12 @@ class Engine:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # ATen sets this thread's OpenMP thread count on its first parallel call, from the
-        # process-wide torch.set_num_threads (server/runtime.py); this reads it from here.
-        self._threads = torch.get_num_threads()
+        # ATen sets this thread's OpenMP thread count on its first parallel call in each library,
+        # from the process-wide torch.set_num_threads (server/runtime.py): take it now in all.
+        try:
+            self._threads = take_intra_op_threads()
+        finally:
+            self._took_threads.set()  # start() waits for it
         log.info("engine thread: %d intra-op threads", self._threads)
         try:
             while not self._stopping:
@@ -266,6 +274,7 @@ class Engine:
                     self.events.step_finished(time.perf_counter() - started)
                     if self.governor is not None:
                         self.governor.tick()
+                    self._threads = torch.get_num_threads()  # what the next step runs on, as it is
                 self._publish_lora_state()
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine thread failed")

@@ -11,6 +11,9 @@ pressure stays high; when it falls it gives the engine all its threads back.
 
 It runs on the engine thread (thread counts are per thread in libgomp) and costs one small procfs
 read per window. Where the kernel has no PSI it does nothing. It knows nothing of the model.
+
+Helper threads that run torch beside the engine (adapter loads, preparation, the router) run it on
+one thread each: `one_intra_op_thread` as their executor's initializer.
 """
 
 from __future__ import annotations
@@ -21,6 +24,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def one_intra_op_thread() -> None:
+    """Run the calling helper thread's torch ops on that thread alone (a ThreadPoolExecutor initializer).
+
+    libgomp keeps an OpenMP worker pool for every thread that ran parallel torch code, and once
+    the pools hold more threads than there are CPUs the engine's threads stop spin-waiting between
+    parallel regions: every engine step is slower from then on (server/runtime.py). One MoS adapter
+    prepared on a loader thread with two intra-op threads made each later decode step of a batch of
+    32 about 1.35x slower on 2 cores (bench/RESULTS.md, "Helper threads").
+
+    Thread counts are per thread in libgomp, but torch.set_num_threads also sets the process-wide
+    count that each thread takes on its first parallel call in each library: the engine thread
+    takes its own in torch and in the fused kernels before Engine.start() returns
+    (kernels.cpu_extension.take_intra_op_threads), so this cannot reach it; threads that start
+    later without calling this inherit 1."""
+    import torch
+
+    from kernels.cpu_extension import take_intra_op_threads
+
+    torch.set_num_threads(1)
+    take_intra_op_threads()
+
 
 CPU_PRESSURE = Path("/proc/pressure/cpu")
 

@@ -164,8 +164,8 @@ class BackgroundReconciler:
     """Brings the router's tables in line with the adapters on a thread of its own (seconds to a
     minute); "auto" routes meanwhile with the tables it has. Then, every `rescan_s`, adapters added
     to or removed from the roots are learned or forgotten (a listing of the roots when nothing
-    changed). The watching thread runs no torch; each reconcile runs on a thread that ends with it,
-    so no OpenMP pool outlives its work (server/runtime.py says why that matters). `stop()` ends
+    changed). The watching thread runs no torch; each reconcile runs its torch on one intra-op
+    thread (server/engine/threads.py), on a thread that ends with it. `stop()` ends
     both before the server exits: a process that exits while a reconcile runs torch is aborted
     by the C++ runtime ("terminate called without an active exception")."""
 
@@ -184,7 +184,10 @@ class BackgroundReconciler:
             logger.warning("router: a reconcile is still running after %.0f s; exiting anyway", timeout_s)
 
     def _reconcile(self, names: set[str] | None) -> None:
+        from server.engine.threads import one_intra_op_thread
+
         try:
+            one_intra_op_thread()  # beside the engine's threads, never taking them (threads.py)
             self.router.reconcile(names)
         except Exception:
             logger.exception(

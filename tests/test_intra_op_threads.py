@@ -79,7 +79,12 @@ def test_a_helper_lowering_its_count_leaves_the_engine_threads(
     try:
         assert engine.snapshot().threads == 2
         with ThreadPoolExecutor(1, initializer=one_intra_op_thread) as helper:
-            # the helper runs torch and the fused kernels on itself alone ...
+            helper.submit(torch.get_num_threads).result()  # started: its initializer ran
+            # another thread raises the process-wide count (as the governor does on the engine
+            # thread); the helper still runs torch and the fused kernels on itself alone ...
+            raiser = threading.Thread(target=torch.set_num_threads, args=(2,))
+            raiser.start()
+            raiser.join()
             counts = helper.submit(
                 lambda: (torch.get_num_threads(), torch.ops.loramux_cpu.intra_op_threads())
             )

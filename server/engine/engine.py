@@ -146,6 +146,9 @@ class Engine:
         self._lora_state: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (running, waiting)
         # Set by server.runtime on CPU: fewer intra-op threads while other processes contend.
         self.governor: ThreadGovernor | None = None
+        # The engine thread runs on the intra-op thread count of the thread that built the engine
+        # (build_engine sets it from --threads); no other thread's count reaches it (threads.py).
+        self._wanted_threads = torch.get_num_threads()
         self._threads = 0  # the engine thread's intra-op threads, read after every step (snapshots show it)
         self._took_threads = threading.Event()
 
@@ -258,14 +261,14 @@ class Engine:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # ATen sets this thread's OpenMP thread count on its first parallel call in each library,
-        # from the process-wide torch.set_num_threads (server/runtime.py): take it now in all.
         try:
-            self._threads = take_intra_op_threads()
-        finally:
-            self._took_threads.set()  # start() waits for it
-        log.info("engine thread: %d intra-op threads", self._threads)
-        try:
+            # ATen gives a thread the process-wide count on its first parallel call in each library
+            # (torch, the fused kernels): take it in all now, then set this thread's own.
+            take_intra_op_threads()
+            torch.set_num_threads(self._wanted_threads)
+            self._threads = torch.get_num_threads()
+            self._took_threads.set()
+            log.info("engine thread: %d intra-op threads", self._threads)
             while not self._stopping:
                 self._drain_inbox(block=not self.scheduler.can_step)
                 if self.scheduler.has_work and not self._stopping:
@@ -281,6 +284,7 @@ class Engine:
             self._failure = exc
             self._stopping = True
         finally:
+            self._took_threads.set()  # start() waits for it, also when taking the threads failed
             error = repr(self._failure) if self._failure else None
             reason = FinishReason.ERROR if self._failure else FinishReason.CANCELLED
             self._deliver(self.scheduler.close(reason, error))

@@ -36,16 +36,16 @@ def one_intra_op_thread() -> None:
     32 about 1.35x slower on 2 cores (bench/RESULTS.md, "Helper threads").
 
     Thread counts are per thread in libgomp, but torch.set_num_threads also sets the process-wide
-    count that each thread takes on its first parallel call in each library: the engine thread
-    takes its own in torch and in the fused kernels before Engine.start() returns
-    (kernels.cpu_extension.take_intra_op_threads), so this cannot reach it; threads that start
-    later without calling this inherit 1."""
+    count that a thread takes on its first parallel call in each library (torch, the fused
+    kernels). So the count is taken in both first (kernels.cpu_extension.take_intra_op_threads),
+    and only then set: a later call into either library cannot change it back. The engine thread
+    does the same with its own count before Engine.start() returns, so no helper reaches it."""
     import torch
 
     from kernels.cpu_extension import take_intra_op_threads
 
-    torch.set_num_threads(1)
     take_intra_op_threads()
+    torch.set_num_threads(1)
 
 
 CPU_PRESSURE = Path("/proc/pressure/cpu")

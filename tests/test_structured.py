@@ -12,6 +12,7 @@ go through the official `openai` client and a gRPC stub.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -482,3 +483,33 @@ def test_structured_output_over_grpc(servers: OpenAIServers) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             stub.Generate(off, timeout=60)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_grammar_bench_reports_a_failed_request_instead_of_waiting() -> None:
+    """bench/grammar_bench.run_batch: sinks run on the engine thread, which swallows what they raise;
+    a failed request must still end the wait and fail the run, not leave it waiting forever."""
+    from types import SimpleNamespace
+
+    from bench.grammar_bench import run_batch
+
+    class EngineThread:  # delivers on a thread of its own, dropping what a sink raises, as Engine does
+        def submit(self, request: str, sink: Any) -> None:
+            def deliver() -> None:
+                with contextlib.suppress(Exception):
+                    sink(SimpleNamespace(token_ids=[1, 2], finished=True, error=request or None))
+
+            threading.Thread(target=deliver).start()
+
+    outcome: list[BaseException | float] = []
+
+    def bench() -> None:
+        try:
+            outcome.append(run_batch(EngineThread(), ["", "grammar refused"]))
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=bench, daemon=True)
+    runner.start()
+    runner.join(10)
+    assert outcome and isinstance(outcome[0], RuntimeError), outcome
+    assert "1 of 2" in str(outcome[0]) and "grammar refused" in str(outcome[0])

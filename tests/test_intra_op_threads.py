@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,12 +20,11 @@ import pytest
 import torch
 
 from bench import make_adapters_bench as make_adapters
+from bench.engine_bench import run_engine
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
-from server.engine.request import SamplingParams
 from server.engine.threads import one_intra_op_thread
 from server.runtime import build_engine
-from tests.conftest import prepare
 from tests.cpu_kernels import require_compiler
 
 
@@ -57,18 +55,7 @@ def _engine(model_dir: Path, root: Path | None) -> Engine:
 
 
 def _generate(engine: Engine, adapter: str = "") -> None:
-    done = threading.Event()
-    errors: list[str] = []
-
-    def sink(out: Any) -> None:
-        if out.finished:
-            if out.error:
-                errors.append(out.error)
-            done.set()
-
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    engine.submit(prepare(engine, f"t-{time.monotonic_ns()}", [5, 6, 7, 8, 9], params, adapter), sink)
-    assert done.wait(60) and not errors, errors
+    run_engine(engine, [[5, 6, 7, 8, 9]], 4, [adapter])  # raises when the request failed
 
 
 def test_a_helper_lowering_its_count_leaves_the_engine_threads(

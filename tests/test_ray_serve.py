@@ -199,6 +199,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _init_ray(attempts: int = 3) -> None:
+    """A local Ray instance, tried again when its node does not come up. Ray forks its GCS and
+    raylet with a Python preexec_fn, which can deadlock in the child of a process with many threads
+    (this one, by the end of the suite): the raylet never starts and ray.init gives up after 30 s
+    ("The current node timed out during startup"; 3 of ~7 full runs on 2026-12-04, never alone)."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(  # "local": a new instance, never one a failed attempt or anyone else left
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                object_store_memory=80 * 2**20,
+                log_to_driver=False,
+            )
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            ray.shutdown()  # kills what it started, the stuck child included
+            if "timed out during startup" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster(dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The application on a local Ray instance: its URL."""
@@ -210,7 +233,7 @@ def cluster(dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     from server.ray_serve.app import application
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    _init_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServerConfig(

@@ -7,7 +7,11 @@ fits). A slot is pinned while any running request uses it and is never overwritt
 unpinned slot keeps its adapter (a later request for it costs nothing) until the least recently
 used one of its pool is needed for another adapter.
 
-Threads: `prepare` (the device-ready form) runs on the loader threads; `acquire` reserves a slot
+Threads: `prepare` (the device-ready form) runs on the loader threads, and so does `resident`,
+which stands in for it while a current slot holds that very version: a request for an adapter
+already in a slot then costs no decode or copy at all. Should that slot be taken for another
+adapter before the request is admitted, `acquire` raises `NotResident` and the caller prepares
+the form after all. `acquire` reserves a slot
 under the lock, copies OUTSIDE it and then publishes the slot (only the engine thread acquires, so
 only it fills); RPC threads invalidate and list without waiting for a copy. `step` builds each
 step's metadata once: the (slot, weight) pairs of every token split per pool into local slot ids,
@@ -44,12 +48,21 @@ def adapter_key(adapter: LoadedAdapter) -> AdapterKey:
 
 @dataclass(frozen=True, eq=False)
 class ReadyAdapter:
-    """An adapter prepared for one pool (DeviceSlots.prepare): acquire only copies `form`."""
+    """An adapter prepared for one pool (DeviceSlots.prepare): acquire only copies `form`. No form
+    (DeviceSlots.resident): a slot held this version when it was asked for, acquire only pins it."""
 
     adapter: LoadedAdapter
     key: AdapterKey
     pool: int  # index into DeviceSlots.pools
-    form: DeviceForm
+    form: DeviceForm | None
+
+
+class NotResident(Exception):
+    """`acquire` was given no form (`resident`) and no current slot holds that version any more."""
+
+    def __init__(self, ready: ReadyAdapter) -> None:
+        super().__init__(f"adapter {ready.key[0]!r} left its device slot before it was acquired")
+        self.ready = ready
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,15 +205,30 @@ class DeviceSlots:
         form = self.pools[best].prepare(adapter)
         return ReadyAdapter(adapter=adapter, key=adapter_key(adapter), pool=best, form=form)
 
+    def resident(self, adapter: LoadedAdapter) -> ReadyAdapter | None:
+        """What `prepare` would give, without its form, while a current (not stale) slot holds this
+        version of `adapter`; None otherwise (any thread). Nothing is pinned: by the time it is
+        acquired the slot may have gone to another adapter (then `acquire` raises NotResident)."""
+        key = adapter_key(adapter)
+        with self._lock:
+            slot = self._slot_of.get(key)
+            if slot is None:
+                return None
+            pool = self._pool_of[slot]
+        return ReadyAdapter(adapter=adapter, key=key, pool=pool, form=None)
+
     def acquire(self, ready: ReadyAdapter) -> int | None:
         """Pin a slot holding the prepared adapter, copying it in when needed (engine thread only);
-        None when every slot of its pool is pinned."""
+        None when every slot of its pool is pinned. NotResident when `ready` has no form and no
+        slot holds it now."""
         with self._lock:
             slot = self._slot_of.get(ready.key)
             if slot is not None:
                 self._pins[slot] += 1
                 self._idle[self._pool_of[slot]].pop(slot, None)
                 return slot
+            if ready.form is None:
+                raise NotResident(ready)
             slot = self._take_idle_slot(ready.pool)
             if slot is None:
                 return None

@@ -134,8 +134,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         with access_logged(api_of(context.invocation_metadata()), "unary") as record:
-            prepared, tier = await self._prepare(request, record)
-            async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
+            prepared, tier, loads = await self._prepare(request, record)
+            async with contextlib.aclosing(self._run(prepared, tier, loads)) as outputs:
                 parts = [output async for output in outputs]
             record.saw(parts[-1])
         return convert.response_to_pb(prepared.request_id, parts, prepared.adapters.label, _routing(prepared))
@@ -144,11 +144,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamChunk]:
         with access_logged(api_of(context.invocation_metadata()), "stream") as record:
-            prepared, tier = await self._prepare(request, record)
+            prepared, tier, loads = await self._prepare(request, record)
             # aclosing: if the client goes away while a chunk is in flight, the engine request is
             # aborted when this generator is closed, not whenever the inner one is collected.
             routing = _routing(prepared)  # on the first chunk only
-            async with contextlib.aclosing(self._run(prepared, tier)) as outputs:
+            async with contextlib.aclosing(self._run(prepared, tier, loads)) as outputs:
                 async for output in outputs:
                     record.saw(output)
                     yield convert.chunk_to_pb(output, prepared.adapters.label, routing)
@@ -156,11 +156,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _prepare(
         self, request: pb.GenerateRequest, record: AccessRecord
-    ) -> tuple[PreparedRequest, str]:
-        """Prepare a request off the event loop and wait for its adapters' host loads; raises
+    ) -> tuple[PreparedRequest, str, tuple[Future[Any], ...]]:
+        """Prepare a request off the event loop and wait for its adapters' loads; raises
         InvalidRequest and friends (and counts the refusal in the engine's metrics). Also returns
-        where its adapters were before those loads (the answer's `adapter_tier`); `record` (the
-        access log's) learns the request id and adapter label as soon as they are known."""
+        where its adapters were before those loads (the answer's `adapter_tier`) and the loads (the
+        engine takes them over: nothing is prepared twice); `record` (the access log's) learns the
+        request id and adapter label as soon as they are known."""
         record.request_id = request.request_id or "-"
         record.adapter = request.adapter or "+".join(entry.name for entry in request.adapters) or "-"
         given = RequestInput(
@@ -181,17 +182,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._router_events.request_routed(label, prepared.routing.reason, prepared.routing.seconds)
             names = prepared.adapters.names
             tier = self._adapter_manager().tier(names) if names else ""  # before the loads below
-            for name in names:  # the engine's loader threads read the files
-                await _wait_shared(self._adapter_manager().prefetch(name))  # a refused adapter raises
-            return prepared, tier
+            loads = tuple(self._adapter_manager().prefetch(name) for name in names)  # on its loader threads
+            for load in loads:
+                await _wait_shared(load)  # a refused adapter raises
+            return prepared, tier, loads
         except Exception as exc:
             names = (request.adapter,) if request.adapter else tuple(name for name, _ in given.mixture)
             self._engine.record_refused(names, exc, AUTO_ADAPTER if request.adapter == AUTO_ADAPTER else None)
             raise
 
-    async def _run(self, request: PreparedRequest, adapter_tier: str) -> AsyncGenerator[RequestOutput, None]:
-        """Submit `request` (its adapters found in `adapter_tier`) and yield its outputs until the
-        finished one; abort if left early."""
+    async def _run(
+        self, request: PreparedRequest, adapter_tier: str, adapter_loads: tuple[Future[Any], ...]
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Submit `request` (its adapters found in `adapter_tier`, loaded by `adapter_loads`) and
+        yield its outputs until the finished one; abort if left early."""
         request_id = request.request_id
         if request_id in self._live_request_ids:
             raise InvalidRequest(
@@ -210,7 +214,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finished = False
         deadline = loop.time() + self._request_timeout_s if self._request_timeout_s > 0 else None
         try:
-            handle = self._engine.submit(request, sink, adapter_tier=adapter_tier)
+            handle = self._engine.submit(
+                request, sink, adapter_tier=adapter_tier, adapter_loads=adapter_loads
+            )
             while not finished:
                 output = await self._next_output(queue, deadline)
                 finished = output.finished

@@ -377,3 +377,71 @@ def test_smollm2_with_an_adapter_equals_peft(smollm2_dir, tokenizer, tmp_path) -
         assert with_adapter.tokens != base.tokens  # the adapter really changes the output
     finally:
         engine.shutdown()
+
+
+class _Prepares:
+    """Counts DeviceSlots.prepare per adapter name (wrapping the engine's own)."""
+
+    def __init__(self, engine: Engine) -> None:
+        assert engine.adapters is not None
+        self.slots = engine.adapters.slots
+        self.counts: dict[str, int] = {}
+        prepare = self.slots.prepare
+
+        def counted(adapter: Any) -> Any:
+            self.counts[adapter.name] = self.counts.get(adapter.name, 0) + 1
+            return prepare(adapter)
+
+        self.slots.prepare = counted  # type: ignore[method-assign]
+
+
+def test_an_adapter_in_a_device_slot_is_not_prepared_again(setup, peft_model) -> None:
+    engine = _engine(setup, max_slots=2)
+    try:
+        prepares = _Prepares(engine)
+        prompt = [11, 12, 13, 14]
+        expected = _peft_greedy(peft_model, "all8", prompt, 12)
+        for i in range(3):
+            assert submit(engine, f"again-{i}", prompt, GREEDY, adapter="all8").wait().tokens == expected
+        wait_idle(engine)
+        stats = engine.adapters.slots.stats() if engine.adapters else None
+        assert prepares.counts == {"all8": 1}  # its form was decoded once, for the first request
+        assert stats is not None and stats.loads == 1 and stats.pinned == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_slot_taken_between_load_and_admission_prepares_the_form_again(setup, peft_model) -> None:
+    # One device slot, one running request. qv4 sits in the slot; a long base-model request holds
+    # the only KV slot while requests for all8 and then qv4 arrive: qv4's load finds it in its slot
+    # (no form), then all8 is admitted first and takes that slot. qv4's request must be prepared
+    # again on the loader and still get PEFT's answer, not fail and not stall.
+    engine = _engine(setup, max_slots=1, max_running=1, max_model_len=4096)
+    try:
+        prepares = _Prepares(engine)
+        prompt = [21, 22, 23, 24, 25]
+        expected = {n: _peft_greedy(peft_model, n, prompt, 12) for n in ("qv4", "all8")}
+        assert submit(engine, "first", prompt, GREEDY, adapter="qv4").wait().tokens == expected["qv4"]
+        base = submit(
+            engine,
+            "base",
+            prompt,
+            SamplingParams(max_tokens=engine.info.max_model_len - len(prompt), ignore_eos=True),
+        )
+        while not base.outputs:
+            time.sleep(0.005)
+        other = submit(engine, "other", prompt, GREEDY, adapter="all8")
+        late = submit(engine, "late", prompt, GREEDY, adapter="qv4")
+        deadline = time.monotonic() + 30
+        while not (other.handle.loads_done and late.handle.loads_done) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert late.handle.adapter_loads[0].result().form is None  # found in its slot
+        assert not base.done.is_set()  # so neither was admitted yet
+        engine.abort(base.handle)
+        assert other.wait().tokens == expected["all8"]
+        assert late.wait().tokens == expected["qv4"]
+        wait_idle(engine)
+        assert prepares.counts == {"qv4": 2, "all8": 1}
+        assert engine.adapters is not None and engine.adapters.slots.stats().pinned == 0
+    finally:
+        engine.shutdown()

@@ -133,6 +133,32 @@ def test_generate_with_an_adapter_gives_pefts_greedy_tokens(
         assert {chunk.adapter for chunk in chunks} == {name}
 
 
+def test_each_request_prepares_its_adapter_once_and_a_resident_one_not_at_all(
+    stub: pb_grpc.InferenceStub,
+    engine: Engine,
+    dirs: dict[str, Path],
+    peft_greedy: Callable[[str | None], list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The service loads a request's adapters before submitting it (to refuse a bad one with its
+    # own status); the engine takes those loads over instead of starting its own.
+    _save_adapter(dirs["base"], dirs["root"] / "once", KO2, seed=6)
+    assert engine.adapters is not None
+    slots = engine.adapters.slots
+    prepared: list[str] = []
+    prepare = slots.prepare
+
+    def counted(adapter: Any) -> Any:
+        prepared.append(adapter.name)
+        return prepare(adapter)
+
+    monkeypatch.setattr(slots, "prepare", counted)
+    first = stub.Generate(_greedy(adapter="once"), timeout=60)
+    assert list(first.token_ids) == peft_greedy("once") and prepared == ["once"]
+    second = stub.Generate(_greedy(adapter="once"), timeout=60)  # in its device slot now
+    assert list(second.token_ids) == peft_greedy("once") and prepared == ["once"]
+
+
 def test_unknown_and_malformed_adapter_names_are_not_found(stub: pb_grpc.InferenceStub) -> None:
     stream = lambda request, timeout: list(stub.GenerateStream(request, timeout=timeout))  # noqa: E731
     for rpc in (stub.Generate, stream):

@@ -18,7 +18,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -132,6 +134,7 @@ class Engine:
         self.events: EngineEvents = events if events is not None else NoEvents()
         if adapters is not None:
             adapters.events = self.events
+            adapters.wake = lambda: self._inbox.put(_Wake())
         self.scheduler = Scheduler(config, self.kv, max_len, frozenset(self.eos_token_ids), adapters)
         sampler = Sampler(torch.Generator().manual_seed(int(time.time_ns() % 2**63)))
         logprobs = Logprobs(TokenTexts(self._tokenizer))  # token texts on the engine thread only
@@ -174,21 +177,31 @@ class Engine:
         if self.adapters is not None:
             self.adapters.shutdown()
 
-    def submit(self, request: PreparedRequest, sink: Sink, adapter_tier: str | None = None) -> RequestHandle:
+    def submit(
+        self,
+        request: PreparedRequest,
+        sink: Sink,
+        adapter_tier: str | None = None,
+        adapter_loads: tuple[Future[Any], ...] | None = None,
+    ) -> RequestHandle:
         """Queue a prepared request; raises EngineOverloaded or EngineUnavailable at once.
 
         The handle it returns is what `abort` takes. Its outputs carry where its adapters were when it
         arrived (`RequestOutput.adapter_tier`): the `adapter_tier` given by a caller that looked
         before it started loads of its own (the gRPC service reads adapters into the host tier before
         it submits), else what `AdapterManager.tier` says as the request is accepted, before its
-        loads start.
+        loads start. `adapter_loads`: those loads (`AdapterManager.prefetch` of each of the request's
+        adapter names, in order), so that no adapter is read and prepared twice for one request.
         """
+        names = request.adapters.names
+        if adapter_loads is not None and len(adapter_loads) != len(names):
+            raise ValueError(f"{len(adapter_loads)} adapter loads given for {len(names)} adapters")
         try:
             if not self.alive:
                 reason = f": {self._failure!r}" if self._failure else ""
                 raise EngineUnavailable(f"the engine is not running{reason}")
             seq = self._sequence(request, sink)
-            self.scheduler.add(seq, on_accept=lambda: self._start_loads(seq, adapter_tier))
+            self.scheduler.add(seq, on_accept=lambda: self._start_loads(seq, adapter_tier, adapter_loads))
         except Exception as exc:
             self.record_refused(request.adapters.names, exc)
             raise
@@ -245,15 +258,17 @@ class Engine:
             submitted_at=time.monotonic(),
         )
 
-    def _start_loads(self, seq: Sequence, adapter_tier: str | None) -> None:
+    def _start_loads(
+        self, seq: Sequence, adapter_tier: str | None, started: tuple[Future[Any], ...] | None
+    ) -> None:
         """Note where an accepted request's adapters are (unless the caller saw it already), then
-        start their loads; each one wakes the engine when done."""
+        start their loads (unless the caller `started` them); each one wakes the engine when done."""
         names = seq.request.adapters.names
         if not names:
             return
         assert self.adapters is not None, "preparation refuses adapters on a server without them"
         seq.adapter_tier = adapter_tier if adapter_tier is not None else self.adapters.tier(names)
-        loads = tuple(self.adapters.prefetch(name) for name in names)
+        loads = started if started is not None else tuple(self.adapters.prefetch(name) for name in names)
         for load in loads:
             load.add_done_callback(lambda _: self._inbox.put(_Wake()))
         seq.adapter_loads = loads

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adapters_store import AdapterError, BaseModelSpec, LoraAdapter, LoraWeights
-from adapters_store.device_slots import DeviceSlots, DeviceStep
+from adapters_store.device_slots import DeviceSlots, DeviceStep, NotResident
 from adapters_store.slot_pools import LoraSlotPool
 from kernels import TorchBackend
 
@@ -173,6 +173,29 @@ def test_lru_pins_and_stale_slots_per_pool() -> None:
     assert [i.name for i in slots.slots()] == ["r12"]
     with pytest.raises(RuntimeError, match="released more often"):
         slots.release(0)
+
+
+def test_resident_stands_in_for_prepare_only_while_a_current_slot_holds_that_version() -> None:
+    slots = two_pools(small_slots=1, large_slots=1)
+    assert slots.resident(ADAPTERS["r2"]) is None  # in no slot yet
+    slot = slots.acquire(slots.prepare(ADAPTERS["r2"]))
+    slots.release(slot)  # idle, still holding r2
+    found = slots.resident(ADAPTERS["r2"])
+    assert found is not None and found.form is None and found.pool == 0
+    changed = lora_adapter("r2", 2, ("q_proj",), 7)  # same name, other weights: another version
+    assert slots.resident(changed) is None
+    loads = slots.stats().loads
+    assert slots.acquire(found) == slot and slots.stats().loads == loads  # pinned, nothing copied
+    slots.release(slot)
+    slots.release(slots.acquire(slots.prepare(ADAPTERS["r4"])))  # takes the rank-4 pool's one slot
+    with pytest.raises(NotResident, match="'r2' left its device slot"):
+        slots.acquire(found)
+    assert slots.stats().pinned == 0
+    found = slots.resident(ADAPTERS["r4"])
+    slots.invalidate("r4")  # unloaded: a stale slot is never handed out by key
+    assert found is not None and slots.resident(ADAPTERS["r4"]) is None
+    with pytest.raises(NotResident):
+        slots.acquire(found)
 
 
 class BlockingPool(LoraSlotPool):

@@ -840,6 +840,14 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     evaluate.add_argument("--compare-base", action="store_true", help="also run the base model: two rows")
     evaluate.add_argument(
+        "--against",
+        default="",
+        metavar="ADAPTER",
+        help="also run ADAPTER and compare --adapter with it prompt by prompt: higher / lower / same, "
+        "score ratio and difference with 95%% paired-bootstrap intervals (a compressed adapter "
+        "against its source LoRA, say)",
+    )
+    evaluate.add_argument(
         "--split",
         choices=("heldout", "validation"),
         default="heldout",

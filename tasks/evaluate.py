@@ -5,8 +5,11 @@ alone, greedy (temperature 0), with the task's `max_tokens`, a bounded number in
 answers are scored with the task's own metric (`Task.score`), so the number measures what the
 server serves. Two transports: the gRPC API (`--target`) or the OpenAI HTTP API (`--http`, plain
 urllib: the base model is the id `/v1/models` lists without a parent). `--compare-base` runs
-the base model too and prints both rows. `evaluate` scores any examples the same way (tasks.compeft_alpha
-passes generated validation rows).
+the base model too and prints both rows. `--against NAME` also runs adapter NAME and compares the
+two prompt by prompt (`paired`): on how many prompts each scores higher, and the score ratio and
+difference with 95% paired-bootstrap intervals, which say whether a gap (a compressed adapter against
+its source, say) is larger than the set's size can tell. `evaluate` scores any examples the same
+way (tasks.compeft_alpha passes generated validation rows).
 
 This module knows the server only through its APIs; argparse lives in server/cli.py.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 import urllib.error
@@ -97,6 +101,94 @@ def evaluate(
     )
     score = sum(a.score for a in answers) / len(answers) if answers else 0.0
     return EvalResult(task.name, adapter or "base", task.metric, score, seconds, answers)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """`result` against `against`, the same prompts in the same order, prompt by prompt."""
+
+    against: str
+    higher: int  # prompts on which result scored higher than against
+    lower: int
+    same: int
+    ratio: float | None  # result's mean score / against's (None: against scored 0)
+    ratio_ci95: tuple[float, float] | None  # None: against scored 0 in too many resamples
+    difference: float  # result's mean score - against's
+    difference_ci95: tuple[float, float]
+
+    def fields(self) -> dict[str, object]:
+        def rounded(pair: tuple[float, float] | None) -> list[float] | None:
+            return None if pair is None else [round(pair[0], 4), round(pair[1], 4)]
+
+        return {
+            "against": self.against,
+            "higher": self.higher,
+            "lower": self.lower,
+            "same": self.same,
+            "ratio": None if self.ratio is None else round(self.ratio, 4),
+            "ratio_ci95": rounded(self.ratio_ci95),
+            "difference": round(self.difference, 4),
+            "difference_ci95": rounded(self.difference_ci95),
+        }
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def paired(
+    result: EvalResult, against: EvalResult, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> Paired:
+    """Compare two results on the same prompts: counts of higher / lower / same, and the ratio and
+    difference of mean scores with percentile intervals from `resamples` paired bootstrap resamples
+    (prompts drawn with replacement, both models' scores of a prompt kept together)."""
+    if [a.prompt for a in result.answers] != [a.prompt for a in against.answers]:
+        raise ValueError("paired comparison needs the same prompts in the same order")
+    if not result.answers:
+        raise ValueError("paired comparison needs at least one prompt")
+    mine = [a.score for a in result.answers]
+    theirs = [a.score for a in against.answers]
+    n = len(mine)
+    rng = random.Random(seed)
+    ratios: list[float] = []
+    differences: list[float] = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        total_mine, total_theirs = sum(mine[i] for i in picks), sum(theirs[i] for i in picks)
+        differences.append((total_mine - total_theirs) / n)
+        if total_theirs > 0:
+            ratios.append(total_mine / total_theirs)
+    ratio_ci = _interval(ratios) if len(ratios) >= 0.975 * resamples else None
+    return Paired(
+        against=against.model,
+        higher=sum(m > t for m, t in zip(mine, theirs, strict=True)),
+        lower=sum(m < t for m, t in zip(mine, theirs, strict=True)),
+        same=sum(m == t for m, t in zip(mine, theirs, strict=True)),
+        ratio=sum(mine) / sum(theirs) if sum(theirs) > 0 else None,
+        ratio_ci95=ratio_ci,
+        difference=(sum(mine) - sum(theirs)) / n,
+        difference_ci95=_interval(differences),
+    )
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles (nearest rank)."""
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return ordered[round(0.025 * last)], ordered[round(0.975 * last)]
+
+
+def describe_paired(model: str, comparison: Paired, n: int) -> str:
+    """One line for the table output."""
+    ratio = "undefined (it scored 0)" if comparison.ratio is None else f"{comparison.ratio:.3f}"
+    if comparison.ratio_ci95 is not None:
+        low, high = comparison.ratio_ci95
+        ratio += f" (95% paired bootstrap {low:.3f}-{high:.3f})"
+    low, high = comparison.difference_ci95
+    return (
+        f"{model} vs {comparison.against} on {n} prompts: higher on {comparison.higher}, lower on "
+        f"{comparison.lower}, same on {comparison.same}; score ratio {ratio}; difference "
+        f"{comparison.difference:+.4f} ({low:+.4f} to {high:+.4f})"
+    )
 
 
 # -- transports ----------------------------------------------------------------------------
@@ -201,8 +293,13 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     """Evaluate (base and) adapter on the task's held-out (or validation) set; 0 done, 1 a request failed."""
     task = get_task(args.task)
     examples = task.validation() if args.split == "validation" else task.heldout()
-    models = ([""] if args.compare_base or not args.adapter else []) + (
-        [args.adapter] if args.adapter else []
+    if args.against and not args.adapter:
+        print("error: --against compares with --adapter: name the adapter too", file=sys.stderr)
+        return 2
+    models = (
+        ([""] if args.compare_base or not args.adapter else [])
+        + ([args.against] if args.against else [])
+        + ([args.adapter] if args.adapter else [])
     )
     results: list[EvalResult] = []
     try:
@@ -238,7 +335,15 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
             ),
         )
     rows = [result.row() for result in results]
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    comparison = paired(results[-1], results[-2]) if args.against else None
+    if comparison is not None:
+        rows[-1] |= comparison.fields()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+        if comparison is not None:
+            print(describe_paired(results[-1].model, comparison, len(results[-1].answers)))
     return 0
 
 

@@ -4,7 +4,7 @@ The scores of a random model mean nothing; what is checked is the plumbing: ever
 prompt is sent (as a user message, greedy, the task's max_tokens, a bounded number in flight),
 each printed score is the task's metric over the texts the server returned, --compare-base
 gives two rows, gRPC and HTTP both work, and an adapter the server cannot serve is a clear error
-and exit status 1.
+and exit status 1. `paired` (--against) is checked against counts and intervals computed here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from server.cli import main
 from server.engine.engine import Engine
 from tasks import get_task
-from tasks.evaluate import evaluate
+from tasks.evaluate import Answer, EvalResult, evaluate, paired
 from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
 from tests.test_http_openai import QV4, Servers
@@ -174,3 +174,66 @@ def test_evaluate_sends_each_prompt_once_with_a_bounded_number_in_flight() -> No
     assert 1 < client.most_in_flight <= 3
     assert [a.answer for a in result.answers] == [str(len(e.prompt)) for e in task.heldout()]
     assert result.model == "calc" and result.row()["n"] == len(task.heldout())
+
+
+def _result(model: str, scores: list[float]) -> EvalResult:
+    answers = tuple(Answer(f"prompt {i}", "", score) for i, score in enumerate(scores))
+    return EvalResult("sql", model, "execution accuracy", sum(scores) / len(scores), 0.0, answers)
+
+
+def test_paired_counts_ratio_and_difference() -> None:
+    # 40 prompts: both right on 16, only the source on 6, only the compressed one on 4, neither on 14
+    source = [1.0] * 16 + [1.0] * 6 + [0.0] * 4 + [0.0] * 14
+    compressed = [1.0] * 16 + [0.0] * 6 + [1.0] * 4 + [0.0] * 14
+    comparison = paired(_result("small", compressed), _result("lora", source))
+    assert (comparison.against, comparison.higher, comparison.lower, comparison.same) == ("lora", 4, 6, 30)
+    assert comparison.ratio == pytest.approx(20 / 22)
+    assert comparison.difference == pytest.approx(-2 / 40)
+    assert comparison.ratio_ci95 is not None
+    low, high = comparison.ratio_ci95
+    assert low < 20 / 22 < high
+    # The difference's interval against the normal approximation over the per-prompt differences
+    diffs = [c - s for c, s in zip(compressed, source, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    sd = (sum((d - mean) ** 2 for d in diffs) / len(diffs)) ** 0.5
+    half = 1.96 * sd / len(diffs) ** 0.5
+    d_low, d_high = comparison.difference_ci95
+    assert d_low == pytest.approx(mean - half, abs=0.25 * half)
+    assert d_high == pytest.approx(mean + half, abs=0.25 * half)
+    # Four times the prompts with the same proportions: an interval about half as wide
+    wide = paired(_result("small", compressed * 4), _result("lora", source * 4))
+    assert wide.ratio == pytest.approx(comparison.ratio)
+    assert wide.ratio_ci95 is not None
+    ratio_width = high - low
+    assert 0.4 < (wide.ratio_ci95[1] - wide.ratio_ci95[0]) / ratio_width < 0.6
+
+
+def test_paired_identical_zero_and_mismatched() -> None:
+    same = paired(_result("a", [1.0, 0.0, 0.5, 1.0]), _result("b", [1.0, 0.0, 0.5, 1.0]))
+    assert (same.higher, same.lower, same.same, same.ratio) == (0, 0, 4, 1.0)
+    assert same.ratio_ci95 == (1.0, 1.0) and same.difference_ci95 == (0.0, 0.0)
+    zero = paired(_result("a", [1.0, 0.0]), _result("b", [0.0, 0.0]))
+    assert zero.ratio is None and zero.ratio_ci95 is None and zero.higher == 1
+    other = EvalResult("sql", "b", "m", 1.0, 0.0, (Answer("something else", "", 1.0),) * 2)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired(_result("a", [1.0, 0.0]), other)
+
+
+def test_cli_against_adds_the_paired_comparison(
+    servers: Servers, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    where = ["--target", servers.grpc.target, "--limit", "6"]
+    code, out, err = _eval(
+        capsys, "--task", "shout", "--adapter", "qv4", "--against", "qv4", *where, "--json"
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["model"] for row in rows] == ["qv4", "qv4"]
+    assert rows[1]["against"] == "qv4" and (rows[1]["higher"], rows[1]["lower"], rows[1]["same"]) == (0, 0, 6)
+    code, out, err = _eval(capsys, "--task", "shout", "--adapter", "qv4", "--against", "qv4", *where)
+    assert code == 0, err
+    assert (
+        out.strip().splitlines()[-1].startswith("qv4 vs qv4 on 6 prompts: higher on 0, lower on 0, same on 6")
+    )
+    code, out, err = _eval(capsys, "--task", "shout", "--against", "qv4", *where)
+    assert code == 2 and out == "" and "name the adapter too" in err

@@ -196,6 +196,14 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "0 = the whole host cache (default: %(default)s)",
     )
     serve.add_argument(
+        "--metrics-max-adapters",
+        type=_non_negative,
+        default=server.metrics_max_adapters,
+        help="adapter labels (a mixture's a+b is one) with Prometheus series of their own; requests "
+        'of later ones are counted under adapter="<other>" (each label is about 80 series); '
+        "0 = none (default: %(default)s)",
+    )
+    serve.add_argument(
         "--request-timeout",
         type=_non_negative_float,
         default=server.request_timeout_s,
@@ -532,6 +540,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         admin_token=args.admin_token,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
+        metrics_max_adapters=args.metrics_max_adapters,
         threads=args.threads,
         engine=engine,
         adapters=adapters,
@@ -902,6 +911,7 @@ _BENCHMARKS = {
     "make-adapters": "write N random, distinct PEFT LoRA adapters for the base model (scaling runs)",
     "replicas": "one loramux serve vs loramux on Ray Serve with 1 and 2 replicas: latency, affinity",
     "cluster-sim": "a simulated fleet of R replicas x S slots: routing policies, hit rates, cold loads, TTFT",
+    "metrics": "what a /metrics scrape costs as adapter labels grow, with and without --metrics-max-adapters",
 }
 
 

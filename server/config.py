@@ -198,6 +198,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
     threads: int | None = None  # the engine's intra-op (OpenMP) threads; None = server.cpus.usable_cpus()
     served_model_name: str | None = None  # the model's id in the APIs and metrics; None = its directory's
+    # Adapter labels with Prometheus series of their own; later ones are counted as "<other>".
+    metrics_max_adapters: int = 256
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -205,3 +207,5 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.metrics_max_adapters < 0:
+            raise ValueError(f"metrics_max_adapters must be >= 0, got {self.metrics_max_adapters}")

@@ -8,7 +8,12 @@ gauge) is read at scrape time by a collector, so nothing here runs per token or 
 Requests of the base model carry the base model's name as `adapter` label (the `model` an
 OpenAI client sends for it, like vLLM's `model_name`); a refused request naming an adapter the
 server cannot serve is labelled `<unknown>`, so garbage names cannot grow the label set; an `auto`
-request refused before the router chose (bad sampling values, say) is labelled `auto`.
+request refused before the router chose (bad sampling values, say) is labelled `auto`. The per-adapter
+series are bounded: the first `max_adapter_labels` adapter labels (`--metrics-max-adapters`, default
+256; a mixture's "a+b" is one) get series of their own, later ones are counted under `<other>`. Each
+label costs about 80 series (three histograms): at 1,000 labels a scrape was 6.3 MB and 0.45 s of
+Python under the GIL, at 5,000 32 MB and 2.2 s (bench/RESULTS.md). The base model's name, `auto`
+and `<unknown>` always have their own.
 
     loramux_requests_total{adapter,outcome}            outcome: stop | length | cancelled | error |
                                                        invalid | overloaded | unavailable
@@ -111,6 +116,9 @@ STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0
 ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FALLBACK_REASONS = ("no routable adapter", "below threshold", "out of domain")  # server.router.router
 ADAPTER_TIERS = ("device", "host", "disk")  # server.engine.adapters.TIER_ORDER
+AUTO_LABEL = "auto"  # server.preparation.AUTO_ADAPTER
+OTHER_ADAPTERS = "<other>"  # the label of adapters past max_adapter_labels
+MAX_ADAPTER_LABELS = 256
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,14 @@ Residency = Callable[[], Sequence[ResidentAdapter]]
 class Metrics:
     """The registry of one server process and the metrics the engine records into it."""
 
-    def __init__(self, process_metrics: bool = True) -> None:
+    def __init__(self, process_metrics: bool = True, max_adapter_labels: int = MAX_ADAPTER_LABELS) -> None:
+        if max_adapter_labels < 0:
+            raise ValueError(f"max_adapter_labels must be >= 0, got {max_adapter_labels}")
         self.registry = CollectorRegistry()
+        self._max_adapter_labels = max_adapter_labels
+        self._adapter_labels: set[str] = set()  # adapter labels with series of their own
+        self._own_labels = {UNKNOWN_ADAPTER, AUTO_LABEL}  # never folded (and the base model's name)
+        self._labels_lock = threading.Lock()
         if process_metrics:  # what the default registry shows: CPU, memory, fds, GC, Python version
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -235,6 +249,9 @@ class Metrics:
         if self._watching:
             raise ValueError("this Metrics already watches an engine; give every engine its own Metrics()")
         self.registry.register(_EngineCollector(snapshot, residency, model_name))
+        if model_name:
+            with self._labels_lock:
+                self._own_labels.add(model_name)
         self._watching = True
 
     def watch_router(self, routable: Callable[[], tuple[int, int]]) -> None:
@@ -247,8 +264,20 @@ class Metrics:
 
     # -- RouterEvents: reported by the gRPC service ---------------------------------------------
 
+    def adapter_label(self, label: str) -> str:
+        """`label` itself while the label set has room (or it has its own series already), else `<other>`."""
+        if label in self._adapter_labels:  # the common case, without the lock
+            return label
+        with self._labels_lock:
+            if label in self._own_labels:
+                return label
+            if len(self._adapter_labels) < self._max_adapter_labels:
+                self._adapter_labels.add(label)
+                return label
+        return OTHER_ADAPTERS
+
     def request_routed(self, adapter: str, fallback_reason: str, seconds: float) -> None:
-        self.route_decisions.labels(adapter).inc()
+        self.route_decisions.labels(self.adapter_label(adapter)).inc()
         if fallback_reason:
             self.route_fallbacks.labels(fallback_reason).inc()
         self.route_seconds.observe(seconds)
@@ -259,7 +288,7 @@ class Metrics:
     # -- EngineEvents: reported by the engine ---------------------------------------------------
 
     def request_finished(self, request: FinishedRequest) -> None:
-        adapter, generated = request.adapter, request.generated_tokens
+        adapter, generated = self.adapter_label(request.adapter), request.generated_tokens
         self.requests.labels(adapter, request.outcome).inc()
         if request.adapter_tier:
             self.requests_by_tier.labels(request.adapter_tier).inc()
@@ -273,7 +302,7 @@ class Metrics:
                 self.time_per_output_token.labels(adapter).observe(tpot)
 
     def request_refused(self, adapter: str, outcome: str) -> None:
-        self.requests.labels(adapter, outcome).inc()
+        self.requests.labels(self.adapter_label(adapter), outcome).inc()
 
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         self.adapter_load_seconds.labels(tier).observe(seconds)

@@ -72,7 +72,7 @@ def run_server(config: ServerConfig) -> int:
     from server.metrics import Metrics
     from server.runtime import build_engine, build_router
 
-    metrics = Metrics()
+    metrics = Metrics(max_adapter_labels=config.metrics_max_adapters)
     try:
         engine = build_engine(config, metrics)
     # no such model, no CUDA, bad dtype, missing adapter root, --model-kernels fused that cannot build, ...

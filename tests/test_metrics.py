@@ -22,10 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters_store import AdapterNotFound
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine.engine import Engine
+from server.engine.events import EngineSnapshot, FinishedRequest
 from server.engine.request import InvalidRequest, RequestOutput, SamplingParams
 from server.http.app import create_app
 from server.http.server import HttpServer
-from server.metrics import UNKNOWN_ADAPTER, Metrics
+from server.metrics import OTHER_ADAPTERS, UNKNOWN_ADAPTER, Metrics
 from server.runtime import build_engine
 from tests.conftest import prepare
 from tests.test_adapters_engine import _save_adapter
@@ -247,6 +248,52 @@ def test_every_engine_has_its_own_registry() -> None:
     )
 
 
+def _finished(adapter: str, tier: str = "device") -> FinishedRequest:
+    return FinishedRequest(adapter, "stop", 4, 3, 10.0, 10.05, 10.2, tier)
+
+
+def _adapter_labels(metrics: Metrics) -> set[str]:
+    samples = scrape_text(metrics.exposition().decode())
+    return {
+        dict(key)["adapter"] for name, key in samples if name == "loramux_time_to_first_token_seconds_count"
+    }
+
+
+def test_adapter_labels_past_the_limit_are_counted_as_other() -> None:
+    metrics = Metrics(process_metrics=False, max_adapter_labels=2)
+    idle = EngineSnapshot(0, 0, 4, 0, (), (), None)
+    metrics.watch(lambda: idle, model_name="the-base")
+    for adapter in ("a", "b", "c", "a+b", "the-base", "a", "d"):
+        metrics.request_finished(_finished(adapter, "" if adapter == "the-base" else "device"))
+    metrics.request_refused(UNKNOWN_ADAPTER, "invalid")
+    metrics.request_refused("auto", "invalid")
+    metrics.request_refused("e", "overloaded")
+    metrics.request_routed("f", "", 0.001)
+    assert _adapter_labels(metrics) == {"a", "b", "the-base", OTHER_ADAPTERS}
+    samples = scrape_text(metrics.exposition().decode())
+    assert value(samples, "loramux_requests_total", adapter="a", outcome="stop") == 2
+    assert value(samples, "loramux_requests_total", adapter=OTHER_ADAPTERS, outcome="stop") == 3  # c, a+b, d
+    assert value(samples, "loramux_generation_tokens_total", adapter=OTHER_ADAPTERS) == 9
+    assert value(samples, "loramux_requests_total", adapter=UNKNOWN_ADAPTER, outcome="invalid") == 1
+    assert value(samples, "loramux_requests_total", adapter="auto", outcome="invalid") == 1
+    assert value(samples, "loramux_requests_total", adapter=OTHER_ADAPTERS, outcome="overloaded") == 1
+    assert value(samples, "loramux_router_decisions_total", adapter=OTHER_ADAPTERS) == 1
+    none = Metrics(process_metrics=False, max_adapter_labels=0)
+    none.request_finished(_finished("a"))
+    assert _adapter_labels(none) == {OTHER_ADAPTERS}
+    with pytest.raises(ValueError, match="max_adapter_labels"):
+        Metrics(max_adapter_labels=-1)
+
+
+def test_cli_metrics_max_adapters_reaches_the_config() -> None:
+    from server.cli import build_parser, server_config
+
+    parser = build_parser()
+    assert server_config(parser.parse_args(["serve"])).metrics_max_adapters == 256
+    args = parser.parse_args(["serve", "--metrics-max-adapters", "3"])
+    assert server_config(args).metrics_max_adapters == 3
+
+
 def test_metrics_endpoint_of_the_http_shim(engine: Engine) -> None:
     """As `loramux serve` runs them: gRPC and the shim in one process, the shim serving the engine's registry."""
     grpc_server = ServerThread(engine)
@@ -326,3 +373,11 @@ def test_metrics_are_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in ("loramux_requests_total", "loramux_adapter_load_seconds", "vllm:lora_requests_info"):
         assert name in readme
+
+
+def test_bench_metrics_counts_the_series_a_cap_saves() -> None:
+    from bench.metrics_bench import scrape_cost
+
+    capped, uncapped = scrape_cost(20, 5, 1), scrape_cost(20, None, 1)
+    per_label = (int(uncapped["lines"]) - int(capped["lines"])) / 14  # 20 labels vs 5 + <other>
+    assert per_label > 50 and int(capped["bytes"]) < int(uncapped["bytes"])

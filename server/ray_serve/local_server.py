@@ -64,14 +64,14 @@ class LocalServer:
         from server.runtime import build_engine, build_router
         from server.serve_commands import BackgroundReconciler
 
-        metrics = Metrics()
+        metrics = Metrics(max_adapter_labels=config.metrics_max_adapters)
         engine = await asyncio.to_thread(build_engine, config, metrics)
         reconciler = None
         try:
             if router_tag is not None:
                 config = _tagged_router_state(config, engine.info.model_name, router_tag)
             router = await asyncio.to_thread(build_router, engine, config)
-            metrics.watch(engine.snapshot)
+            metrics.watch(engine.snapshot, model_name=engine.info.model_name)
             if router is not None:
                 metrics.watch_router(router.routable_counts)
             engine.start()

@@ -7,7 +7,8 @@ module's scale as lora_alpha / r, so r is the module's rank and lora_alpha is ch
 alpha / r gives back the adapter's scale bit for bit (see `exact_alpha`); the most common (rank, alpha) pair is the
 config's `r` / `lora_alpha` and the others go to `rank_pattern` / `alpha_pattern`. The directory
 is written beside its destination and renamed into place, so a failed export leaves nothing.
-This module knows the PEFT layout; it knows no formats' files, flags or models.
+It also records the adapter it came from (`source.json`, adapters_store/lineage.py). This module
+knows the PEFT layout; it knows no formats' files, flags or models.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from adapters_store.adapter import LoadedAdapter, LoraWeights, ModuleKey
+from adapters_store.lineage import write_source
 from adapters_store.peft_config import CONFIG_FILE
 from adapters_store.peft_lora import WEIGHTS_FILE
 from adapters_store.spec import PROJECTIONS, BaseModelSpec, module_name
@@ -59,8 +61,14 @@ def export_peft_lora(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        # The files get the umask's mode (save() + write_bytes: save_file's is 0600) and the
+        # directory the same with x where r is (mkdtemp's is 0700), so a server running as
+        # another user can read the export.
+        (staging / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_source(staging, adapter)  # a version of `adapter`: the router routes them as one
+        mode = (staging / CONFIG_FILE).stat().st_mode & 0o777
+        staging.chmod(mode | (mode & 0o444) >> 2)
         if directory.exists():
             directory.rmdir()  # empty, checked above
         staging.rename(directory)

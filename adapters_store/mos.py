@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from adapters_store.adapter import ModuleKey, MosAdapter
 from adapters_store.errors import AdapterError, AdapterTooLarge, shown
@@ -413,7 +413,9 @@ def save_mos(
         "target_modules": list(pools),
         "num_layers": layout.num_layers,
     }
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # save() + write_bytes, not save_file: the file gets the umask's mode (save_file's is 0600,
+    # which a server running as another user cannot read)
+    (directory / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

@@ -22,6 +22,10 @@ Parts (`--parts`, default all), each printed as JSON lines and summarized at the
   rewriting every adapter's file (`save_all_s`, a fresh TableFiles each time: what one-file
   tables cost), with the bytes each wrote.
 - `weights`: weight-only routing (Arrow prototypes, no examples) per demo task, beside the selector.
+- `versions`: the five demo LoRAs without examples, each beside a copy of its ComPEFT 0.1 and a
+  `loramux export` of that copy, routed by weights: how many held-out prompts go to their task
+  (its LoRA or a version of it) rather than the base model, with versions routed as their original
+  (as served) and as separate candidates (as before: the copies split the probability).
 - `cost`: routing time per request against the prefill time of the same prompt (our model, on the
   benchmark's threads), over the held-out prompts; and routing as served, on one intra-op thread
   (the preparation thread's), against the same prefill.
@@ -57,13 +61,14 @@ from server.prompts import PromptInput, chat_prompt_ids
 from server.router.features import FeatureReader, chat_template_edges
 from server.router.router import Router, StoreSource
 from server.router.state import TableFiles
+from server.router.variants import Variants
 from tasks import TASK_NAMES, get_task
 from tasks.synthetic import synthetic_tasks
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 OFFTOPIC = Path(__file__).resolve().parent.parent / "tasks" / "heldout" / "offtopic.jsonl"
 CONTENT_TASKS = ("sql", "sentiment", "extract", "arith")
-PARTS = ("sweep", "accuracy", "metric", "growth", "weights", "cost")
+PARTS = ("sweep", "accuracy", "metric", "growth", "weights", "versions", "cost")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -420,6 +425,63 @@ def weights(setup: Setup) -> dict[str, float]:
     return summary
 
 
+# -- versions ------------------------------------------------------------------------------------
+
+
+class _Separate(Variants):
+    """No adapter is a version of another: every copy its own candidate (before versions)."""
+
+    def of(self, routable: Any) -> dict[str, str]:
+        return {}
+
+
+def versions(setup: Setup) -> dict[str, float]:
+    from server import cli
+
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        for name in TASK_NAMES:
+            plain = shutil.ignore_patterns("examples.jsonl")
+            shutil.copytree(ADAPTERS / name, root / name, ignore=plain)
+            shutil.copytree(ADAPTERS / f"{name}-compeft-10", root / f"{name}-c10", ignore=plain)
+            exported = [
+                "export",
+                "--to",
+                "peft-lora",
+                str(root / f"{name}-c10"),
+                str(root / f"{name}-c10-peft"),
+            ]
+            assert cli.main(exported) == 0
+        summary = {}
+        for mode in ("as served", "separate"):
+            router = setup.router(("*",), root=root)
+            if mode == "separate":
+                router._variants = _Separate()
+            report = router.reconcile()
+            right = fallbacks = total = 0
+            route_s = []
+            for name in TASK_NAMES:
+                ours = {name, f"{name}-c10", f"{name}-c10-peft"}
+                for prompt in heldout(name):
+                    decision = router.route(setup.render(prompt))
+                    right += not decision.fallback and decision.candidates[0].adapter in ours
+                    fallbacks += decision.fallback
+                    total += 1
+                    route_s.append(decision.seconds)
+            row = {
+                "part": "versions",
+                "mode": mode,
+                "candidates": len(report.weight_only),
+                "to_their_task": round(right / total, 4),
+                "fallbacks": round(fallbacks / total, 4),
+                "prompts": total,
+                "route_ms": round(1000 * statistics.median(route_s), 1),
+            }
+            emit(row)
+            summary[mode] = row["to_their_task"]
+    return summary
+
+
 # -- cost ----------------------------------------------------------------------------------------
 
 
@@ -489,6 +551,8 @@ def main(args: argparse.Namespace) -> int:
         growth(setup, args.max_adapters)
     if "weights" in parts:
         weights(setup)
+    if "versions" in parts:
+        versions(setup)
     if "cost" in parts:
         cost(setup)
     return 0

@@ -5,6 +5,7 @@ as a user would expect. Tiny generated models only."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -197,6 +198,14 @@ def test_compress_with_a_fixed_alpha_writes_reports_and_serves(source, tmp_path,
     assert config["fidelity"]["prompts"] == 3 and config["fidelity"]["prompts_from"].endswith(
         "examples.jsonl"
     )
+    # what it was made from, and its source's example prompts (the router's), beside it
+    source_checksum = "sha256:" + hashlib.sha256((src / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert json.loads((dst / "source.json").read_text()) == {
+        "source": {"name": "src", "format": "peft-lora", "checksum": source_checksum},
+        "original": source_checksum,
+    }
+    assert config["source_checksum"] == source_checksum
+    assert (dst / "examples.jsonl").read_bytes() == (src / "examples.jsonl").read_bytes()
     spec = _tiny_spec(base_dir)
     adapter = load_compeft(dst, spec, "c")
     assert adapter.gamma == pytest.approx(3.0 * config["sigma"])

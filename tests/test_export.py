@@ -8,8 +8,10 @@ load back with identical factors and scales, in loramux and in PEFT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import warnings
 from pathlib import Path
@@ -110,11 +112,36 @@ def test_export_writes_a_plain_peft_config(setup, tmp_path: Path, capsys) -> Non
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "source.json",  # what it was made from (adapters_store/lineage.py): the router's versions
     ]
+    record = json.loads((tmp_path / "out" / "source.json").read_text())
+    mos_checksum = (
+        "sha256:" + hashlib.sha256((setup["root"] / "mos" / "mos_model.safetensors").read_bytes()).hexdigest()
+    )
+    assert record == {
+        "source": {"name": "mos", "format": "mos", "checksum": mos_checksum},
+        "original": mos_checksum,
+    }
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["target_modules"] == list(SPEC.projections)
     assert config["rank_pattern"] == config["alpha_pattern"] == {}
+
+
+def test_exports_and_mos_files_take_the_umask_s_modes(setup, tmp_path: Path) -> None:
+    # safetensors' save_file writes 0600 and mkdtemp makes 0700: a server running as another user
+    # could not read an export (or a saved MoS adapter) written under umask 022.
+    previous = os.umask(0o022)
+    try:
+        assert _export(setup["root"] / "mos", tmp_path / "out", setup["base"]) == 0
+        random_mos(tmp_path / "mos", SPEC, LAYOUT, lora_alpha=8, std=0.15, seed=4)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    for directory in (tmp_path / "out", tmp_path / "mos"):
+        assert {f.name: f.stat().st_mode & 0o777 for f in directory.iterdir()} == {
+            f.name: 0o644 for f in directory.iterdir()
+        }
 
 
 def test_mos_export_loads_back_with_identical_weights(setup) -> None:

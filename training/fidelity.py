@@ -122,6 +122,7 @@ def compress(config: CompressConfig) -> CompressResult:
     """Compress, evaluate and save one adapter; CompressError (or ModelNotFound) on what users can fix."""
     from adapters_store import AdapterError, compress_compeft, load_peft_lora, save_compeft
     from adapters_store.compeft import WEIGHTS_FILE
+    from adapters_store.lineage import write_source
     from adapters_store.peft_lora import WEIGHTS_FILE as SOURCE_WEIGHTS
     from server.model.loader import resolve_model_dir
 
@@ -165,6 +166,7 @@ def compress(config: CompressConfig) -> CompressResult:
             },
         }
         save_compeft(codes, config.out, base_model=_base_model_name(config.source, model_name), extra=extra)
+        write_source(config.out, source)
     except BaseException:
         if created:
             shutil.rmtree(config.out, ignore_errors=True)

@@ -10,8 +10,9 @@ ranks the routable adapters:
 When both kinds exist, the weights decide between each example-less adapter and the group of
 adapters with examples (the group scores as its best member), and the selector divides the
 group's share among its members.
-The best candidate serves the request unless its score is below `threshold` or the prompt is out
-of its examples' domain: then the base model does (`fallback`). With `top_k > 1` the request runs
+Versions of one adapter (a compressed or exported copy beside its original: variants.py) are one
+candidate, the original. The best candidate serves the request unless its score is below
+`threshold` or the prompt is out of its examples' domain: then the base model does (`fallback`). With `top_k > 1` the request runs
 the mixture of the top candidates, weighted by their renormalized scores.
 
 `learn(adapter, prompts)` (RegisterExamples, LoadAdapter with example prompts) and `reconcile()`
@@ -51,6 +52,7 @@ from server.router.prototypes import (
 from server.router.selector import LearnReport, Selector
 from server.router.state import TableFiles
 from server.router.tables import Known, Tables
+from server.router.variants import Variants
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class ReconcileReport:
     refused: tuple[tuple[str, str], ...]  # (adapter, why)
     seconds: float
     stopped: bool = False  # cut short by `Router.stop`: nothing was published
+    versions: tuple[tuple[str, str], ...] = ()  # (version, the adapter it is routed as), all of them
 
 
 _STOPPED = ReconcileReport((), (), (), (), 0.0, stopped=True)
@@ -95,6 +98,8 @@ class Router:
         self._lock = threading.Lock()  # one learner at a time; `route` never takes it
         self._stopping = threading.Event()
         self.tables = Tables(Selector(reader.dim))
+        self._variants = Variants()
+        self._told_versions: set[tuple[str, str]] = set()  # logged once each
         self._files = TableFiles(Path(config.state_path)) if config.state_path is not None else None
 
     def restore(self) -> bool:
@@ -163,6 +168,7 @@ class Router:
         """Add example prompts for `adapter` at run time (ExamplesError when they are unusable)."""
         prompts = check_prompts(prompts)
         with self._lock:
+            adapter = self._routable()[1].get(adapter, adapter)  # a version's examples are its original's
             tables = self.tables.copy()
             report = tables.selector.learn(adapter, self._features(prompts), self.config.steps)
             known = tables.known.get(adapter, Known())
@@ -201,8 +207,11 @@ class Router:
             if self._stopping.is_set():
                 return _STOPPED
             tables = self.tables.copy()
-            listed = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
-            scope = set(listed) | set(tables.known) if names is None else set(names)
+            listed, versions = self._routable()
+            if names is None:
+                scope = set(listed) | set(tables.known)
+            else:  # and what a load or unload made a version, or routable again
+                scope = set(names) | (set(versions) & set(tables.known)) | (set(listed) - set(tables.known))
             for name in sorted(scope - set(listed)):
                 if name in tables.known or name in tables.selector.classes:
                     tables.selector.forget(name)
@@ -237,6 +246,7 @@ class Router:
             tuple(weight_only),
             tuple(refused),
             time.perf_counter() - started,
+            versions=tuple(sorted(versions.items())),
         )
         log.info(
             "router: %d adapters by examples, %d by weights only (%d learned now, %d forgotten) in %.1f s",
@@ -248,13 +258,28 @@ class Router:
         )
         for name, why in refused:
             log.warning("router: adapter %s is routed without its %s", name, why)
+        for version, original in sorted(set(versions.items()) - self._told_versions):
+            log.info(
+                "router: %s is a version of %s (compressed or exported): routed as %s",
+                version,
+                original,
+                original,
+            )
+        self._told_versions = set(versions.items())
         return report
 
     def changed(self) -> set[str]:
         """Adapters that appeared in or left the adapter roots (or loads) since the tables were
-        reconciled: what `reconcile(names)` should look at. Lists the roots; reads no adapter."""
-        listed = {n for n in self.source.directories() if self.config.allows(n)}
-        return listed ^ set(self.tables.known)
+        reconciled: what `reconcile(names)` should look at. Lists the roots and reads the small
+        records of compressed or exported adapters (variants.py); loads no adapter."""
+        return set(self._routable()[0]) ^ set(self.tables.known)
+
+    def _routable(self) -> tuple[dict[str, Path], dict[str, str]]:
+        """The adapters `auto` may route to now (name -> directory), and the routable adapters left
+        out as versions of another ({version: the adapter routed for it})."""
+        allowed = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
+        versions = self._variants.of(allowed)
+        return {n: d for n, d in allowed.items() if n not in versions}, versions
 
     def _sync_examples(self, tables: Tables, name: str, directory: Path, learned: list[str]) -> str:
         """Learn `name`'s examples (its file's and those sent at run time) unless unchanged; returns

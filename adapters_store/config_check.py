@@ -3,7 +3,9 @@
 `ConfigCheck(spec).problem(directory, label)` reads only the adapter's small JSON config and
 stats its weights file: the config parses, its format is known, its required keys are present
 and valid for this base model (ranks, targets), and the weights file the format needs exists.
-It returns the refusal's message, or None when nothing is wrong so far. Loading still validates
+It returns the refusal's message, or None when nothing is wrong so far; `summary(directory, label)`
+what the config says of a servable adapter (format, largest rank, adapted projections), for
+listings of adapters not read yet. Loading still validates
 the weights (shapes, dtypes, finite values, checksum), which this never reads. Results are kept
 per directory until the config's or the weights file's stat changes, so listing thousands of
 adapters costs a few `stat` calls each after the first listing.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_store import compeft_config, mos, peft_config, peft_lora
@@ -27,26 +30,44 @@ from adapters_store.spec import BaseModelSpec
 Stat = tuple[int, int, int] | None  # (size, mtime_ns, inode); None when missing
 
 
-def _check_peft_lora(directory: Path, spec: BaseModelSpec, label: str) -> None:
+@dataclass(frozen=True)
+class ConfigSummary:
+    """What a servable adapter's config says, before its weights are read."""
+
+    format: str
+    rank: int  # the largest rank of its modules
+    target_modules: tuple[str, ...]  # the projections it adapts, in the base model's order
+
+
+def _check_peft_lora(directory: Path, spec: BaseModelSpec, label: str) -> ConfigSummary:
     source = f"{label}/{peft_config.CONFIG_FILE}"
     config = peft_config.parse_peft_lora_config(
         peft_config.read_config_json(directory / peft_config.CONFIG_FILE, source), source
     )
-    peft_config.plan_modules(config, spec, source)  # targets and ranks against the base model
+    plans = peft_config.plan_modules(config, spec, source)  # targets and ranks against the base model
     _weights_present(directory, label, peft_lora.WEIGHTS_FILE, peft_config.CONFIG_FILE)
+    projections = {plan.projection for plan in plans.values()}
+    rank = max((plan.rank for plan in plans.values()), default=0)
+    return ConfigSummary(peft_lora.FORMAT, rank, tuple(p for p in spec.projections if p in projections))
 
 
-def _check_mos(directory: Path, spec: BaseModelSpec, label: str) -> None:
+def _check_mos(directory: Path, spec: BaseModelSpec, label: str) -> ConfigSummary:
     source = f"{label}/{mos.CONFIG_FILE}"
-    mos.parse_mos_config(peft_config.read_config_json(directory / mos.CONFIG_FILE, source), spec, source)
+    config = mos.parse_mos_config(
+        peft_config.read_config_json(directory / mos.CONFIG_FILE, source), spec, source
+    )
     _weights_present(directory, label, mos.WEIGHTS_FILE, mos.CONFIG_FILE)
+    return ConfigSummary(mos.FORMAT, config.layout.r, config.target_modules)
 
 
-def _check_compeft(directory: Path, spec: BaseModelSpec, label: str) -> None:
+def _check_compeft(directory: Path, spec: BaseModelSpec, label: str) -> ConfigSummary:
     source = f"{label}/{compeft_config.CONFIG_FILE}"
     raw = peft_config.read_config_json(directory / compeft_config.CONFIG_FILE, source)
-    compeft_config.parse_compeft_config(raw, spec, source)
+    config = compeft_config.parse_compeft_config(raw, spec, source)
     _weights_present(directory, label, COMPEFT_WEIGHTS_FILE, compeft_config.CONFIG_FILE)
+    projections = {m.projection for m in config.modules}
+    rank = max((m.rank for m in config.modules), default=0)
+    return ConfigSummary(compeft_config.FORMAT, rank, tuple(p for p in spec.projections if p in projections))
 
 
 def _weights_present(directory: Path, label: str, weights: str, config: str) -> None:
@@ -56,7 +77,7 @@ def _weights_present(directory: Path, label: str, weights: str, config: str) -> 
         raise AdapterError(f"{label}/{weights} {what}: the adapter needs it beside {config}")
 
 
-_CHECKS: dict[str, Callable[[Path, BaseModelSpec, str], None]] = {
+_CHECKS: dict[str, Callable[[Path, BaseModelSpec, str], ConfigSummary]] = {
     peft_lora.FORMAT: _check_peft_lora,
     mos.FORMAT: _check_mos,
     compeft_config.FORMAT: _check_compeft,
@@ -70,10 +91,19 @@ class ConfigCheck:
     def __init__(self, spec: BaseModelSpec) -> None:
         self.spec = spec
         self._lock = threading.Lock()
-        self._seen: dict[Path, tuple[tuple[Stat, ...], str | None]] = {}
+        self._seen: dict[Path, tuple[tuple[Stat, ...], str | ConfigSummary]] = {}
 
     def problem(self, directory: Path, label: str) -> str | None:
         """Why the adapter in `directory` (named `label` in messages) cannot be served, or None."""
+        found = self._checked(directory, label)
+        return found if isinstance(found, str) else None
+
+    def summary(self, directory: Path, label: str) -> ConfigSummary | None:
+        """What its config says, or None when it cannot be served (`problem` says why)."""
+        found = self._checked(directory, label)
+        return found if isinstance(found, ConfigSummary) else None
+
+    def _checked(self, directory: Path, label: str) -> str | ConfigSummary:
         stats = tuple(_stat(directory / file) for file in _WATCHED_FILES)
         with self._lock:
             seen = self._seen.get(directory)
@@ -90,14 +120,13 @@ class ConfigCheck:
             for directory in set(self._seen) - directories:
                 del self._seen[directory]
 
-    def _check(self, directory: Path, label: str) -> str | None:
+    def _check(self, directory: Path, label: str) -> str | ConfigSummary:
         try:
-            _CHECKS[detect_format(directory, label)](directory, self.spec, label)
+            return _CHECKS[detect_format(directory, label)](directory, self.spec, label)
         except AdapterError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a listing must never fail for one adapter
             return f"{label}: its config could not be checked ({type(exc).__name__})"
-        return None
 
 
 def _stat(path: Path) -> Stat:

@@ -201,7 +201,14 @@ def test_list_adapters_shows_tier_usage_and_shape(stub: pb_grpc.InferenceStub, e
     assert "escape" not in before and "team" not in before  # a symlink out of the root; no adapter
     assert list(before) == sorted(before)
     info = before["listed"]
-    assert (info.tier, info.format, info.rank, info.bytes) == (pb.ADAPTER_TIER_DISK, 0, 0, 0)
+    # not read yet: what its config says (format, rank, targets), no bytes in memory
+    assert (info.tier, info.format, info.rank, info.bytes) == (
+        pb.ADAPTER_TIER_DISK,
+        pb.ADAPTER_FORMAT_PEFT_LORA,
+        4,
+        0,
+    )
+    assert list(info.target_modules) == ["q_proj", "v_proj"]
     assert (info.pinned, info.load_count, info.requests_served) == (False, 0, 0)
 
     for _ in range(2):

@@ -385,6 +385,27 @@ def test_the_config_check_reads_no_weights_and_sees_a_fix(dirs: dict[str, Path],
     assert check.problem(fixed, "fixed-later") is None  # the config's stat changed: checked again
 
 
+def test_the_config_check_summarizes_what_it_can_serve(dirs: dict[str, Path], engine: Engine) -> None:
+    from adapters_store.config_check import ConfigSummary
+
+    assert engine.adapters is not None
+    check = ConfigCheck(engine.adapters.store.spec)
+    root = dirs["root"]
+    assert check.summary(root / "qv4", "qv4") == ConfigSummary("peft-lora", 4, ("q_proj", "v_proj"))
+    for name in BROKEN:
+        assert check.summary(root / name, name) is None and check.problem(root / name, name)
+    shipped = ROOT_DIR / "adapters"  # the default model's: checked against its own spec
+    from tasks.compeft_alpha import model_spec
+
+    smol = ConfigCheck(model_spec())
+    all_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert smol.summary(shipped / "sql-mos", "sql-mos") == ConfigSummary("mos", 4, all_linear)
+    assert smol.summary(shipped / "sql-compeft-10", "sql-compeft-10") == ConfigSummary(
+        "compeft", 3, all_linear
+    )
+    assert smol.summary(shipped / "sql", "sql") == ConfigSummary("peft-lora", 3, all_linear)
+
+
 # -- GetInfo: kernels and adapter settings -------------------------------------------------------
 
 

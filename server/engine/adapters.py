@@ -62,7 +62,7 @@ class AdapterStatus:
     """One adapter as ListAdapters shows it."""
 
     name: str
-    format: str  # "" while only on disk (not read yet)
+    format: str  # "" while only on disk and its config cannot be served
     rank: int
     nbytes: int  # host (compact) form; 0 while only on disk
     tier: str  # "device" | "host" | "disk"
@@ -288,17 +288,25 @@ class AdapterManager:
             for stored in listed
         ]
         self._config_check.forget_except({stored.directory for stored in listed})
-        return [
-            replace(status, error=self._problem(stored, status.source))
-            for stored, status in zip(listed, statuses, strict=True)
-        ]
+        return [self._on_disk(stored, status) for stored, status in zip(listed, statuses, strict=True)]
 
-    def _problem(self, stored: StoredAdapter, label: str) -> str:
-        """Why `stored` cannot be served, as far as is known without loading it: its last refusal
-        (its files unchanged since), else the cheap config check; "" when it is in host memory."""
+    def _on_disk(self, stored: StoredAdapter, status: AdapterStatus) -> AdapterStatus:
+        """`status` of an adapter not in host memory, completed without loading it: why it cannot be
+        served (its last refusal, its files unchanged since, else the cheap config check), or what
+        its config says (format, rank, targets)."""
         if stored.adapter is not None:
-            return ""
-        return self.store.refusal(stored.name) or self._config_check.problem(stored.directory, label) or ""
+            return status
+        refusal = self.store.refusal(stored.name) or self._config_check.problem(
+            stored.directory, status.source
+        )
+        if refusal:
+            return replace(status, error=refusal)
+        summary = self._config_check.summary(stored.directory, status.source)
+        if summary is None:
+            return status
+        return replace(
+            status, format=summary.format, rank=summary.rank, target_modules=summary.target_modules
+        )
 
     def stats(self) -> tuple[HostCacheStats, DeviceSlotStats]:
         return self.store.stats(), self.slots.stats()

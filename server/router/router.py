@@ -257,7 +257,7 @@ class Router:
             report.seconds,
         )
         for name, why in refused:
-            log.warning("router: adapter %s is routed without its %s", name, why)
+            log.warning("router: adapter %s cannot be routed by its %s", name, why)
         for version, original in sorted(set(versions.items()) - self._told_versions):
             log.info(
                 "router: %s is a version of %s (compressed or exported): routed as %s",

@@ -468,6 +468,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+UINT32_MAX = 2**32 - 1  # a uint32 field of the gRPC API
+
+
+def _token_count(text: str) -> int:
+    value = _non_negative(text)
+    if value > UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= {UINT32_MAX} (the API's limit), got {value}")
+    return value
+
+
 def _patterns(text: str) -> tuple[str, ...]:
     patterns = tuple(part.strip() for part in text.split(",") if part.strip())
     if not patterns or all(p.startswith("!") for p in patterns):
@@ -716,7 +726,7 @@ def _add_generate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_target(generate)
     _add_prompt(generate)
     generate.add_argument(
-        "--max-tokens", type=_non_negative, default=None, help="most tokens to generate (server default: 64)"
+        "--max-tokens", type=_token_count, default=None, help="most tokens to generate (server default: 64)"
     )
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     generate.add_argument("--top-p", type=float, default=None)

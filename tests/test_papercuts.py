@@ -564,3 +564,10 @@ def test_a_broken_pipe_exits_quietly(servers: OpenAIServers) -> None:
         status = child.wait(timeout=120)
     assert status == BROKEN_PIPE_STATUS, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr and "Exception ignored" not in stderr
+
+
+def test_cli_max_tokens_past_the_api_limit_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["generate", "--prompt", "hi", "--max-tokens", "99999999999999"])
+    assert exited.value.code == 2
+    assert "argument --max-tokens: must be <= 4294967295" in capsys.readouterr().err

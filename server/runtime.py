@@ -162,6 +162,7 @@ def build_router(engine: Engine, config: ServerConfig) -> Router | None:
     tokenizer = copy.deepcopy(engine.tokenizer)  # the router tokenizes on its own threads
     edges = chat_template_edges(lambda content: chat_prompt_ids(tokenizer, [("user", content)]))
     reader = FeatureReader(engine.model, settings.layer, edges)
-    router = Router(engine.info.model_name, reader, tokenizer, StoreSource(engine.adapters.store), settings)
+    source = StoreSource(engine.adapters.store, engine.adapters.read)  # its loads counted as the server's
+    router = Router(engine.info.model_name, reader, tokenizer, source, settings)
     router.restore()
     return router

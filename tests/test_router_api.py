@@ -526,3 +526,26 @@ def test_a_loaded_adapter_is_routed_by_its_examples_file(stack: Stack) -> None:
     assert firsts.count("delta") >= 8, firsts
     stack.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="delta"), timeout=30)
     assert _wait_until(lambda: "delta" not in stack.router.tables.selector.classes)
+
+
+def test_the_routers_reads_count_as_the_servers_host_loads(dirs: dict[str, Path], tmp_path: Path) -> None:
+    for seed, name in enumerate(("one", "two")):  # no examples: the router reads their weights
+        _save_adapter(dirs["base"], tmp_path / name, QV4, seed=seed + 50)
+    metrics = Metrics(process_metrics=False)
+    config = ServerConfig(
+        model=str(dirs["base"]),
+        device="cpu",
+        engine=EngineConfig(max_running=2, max_queue=4, max_model_len=256, max_batched_tokens=64),
+        adapters=AdapterConfig(roots=(str(tmp_path),), max_slots=2, max_rank=8),
+    )
+    engine = build_engine(config, metrics)
+    try:
+        router = build_router(engine, config)
+        assert router is not None and engine.adapters is not None
+        assert sorted(router.reconcile().weight_only) == ["one", "two"]
+        assert engine.adapters.host_loads() == 2
+        assert {status.name: status.load_count for status in engine.adapters.list()} == {"one": 1, "two": 1}
+        scraped = metrics.exposition().decode()
+        assert 'loramux_adapter_load_seconds_count{tier="host"} 2.0' in scraped
+    finally:
+        engine.shutdown()

@@ -227,15 +227,21 @@ class AdapterManager:
         raise error
 
     def _read_and_prepare(self, name: str, reuse_slot: bool) -> ReadyAdapter:
+        adapter = self.read(name)
+        ready = (self.slots.resident(adapter) if reuse_slot else None) or self.slots.prepare(adapter)
+        self._use_version(name, ready.key)
+        return ready
+
+    def read(self, name: str) -> LoadedAdapter:
+        """`name` in the host tier, read from disk if needed (cold, evicted, or its files changed),
+        and then counted as a host load (any thread: the loader, the router)."""
         cached = self.store.host.peek(name)
         started = time.perf_counter()
         adapter = self.store.get(name)
-        ready = (self.slots.resident(adapter) if reuse_slot else None) or self.slots.prepare(adapter)
-        if adapter is not cached:  # read from disk: cold, evicted, or its files changed
+        if adapter is not cached:
             self.events.adapter_loaded("host", time.perf_counter() - started)
             self._count_host_load(name)
-        self._use_version(name, ready.key)
-        return ready
+        return adapter
 
     def _use_version(self, name: str, key: AdapterKey) -> None:
         """Requests from now on get version `key` of `name`: slots of other versions are invalidated."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -350,13 +350,15 @@ class Router:
 
 
 class StoreSource:
-    """The adapters of an AdapterStore (the roots and explicit loads) as the router sees them."""
+    """The adapters of an AdapterStore (the roots and explicit loads) as the router sees them;
+    `read` reads one into the host tier (the server's counts its loads; default `store.get`)."""
 
-    def __init__(self, store: AdapterStore) -> None:
+    def __init__(self, store: AdapterStore, read: Callable[[str], LoadedAdapter] | None = None) -> None:
         self.store = store
+        self._read = read or store.get
 
     def directories(self) -> Mapping[str, Path]:
         return {stored.name: stored.directory for stored in self.store.list()}
 
     def adapter(self, name: str) -> LoadedAdapter:
-        return self.store.get(name)
+        return self._read(name)

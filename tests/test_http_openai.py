@@ -201,6 +201,10 @@ def test_bad_parameters_are_bad_requests(client: openai.OpenAI, base_id: str) ->
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=base_id, prompt=PROMPT, temperature=-1)
     assert "temperature" in caught.value.message
+    assert caught.value.body["param"] == "temperature"  # type: ignore[index]  # the engine's refusal
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=base_id, prompt=PROMPT, top_p=2)
+    assert caught.value.body["param"] == "top_p"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=base_id, prompt=PROMPT, max_tokens=0)
     assert caught.value.body["param"] == "max_tokens"  # type: ignore[index]

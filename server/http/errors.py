@@ -143,7 +143,35 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
             message = f"the request is too large ({message}); send less"
         else:
             headers["Retry-After"] = str(_retry_after_s(err))
-    return ApiError(status, message, code=_CODE_BY_STATUS.get(status), headers=headers)
+    param = _named_field(message) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
+    return ApiError(status, message, param=param, code=_CODE_BY_STATUS.get(status), headers=headers)
+
+
+# Sampling fields whose refusals the engine words as "<field> must ...": the error's `param`.
+_SAMPLING_FIELDS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logprobs",
+        "top_logprobs",
+        "prompt_logprobs",
+        "max_tokens",
+        "n",
+        "route_top_k",
+    }
+)
+
+
+def _named_field(message: str) -> str | None:
+    """The request field a refusal begins with ("temperature must be in [0, 100], got -1"), if known."""
+    first = message.split(" ", 1)[0].rstrip(":,")
+    return first if first in _SAMPLING_FIELDS else None
 
 
 def _retry_after_s(err: grpc.aio.AioRpcError) -> int:

@@ -128,6 +128,25 @@ def load_modules(engine: Engine, modules: tuple[tuple[str, str], ...]) -> None:
         logger.info("adapter %s loaded from %s", name, directory)
 
 
+def count_refused_body(engine: Engine, model: str | None) -> None:
+    """Count a generation request the HTTP shim refused itself (its body failed the schema) as the
+    engine counts the refusals it sees: by the adapter `model` names (the base model, `auto`, an
+    adapter, or `<unknown>` for anything else), outcome `invalid`."""
+    from server.engine.events import UNKNOWN_ADAPTER
+    from server.engine.request import InvalidRequest
+    from server.preparation import AUTO_ADAPTER
+
+    refusal = InvalidRequest("the request body failed the API's schema")
+    if model == AUTO_ADAPTER:
+        engine.record_refused((), refusal, AUTO_ADAPTER)
+    elif model == engine.info.model_name:
+        engine.record_refused((), refusal)
+    elif model:
+        engine.record_refused((model,), refusal)
+    else:
+        engine.record_refused((), refusal, UNKNOWN_ADAPTER)
+
+
 def watch_engine(metrics: Metrics, engine: Engine) -> None:
     """Have `metrics` read `engine` at every scrape: its snapshot, the adapters it holds in memory
     and its model's name (call after `serve_as`)."""
@@ -254,6 +273,8 @@ async def _serve_until_signal(
     )
     http = None
     if config.http_port:
+        from functools import partial
+
         from server.http.app import create_app
         from server.http.server import HttpServer
 
@@ -264,6 +285,7 @@ async def _serve_until_signal(
             api_key=config.api_key,
             admin_token=config.admin_token,
             limits=config.http_limits,
+            on_refused=partial(count_refused_body, engine),
         )
         http = HttpServer(app, config.host, config.http_port, config.http_limits)
         try:

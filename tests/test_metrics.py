@@ -346,6 +346,46 @@ def test_metrics_endpoint_of_the_http_shim(engine: Engine) -> None:
         grpc_server.close()
 
 
+def test_bodies_the_shim_refuses_are_counted_by_their_model(engine: Engine) -> None:
+    """`loramux serve` hands the shim `count_refused_body`: schema refusals count as `invalid`."""
+    from functools import partial
+
+    from server.serve_commands import count_refused_body
+
+    grpc_server = ServerThread(engine)
+    app = create_app(
+        grpc_server.target,
+        metrics_registry=METRICS[engine].registry,
+        on_refused=partial(count_refused_body, engine),
+    )
+    http = HttpServer(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{grpc_server._call(http.start())}"
+    base = engine.info.model_name
+    try:
+        before = scrape_text(httpx.get(url + "/metrics").text)
+        bodies = [
+            dict(model=base, prompt="Hello", n=0),
+            dict(model="a1", prompt="Hello", max_tokens=-1),
+            dict(model="auto", prompt="Hello", n=0),
+            dict(model="no-such-adapter", prompt="Hello", n=0),
+            dict(prompt="Hello"),  # no model at all
+        ]
+        for body in bodies:
+            assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 400
+        chat = dict(model="a1", messages=[{"role": "user", "content": "hi"}], n=0)
+        assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 400
+        after = scrape_text(httpx.get(url + "/metrics").text)
+        for adapter, grown in ((base, 1), ("a1", 2), ("auto", 1), (UNKNOWN_ADAPTER, 2)):
+            labels = dict(adapter=adapter, outcome="invalid")
+            grew = value(after, "loramux_requests_total", **labels) - value(
+                before, "loramux_requests_total", **labels
+            )
+            assert grew == grown, adapter
+    finally:
+        grpc_server._call(http.stop())
+        grpc_server.close()
+
+
 def test_metrics_of_the_shim_alone_are_its_process_metrics() -> None:
     """`loramux http` runs in another process than the engine: it shows only its own process."""
     grpc_server_less = HttpServer(create_app("127.0.0.1:1"), "127.0.0.1", 0)

@@ -98,6 +98,7 @@ _ADMIN_RESPONSES = {
 _ROUTE_ERRORS = _errors(*_V1, 400, 413)
 _EXAMPLES_ERRORS = _errors(*_V1, 400, 403, 404, 413)
 _ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/router/examples"})
+_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 # How often a non-streamed generation checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
 # Adapter tiers from coldest to warmest (GenerateResponse.adapter_tier); one this shim does not
@@ -113,11 +114,15 @@ def create_app(
     admin_token: str | None = None,
     metrics_registry: CollectorRegistry | None = None,
     limits: HttpLimits | None = None,
+    on_refused: Callable[[str | None], None] | None = None,
 ) -> FastAPI:
     """The shim for the gRPC server at `grpc_target` (HOST:PORT); admin routes answer 403 unless enabled.
 
     `api_key` / `admin_token`: what HTTP clients must present, and what the shim presents to gRPC.
     `limits`: its `max_body_mb` applies here (the connection limits to `HttpServer`).
+    `on_refused(model)`: told of every generation request the shim refuses itself (a body that
+    fails its schema: `n: 0`, `max_tokens: -1`, ...), with the body's `model` (None when it has
+    none), so that `loramux serve` counts them as the engine counts the refusals it sees.
     """
     limits = limits or HttpLimits()
     auth = authn.AuthConfig(api_key=api_key, admin_token=admin_token)
@@ -148,7 +153,7 @@ def create_app(
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
     )
-    install_handlers(app)
+    install_handlers(app, on_refused, generation_paths=_GENERATION_PATHS)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     def backend(request: Request) -> Backend:

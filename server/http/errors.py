@@ -26,9 +26,10 @@ Starlette's own errors keep their headers (405's Allow). This module does not kn
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -182,8 +183,13 @@ def _retry_after_s(err: grpc.aio.AioRpcError) -> int:
     return DEFAULT_RETRY_AFTER_S
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Make every error of `app` answer OpenAI's error JSON."""
+def install_handlers(
+    app: FastAPI,
+    on_refused: Callable[[str | None], None] | None = None,
+    generation_paths: frozenset[str] = frozenset(),
+) -> None:
+    """Make every error of `app` answer OpenAI's error JSON; a body refused on one of
+    `generation_paths` is reported to `on_refused` with its `model` (None: not found)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -199,6 +205,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers a malformed body with 400, not FastAPI's 422.
+        if on_refused is not None and request.url.path in generation_paths:
+            on_refused(await _model_of(request))
         problems = exc.errors()
         whole_body = body_problem(request.headers.get("content-type"), problems)
         if whole_body is not None:  # not JSON, not sent as JSON, empty, or not an object
@@ -221,6 +229,16 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {shown(request.url.path)}; see /docs for the API"
         return error_response(exc.status_code, message, headers=exc.headers)
+
+
+async def _model_of(request: Request) -> str | None:
+    """The `model` of a request body already read (FastAPI keeps it), if it is a JSON object with one."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RuntimeError):
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _most_telling(problems: Sequence[Any]) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """The cheap check of an adapter found on disk: is its config one loramux could serve?
 
 `ConfigCheck(spec).problem(directory, label)` reads only the adapter's small JSON config and
-stats its weights file: the config parses, its format is known, its required keys are present
-and valid for this base model (ranks, targets), and the weights file the format needs exists.
+its weights file's safetensors header: the config parses, its format is known, its required keys
+are present and valid for this base model (ranks, targets), and the weights file the format needs
+exists with a whole header that matches its length (so a truncated file is seen).
 It returns the refusal's message, or None when nothing is wrong so far; `summary(directory, label)`
 what the config says of a servable adapter (format, largest rank, adapted projections), for
 listings of adapters not read yet. Loading still validates
-the weights (shapes, dtypes, finite values, checksum), which this never reads. Results are kept
+the weights (shapes, dtypes, finite values, checksum), whose data this never reads. Results are kept
 per directory until the config's or the weights file's stat changes, so listing thousands of
 adapters costs a few `stat` calls each after the first listing.
 
@@ -25,6 +26,7 @@ from adapters_store import compeft_config, mos, peft_config, peft_lora
 from adapters_store.compeft import WEIGHTS_FILE as COMPEFT_WEIGHTS_FILE
 from adapters_store.errors import AdapterError
 from adapters_store.formats import FORMAT_REGISTRY, detect_format
+from adapters_store.safetensors_header import read_header
 from adapters_store.spec import BaseModelSpec
 
 Stat = tuple[int, int, int] | None  # (size, mtime_ns, inode); None when missing
@@ -71,10 +73,17 @@ def _check_compeft(directory: Path, spec: BaseModelSpec, label: str) -> ConfigSu
 
 
 def _weights_present(directory: Path, label: str, weights: str, config: str) -> None:
+    """The weights file exists and its safetensors header is whole and matches the file's length
+    (a truncated or foreign file is refused here; its data is never read)."""
     path = directory / weights
     if not path.is_file():
         what = "is missing" if not path.exists() else "is not a regular file"
         raise AdapterError(f"{label}/{weights} {what}: the adapter needs it beside {config}")
+    try:
+        with path.open("rb") as file:
+            read_header(file, f"{label}/{weights}")
+    except OSError as exc:
+        raise AdapterError(f"cannot read {label}/{weights}: {exc.strerror or type(exc).__name__}") from None
 
 
 _CHECKS: dict[str, Callable[[Path, BaseModelSpec, str], ConfigSummary]] = {

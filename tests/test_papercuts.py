@@ -369,15 +369,26 @@ def test_invalid_adapters_are_flagged_in_models_and_list_adapters(
     assert listed["no-weights"].error == cards["no-weights"]["error"]
 
 
-def test_the_config_check_reads_no_weights_and_sees_a_fix(dirs: dict[str, Path], engine: Engine) -> None:
+def test_the_config_check_reads_only_the_weights_header_and_sees_a_fix(
+    dirs: dict[str, Path], engine: Engine
+) -> None:
     assert engine.adapters is not None
     check = ConfigCheck(engine.adapters.store.spec)
     root = dirs["root"]
     assert check.problem(root / "qv4", "qv4") is None
-    garbage = root.parent / "garbage-weights"  # weights that are not safetensors: not read, so not seen
+    weights = (root / "qv4" / "adapter_model.safetensors").read_bytes()
+    garbage = root.parent / "garbage-weights"  # not safetensors: its header says so
     shutil.copytree(root / "qv4", garbage)
     (garbage / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    assert check.problem(garbage, "garbage-weights") is None
+    assert "not a valid safetensors file" in (check.problem(garbage, "garbage-weights") or "")
+    truncated = root.parent / "truncated-weights"  # the header whole, the data cut short
+    shutil.copytree(root / "qv4", truncated)
+    (truncated / "adapter_model.safetensors").write_bytes(weights[:-16])
+    assert "truncated" in (check.problem(truncated, "truncated-weights") or "")
+    flipped = root.parent / "flipped-weights"  # data not read: a bad value is the loader's to find
+    shutil.copytree(root / "qv4", flipped)
+    (flipped / "adapter_model.safetensors").write_bytes(weights[:-4] + b"\xff\xff\xff\x7f")
+    assert check.problem(flipped, "flipped-weights") is None
     fixed = root.parent / "fixed-later"
     shutil.copytree(root / "broken-json", fixed)
     assert check.problem(fixed, "fixed-later") is not None

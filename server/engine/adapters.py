@@ -87,6 +87,7 @@ class AdapterManager:
         )
         self._lock = threading.Lock()
         self._in_flight: dict[str, Future[ReadyAdapter]] = {}  # name -> its load, only while it runs
+        self._again: dict[str, Future[ReadyAdapter]] = {}  # name -> its fresh preparation, while it runs
         self._served: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()
         self._host_loads = 0  # every disk -> host load, explicit LoadAdapter included
@@ -163,42 +164,71 @@ class AdapterManager:
 
     def acquire(self, seq: EngineSequence) -> tuple[tuple[int, float], ...] | None:
         """Pin a device slot for every adapter of `seq` (all or none): (slot, weight) pairs, or None
-        while some slot is not free. Raises what filling a slot raised (nothing stays pinned)."""
+        while some slot is not free or a form must be prepared again (on the loader: a load that
+        found its adapter in a slot since taken, or of a version unloaded or replaced since). Raises
+        what filling a slot raised (nothing stays pinned)."""
         ready = [load.result() for load in seq.adapter_loads]
         weights = [weight for _, weight in seq.request.adapters.adapters]
-        pinned: list[tuple[int, float]] = []
+        pinned: dict[int, tuple[int, float]] = {}
+        # Those found in a slot first: one with a form must not take the slot of a later member.
+        order = sorted(range(len(ready)), key=lambda i: ready[i].form is not None)
         try:
-            for i, (form, weight) in enumerate(zip(ready, weights, strict=True)):
+            for i in order:
+                if not self._is_current(ready[i]):
+                    self._prepare_again(seq, i)
+                    self.release(list(pinned.values()))
+                    return None
                 fills = self.slots.stats().loads  # only the engine thread fills slots: a change is ours
                 try:
-                    slot = self.slots.acquire(form)
+                    slot = self.slots.acquire(ready[i])
                 except NotResident:  # its slot went to another adapter since its load looked
-                    self.release(pinned)
                     self._prepare_again(seq, i)
+                    self.release(list(pinned.values()))
                     return None
                 if slot is None:
-                    self.release(pinned)
+                    self.release(list(pinned.values()))
                     return None
-                pinned.append((slot, weight))
+                pinned[i] = (slot, weights[i])
                 device = self.slots.stats()
                 if device.loads != fills:
                     self.events.adapter_loaded("device", device.last_load_seconds)
         except BaseException:
-            self.release(pinned)
+            self.release(list(pinned.values()))
             raise
         with self._lock:
             self._served.update(seq.request.adapters.names)
-        return tuple(pinned)
+        return tuple(pinned[i] for i in range(len(ready)))
+
+    def _is_current(self, ready: ReadyAdapter) -> bool:
+        """Whether `ready` is the version of its adapter requests get now (not unloaded or replaced
+        since it was loaded)."""
+        with self._lock:
+            return self._versions.get(ready.key[0]) == ready.key
 
     def _prepare_again(self, seq: EngineSequence, i: int) -> None:
-        """Replace `seq`'s load i, which found its adapter in a slot that is gone now, by one that
-        prepares its form on a loader thread (engine thread; the engine is woken when it is done)."""
+        """Replace `seq`'s load i by one that reads and prepares its adapter afresh on a loader thread
+        (engine thread; the engine is woken when it is done). Requests that need it at once share
+        one such load."""
         name = seq.request.adapters.names[i]
-        load = self._loader.submit(self._load_ready, name, reuse_slot=False)
-        load.add_done_callback(lambda _: self.wake())
+        with self._lock:
+            load = self._again.get(name)
+            if load is None:
+                load = self._loader.submit(self._load_ready, name, reuse_slot=False)
+                self._again[name] = load
+                started = True
+            else:
+                started = False
+        if started:
+            load.add_done_callback(lambda done: self._forget_again(name, done))
+            load.add_done_callback(lambda _: self.wake())
         loads = list(seq.adapter_loads)
         loads[i] = load
         seq.adapter_loads = tuple(loads)
+
+    def _forget_again(self, name: str, load: Future[ReadyAdapter]) -> None:
+        with self._lock:
+            if self._again.get(name) is load:
+                del self._again[name]
 
     def release(self, slots: Sequence[tuple[int, float]]) -> None:
         for slot, _ in slots:

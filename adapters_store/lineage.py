@@ -37,6 +37,7 @@ SOURCE_FILE = "source.json"
 EXAMPLES_FILE = "examples.jsonl"  # server/router/examples.py reads it
 WEIGHT_FILES = (WEIGHTS_FILE, MOS_WEIGHTS_FILE, COMPEFT_WEIGHTS_FILE)  # one per format
 _CHUNK = 1 << 20
+HEADER_ALLOWANCE = 1 << 20  # a safetensors header's bytes, at most, beside a LoRA's data
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Origin:
 
     original: str  # "sha256:<hex>" of the weight file of the first adapter of its chain
     source_name: str  # its direct source's directory name ("" = not recorded)
+    # the sizes in bytes the original's weight file can have (None = not known): only files of
+    # such a size are hashed when the original is looked for by its checksum
+    original_bytes: tuple[int, int] | None = None
 
 
 def source_record(source: LoadedAdapter) -> dict[str, Any]:
@@ -57,7 +61,17 @@ def source_record(source: LoadedAdapter) -> dict[str, Any]:
             "checksum": source.checksum,
         },
         "original": origin.original if origin is not None else source.checksum,
+        "original_bytes": _original_bytes(origin, source.source),
     }
+
+
+def _original_bytes(origin: Origin | None, source: Path) -> int | None:
+    """The size of the original's weight file: the source's own when it is the original."""
+    if origin is not None:
+        low, high = origin.original_bytes or (0, -1)
+        return low if low == high else None
+    sizes = [(source / name).stat().st_size for name in WEIGHT_FILES if (source / name).is_file()]
+    return sizes[0] if sizes else None
 
 
 def write_source(directory: Path, source: LoadedAdapter) -> None:
@@ -77,11 +91,20 @@ def origin_of(directory: Path) -> Origin | None:
         original, source = record.get("original"), record.get("source")
         name = source.get("name") if isinstance(source, dict) else None
         if isinstance(original, str) and _is_checksum(original):
-            return Origin(original, name if isinstance(name, str) else "")
+            size = record.get("original_bytes")
+            exact = (
+                (size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+            )
+            return Origin(original, name if isinstance(name, str) else "", exact)
     config = _json(directory / COMPEFT_CONFIG_FILE)
     checksum = config.get("source_checksum") if config is not None else None
-    if isinstance(checksum, str) and _is_checksum(checksum):
-        return Origin(checksum, "")
+    if config is not None and isinstance(checksum, str) and _is_checksum(checksum):
+        elements = config.get("total_elements")
+        sizes = None
+        if isinstance(elements, int) and not isinstance(elements, bool) and elements > 0:
+            # a LoRA of that many elements in 16 or 32 bits, and its safetensors header
+            sizes = (2 * elements, 4 * elements + HEADER_ALLOWANCE)
+        return Origin(checksum, "", sizes)
     return None
 
 

@@ -389,12 +389,14 @@ def _routable(router: Router, adapter: str) -> Router:
 
 
 def _forget_if_gone(router: Router, manager: AdapterManager, name: str) -> None:
-    """Have the router forget `name` unless the server can still serve it (e.g. from a root)."""
+    """Have the router forget `name` unless the server can still serve it (e.g. from a root); its
+    versions (compressed or exported copies), left out of routing while it was there, come back."""
     try:
         manager.check_known(name)
     except AdapterError:
         router.forget(name)
         logger.info("router: forgot %s (unloaded, not in the adapter roots)", shown(name))
+        router.reconcile(())
 
 
 def _log_failure(done: Future[Any]) -> None:

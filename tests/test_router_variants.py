@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from adapters_store.lineage import SOURCE_FILE, Origin, origin_of, source_record, weights_checksum
+from adapters_store.lineage import (
+    HEADER_ALLOWANCE,
+    SOURCE_FILE,
+    Origin,
+    origin_of,
+    source_record,
+    weights_checksum,
+)
 from server import cli
 from server.router.variants import Variants
 from tasks import get_task
@@ -36,13 +43,16 @@ def _checksum(payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
-def _version(root: Path, name: str, source_name: str, original: str, payload: bytes = b"codes") -> Path:
+def _version(root: Path, name: str, source_name: str, original: bytes, payload: bytes = b"codes") -> Path:
+    """A version of the adapter whose weight file holds `original`, made from `source_name`."""
     directory = root / name
     directory.mkdir()
     (directory / "compeft_model.safetensors").write_bytes(payload + name.encode())
+    checksum = _checksum(original)
     record = {
-        "source": {"name": source_name, "format": "peft-lora", "checksum": original},
-        "original": original,
+        "source": {"name": source_name, "format": "peft-lora", "checksum": checksum},
+        "original": checksum,
+        "original_bytes": len(original),
     }
     (directory / SOURCE_FILE).write_text(json.dumps(record))
     return directory
@@ -51,10 +61,10 @@ def _version(root: Path, name: str, source_name: str, original: str, payload: by
 def test_versions_are_routed_as_their_original(tmp_path: Path) -> None:
     sql = _lora(tmp_path, "sql", b"sql weights")
     other = _lora(tmp_path, "sentiment", b"sentiment weights")
-    _version(tmp_path, "sql-c10", "sql", _checksum(b"sql weights"))
+    _version(tmp_path, "sql-c10", "sql", b"sql weights")
     export = tmp_path / "sql-c10-peft"  # an export of the ComPEFT: it names the ComPEFT, the original is sql
-    _version(tmp_path, "sql-c10-peft", "sql-c10", _checksum(b"sql weights"))
-    renamed = _version(tmp_path, "moved", "gone-away", _checksum(b"sentiment weights"))  # by checksum
+    _version(tmp_path, "sql-c10-peft", "sql-c10", b"sql weights")
+    renamed = _version(tmp_path, "moved", "gone-away", b"sentiment weights")  # by checksum
     routable = {d.name: d for d in (sql, other, export, renamed, tmp_path / "sql-c10")}
     assert Variants().of(routable) == {"sql-c10": "sql", "sql-c10-peft": "sql", "moved": "sentiment"}
     # the original not routable: its versions are one candidate, the first by name
@@ -64,7 +74,7 @@ def test_versions_are_routed_as_their_original(tmp_path: Path) -> None:
 
 def test_a_retrained_source_and_an_unreadable_record_make_originals(tmp_path: Path) -> None:
     sql = _lora(tmp_path, "sql", b"retrained sql")
-    stale = _version(tmp_path, "sql-c10", "sql", _checksum(b"the sql it was compressed from"))
+    stale = _version(tmp_path, "sql-c10", "sql", b"the sql it was compressed from")
     garbage = _lora(tmp_path, "garbage", b"g")
     (garbage / SOURCE_FILE).write_text("{not json")
     assert origin_of(garbage) is None and origin_of(sql) is None
@@ -75,9 +85,10 @@ def test_a_compeft_config_without_a_record_is_matched_by_checksum(tmp_path: Path
     sql = _lora(tmp_path, "sql", b"sql weights")
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    (legacy / "compeft_config.json").write_text(json.dumps({"source_checksum": _checksum(b"sql weights")}))
+    config = {"source_checksum": _checksum(b"sql weights"), "total_elements": 5}  # 10 to 20 bytes + header
+    (legacy / "compeft_config.json").write_text(json.dumps(config))
     (legacy / "compeft_model.safetensors").write_bytes(b"codes")
-    assert origin_of(legacy) == Origin(_checksum(b"sql weights"), "")
+    assert origin_of(legacy) == Origin(_checksum(b"sql weights"), "", (10, 20 + HEADER_ALLOWANCE))
     assert Variants().of({"sql": sql, "legacy": legacy}) == {"legacy": "sql"}
     assert weights_checksum(legacy) == _checksum(b"codes")
 
@@ -119,6 +130,12 @@ def test_auto_routes_sql_not_its_copies(tmp_path: Path, smol: Any) -> None:
     # examples registered for a copy teach its original
     router.learn("sql-c10", prompts)
     assert "sql" in router.tables.selector.classes and "sql-c10" not in router.tables.selector.classes
+    # the original gone (as UnloadAdapter has the router do): its versions are routed as one again
+    shutil.rmtree(tmp_path / "sql")
+    router.forget("sql")
+    report = router.reconcile(())
+    assert dict(report.versions) == {"sql-c10-peft": "sql-c10"}
+    assert sorted(router.tables.prototypes) == ["sentiment", "sql-c10"]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ directories and weights (through an AdapterSource); nothing of gRPC, HTTP or the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -168,7 +169,8 @@ class Router:
         """Add example prompts for `adapter` at run time (ExamplesError when they are unusable)."""
         prompts = check_prompts(prompts)
         with self._lock:
-            adapter = self._routable()[1].get(adapter, adapter)  # a version's examples are its original's
+            with contextlib.suppress(OSError):  # a version's examples are its original's
+                adapter = self._routable()[1].get(adapter, adapter)
             tables = self.tables.copy()
             report = tables.selector.learn(adapter, self._features(prompts), self.config.steps)
             known = tables.known.get(adapter, Known())
@@ -240,6 +242,7 @@ class Router:
             else:
                 tables.prototypes.clear()
             self._publish(tables)
+            told, self._told_versions = self._told_versions, set(versions.items())
         report = ReconcileReport(
             tuple(learned),
             tuple(forgotten),
@@ -258,14 +261,13 @@ class Router:
         )
         for name, why in refused:
             log.warning("router: adapter %s cannot be routed by its %s", name, why)
-        for version, original in sorted(set(versions.items()) - self._told_versions):
+        for version, original in sorted(set(versions.items()) - told):
             log.info(
                 "router: %s is a version of %s (compressed or exported): routed as %s",
                 version,
                 original,
                 original,
             )
-        self._told_versions = set(versions.items())
         return report
 
     def changed(self) -> set[str]:

@@ -9,8 +9,13 @@ name), and versions whose original is not routable are routed as one: the first 
 
 `Variants.of(routable)` -> {version: the adapter it is routed as}. A version's original is looked
 for first through the name its record gives (one weight file hashed per link), then, for versions
-still unmatched, among the checksums of every routable original's weight file. Records and hashes
-are cached by their files' size and mtime, so a rescan of unchanged roots only stats them.
+still unmatched, among the routable originals whose weight file has a size the original can have
+(recorded by compress and export; from the element count for a ComPEFT config): so one ComPEFT
+whose LoRA is elsewhere hashes no file, or those of that size, at most MAX_HASHED_PER_CALL a call
+(the rest on later rescans: a version unmatched meanwhile is routed on its own). Records and
+hashes are cached by
+their files' size, mtime and inode (forgotten with their directories), so a rescan of unchanged
+roots only stats them.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from adapters_store.compeft_config import CONFIG_FILE as COMPEFT_CONFIG_FILE
 from adapters_store.lineage import SOURCE_FILE, WEIGHT_FILES, Origin, origin_of, weights_checksum
 
 MAX_LINKS = 8  # how far a chain of recorded sources is followed by name
+# Weight files hashed per call when versions are matched by checksum (cached after): a root of
+# thousands of same-shape LoRAs is covered over several rescans, none of which stalls for long.
+MAX_HASHED_PER_CALL = 32
 
-Signature = tuple[tuple[int, int] | None, ...]
+Signature = tuple[tuple[int, int, int] | None, ...]
 
 
 class Variants:
@@ -34,6 +42,9 @@ class Variants:
 
     def of(self, routable: Mapping[str, Path]) -> dict[str, str]:
         """{version: the adapter `auto` routes it as} among `routable` (name -> directory)."""
+        for cache in (self._origins, self._checksums):  # directories gone or no longer routable
+            for gone in set(cache) - set(routable.values()):
+                del cache[gone]
         origins = {name: self._origin(directory) for name, directory in routable.items()}
         derived = {name: origin for name, origin in origins.items() if origin is not None}
         if not derived:
@@ -46,16 +57,23 @@ class Variants:
                 routed_as[name] = original
             else:
                 unmatched.append(name)
-        if unmatched:
-            by_checksum: dict[str, str] = {}
-            for name in sorted(set(routable) - set(derived)):
-                checksum = self._checksum(routable[name])
-                if checksum is not None:
-                    by_checksum.setdefault(checksum, name)
-            for name in unmatched:
-                original = by_checksum.get(derived[name].original)
-                if original is not None:
-                    routed_as[name] = original
+        originals = sorted(set(routable) - set(derived))
+        budget = [MAX_HASHED_PER_CALL]
+        for name in unmatched:  # only weight files of a size the original can have are hashed
+            sizes = derived[name].original_bytes
+            candidates = [
+                n
+                for n in originals
+                if sizes is not None and sizes[0] <= (self._weights_size(routable[n]) or -1) <= sizes[1]
+            ]
+            for candidate in candidates:
+                if self._checksum(routable[candidate], budget) == derived[name].original:
+                    routed_as[name] = candidate
+                    break
+        found = {derived[name].original: original for name, original in routed_as.items()}
+        for name in unmatched:  # another version of the same original found it
+            if name not in routed_as and derived[name].original in found:
+                routed_as[name] = found[derived[name].original]
         groups: dict[str, list[str]] = {}
         for name in sorted(set(derived) - set(routed_as)):
             groups.setdefault(derived[name].original, []).append(name)
@@ -86,23 +104,35 @@ class Variants:
             self._origins[directory] = cached
         return cached[1]
 
-    def _checksum(self, directory: Path) -> str | None:
+    def _weights_size(self, directory: Path) -> int | None:
+        for stat in _signature(directory, WEIGHT_FILES):
+            if stat is not None:
+                return stat[0]
+        return None
+
+    def _checksum(self, directory: Path, budget: list[int] | None = None) -> str | None:
+        """Its weight file's checksum, from the cache while the file is unchanged; else hashed,
+        if `budget` (files left to hash in this call) allows, else None for now."""
         signature = _signature(directory, WEIGHT_FILES)
         cached = self._checksums.get(directory)
         if cached is None or cached[0] != signature:
+            if budget is not None:
+                if budget[0] <= 0:
+                    return None
+                budget[0] -= 1
             cached = (signature, weights_checksum(directory))
             self._checksums[directory] = cached
         return cached[1]
 
 
 def _signature(directory: Path, names: tuple[str, ...]) -> Signature:
-    """(size, mtime) of each of `names` in `directory`, None where absent."""
-    result: list[tuple[int, int] | None] = []
+    """(size, mtime, inode) of each of `names` in `directory`, None where absent."""
+    result: list[tuple[int, int, int] | None] = []
     for name in names:
         try:
             stat = os.stat(directory / name)
         except OSError:
             result.append(None)
         else:
-            result.append((stat.st_size, stat.st_mtime_ns))
+            result.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
     return tuple(result)

@@ -203,6 +203,7 @@ def test_compress_with_a_fixed_alpha_writes_reports_and_serves(source, tmp_path,
     assert json.loads((dst / "source.json").read_text()) == {
         "source": {"name": "src", "format": "peft-lora", "checksum": source_checksum},
         "original": source_checksum,
+        "original_bytes": (src / "adapter_model.safetensors").stat().st_size,
     }
     assert config["source_checksum"] == source_checksum
     assert (dst / "examples.jsonl").read_bytes() == (src / "examples.jsonl").read_bytes()

@@ -121,6 +121,7 @@ def test_export_writes_a_plain_peft_config(setup, tmp_path: Path, capsys) -> Non
     assert record == {
         "source": {"name": "mos", "format": "mos", "checksum": mos_checksum},
         "original": mos_checksum,
+        "original_bytes": (setup["root"] / "mos" / "mos_model.safetensors").stat().st_size,
     }
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8

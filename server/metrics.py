@@ -10,7 +10,8 @@ OpenAI client sends for it, like vLLM's `model_name`); a refused request naming 
 server cannot serve is labelled `<unknown>`, so garbage names cannot grow the label set; an `auto`
 request refused before the router chose (bad sampling values, say) is labelled `auto`. The per-adapter
 series are bounded: the first `max_adapter_labels` adapter labels (`--metrics-max-adapters`, default
-256; a mixture's "a+b" is one) get series of their own, later ones are counted under `<other>`. Each
+256; a mixture's "a+b" is one, "b+a" the same, and mixtures take at most a quarter of them) get
+series of their own, later ones are counted under `<other>`. Each
 label costs about 80 series (three histograms): at 1,000 labels a scrape was 6.3 MB and 0.45 s of
 Python under the GIL, at 5,000 32 MB and 2.2 s (bench/RESULTS.md). The base model's name, `auto`
 and `<unknown>` always have their own.
@@ -143,6 +144,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._max_adapter_labels = max_adapter_labels
         self._adapter_labels: set[str] = set()  # adapter labels with series of their own
+        self._mixture_labels = 0  # of them, mixtures ("a+b")
         self._own_labels = {UNKNOWN_ADAPTER, AUTO_LABEL}  # never folded (and the base model's name)
         self._labels_lock = threading.Lock()
         if process_metrics:  # what the default registry shows: CPU, memory, fds, GC, Python version
@@ -265,14 +267,24 @@ class Metrics:
     # -- RouterEvents: reported by the gRPC service ---------------------------------------------
 
     def adapter_label(self, label: str) -> str:
-        """`label` itself while the label set has room (or it has its own series already), else `<other>`."""
+        """`label` itself while the label set has room (or it has its own series already), else
+        `<other>`. A mixture's "b+a" is counted as "a+b" (adapter names hold no '+'), and mixtures
+        take at most a quarter of the labels, so permutations and routed mixtures cannot use up
+        the room single adapters need."""
         if label in self._adapter_labels:  # the common case, without the lock
             return label
         with self._labels_lock:
             if label in self._own_labels:
                 return label
-            if len(self._adapter_labels) < self._max_adapter_labels:
+            mixture = "+" in label
+            if mixture:
+                label = "+".join(sorted(label.split("+")))
+                if label in self._adapter_labels:
+                    return label
+            room = self._max_adapter_labels // 4 - self._mixture_labels if mixture else 1
+            if len(self._adapter_labels) < self._max_adapter_labels and room > 0:
                 self._adapter_labels.add(label)
+                self._mixture_labels += mixture
                 return label
         return OTHER_ADAPTERS
 

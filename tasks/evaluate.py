@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -112,13 +113,16 @@ class Paired:
     lower: int
     same: int
     ratio: float | None  # result's mean score / against's (None: against scored 0)
-    ratio_ci95: tuple[float, float] | None  # None: against scored 0 in too many resamples
+    ratio_ci95: tuple[float, float] | None  # upper bound inf: unbounded; None: no ratio at all
     difference: float  # result's mean score - against's
     difference_ci95: tuple[float, float]
 
     def fields(self) -> dict[str, object]:
-        def rounded(pair: tuple[float, float] | None) -> list[float] | None:
-            return None if pair is None else [round(pair[0], 4), round(pair[1], 4)]
+        def rounded(pair: tuple[float, float] | None) -> list[float | None] | None:
+            """JSON has no infinity: an unbounded end is null."""
+            if pair is None:
+                return None
+            return [round(v, 4) if math.isfinite(v) else None for v in pair]
 
         return {
             "against": self.against,
@@ -157,7 +161,10 @@ def paired(
         differences.append((total_mine - total_theirs) / n)
         if total_theirs > 0:
             ratios.append(total_mine / total_theirs)
-    ratio_ci = _interval(ratios) if len(ratios) >= 0.975 * resamples else None
+        elif total_mine > 0:  # the other scored nothing in this resample: an unbounded ratio
+            ratios.append(math.inf)
+        # both 0: no ratio; such a resample says nothing of it and is left out
+    ratio_ci = _interval(ratios) if sum(theirs) > 0 and ratios else None
     return Paired(
         against=against.model,
         higher=sum(m > t for m, t in zip(mine, theirs, strict=True)),
@@ -182,7 +189,8 @@ def describe_paired(model: str, comparison: Paired, n: int) -> str:
     ratio = "undefined (it scored 0)" if comparison.ratio is None else f"{comparison.ratio:.3f}"
     if comparison.ratio_ci95 is not None:
         low, high = comparison.ratio_ci95
-        ratio += f" (95% paired bootstrap {low:.3f}-{high:.3f})"
+        upper = f"{high:.3f}" if math.isfinite(high) else "unbounded"
+        ratio += f" (95% paired bootstrap {low:.3f}-{upper})"
     low, high = comparison.difference_ci95
     return (
         f"{model} vs {comparison.against} on {n} prompts: higher on {comparison.higher}, lower on "

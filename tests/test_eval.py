@@ -10,6 +10,7 @@ and exit status 1. `paired` (--against) is checked against counts and intervals 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 from server.cli import main
 from server.engine.engine import Engine
 from tasks import get_task
-from tasks.evaluate import Answer, EvalResult, evaluate, paired
+from tasks.evaluate import Answer, EvalResult, describe_paired, evaluate, paired
 from tests.conftest import start_adapter_engine
 from tests.test_adapters_engine import _save_adapter
 from tests.test_http_openai import QV4, Servers
@@ -214,6 +215,11 @@ def test_paired_identical_zero_and_mismatched() -> None:
     assert same.ratio_ci95 == (1.0, 1.0) and same.difference_ci95 == (0.0, 0.0)
     zero = paired(_result("a", [1.0, 0.0]), _result("b", [0.0, 0.0]))
     assert zero.ratio is None and zero.ratio_ci95 is None and zero.higher == 1
+    # the other right once in 30: about 36% of resamples miss that prompt, their ratio unbounded
+    rare = paired(_result("a", [1.0] * 3 + [0.0] * 27), _result("b", [1.0] + [0.0] * 29))
+    assert rare.ratio == 3.0 and rare.ratio_ci95 is not None and rare.ratio_ci95[1] == math.inf
+    assert rare.fields()["ratio_ci95"] == [rare.ratio_ci95[0], None]
+    assert "unbounded" in describe_paired("a", rare, 30)
     other = EvalResult("sql", "b", "m", 1.0, 0.0, (Answer("something else", "", 1.0),) * 2)
     with pytest.raises(ValueError, match="same prompts"):
         paired(_result("a", [1.0, 0.0]), other)

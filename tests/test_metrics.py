@@ -278,6 +278,10 @@ def test_adapter_labels_past_the_limit_are_counted_as_other() -> None:
     assert value(samples, "loramux_requests_total", adapter="auto", outcome="invalid") == 1
     assert value(samples, "loramux_requests_total", adapter=OTHER_ADAPTERS, outcome="overloaded") == 1
     assert value(samples, "loramux_router_decisions_total", adapter=OTHER_ADAPTERS) == 1
+    mixed = Metrics(process_metrics=False, max_adapter_labels=8)  # mixtures: at most 2 labels
+    for adapter in ("b+a", "a+b", "c+a", "d+a", "e", "a+c"):
+        mixed.request_finished(_finished(adapter))
+    assert _adapter_labels(mixed) == {"a+b", "a+c", "e", OTHER_ADAPTERS}
     none = Metrics(process_metrics=False, max_adapter_labels=0)
     none.request_finished(_finished("a"))
     assert _adapter_labels(none) == {OTHER_ADAPTERS}

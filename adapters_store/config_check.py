@@ -104,15 +104,16 @@ class ConfigCheck:
 
     def problem(self, directory: Path, label: str) -> str | None:
         """Why the adapter in `directory` (named `label` in messages) cannot be served, or None."""
-        found = self._checked(directory, label)
+        found = self.checked(directory, label)
         return found if isinstance(found, str) else None
 
     def summary(self, directory: Path, label: str) -> ConfigSummary | None:
         """What its config says, or None when it cannot be served (`problem` says why)."""
-        found = self._checked(directory, label)
+        found = self.checked(directory, label)
         return found if isinstance(found, ConfigSummary) else None
 
-    def _checked(self, directory: Path, label: str) -> str | ConfigSummary:
+    def checked(self, directory: Path, label: str) -> str | ConfigSummary:
+        """`problem`'s message, or `summary`'s summary, from one check."""
         stats = tuple(_stat(directory / file) for file in _WATCHED_FILES)
         with self._lock:
             seen = self._seen.get(directory)

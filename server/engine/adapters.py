@@ -332,14 +332,12 @@ class AdapterManager:
         its config says (format, rank, targets)."""
         if stored.adapter is not None:
             return status
-        refusal = self.store.refusal(stored.name) or self._config_check.problem(
-            stored.directory, status.source
-        )
+        refusal = self.store.refusal(stored.name)
         if refusal:
             return replace(status, error=refusal)
-        summary = self._config_check.summary(stored.directory, status.source)
-        if summary is None:
-            return status
+        summary = self._config_check.checked(stored.directory, status.source)  # one check, either
+        if isinstance(summary, str):
+            return replace(status, error=summary)
         return replace(
             status, format=summary.format, rank=summary.rank, target_modules=summary.target_modules
         )

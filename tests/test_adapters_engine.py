@@ -395,6 +395,21 @@ class _Prepares:
         self.slots.prepare = counted  # type: ignore[method-assign]
 
 
+def _hold_the_kv_slot(engine: Engine, prompt: list[int]) -> Any:
+    """A base-model request running to the context length (abort it to free its KV slot)."""
+    params = SamplingParams(max_tokens=engine.info.max_model_len - len(prompt), ignore_eos=True)
+    base = submit(engine, "base", prompt, params)
+    while not base.outputs:
+        time.sleep(0.005)
+    return base
+
+
+def _wait_for_loads(waiting: list[Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(s.handle.loads_done for s in waiting) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_an_adapter_in_a_device_slot_is_not_prepared_again(setup, peft_model) -> None:
     engine = _engine(setup, max_slots=2)
     try:
@@ -422,20 +437,10 @@ def test_a_slot_taken_between_load_and_admission_prepares_the_form_again(setup, 
         prompt = [21, 22, 23, 24, 25]
         expected = {n: _peft_greedy(peft_model, n, prompt, 12) for n in ("qv4", "all8")}
         assert submit(engine, "first", prompt, GREEDY, adapter="qv4").wait().tokens == expected["qv4"]
-        base = submit(
-            engine,
-            "base",
-            prompt,
-            SamplingParams(max_tokens=engine.info.max_model_len - len(prompt), ignore_eos=True),
-        )
-        while not base.outputs:
-            time.sleep(0.005)
+        base = _hold_the_kv_slot(engine, prompt)
         other = submit(engine, "other", prompt, GREEDY, adapter="all8")
         lates = [submit(engine, f"late-{i}", prompt, GREEDY, adapter="qv4") for i in range(3)]
-        deadline = time.monotonic() + 30
-        waiting = [other, *lates]
-        while not all(s.handle.loads_done for s in waiting) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        _wait_for_loads([other, *lates])
         assert all(late.handle.adapter_loads[0].result().form is None for late in lates)  # in its slot
         assert not base.done.is_set()  # so none was admitted yet
         engine.abort(base.handle)
@@ -458,18 +463,9 @@ def test_a_load_replaced_before_admission_serves_the_new_weights(setup, peft_mod
     try:
         prompt = [31, 32, 33, 34]
         manager.load("alias", "rs8")
-        base = submit(
-            engine,
-            "base",
-            prompt,
-            SamplingParams(max_tokens=engine.info.max_model_len - len(prompt), ignore_eos=True),
-        )
-        while not base.outputs:
-            time.sleep(0.005)
+        base = _hold_the_kv_slot(engine, prompt)
         waiting = submit(engine, "waiting", prompt, GREEDY, adapter="alias")
-        deadline = time.monotonic() + 30
-        while not waiting.handle.loads_done and time.monotonic() < deadline:
-            time.sleep(0.005)
+        _wait_for_loads([waiting])
         assert waiting.handle.adapter_loads[0].result().form is not None  # prepared, not admitted
         manager.load("alias", "qv4", replace=True)
         engine.abort(base.handle)

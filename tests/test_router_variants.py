@@ -72,6 +72,22 @@ def test_versions_are_routed_as_their_original(tmp_path: Path) -> None:
     assert Variants().of(routable) == {"sql-c10-peft": "sql-c10", "moved": "sentiment"}
 
 
+def test_a_refused_original_is_routed_as_its_first_servable_version(tmp_path: Path) -> None:
+    sql = _lora(tmp_path, "sql", b"sql weights")  # say, over --max-adapter-mb: its load was refused
+    routable = {"sql": sql}
+    for name, source in (("sql-c05", "sql"), ("sql-c10", "sql"), ("sql-c10-peft", "sql-c10")):
+        routable[name] = _version(tmp_path, name, source, b"sql weights")
+    refused = {"sql", "sql-c05"}.__contains__
+    assert Variants().of(routable, refused) == {
+        "sql": "sql-c10",
+        "sql-c05": "sql-c10",
+        "sql-c10-peft": "sql-c10",
+    }
+    assert Variants().of(routable, lambda name: name != "sql-c10-peft")["sql"] == "sql-c10-peft"
+    everything = Variants().of(routable, lambda name: True)  # nothing servable: as it was
+    assert everything == {"sql-c05": "sql", "sql-c10": "sql", "sql-c10-peft": "sql"}
+
+
 def test_a_retrained_source_and_an_unreadable_record_make_originals(tmp_path: Path) -> None:
     sql = _lora(tmp_path, "sql", b"retrained sql")
     stale = _version(tmp_path, "sql-c10", "sql", b"the sql it was compressed from")

@@ -67,6 +67,9 @@ class AdapterSource(Protocol):
     def adapter(self, name: str) -> LoadedAdapter:
         """The adapter's weights (raises AdapterError when it is refused)."""
 
+    def refused(self, name: str) -> bool:
+        """Whether the adapter's last load was refused (its files unchanged since, as far as known)."""
+
 
 @dataclass(frozen=True)
 class ReconcileReport:
@@ -280,7 +283,7 @@ class Router:
         """The adapters `auto` may route to now (name -> directory), and the routable adapters left
         out as versions of another ({version: the adapter routed for it})."""
         allowed = {n: d for n, d in self.source.directories().items() if self.config.allows(n)}
-        versions = self._variants.of(allowed)
+        versions = self._variants.of(allowed, self.source.refused)
         return {n: d for n, d in allowed.items() if n not in versions}, versions
 
     def _sync_examples(self, tables: Tables, name: str, directory: Path, learned: list[str]) -> str:
@@ -364,3 +367,6 @@ class StoreSource:
 
     def adapter(self, name: str) -> LoadedAdapter:
         return self._read(name)
+
+    def refused(self, name: str) -> bool:
+        return self.store.refusal(name) is not None

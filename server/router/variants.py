@@ -21,7 +21,7 @@ roots only stats them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from adapters_store.compeft_config import CONFIG_FILE as COMPEFT_CONFIG_FILE
@@ -40,8 +40,12 @@ class Variants:
         self._origins: dict[Path, tuple[Signature, Origin | None]] = {}
         self._checksums: dict[Path, tuple[Signature, str | None]] = {}
 
-    def of(self, routable: Mapping[str, Path]) -> dict[str, str]:
-        """{version: the adapter `auto` routes it as} among `routable` (name -> directory)."""
+    def of(
+        self, routable: Mapping[str, Path], refused: Callable[[str], bool] = lambda name: False
+    ) -> dict[str, str]:
+        """{version: the adapter `auto` routes it as} among `routable` (name -> directory). An
+        original whose last load was `refused` (too large, a bad file) is itself routed as its first
+        servable version: `auto` would only fail on it."""
         for cache in (self._origins, self._checksums):  # directories gone or no longer routable
             for gone in set(cache) - set(routable.values()):
                 del cache[gone]
@@ -79,7 +83,7 @@ class Variants:
             groups.setdefault(derived[name].original, []).append(name)
         for first, *others in groups.values():
             routed_as.update((other, first) for other in others)
-        return routed_as
+        return _around_refused(routed_as, refused)
 
     def _by_name(self, name: str, derived: Mapping[str, Origin], routable: Mapping[str, Path]) -> str | None:
         """The routable original reached by following recorded source names from `name`, if its
@@ -123,6 +127,24 @@ class Variants:
             cached = (signature, weights_checksum(directory))
             self._checksums[directory] = cached
         return cached[1]
+
+
+def _around_refused(routed_as: dict[str, str], refused: Callable[[str], bool]) -> dict[str, str]:
+    """`routed_as` with each refused original replaced, as its group's representative, by its
+    first version that is not refused (the original then routed as that version)."""
+    groups: dict[str, list[str]] = {}
+    for version, original in sorted(routed_as.items()):
+        groups.setdefault(original, []).append(version)
+    result = dict(routed_as)
+    for original, versions in groups.items():
+        servable = [v for v in versions if not refused(v)]
+        if not servable or not refused(original):
+            continue
+        stand_in = servable[0]
+        del result[stand_in]
+        result[original] = stand_in
+        result.update((v, stand_in) for v in versions if v != stand_in)
+    return result
 
 
 def _signature(directory: Path, names: tuple[str, ...]) -> Signature:

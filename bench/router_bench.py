@@ -431,7 +431,7 @@ def weights(setup: Setup) -> dict[str, float]:
 class _Separate(Variants):
     """No adapter is a version of another: every copy its own candidate (before versions)."""
 
-    def of(self, routable: Any) -> dict[str, str]:
+    def of(self, routable: Any, refused: Any = None) -> dict[str, str]:
         return {}
 
 

@@ -114,7 +114,7 @@ class ConfigCheck:
 
     def checked(self, directory: Path, label: str) -> str | ConfigSummary:
         """`problem`'s message, or `summary`'s summary, from one check."""
-        stats = tuple(_stat(directory / file) for file in _WATCHED_FILES)
+        stats = tuple(file_stat(directory / file) for file in _WATCHED_FILES)
         with self._lock:
             seen = self._seen.get(directory)
         if seen is not None and seen[0] == stats:
@@ -139,7 +139,8 @@ class ConfigCheck:
             return f"{label}: its config could not be checked ({type(exc).__name__})"
 
 
-def _stat(path: Path) -> Stat:
+def file_stat(path: Path) -> Stat:
+    """(size, mtime_ns, inode) of `path`, None when it cannot be stat'ed: a file's version, cheaply."""
     try:
         st = os.stat(path)
     except OSError:

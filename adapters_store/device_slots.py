@@ -62,7 +62,6 @@ class NotResident(Exception):
 
     def __init__(self, ready: ReadyAdapter) -> None:
         super().__init__(f"adapter {ready.key[0]!r} left its device slot before it was acquired")
-        self.ready = ready
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,11 +20,11 @@ roots only stats them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from adapters_store.compeft_config import CONFIG_FILE as COMPEFT_CONFIG_FILE
+from adapters_store.config_check import Stat, file_stat
 from adapters_store.lineage import SOURCE_FILE, WEIGHT_FILES, Origin, origin_of, weights_checksum
 
 MAX_LINKS = 8  # how far a chain of recorded sources is followed by name
@@ -32,7 +32,7 @@ MAX_LINKS = 8  # how far a chain of recorded sources is followed by name
 # thousands of same-shape LoRAs is covered over several rescans, none of which stalls for long.
 MAX_HASHED_PER_CALL = 32
 
-Signature = tuple[tuple[int, int, int] | None, ...]
+Signature = tuple[Stat, ...]
 
 
 class Variants:
@@ -149,12 +149,4 @@ def _around_refused(routed_as: dict[str, str], refused: Callable[[str], bool]) -
 
 def _signature(directory: Path, names: tuple[str, ...]) -> Signature:
     """(size, mtime, inode) of each of `names` in `directory`, None where absent."""
-    result: list[tuple[int, int, int] | None] = []
-    for name in names:
-        try:
-            stat = os.stat(directory / name)
-        except OSError:
-            result.append(None)
-        else:
-            result.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    return tuple(result)
+    return tuple(file_stat(directory / name) for name in names)

@@ -149,6 +149,25 @@ class CompeftAdapter(LoadedAdapter):
     def ternary(self) -> Mapping[ModuleKey, TernaryFactors]:
         """Per (layer, projection) its int8 signs and LoRA scale, decoded from the compact form."""
 
+    def sign_vector(self) -> tuple[torch.Tensor, Mapping[ModuleKey, TernaryFactors]]:
+        """`ternary()` as contiguous views of one int8 vector, and that vector: device slots pack
+        it in one pass. This default copies the factors end to end; a decoder that makes one
+        vector anyway returns it."""
+        factors = self.ternary()
+        parts = [s.reshape(-1) for f in factors.values() for s in (f.sign_A, f.sign_B)]
+        vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8)
+        views, offset = {}, 0
+        for key, f in factors.items():
+            a_end = offset + f.sign_A.numel()
+            end = a_end + f.sign_B.numel()
+            views[key] = TernaryFactors(
+                sign_A=vector[offset:a_end].view(f.sign_A.shape),
+                sign_B=vector[a_end:end].view(f.sign_B.shape),
+                scale=f.scale,
+            )
+            offset = end
+        return vector, views
+
     def lora_weights(self) -> Mapping[ModuleKey, LoraWeights]:
         return {
             key: LoraWeights(

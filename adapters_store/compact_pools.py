@@ -189,6 +189,10 @@ class MosSlotPool(StackedSlots):
         return step  # the kernels read the step's segment tables directly: no plan
 
 
+def _ternary(*signs: torch.Tensor) -> bool:
+    return all(bool(((s >= -1) & (s <= 1)).all()) for s in signs)
+
+
 @dataclass(frozen=True, eq=False)
 class CompeftForm:
     """Per (layer, group) the adapter adapts: packed S_A and S_B codes per projection, and scales."""
@@ -246,26 +250,40 @@ class CompeftSlotPool(StackedSlots):
         return _unknown_modules(adapter, self.spec, self.groups)
 
     def prepare(self, adapter: LoadedAdapter) -> CompeftForm:
-        from kernels.ternary import pack_ternary
+        from kernels.ternary import pack_ternary_matrices
 
         reason = self.refusal(adapter)
         if reason is not None:
             raise ValueError(f"adapter {adapter.name!r}: {reason}")
         assert isinstance(adapter, CompeftAdapter)
-        factors = adapter.ternary()
+        vector, factors = adapter.sign_vector()
         extra = sorted(key for key in factors if key[0] >= self.spec.num_layers)
         if extra:
             raise ValueError(f"adapter {adapter.name!r}: module {extra[0]} is outside the model")
+        # every factor's codes packed in one pass over the vector it views, copied to the device at once
+        keys = sorted(factors)
+        matrices = []
+        for key in keys:
+            for s in (factors[key].sign_A, factors[key].sign_B):
+                if s.dim() != 2 or not s.is_contiguous() or s.dtype != torch.int8:
+                    raise ValueError(
+                        f"adapter {adapter.name!r} {key}: signs must be contiguous int8 matrices, got "
+                        f"{s.dtype} {tuple(s.shape)}"
+                    )
+                matrices.append((s.data_ptr() - vector.data_ptr(), int(s.shape[0]), int(s.shape[1])))
+        try:
+            words = pack_ternary_matrices(vector, matrices, self.device)
+        except ValueError as error:  # name the module at fault, looked for only once something is
+            culprit = next((k for k in keys if not _ternary(factors[k].sign_A, factors[k].sign_B)), None)
+            where = "" if culprit is None else f" layer {culprit[0]} {culprit[1]}"
+            raise ValueError(f"adapter {adapter.name!r}{where}: {error}") from None
+        packed = {key: (words[2 * i], words[2 * i + 1]) for i, key in enumerate(keys)}
         gamma_squared = adapter.gamma * adapter.gamma
 
         def to_codes(
             layer: int, projection: str, f: TernaryFactors
         ) -> tuple[torch.Tensor, torch.Tensor, float]:
-            try:
-                a, b = pack_ternary(f.sign_A), pack_ternary(f.sign_B)
-            except ValueError as error:
-                raise ValueError(f"adapter {adapter.name!r} layer {layer} {projection}: {error}") from None
-            return a.to(self.device), b.to(self.device), f.scale * gamma_squared
+            return (*packed[layer, projection], f.scale * gamma_squared)
 
         groups, nbytes = self._stack_parts(adapter.name, factors, to_codes, what=("sign_A", "sign_B"))
         return CompeftForm(groups=groups, rank=adapter.rank, nbytes=nbytes)

@@ -3,8 +3,10 @@
 One decode step of `--batch` tokens over `--slots` distinct adapters (default 32 and 32: every token
 its own adapter), per fused projection group of one SmolLM2-135M layer (hidden 576, q 576, kv 192,
 intermediate 1536): q|k|v, o, gate|up, down. For each group and format it first checks the kernels
-against their torch references on this step, then times shrink + expand (triton.testing.do_bench,
-median ms), and reports the slot bytes the step reads:
+against their torch references on this step (the error of the term it adds, relative to the
+term), then times shrink + expand (triton.testing.do_bench, median): `us` as called from Python,
+launch costs included, and `graph us` replayed from a CUDA graph, the device's own time (GB/s is
+over the latter). It also reports the slot bytes the step reads:
 
 - lora: kernels.shrink / kernels.expand over a LoraStack of rank `--rank` in `--dtype`.
 - mos: kernels.mos over a MosStack: r = `--rank`, l = `--shards`, pools of R = `--pool-rank`
@@ -34,6 +36,9 @@ GROUPS = {
     "down": (INTERMEDIATE, (HIDDEN,)),
 }
 DEVICE = "cuda"  # the kernels are timed compiled; tests may point this at an interpreted CPU
+# scale * gamma^2 of the ternary slots: makes their term about as large as the others' (with 1e-3
+# it fell under bf16's rounding of y, and the error column compared y with itself)
+TERNARY_SCALE = 0.02
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -84,7 +89,7 @@ def _stacks(in_features: int, slices: tuple[int, ...], args: argparse.Namespace)
             slot,
             [pack_ternary(_random_signs(r, in_features)).to(device) for _ in slices],
             [pack_ternary(_random_signs(w, r)).to(device) for w in slices],
-            [1e-3] * len(slices),
+            [TERNARY_SCALE] * len(slices),
         )
         pools = [
             (torch.randn(rows, in_features // shards) * 0.05, torch.randn(rows, w // shards)) for w in slices
@@ -142,6 +147,28 @@ def _bytes_read(
     return used * (values * element + tables)
 
 
+def _graph_ms(call: Any, replays: int = 20) -> float | None:
+    """Milliseconds per call with the calls captured in a CUDA graph and replayed: the device's own
+    time, without Python's launch cost (what the `us` column measures once launches dominate).
+    None when the capture fails."""
+    import triton.testing
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()  # compiled and warm before the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(replays):
+                call()
+        return triton.testing.do_bench(graph.replay, warmup=25, rep=200) / replays
+    except Exception as error:  # noqa: BLE001 - a figure missing, not a failed benchmark
+        print(f"CUDA graph capture failed: {error}", file=sys.stderr)
+        return None
+
+
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("bench/compact_kernels.py needs a CUDA GPU (the Triton kernels only run interpreted on CPU)")
@@ -157,7 +184,9 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"{torch.cuda.get_device_name()}: batch {args.batch}, {args.slots} adapters, rank {args.rank}, {args.dtype}"
     )
-    print(f"{'group':8} {'format':8} {'us':>8} {'slot MB read':>13} {'GB/s':>7} {'max err':>9}")
+    print(
+        f"{'group':8} {'format':8} {'us':>8} {'graph us':>9} {'slot MB read':>13} {'GB/s':>7} {'max err':>9}"
+    )
     for group, (in_features, slices) in GROUPS.items():
         stacks = _stacks(in_features, slices, args)
         x = torch.randn(args.batch, in_features, device=DEVICE, dtype=DTYPES[args.dtype])
@@ -166,19 +195,29 @@ def main(args: argparse.Namespace) -> int:
             got, expected = y.clone(), y.clone()
             run(x, got, batch)
             reference(x, expected, batch)
-            error = float(
-                (got.float() - expected.float()).abs().max() / expected.float().abs().max().clamp(min=1)
-            )
+            # the error of the term each adds, against the term's size (not y's, which would hide it)
+            term = expected.float() - y.float()
+            error = float((got.float() - expected.float()).abs().max() / term.abs().max().clamp(min=1e-6))
             scratch = y.clone()  # accumulates over the repeats: a copy per call would be timed too
             ms = triton.testing.do_bench(
                 lambda run=run, x=x, out=scratch: run(x, out, batch), warmup=25, rep=200
             )
+            graph_ms = _graph_ms(lambda run=run, x=x, out=scratch: run(x, out, batch))
             nbytes = _bytes_read(name, stacks[name], in_features, slices, args)
             results.append(
-                {"group": group, "format": name, "us": ms * 1e3, "bytes": nbytes, "max_rel_err": error}
+                {
+                    "group": group,
+                    "format": name,
+                    "us": ms * 1e3,
+                    "graph_us": None if graph_ms is None else graph_ms * 1e3,
+                    "bytes": nbytes,
+                    "max_rel_err": error,
+                }
             )
+            shown = "n/a" if graph_ms is None else f"{graph_ms * 1e3:.1f}"
             print(
-                f"{group:8} {name:8} {ms * 1e3:8.1f} {nbytes / 2**20:13.2f} {nbytes / ms / 1e6:7.1f} {error:9.2e}"
+                f"{group:8} {name:8} {ms * 1e3:8.1f} {shown:>9} {nbytes / 2**20:13.2f} "
+                f"{nbytes / (graph_ms or ms) / 1e6:7.1f} {error:9.2e}"
             )
     if args.json:
         with open(args.json, "w") as f:

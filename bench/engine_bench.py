@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local checkpoint (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="both sides run here, in the engine's dtype (cuda: bf16); default cpu",
+    )
+    parser.add_argument(
         "--model-kernels",
         choices=list(MODEL_KERNELS),
         default="auto",
@@ -127,7 +133,7 @@ def run_engine(
 def run_hf(
     model: Any, prompts: list[list[int]], new_tokens: int, sampling: SamplingParams | None = None
 ) -> float:
-    input_ids = torch.tensor(prompts)
+    input_ids = torch.tensor(prompts, device=model.device)
     # top_k=0: transformers' default top_k=50 would make its sampling cheaper than over the vocabulary
     how: dict[str, Any] = {"do_sample": False}
     if sampling is not None and not sampling.greedy:
@@ -142,6 +148,8 @@ def run_hf(
             pad_token_id=0,
             **how,
         )
+    if input_ids.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -170,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench engine: {exc}") from None
     config = ServerConfig(
         model=args.model,
-        device="cpu",
+        device=args.device,
         model_kernels=args.model_kernels,
         threads=args.threads,
         engine=EngineConfig(max_running=max(args.batch, 1), max_batched_tokens=max(512, args.batch)),
@@ -186,6 +194,8 @@ def main(args: argparse.Namespace) -> int:
         engine.shutdown()
     result: dict[str, Any] = {
         "batch": args.batch,
+        "device": f"{args.device} {torch.cuda.get_device_name()}" if args.device == "cuda" else "cpu",
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
         "model_kernels": engine.model.ops.name,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -201,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
 
         from server.model.loader import resolve_model_dir
 
-        hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model)[1], dtype=torch.float32)
+        directory = resolve_model_dir(args.model)[1]
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=engine.model.dtype).to(args.device)
         theirs = measure(args, lambda n: run_hf(hf.eval(), prompts, n, sampling))
         result["hf_tok_s"] = theirs["decode"]
         result["hf_e2e_tok_s"] = theirs["e2e"]

@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure (best kept)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="as `serve --threads`")
+    parser.add_argument(
+        "--model", default=None, help="local checkpoint of SmolLM2's shapes (default: SmolLM2)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: MoS and ComPEFT run from their compact slots (Triton kernels), in bf16",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -103,7 +112,8 @@ def cold_loads(engine: Engine, names: list[str]) -> dict[str, float]:
 
 def _engine(args: argparse.Namespace, root: Path) -> Engine:
     config = ServerConfig(
-        device="cpu",
+        model=args.model,
+        device=args.device,
         threads=args.threads,
         engine=EngineConfig(max_running=args.batch, max_queue=4096, max_batched_tokens=max(512, args.batch)),
         adapters=AdapterConfig(roots=(str(root),), max_slots=args.batch, max_rank=8, host_cache_mb=1024),
@@ -154,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
     for row in rows:
         row["vs_lora"] = round(row["tok_s"] / lora_tok_s, 2)
         row["machine"] = platform.processor() or platform.machine()
+        row["device"] = args.device
         emit(args, row)
     return 0
 

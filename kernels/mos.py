@@ -614,35 +614,38 @@ class MosStack:
         index_a = torch.full((self.num_layers, self.num_slices, width), self.capacity_a, dtype=torch.int64)
         index_b = torch.full((self.num_layers, self.num_slices, width), self.capacity_b, dtype=torch.int64)
         scales = torch.zeros(self.num_layers, self.num_slices, dtype=torch.float32)
-        adapted = []
         for layer, per_projection in enumerate(tables):
             if len(per_projection) != self.num_slices:
                 raise ValueError(
                     f"layer {layer}: expected {self.num_slices} index tables, got {len(per_projection)}"
                 )
-            for p, pair in enumerate(per_projection):
-                if pair is None:
-                    continue
-                module_pools = pools[p]
-                if module_pools is None:
-                    raise ValueError(f"layer {layer} projection {p}: index tables but no pools")
-                rows = int(module_pools[0].shape[0])
-                for which, table, out, base, shard_width in (
-                    ("A", pair[0], index_a, base_a[p], self.in_features // num_shards),
-                    ("B", pair[1], index_b, base_b[p], self.output_slices[p] // num_shards),
-                ):
-                    table = table.reshape(-1).long().cpu()
+        for p in range(self.num_slices):  # all layers' tables of a projection at once
+            layers = [layer for layer, per_projection in enumerate(tables) if per_projection[p] is not None]
+            if not layers:
+                continue
+            module_pools = pools[p]
+            if module_pools is None:
+                raise ValueError(f"layer {layers[0]} projection {p}: index tables but no pools")
+            rows = int(module_pools[0].shape[0])
+            for side, which, out, base, shard_width in (
+                (0, "A", index_a, base_a[p], self.in_features // num_shards),
+                (1, "B", index_b, base_b[p], self.output_slices[p] // num_shards),
+            ):
+                given = [tables[layer][p][side].reshape(-1) for layer in layers]  # type: ignore[index]
+                for layer, table in zip(layers, given, strict=True):
                     if table.numel() != used:
                         raise ValueError(
                             f"layer {layer} projection {p}: index_{which} has {table.numel()} entries, expected r * l = {used}"
                         )
-                    if used and not (int(table.min()) >= 0 and int(table.max()) < rows):
-                        raise ValueError(
-                            f"layer {layer} projection {p}: index_{which} out of the pool's {rows} rows"
-                        )
-                    out[layer, p, :used] = base + table * shard_width
-                scales[layer, p] = scale
-            adapted.append(any(pair is not None for pair in per_projection))
+                stacked = torch.stack(given).long().cpu()  # [layers, r * l]
+                if used and not (int(stacked.min()) >= 0 and int(stacked.max()) < rows):
+                    bad = layers[int(((stacked < 0) | (stacked >= rows)).any(1).nonzero()[0])]
+                    raise ValueError(
+                        f"layer {bad} projection {p}: index_{which} out of the pool's {rows} rows"
+                    )
+                out[layers, p, :used] = base + stacked * shard_width
+            scales[layers, p] = scale
+        adapted = [any(pair is not None for pair in per_projection) for per_projection in tables]
         empty = torch.zeros(0, dtype=dtype)
         return MosSlotData(
             pool_a=(torch.cat(flat_a) if flat_a else empty).to(device, dtype),

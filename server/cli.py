@@ -913,6 +913,7 @@ _BENCHMARKS = {
     "grammar": "structured output: xgrammar vs llguidance on our vocabulary; batch 32 with 8 schema-constrained",
     "attack": "a live server attacked as a hostile user would (malformed adapters, fuzzing, slow clients)",
     "formats": "LoRA, MoS and ComPEFT adapters: bytes, adapters per GiB, cold load, batch-32 decode",
+    "device-forms": "the loader's work to build the MoS / ComPEFT compact GPU forms, timed on CPU",
     "compeft-factors": "ComPEFT of an adapter's factors as trained, balanced or canonical (SVD): error, kept A/B",
     "mixture": "decode with 2- and 3-adapter weighted mixtures vs one adapter and the base model",
     "router": "the router: layer sweep, routing accuracy, auto vs named, growth to 64 adapters, cost",

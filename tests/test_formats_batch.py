@@ -88,23 +88,25 @@ def _popularity(kind: str, rows: int, rng: random.Random) -> list[str]:
 
 
 def _logits(engine: Engine, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our model's prefill (all but the last token) and decode (the last) logits for these rows at once."""
+    """Our model's prefill (all but the last token) and decode (the last) logits for these rows at
+    once, on the engine's device and in its dtype, returned as fp32 on the CPU."""
     manager, model, arch = engine.adapters, engine.model, engine.model.arch
     assert manager is not None
-    kv = KVCache(arch.num_layers, len(prompts), arch.num_kv_heads, arch.head_dim, 64, torch.float32, CPU)
+    device, dtype = model.device, model.dtype
+    kv = KVCache(arch.num_layers, len(prompts), arch.num_kv_heads, arch.head_dim, 64, dtype, device)
 
     def step(slot_ids: list[int]) -> Any:
-        return manager.slots.step([[(s, 1.0)] if s >= 0 else [] for s in slot_ids], CPU)
+        return manager.slots.step([[(s, 1.0)] if s >= 0 else [] for s in slot_ids], device)
 
     prefill_slots = [s for s, p in zip(slots, prompts, strict=True) for _ in p[:-1]]
     prefill = StepBatch.build(
-        [], [(i, 0, p[:-1], True) for i, p in enumerate(prompts)], CPU, step(prefill_slots)
+        [], [(i, 0, p[:-1], True) for i, p in enumerate(prompts)], device, step(prefill_slots)
     )
-    first = model(prefill, kv)
+    first = model(prefill, kv).float().cpu()
     decode = StepBatch.build(
-        [DecodeSeq(i, len(p) - 1, p[-1]) for i, p in enumerate(prompts)], [], CPU, step(slots)
+        [DecodeSeq(i, len(p) - 1, p[-1]) for i, p in enumerate(prompts)], [], device, step(slots)
     )
-    return first, model(decode, kv)
+    return first, model(decode, kv).float().cpu()
 
 
 @pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf", "identical"])

@@ -592,3 +592,25 @@ def test_the_layout_follows_peft_names_past_ten_layers(tmp_path: Path) -> None:
         torch.testing.assert_close(weights[key].A, a, rtol=1e-6, atol=0)
         torch.testing.assert_close(weights[key].B, b, rtol=1e-6, atol=0)
         assert weights[key].scale == pytest.approx(scale, rel=1e-12)
+
+
+def test_sign_vector_factors_are_views_of_the_vector_it_returns(
+    make_adapter: AdapterFactory, spec: BaseModelSpec
+) -> None:
+    """Device slots pack the vector in one pass and locate each factor in it by address: both the
+    coded adapter's own vector and the base class's default (factors copied end to end) must give
+    the factors of `ternary()` as contiguous views inside the vector."""
+    from adapters_store.adapter import CompeftAdapter
+
+    _, _, _, target = _compressed(make_adapter, spec, "patterns", 0.3, alpha=1.0)
+    coded = load_adapter(target, spec, "c")
+    assert isinstance(coded, CodedCompeftAdapter)
+    for vector, factors in (coded.sign_vector(), CompeftAdapter.sign_vector(coded)):
+        expected = coded.ternary()
+        assert set(factors) == set(expected) and vector.dtype == torch.int8 and vector.dim() == 1
+        start, end = vector.data_ptr(), vector.data_ptr() + vector.numel()
+        for key, f in factors.items():
+            for view, want in ((f.sign_A, expected[key].sign_A), (f.sign_B, expected[key].sign_B)):
+                assert torch.equal(view, want) and view.is_contiguous()
+                assert start <= view.data_ptr() and view.data_ptr() + view.numel() <= end
+            assert f.scale == expected[key].scale

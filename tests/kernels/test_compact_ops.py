@@ -21,6 +21,7 @@ from kernels.mos import MosStack, mos_add, mos_expand, mos_expand_ref, mos_shrin
 from kernels.ternary import (
     TernaryStack,
     pack_ternary,
+    pack_ternary_matrices,
     ternary_add,
     ternary_expand,
     ternary_expand_ref,
@@ -180,6 +181,38 @@ def test_ternary_codes_round_trip(length: int) -> None:
     assert int(minus_ones) == -1  # 0b11 sixteen times: every bit set, top bit read as int32's sign
     with pytest.raises(ValueError, match="-1, 0 or 1"):
         pack_ternary(torch.tensor([0, 2], dtype=torch.int8))
+
+
+def test_matrices_packed_in_one_pass_equal_each_packed_alone() -> None:
+    """Rows of any length (whole words, padded, shorter than a word, empty), matrices at any offset
+    with other signs between them, in any number: the words pack_ternary gives each."""
+    generator = torch.Generator().manual_seed(3)
+
+    def signs(*shape: int) -> torch.Tensor:
+        return torch.randint(-1, 2, shape, generator=generator).to(torch.int8)
+
+    lengths = [0, 1, 3, 15, 16, 17, 31, 32, 33, 100, 576]
+    for trial in range(30):
+        matrices, parts, layout, offset = [], [], [], 0
+        for i in range(1 + trial % 8):
+            gap = signs(int(torch.randint(0, 5, (), generator=generator)))
+            m = signs(
+                int(torch.randint(0, 9, (), generator=generator)), lengths[(trial + 3 * i) % len(lengths)]
+            )
+            layout.append((offset + gap.numel(), *m.shape))
+            parts += [gap, m.reshape(-1)]
+            offset += gap.numel() + m.numel()
+            matrices.append(m)
+        packed = pack_ternary_matrices(torch.cat(parts), layout)
+        assert len({w.untyped_storage().data_ptr() for w in packed if w.numel()}) <= 1  # one tensor
+        for words, m in zip(packed, matrices, strict=True):
+            assert torch.equal(words, pack_ternary(m)), (trial, tuple(m.shape))
+    with pytest.raises(ValueError, match="-1, 0 or 1"):
+        pack_ternary_matrices(torch.tensor([0, 2], dtype=torch.int8), [(0, 1, 2)])
+    with pytest.raises(ValueError, match="outside the 5 signs"):
+        pack_ternary_matrices(torch.zeros(5, dtype=torch.int8), [(2, 2, 2)])
+    with pytest.raises(ValueError, match="1-D int8"):
+        pack_ternary_matrices(torch.zeros(4), [(0, 2, 2)])
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)

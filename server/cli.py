@@ -868,10 +868,11 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     evaluate.add_argument(
         "--split",
-        choices=("heldout", "validation"),
+        choices=("heldout", "validation", "confirm"),
         default="heldout",
-        help="the hand-written set to score: heldout (tasks/heldout, what results report) or "
-        "validation (tasks/validation, for choosing settings) (default: %(default)s)",
+        help="the hand-written set to score: heldout (tasks/heldout, what results report), "
+        "validation (tasks/validation, for choosing settings) or confirm (tasks/confirm, a second "
+        "held-out set for a close call; sql only) (default: %(default)s)",
     )
     evaluate.add_argument("--limit", type=_positive, default=None, help="only the first N prompts of the set")
     evaluate.add_argument(

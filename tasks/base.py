@@ -80,13 +80,27 @@ class Task:
     def _heldout(self) -> tuple[Example, ...]:
         return _read_rows("heldout", self.name)
 
+    def confirm(self) -> list[Example]:
+        """A second hand-written held-out set, written after the first results to settle a close
+        call with more prompts (tasks/confirm/<name>.jsonl; empty for a task without one). Written
+        apart from the generator, the held-out and the validation sets (tests/test_tasks.py) and
+        scored once, never chosen by."""
+        return list(self._confirm)
+
     @cached_property
     def _validation(self) -> tuple[Example, ...]:
         return _read_rows("validation", self.name)
 
+    @cached_property
+    def _confirm(self) -> tuple[Example, ...]:
+        return _read_rows("confirm", self.name, missing_ok=True)
 
-def _read_rows(folder: str, name: str) -> tuple[Example, ...]:
-    text = resources.files("tasks").joinpath(folder).joinpath(f"{name}.jsonl").read_text("utf-8")
+
+def _read_rows(folder: str, name: str, missing_ok: bool = False) -> tuple[Example, ...]:
+    resource = resources.files("tasks").joinpath(folder).joinpath(f"{name}.jsonl")
+    if missing_ok and not resource.is_file():
+        return ()
+    text = resource.read_text("utf-8")
     rows = (json.loads(line) for line in text.splitlines() if line.strip())
     return tuple(Example(row["prompt"], row.get("response", "")) for row in rows)
 

@@ -300,7 +300,10 @@ def _error_message(err: urllib.error.HTTPError) -> str:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     """Evaluate (base and) adapter on the task's held-out (or validation) set; 0 done, 1 a request failed."""
     task = get_task(args.task)
-    examples = task.validation() if args.split == "validation" else task.heldout()
+    examples = {"validation": task.validation, "confirm": task.confirm}.get(args.split, task.heldout)()
+    if not examples:
+        print(f"error: the {args.task} task has no {args.split} set", file=sys.stderr)
+        return 2
     if args.against and not args.adapter:
         print("error: --against compares with --adapter: name the adapter too", file=sys.stderr)
         return 2

@@ -199,6 +199,22 @@ def test_validation_is_hand_written_apart_from_training_and_heldout(name: str) -
         assert all(task.score(e.response, e) == 1 for e in validation)
 
 
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_confirm_is_hand_written_apart_from_every_other_set(name: str) -> None:
+    """The second held-out set: never a prompt trained on (the demo adapters' 2,000 rows), nor one
+    of the held-out or validation sets, and its references right by the task's metric."""
+    task = get_task(name)
+    confirm = task.confirm()
+    if name != "sql":
+        assert confirm == []  # only sql has one so far
+        return
+    keys = {prompt_key(e.prompt) for e in confirm}
+    assert len(confirm) >= 100 and len(keys) == len(confirm)
+    assert not keys & {prompt_key(e.prompt) for e in [*task.heldout(), *task.validation()]}
+    assert not keys & {prompt_key(e.prompt) for e in task.generate(random.Random(0), 3000)}
+    assert all(task.score(e.response, e) == 1 for e in confirm)
+
+
 def test_generate_never_returns_a_heldout_prompt_even_when_sampled() -> None:
     task = get_task("arith")
     heldout = task.heldout()[0]

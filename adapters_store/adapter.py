@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from adapters_store.compeft_config import ModuleLayout
+
 ModuleKey = tuple[int, str]  # (layer index, projection name), e.g. (3, "q_proj")
 
 
@@ -149,24 +151,22 @@ class CompeftAdapter(LoadedAdapter):
     def ternary(self) -> Mapping[ModuleKey, TernaryFactors]:
         """Per (layer, projection) its int8 signs and LoRA scale, decoded from the compact form."""
 
-    def sign_vector(self) -> tuple[torch.Tensor, Mapping[ModuleKey, TernaryFactors]]:
-        """`ternary()` as contiguous views of one int8 vector, and that vector: device slots pack
-        it in one pass. This default copies the factors end to end; a decoder that makes one
-        vector anyway returns it."""
+    def sign_layout(self) -> tuple[torch.Tensor, tuple[ModuleLayout, ...]]:
+        """Every module's signs end to end in one int8 vector (its A [rank, in] then its B
+        [out, rank], row-major) and where each module sits in it: what GPU slots pack in one pass.
+        This default copies `ternary()` into one vector; a decoder that makes one returns it."""
         factors = self.ternary()
         parts = [s.reshape(-1) for f in factors.values() for s in (f.sign_A, f.sign_B)]
         vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8)
-        views, offset = {}, 0
-        for key, f in factors.items():
-            a_end = offset + f.sign_A.numel()
-            end = a_end + f.sign_B.numel()
-            views[key] = TernaryFactors(
-                sign_A=vector[offset:a_end].view(f.sign_A.shape),
-                sign_B=vector[a_end:end].view(f.sign_B.shape),
-                scale=f.scale,
-            )
-            offset = end
-        return vector, views
+        layout, offset = [], 0
+        for (layer, projection), f in factors.items():
+            rank, in_features = f.sign_A.shape
+            out_features, b_rank = f.sign_B.shape
+            if b_rank != rank:
+                raise ValueError(f"layer {layer} {projection}: sign_A has rank {rank}, sign_B {b_rank}")
+            layout.append(ModuleLayout(layer, projection, rank, in_features, out_features, f.scale, offset))
+            offset += f.sign_A.numel() + f.sign_B.numel()
+        return vector, tuple(layout)
 
     def lora_weights(self) -> Mapping[ModuleKey, LoraWeights]:
         return {

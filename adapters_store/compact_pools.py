@@ -22,14 +22,17 @@ import triton, so they are imported when a pool is built, not with this module.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from adapters_store.adapter import CompeftAdapter, LoadedAdapter, MosAdapter, TernaryFactors
-from adapters_store.slot_pools import DeviceForm, Group, GroupParts, StackedSlots, Term
+from adapters_store.adapter import CompeftAdapter, LoadedAdapter, MosAdapter
+from adapters_store.compeft_config import ModuleLayout
+from adapters_store.slot_pools import DeviceForm, Group, StackedSlots, Term
 from adapters_store.spec import BaseModelSpec
 from kernels import AdapterStep, LoraBackend
 
@@ -189,16 +192,29 @@ class MosSlotPool(StackedSlots):
         return step  # the kernels read the step's segment tables directly: no plan
 
 
-def _ternary(*signs: torch.Tensor) -> bool:
-    return all(bool(((s >= -1) & (s <= 1)).all()) for s in signs)
+def _ternary(signs: torch.Tensor) -> bool:
+    return bool(((signs >= -1) & (signs <= 1)).all())
 
 
 @dataclass(frozen=True, eq=False)
 class CompeftForm:
-    """Per (layer, group) the adapter adapts: packed S_A and S_B codes per projection, and scales."""
+    """Every stack's slot image, views of one device buffer: per (layer, group) the packed S_A and
+    S_B codes with zeros past each projection's rank, its scales (gamma^2 included) and rank."""
 
-    groups: dict[tuple[int, Group], GroupParts]
+    images: dict[tuple[int, Group], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
     rank: int
+    nbytes: int  # the codes the adapter has (not the zeros of its images)
+
+
+@dataclass(frozen=True, eq=False)
+class _CompeftPlan:
+    """How one module layout becomes the pool's slot images (made once per layout, kept by the pool):
+    where each factor's codes are, which packed word each image word takes (`gather`; one past the
+    packed words: a zero), and per stack its image's place in the buffer, module scales and rank."""
+
+    matrices: list[tuple[int, int, int]]  # (offset, rows, length) of each A and B in the sign vector
+    gather: np.ndarray  # [image words] int64
+    stacks: list[tuple[tuple[int, Group], int, int, tuple[float, ...], int]]  # key, A, B starts, scales, rank
     nbytes: int
 
 
@@ -238,6 +254,8 @@ class CompeftSlotPool(StackedSlots):
                     num_slots, self.max_rank, _group_inputs(spec, group), widths, device=device
                 )
         self.slot_nbytes = sum(stack.nbytes_per_slot for stack in self._stacks.values())
+        self._plans: dict[tuple[ModuleLayout, ...], _CompeftPlan] = {}
+        self._plans_lock = threading.Lock()
 
     def stack(self, layer: int, group: Group) -> TernaryStack:
         return self._stacks[layer, tuple(group)]
@@ -250,47 +268,111 @@ class CompeftSlotPool(StackedSlots):
         return _unknown_modules(adapter, self.spec, self.groups)
 
     def prepare(self, adapter: LoadedAdapter) -> CompeftForm:
-        from kernels.ternary import pack_ternary_matrices
+        from kernels.ternary import pack_ternary_words
 
         reason = self.refusal(adapter)
         if reason is not None:
             raise ValueError(f"adapter {adapter.name!r}: {reason}")
         assert isinstance(adapter, CompeftAdapter)
-        vector, factors = adapter.sign_vector()
-        extra = sorted(key for key in factors if key[0] >= self.spec.num_layers)
-        if extra:
-            raise ValueError(f"adapter {adapter.name!r}: module {extra[0]} is outside the model")
-        # every factor's codes packed in one pass over the vector it views, copied to the device at once
-        keys = sorted(factors)
-        matrices = []
-        for key in keys:
-            for s in (factors[key].sign_A, factors[key].sign_B):
-                if s.dim() != 2 or not s.is_contiguous() or s.dtype != torch.int8:
-                    raise ValueError(
-                        f"adapter {adapter.name!r} {key}: signs must be contiguous int8 matrices, got "
-                        f"{s.dtype} {tuple(s.shape)}"
-                    )
-                matrices.append((s.data_ptr() - vector.data_ptr(), int(s.shape[0]), int(s.shape[1])))
+        signs, layout = adapter.sign_layout()
         try:
-            words = pack_ternary_matrices(vector, matrices, self.device)
+            plan = self._plan(layout)
+            words, _ = pack_ternary_words(signs, plan.matrices)
         except ValueError as error:  # name the module at fault, looked for only once something is
-            culprit = next((k for k in keys if not _ternary(factors[k].sign_A, factors[k].sign_B)), None)
-            where = "" if culprit is None else f" layer {culprit[0]} {culprit[1]}"
+            culprit = next((m for m in layout if not _ternary(signs[m.offset : m.offset + m.numel])), None)
+            where = "" if culprit is None else f" layer {culprit.layer} {culprit.projection}"
             raise ValueError(f"adapter {adapter.name!r}{where}: {error}") from None
-        packed = {key: (words[2 * i], words[2 * i + 1]) for i, key in enumerate(keys)}
+        # every stack's image in one buffer with the scales after it, copied to the device at once
+        image = np.append(words, np.int32(0))[plan.gather].astype(np.int32)
         gamma_squared = adapter.gamma * adapter.gamma
+        scales = np.array(
+            [s * gamma_squared for *_, given, _ in plan.stacks for s in given], dtype=np.float32
+        )
+        buffer = torch.from_numpy(np.concatenate([image, scales.view(np.int32)])).to(self.device)
+        codes, scale = buffer[: image.size], buffer[image.size :].view(torch.float32)
+        images, at = {}, 0
+        for key, a_start, b_start, given, rank in plan.stacks:
+            stack = self._stacks[key]
+            a_shape, b_shape = stack.codes_a.shape[1:], stack.codes_b_buffer.shape[1:]
+            images[key] = (
+                codes[a_start : a_start + a_shape.numel()].view(a_shape),
+                codes[b_start : b_start + b_shape.numel()].view(b_shape),
+                scale[at : at + len(given)],
+                rank,
+            )
+            at += len(given)
+        return CompeftForm(images=images, rank=adapter.rank, nbytes=plan.nbytes)
 
-        def to_codes(
-            layer: int, projection: str, f: TernaryFactors
-        ) -> tuple[torch.Tensor, torch.Tensor, float]:
-            return (*packed[layer, projection], f.scale * gamma_squared)
+    def _plan(self, layout: Sequence[ModuleLayout]) -> _CompeftPlan:
+        key = tuple(layout)
+        with self._plans_lock:  # loader threads prepare concurrently
+            plan = self._plans.get(key)
+        if plan is None:
+            plan = self._make_plan(layout)
+            with self._plans_lock:
+                self._plans[key] = plan
+                while len(self._plans) > 16:  # adapters share a few layouts: keep the newest 16
+                    self._plans.pop(next(iter(self._plans)))
+        return plan
 
-        groups, nbytes = self._stack_parts(adapter.name, factors, to_codes, what=("sign_A", "sign_B"))
-        return CompeftForm(groups=groups, rank=adapter.rank, nbytes=nbytes)
+    def _make_plan(self, layout: Sequence[ModuleLayout]) -> _CompeftPlan:
+        from kernels.ternary import packed_words
+
+        by_key = {(m.layer, m.projection): (i, m) for i, m in enumerate(layout)}
+        if len(by_key) != len(layout):
+            raise ValueError("a module appears twice in the layout")
+        matrices = []
+        for m in layout:
+            if m.layer >= self.spec.num_layers or m.projection not in self.spec.features:
+                raise ValueError(f"module {(m.layer, m.projection)} is outside the model")
+            if (m.in_features, m.out_features) != tuple(self.spec.features[m.projection]):
+                raise ValueError(
+                    f"layer {m.layer} {m.projection}: [{m.in_features} -> {m.out_features}], the "
+                    f"model's is {tuple(self.spec.features[m.projection])}"
+                )
+            if not 0 < m.rank <= self.max_rank:
+                raise ValueError(f"layer {m.layer} {m.projection}: rank {m.rank} outside 1..{self.max_rank}")
+            split = m.offset + m.rank * m.in_features
+            matrices += [(m.offset, m.rank, m.in_features), (split, m.out_features, m.rank)]
+        # where each factor's packed words start, as pack_ternary_words lays them out (by row length)
+        firsts, first = [0] * len(matrices), 0
+        by_length: dict[int, list[int]] = {}
+        for i, (_, _, length) in enumerate(matrices):
+            by_length.setdefault(length, []).append(i)
+        for members in by_length.values():
+            for i in members:
+                firsts[i] = first
+                first += matrices[i][1] * packed_words(matrices[i][2])
+        zero, pieces, stacks, start = first, [], [], 0  # `first`: past the packed words, a zero
+        for (layer, group), stack in self._stacks.items():
+            words_in, words_r = packed_words(stack.in_features), packed_words(self.max_rank)
+            a_image = np.full((len(group), self.max_rank, words_in), zero, dtype=np.int64)
+            b_image = np.full((sum(stack.output_slices), words_r), zero, dtype=np.int64)
+            scales, rank, row = [], 0, 0
+            for p, (projection, width) in enumerate(zip(group, stack.output_slices, strict=True)):
+                found = by_key.get((layer, projection))
+                scales.append(0.0 if found is None else found[1].scale)
+                if found is not None:
+                    i, m = found
+                    words_b = packed_words(m.rank)
+                    a_image[p, : m.rank] = firsts[2 * i] + np.arange(m.rank * words_in).reshape(
+                        m.rank, words_in
+                    )
+                    b_image[row : row + width, :words_b] = firsts[2 * i + 1] + np.arange(
+                        width * words_b
+                    ).reshape(width, words_b)
+                    rank = max(rank, m.rank)
+                row += width
+            stacks.append(((layer, group), start, start + a_image.size, tuple(scales), rank))
+            pieces += [a_image.reshape(-1), b_image.reshape(-1)]
+            start += a_image.size + b_image.size
+        gather = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        return _CompeftPlan(matrices=matrices, gather=gather, stacks=stacks, nbytes=4 * first)
 
     def fill(self, slot: int, form: DeviceForm) -> None:
         assert isinstance(form, CompeftForm), type(form)
-        self._fill_parts(slot, form.groups)
+        for key, stack in self._stacks.items():
+            stack.set_slot_image(slot, *form.images[key])
 
     def term(self, layer: int, group: Group) -> Term:
         stack = self._stacks[layer, tuple(group)]

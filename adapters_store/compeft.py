@@ -131,21 +131,18 @@ class CompeftCodes:
 
     def ternary(self, where: str = "compeft codes") -> dict[ModuleKey, TernaryFactors]:
         """Per module its int8 signs (views of one decoded vector) and LoRA scale."""
-        return self.sign_vector(where)[1]
-
-    def sign_vector(
-        self, where: str = "compeft codes"
-    ) -> tuple[torch.Tensor, dict[ModuleKey, TernaryFactors]]:
-        """The decoded int8 vector and `ternary()`'s factors, views of it."""
-        vector = decode_dense(self.rice, self.total_elements, where)
-        dense = vector.numpy()
+        dense = self.signs(where).numpy()
         factors = {}
         for m in self.modules:  # numpy slicing: a third of the cost of torch views over ~200 modules
             split = m.offset + m.rank * m.in_features
             sign_a = torch.from_numpy(dense[m.offset : split].reshape(m.rank, m.in_features))
             sign_b = torch.from_numpy(dense[split : m.offset + m.numel].reshape(m.out_features, m.rank))
             factors[m.layer, m.projection] = TernaryFactors(sign_A=sign_a, sign_B=sign_b, scale=m.scale)
-        return vector, factors
+        return factors
+
+    def signs(self, where: str = "compeft codes") -> torch.Tensor:
+        """The decoded vector tau's signs, int8 [total_elements]: `modules` says where each factor is."""
+        return decode_dense(self.rice, self.total_elements, where)
 
     def lora_weights(self, where: str = "compeft codes") -> dict[ModuleKey, LoraWeights]:
         """Per module `gamma * signs` as fp32 A and B: one decode and one multiply over the whole
@@ -281,8 +278,8 @@ class CodedCompeftAdapter(CompeftAdapter):
     def ternary(self) -> Mapping[ModuleKey, TernaryFactors]:
         return self.codes.ternary(f"{self.name}/{WEIGHTS_FILE}")
 
-    def sign_vector(self) -> tuple[torch.Tensor, Mapping[ModuleKey, TernaryFactors]]:
-        return self.codes.sign_vector(f"{self.name}/{WEIGHTS_FILE}")
+    def sign_layout(self) -> tuple[torch.Tensor, tuple[ModuleLayout, ...]]:
+        return self.codes.signs(f"{self.name}/{WEIGHTS_FILE}"), self.codes.modules
 
     def lora_weights(self) -> Mapping[ModuleKey, LoraWeights]:
         return self.codes.lora_weights(f"{self.name}/{WEIGHTS_FILE}")

@@ -56,11 +56,10 @@ def pack_ternary(signs: torch.Tensor) -> torch.Tensor:
 Matrix = tuple[int, int, int]  # (offset, rows, length): a row-major [rows, length] block of a vector
 
 
-def pack_ternary_matrices(
-    signs: torch.Tensor, matrices: Sequence[Matrix], device: torch.device | str | None = None
-) -> list[torch.Tensor]:
+def pack_ternary_words(signs: torch.Tensor, matrices: Sequence[Matrix]) -> tuple[np.ndarray, list[int]]:
     """pack_ternary of each [rows, length] matrix found at its offset in the int8 vector `signs` (on
-    the CPU), as views [rows, ceil(length / 16)] of one int32 tensor, moved to `device` in one copy.
+    the CPU), as one int32 array, and where each matrix's words start in it (row-major
+    [rows, ceil(length / 16)] from there; the array is laid out by row length).
 
     One pass over the vector: packing a SmolLM2 adapter's 420 factors one by one took 20 ms of
     per-call overhead for 0.9 M codes. Raises ValueError on any value but -1, 0, 1."""
@@ -93,13 +92,7 @@ def pack_ternary_matrices(
         for i in members:
             firsts[i] = first
             first += matrices[i][1] * packed_words(length)
-    flat = torch.from_numpy(np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32))
-    if device is not None:
-        flat = flat.to(device)
-    return [
-        flat[first : first + rows * packed_words(length)].view(rows, packed_words(length))
-        for first, (_, rows, length) in zip(firsts, matrices, strict=True)
-    ]
+    return (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)), firsts
 
 
 def _pack_rows(codes: np.ndarray) -> np.ndarray:
@@ -625,6 +618,33 @@ class TernaryStack:
             self.codes_b[i][slot, :, :words_b].copy_(b)
         rank = max(ranks)
         self.scale[slot] = torch.tensor([float(s) for s in scales], dtype=torch.float32)
+        self.slot_ranks[slot] = rank
+        self.host_ranks[slot] = rank
+
+    @functools.cached_property
+    def codes_b_buffer(self) -> torch.Tensor:
+        """codes_b as the one [S, sum(out_p), ceil(r / 16)] buffer its slices view."""
+        buffer = _one_buffer(self.codes_b)
+        assert buffer is not None, "codes_b are consecutive slices of one buffer (TernaryStack.empty)"
+        return buffer
+
+    def set_slot_image(
+        self, slot: int, codes_a: torch.Tensor, codes_b: torch.Tensor, scale: torch.Tensor, rank: int
+    ) -> None:
+        """Write a slot whole, as prepared (adapters_store/compact_pools.py): codes_a
+        [P * r, ceil(d_in / 16)] and codes_b [sum(out_p), ceil(r / 16)] with zeros past each
+        projection's rank, and scale [P] (gamma^2 included), on this stack's device: four writes
+        where set_slot makes a dozen, one projection at a time."""
+        if codes_a.shape != self.codes_a.shape[1:] or codes_b.shape != self.codes_b_buffer.shape[1:]:
+            raise ValueError(
+                f"expected slot images {tuple(self.codes_a.shape[1:])} and "
+                f"{tuple(self.codes_b_buffer.shape[1:])}, got {tuple(codes_a.shape)} and {tuple(codes_b.shape)}"
+            )
+        if scale.shape != (self.num_slices,) or not 0 <= rank <= self.max_rank:
+            raise ValueError(f"expected {self.num_slices} scales and a rank <= {self.max_rank}, got {rank}")
+        self.codes_a[slot].copy_(codes_a)
+        self.codes_b_buffer[slot].copy_(codes_b)
+        self.scale[slot].copy_(scale)
         self.slot_ranks[slot] = rank
         self.host_ranks[slot] = rank
 

@@ -55,7 +55,7 @@ def _check_rows(
     rows: list[dict[str, Any]], answers_file: Path, task_name: str, limit: int | None, split: str = "heldout"
 ) -> None:
     task = get_task(task_name)
-    heldout = (task.validation() if split == "validation" else task.heldout())[:limit]
+    heldout = {"validation": task.validation, "confirm": task.confirm}.get(split, task.heldout)()[:limit]
     answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
     for row in rows:
         mine = [a for a in answers if a["model"] == row["model"]]
@@ -121,6 +121,19 @@ def test_split_validation_scores_the_validation_set(
     code, out, err = _eval(capsys, *argv, "--limit", "4", "--json", "--answers", str(answers))
     assert code == 0, err
     _check_rows(json.loads(out), answers, "extract", 4, split="validation")
+
+
+def test_split_confirm_scores_the_second_heldout_set_and_refuses_where_there_is_none(
+    servers: Servers, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    answers = tmp_path / "answers.jsonl"
+    argv = ["--task", "sql", "--adapter", "qv4", "--target", servers.grpc.target, "--split", "confirm"]
+    code, out, err = _eval(capsys, *argv, "--limit", "3", "--json", "--answers", str(answers))
+    assert code == 0, err
+    _check_rows(json.loads(out), answers, "sql", 3, split="confirm")
+    argv = ["--task", "arith", "--target", servers.grpc.target, "--split", "confirm"]
+    code, out, err = _eval(capsys, *argv)
+    assert code == 2 and "the arith task has no confirm set" in err
 
 
 def test_table_output_names_task_model_and_metric(

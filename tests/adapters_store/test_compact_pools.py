@@ -336,3 +336,44 @@ def test_prepare_refuses_malformed_compact_forms() -> None:
     factors[0, "q_proj"] = TernaryFactors(sign_A=f.sign_A * 2, sign_B=f.sign_B, scale=f.scale)
     with pytest.raises(ValueError, match="layer 0 q_proj: ternary signs must be -1, 0 or 1"):
         compeft.prepare(SignsAdapter(**{**adapter.__dict__, "factors": factors}))
+
+
+def test_compeft_slot_images_equal_the_codes_written_projection_by_projection() -> None:
+    """prepare packs a whole adapter into every stack's slot image at once (kernels.ternary's
+    pack_ternary_words, then one gather by a plan cached per module layout); the slots must hold
+    what TernaryStack.set_slot writes from each module packed alone: ranks below the pool's and
+    above 16 (B rows of one and of two words), projections left out, two adapters of one layout
+    (one plan, their own gammas), a refill over an occupied slot."""
+    from kernels.ternary import pack_ternary
+
+    spec = BaseModelSpec.llama(
+        num_layers=2, hidden_size=48, intermediate_size=40, q_size=48, kv_size=16, max_rank=20
+    )
+    adapters = [
+        compeft_adapter("low", rank=3, projections=("q_proj", "v_proj", "down_proj"), seed=1, spec=spec),
+        compeft_adapter(
+            "same-layout", rank=3, projections=("q_proj", "v_proj", "down_proj"), seed=2, spec=spec, gamma=0.7
+        ),
+        compeft_adapter("wide", rank=18, seed=3, spec=spec),
+    ]
+    imaged = CompeftSlotPool(spec, FUSED, 2, TorchBackend(), "cpu", max_rank=20)
+    written = CompeftSlotPool(spec, FUSED, 2, TorchBackend(), "cpu", max_rank=20)
+    for adapter in [*adapters, adapters[0]]:
+        imaged.fill(1, imaged.prepare(adapter))
+        factors = adapter.ternary()
+        for (layer, group), stack in written._stacks.items():
+            found = [factors.get((layer, p)) for p in group]
+            stack.set_slot(
+                1,
+                [None if f is None else pack_ternary(f.sign_A) for f in found],
+                [None if f is None else pack_ternary(f.sign_B) for f in found],
+                [0.0 if f is None else f.scale * adapter.gamma**2 for f in found],
+            )
+        for key, stack in imaged._stacks.items():
+            other = written._stacks[key]
+            assert torch.equal(stack.codes_a, other.codes_a), (adapter.name, key)
+            assert torch.equal(stack.codes_b_buffer, other.codes_b_buffer), (adapter.name, key)
+            assert torch.equal(stack.scale, other.scale) and torch.equal(stack.slot_ranks, other.slot_ranks)
+            assert stack.host_ranks == other.host_ranks
+    assert len(imaged._plans) == 2  # "low" and "same-layout" share one
+    assert int(imaged._stacks[0, FUSED[0]].codes_a[0].count_nonzero()) == 0  # slot 0 untouched

@@ -594,23 +594,24 @@ def test_the_layout_follows_peft_names_past_ten_layers(tmp_path: Path) -> None:
         assert weights[key].scale == pytest.approx(scale, rel=1e-12)
 
 
-def test_sign_vector_factors_are_views_of_the_vector_it_returns(
+def test_sign_layout_places_every_factor_of_ternary_in_one_vector(
     make_adapter: AdapterFactory, spec: BaseModelSpec
 ) -> None:
-    """Device slots pack the vector in one pass and locate each factor in it by address: both the
-    coded adapter's own vector and the base class's default (factors copied end to end) must give
-    the factors of `ternary()` as contiguous views inside the vector."""
+    """GPU slots pack the vector in one pass and read each factor where the layout says: the coded
+    adapter's own decoded vector and the base class's default (the factors copied end to end) must
+    both hold `ternary()`'s A and B there, row-major, with its scales."""
     from adapters_store.adapter import CompeftAdapter
 
     _, _, _, target = _compressed(make_adapter, spec, "patterns", 0.3, alpha=1.0)
     coded = load_adapter(target, spec, "c")
     assert isinstance(coded, CodedCompeftAdapter)
-    for vector, factors in (coded.sign_vector(), CompeftAdapter.sign_vector(coded)):
-        expected = coded.ternary()
-        assert set(factors) == set(expected) and vector.dtype == torch.int8 and vector.dim() == 1
-        start, end = vector.data_ptr(), vector.data_ptr() + vector.numel()
-        for key, f in factors.items():
-            for view, want in ((f.sign_A, expected[key].sign_A), (f.sign_B, expected[key].sign_B)):
-                assert torch.equal(view, want) and view.is_contiguous()
-                assert start <= view.data_ptr() and view.data_ptr() + view.numel() <= end
-            assert f.scale == expected[key].scale
+    expected = coded.ternary()
+    for vector, layout in (coded.sign_layout(), CompeftAdapter.sign_layout(coded)):
+        assert vector.dtype == torch.int8 and vector.dim() == 1
+        assert {(m.layer, m.projection) for m in layout} == set(expected)
+        for m in layout:
+            f = expected[m.layer, m.projection]
+            split = m.offset + m.rank * m.in_features
+            assert torch.equal(vector[m.offset : split].view(m.rank, m.in_features), f.sign_A)
+            assert torch.equal(vector[split : m.offset + m.numel].view(m.out_features, m.rank), f.sign_B)
+            assert m.scale == f.scale

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ from kernels.mos import MosStack, mos_add, mos_expand, mos_expand_ref, mos_shrin
 from kernels.ternary import (
     TernaryStack,
     pack_ternary,
-    pack_ternary_matrices,
+    pack_ternary_words,
     ternary_add,
     ternary_expand,
     ternary_expand_ref,
@@ -203,16 +204,19 @@ def test_matrices_packed_in_one_pass_equal_each_packed_alone() -> None:
             parts += [gap, m.reshape(-1)]
             offset += gap.numel() + m.numel()
             matrices.append(m)
-        packed = pack_ternary_matrices(torch.cat(parts), layout)
-        assert len({w.untyped_storage().data_ptr() for w in packed if w.numel()}) <= 1  # one tensor
-        for words, m in zip(packed, matrices, strict=True):
-            assert torch.equal(words, pack_ternary(m)), (trial, tuple(m.shape))
+        words, firsts = pack_ternary_words(torch.cat(parts), layout)
+        assert words.dtype == np.int32
+        for first, m in zip(firsts, matrices, strict=True):
+            count = m.shape[0] * -(-m.shape[1] // 16)
+            mine = torch.from_numpy(words[first : first + count]).view(m.shape[0], -(-m.shape[1] // 16))
+            assert torch.equal(mine, pack_ternary(m)), (trial, tuple(m.shape))
+        assert words.size == sum(m.shape[0] * -(-m.shape[1] // 16) for m in matrices)  # nothing else
     with pytest.raises(ValueError, match="-1, 0 or 1"):
-        pack_ternary_matrices(torch.tensor([0, 2], dtype=torch.int8), [(0, 1, 2)])
+        pack_ternary_words(torch.tensor([0, 2], dtype=torch.int8), [(0, 1, 2)])
     with pytest.raises(ValueError, match="outside the 5 signs"):
-        pack_ternary_matrices(torch.zeros(5, dtype=torch.int8), [(2, 2, 2)])
+        pack_ternary_words(torch.zeros(5, dtype=torch.int8), [(2, 2, 2)])
     with pytest.raises(ValueError, match="1-D int8"):
-        pack_ternary_matrices(torch.zeros(4), [(0, 2, 2)])
+        pack_ternary_words(torch.zeros(4), [(0, 2, 2)])
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)

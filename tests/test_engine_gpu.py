@@ -9,7 +9,6 @@ The setup (tiny Llama, the three adapters, their PEFT exports) is tests/test_for
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.runtime import build_engine
 from tests.test_engine import submit, wait_idle
-from tests.test_formats_batch import NAMES, _logits, _popularity, peft_model, setup  # noqa: F401
+from tests.test_formats_batch import NAMES, _logits, batch_case, peft_model, pinned, setup  # noqa: F401
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,21 +62,10 @@ def test_one_gpu_batch_of_every_format_gives_peft_logits(
     popularity: str,
 ) -> None:
     assert gpu_engine.model.device.type == "cuda"
-    rng = random.Random(popularity)
-    rows = 8
-    adapters = _popularity(popularity, rows, rng)
-    prompts = [[rng.randrange(5, 4000) for _ in range(7)] for _ in range(rows)]
-    manager = gpu_engine.adapters
-    assert manager is not None
-    ready = {name: manager.prefetch(name).result() for name in set(adapters) if name}
-    slot_of = {name: manager.slots.acquire(r) for name, r in ready.items()} | {"": -1}
-    try:
-        slots = [slot_of[a] for a in adapters]
+    adapters, prompts = batch_case(popularity)
+    with pinned(gpu_engine, adapters) as slots:
         prefill, decode = _logits(gpu_engine, prompts, slots)
         alone = [_logits(gpu_engine, [p], [s])[1][0] for p, s in zip(prompts, slots, strict=True)]
-    finally:
-        for name in ready:
-            manager.slots.release(slot_of[name])
     names = [a or "__base__" for a in adapters]
     with torch.no_grad():
         theirs = peft_model(torch.tensor(prompts), adapter_names=names).logits

@@ -6,7 +6,9 @@ test_compact_*."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -109,20 +111,34 @@ def _logits(engine: Engine, prompts: list[list[int]], slots: list[int]) -> tuple
     return first, model(decode, kv).float().cpu()
 
 
+def batch_case(popularity: str, rows: int = 8) -> tuple[list[str], list[list[int]]]:
+    """The adapter ('' = the base model) and prompt of each row of one batch, for a popularity pattern."""
+    rng = random.Random(popularity)
+    adapters = _popularity(popularity, rows, rng)
+    return adapters, [[rng.randrange(5, 4000) for _ in range(7)] for _ in range(rows)]
+
+
+@contextlib.contextmanager
+def pinned(engine: Engine, adapters: list[str]) -> Iterator[list[int]]:
+    """Each row's device slot (-1: the base model), its adapter loaded and pinned until the end."""
+    manager = engine.adapters
+    assert manager is not None
+    ready = {name: manager.prefetch(name).result() for name in set(adapters) if name}
+    slot_of = {name: manager.slots.acquire(r) for name, r in ready.items()}
+    try:
+        yield [slot_of.get(a, -1) for a in adapters]
+    finally:
+        for name in ready:
+            manager.slots.release(slot_of[name])
+
+
 @pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf", "identical"])
 def test_one_batch_of_every_format_gives_each_request_its_logits_alone(
     engine: Engine, peft_model, popularity: str
 ) -> None:
-    rng = random.Random(popularity)
-    rows = 8
-    adapters = _popularity(popularity, rows, rng)
-    prompts = [[rng.randrange(5, 4000) for _ in range(7)] for _ in range(rows)]
-    manager = engine.adapters
-    assert manager is not None
-    ready = {name: manager.prefetch(name).result() for name in set(adapters) if name}
-    slot_of = {name: manager.slots.acquire(r) for name, r in ready.items()} | {"": -1}
-    try:
-        slots = [slot_of[a] for a in adapters]
+    adapters, prompts = batch_case(popularity)
+    rows = len(prompts)
+    with pinned(engine, adapters) as slots:
         prefill, decode = _logits(engine, prompts, slots)
         names = [a or "__base__" for a in adapters]
         with torch.no_grad():
@@ -136,9 +152,6 @@ def test_one_batch_of_every_format_gives_each_request_its_logits_alone(
             with torch.no_grad():
                 alone = peft_model(torch.tensor([prompts[row]]), adapter_names=[names[row]]).logits[0, -1]
             torch.testing.assert_close(decode[row], alone, atol=1e-4, rtol=0)
-    finally:
-        for name in ready:
-            manager.slots.release(slot_of[name])
 
 
 def test_every_format_changes_the_output(engine: Engine) -> None:

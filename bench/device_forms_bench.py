@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from adapters_store import BaseModelSpec, load_adapter  # noqa: E402
 from adapters_store.compact_pools import CompeftSlotPool, MosSlotPool  # noqa: E402
 from kernels import select_backend  # noqa: E402
+from server.allocator import keep_freed_memory  # noqa: E402
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 DEFAULT = "sql-mos,sql-compeft-05,sql-compeft-10,sql-compeft-20,arith-mos,arith-compeft-10"
@@ -39,9 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters", default=DEFAULT, help="demo adapters under adapters/, comma-separated")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc malloc as it is (the server tunes it)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if not args.default_malloc:
+        keep_freed_memory()  # as the server does (server/allocator.py)
     torch.set_num_threads(args.threads)
     backend = select_backend("cpu", "triton")
     pools = {

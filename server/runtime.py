@@ -17,6 +17,7 @@ from adapters_store.device_slots import DeviceSlots
 from adapters_store.slot_pools import LoraSlotPool, SlotPool
 from kernels import LoraBackend, select_backend
 from kernels.model_ops import FusedCpuOps
+from server.allocator import keep_freed_memory
 from server.config import AdapterConfig, ServerConfig
 from server.cpus import default_threads
 from server.engine.adapters import FUSED_PROJECTIONS, AdapterManager
@@ -63,6 +64,7 @@ def build_engine(config: ServerConfig, events: EngineEvents | None = None) -> En
     # One process-wide count: every thread that runs torch ops (the loader, the engine) takes it
     # on its first parallel call. The default leaves out CPUs a cgroup quota would throttle.
     # How the threads wait (OMP_WAIT_POLICY) was fixed when torch loaded; see server/cpus.py.
+    keep_freed_memory()  # before the model loads: large temporaries reused, not faulted in anew
     threads = config.threads or default_threads(os.environ)
     torch.set_num_threads(threads)
     log.info(

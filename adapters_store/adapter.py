@@ -160,10 +160,13 @@ class CompeftAdapter(LoadedAdapter):
         vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8)
         layout, offset = [], 0
         for (layer, projection), f in factors.items():
+            if f.sign_A.dim() != 2 or f.sign_B.dim() != 2 or f.sign_A.shape[0] != f.sign_B.shape[1]:
+                raise ValueError(
+                    f"layer {layer} {projection}: expected sign_A [rank, in] and sign_B [out, rank], got "
+                    f"{tuple(f.sign_A.shape)} and {tuple(f.sign_B.shape)}"
+                )
             rank, in_features = f.sign_A.shape
-            out_features, b_rank = f.sign_B.shape
-            if b_rank != rank:
-                raise ValueError(f"layer {layer} {projection}: sign_A has rank {rank}, sign_B {b_rank}")
+            out_features = f.sign_B.shape[0]
             layout.append(ModuleLayout(layer, projection, rank, in_features, out_features, f.scale, offset))
             offset += f.sign_A.numel() + f.sign_B.numel()
         return vector, tuple(layout)

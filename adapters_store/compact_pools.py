@@ -213,7 +213,7 @@ class _CompeftPlan:
     packed words: a zero), and per stack its image's place in the buffer, module scales and rank."""
 
     matrices: list[tuple[int, int, int]]  # (offset, rows, length) of each A and B in the sign vector
-    gather: np.ndarray  # [image words] int64
+    gather: np.ndarray  # [image words] int32
     stacks: list[tuple[tuple[int, Group], int, int, tuple[float, ...], int]]  # key, A, B starts, scales, rank
     nbytes: int
 
@@ -274,9 +274,12 @@ class CompeftSlotPool(StackedSlots):
         if reason is not None:
             raise ValueError(f"adapter {adapter.name!r}: {reason}")
         assert isinstance(adapter, CompeftAdapter)
-        signs, layout = adapter.sign_layout()
         try:
+            signs, layout = adapter.sign_layout()
             plan = self._plan(layout)
+        except ValueError as error:
+            raise ValueError(f"adapter {adapter.name!r}: {error}") from None
+        try:
             words, _ = pack_ternary_words(signs, plan.matrices)
         except ValueError as error:  # name the module at fault, looked for only once something is
             culprit = next((m for m in layout if not _ternary(signs[m.offset : m.offset + m.numel])), None)
@@ -318,9 +321,11 @@ class CompeftSlotPool(StackedSlots):
     def _make_plan(self, layout: Sequence[ModuleLayout]) -> _CompeftPlan:
         from kernels.ternary import packed_words
 
-        by_key = {(m.layer, m.projection): (i, m) for i, m in enumerate(layout)}
-        if len(by_key) != len(layout):
-            raise ValueError("a module appears twice in the layout")
+        by_key: dict[tuple[int, str], tuple[int, ModuleLayout]] = {}
+        for i, m in enumerate(layout):
+            if (m.layer, m.projection) in by_key:
+                raise ValueError(f"layer {m.layer} {m.projection} appears twice in the layout")
+            by_key[m.layer, m.projection] = (i, m)
         matrices = []
         for m in layout:
             if m.layer >= self.spec.num_layers or m.projection not in self.spec.features:
@@ -366,7 +371,8 @@ class CompeftSlotPool(StackedSlots):
             stacks.append(((layer, group), start, start + a_image.size, tuple(scales), rank))
             pieces += [a_image.reshape(-1), b_image.reshape(-1)]
             start += a_image.size + b_image.size
-        gather = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        # int32: a plan is kept per layout, and a slot's image is far below 2**31 words
+        gather = (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)).astype(np.int32)
         return _CompeftPlan(matrices=matrices, gather=gather, stacks=stacks, nbytes=4 * first)
 
     def fill(self, slot: int, form: DeviceForm) -> None:

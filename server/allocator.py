@@ -10,8 +10,8 @@ of 5.6-8.7, batch-32 decode is unchanged, and resident memory over 1,000 adapter
 (`loramux bench memory`).
 
 Nothing is changed where the user already chose (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
-GLIBC_TUNABLES in the environment, or another allocator preloaded) or where the C library is not
-glibc.
+GLIBC_TUNABLES in the environment, another allocator preloaded, or LORAMUX_MALLOC=default to keep
+glibc's own behaviour) or where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,17 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNA
 def keep_freed_memory() -> bool:
     """Set the two thresholds once per process; whether they were set (False: left as they were)."""
     chosen = [name for name in USER_SETTINGS if os.environ.get(name)]
+    if os.environ.get("LORAMUX_MALLOC") == "default":
+        chosen.append("LORAMUX_MALLOC=default")
     if chosen:
         log.debug("malloc left as configured (%s)", ", ".join(chosen))
         return False
+    if not sys.platform.startswith("linux"):
+        return False  # glibc's knobs; macOS and Windows have other allocators
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError):
-        return False  # not glibc (musl has no mallopt to speak of; macOS none)
+    except (OSError, AttributeError, TypeError):
+        return False  # not glibc (musl's mallopt is a stub that refuses: 0 below)
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -215,6 +215,26 @@ def test_a_long_prompt_under_the_body_limit_is_400_not_429(servers: Servers, eng
     assert answer.status_code == 400 and len(_error(answer)["message"]) < SHORT
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_prompt_over_the_context_length_is_openais_context_length_exceeded(
+    servers: Servers, engine: Engine, path: str, stream: bool
+) -> None:
+    """400 with OpenAI's code and the field that holds the prompt, as its clients expect (streamed
+    too: refused before the stream starts)."""
+    words = " ".join(["word"] * 200)  # past max_model_len=128 tokens, far under every size limit
+    prompt = (
+        {"prompt": words} if path == "/v1/completions" else {"messages": [{"role": "user", "content": words}]}
+    )
+    body = {"model": engine.info.model_name, "max_tokens": 4, "stream": stream, **prompt}
+    answer = _post(servers.url + path, body)
+    assert answer.status_code == 400, answer.text[:300]
+    error = _error(answer)
+    assert error["code"] == "context_length_exceeded" and "max_model_len=128" in error["message"]
+    assert error["param"] == ("prompt" if path == "/v1/completions" else "messages")
+    _still_serving(servers)
+
+
 def test_a_message_over_grpcs_limit_is_413_over_http(servers: Servers, engine: Engine) -> None:
     roomy = servers.shim(HttpLimits(max_body_mb=16))  # lets a body reach gRPC's 4 MiB limit
     try:

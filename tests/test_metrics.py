@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_store import AdapterNotFound
-from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.config import AdapterConfig, EngineConfig, HttpLimits, ServerConfig
 from server.engine.engine import Engine
 from server.engine.events import EngineSnapshot, FinishedRequest
 from server.engine.request import InvalidRequest, RequestOutput, SamplingParams
@@ -351,7 +351,8 @@ def test_metrics_endpoint_of_the_http_shim(engine: Engine) -> None:
 
 
 def test_bodies_the_shim_refuses_are_counted_by_their_model(engine: Engine) -> None:
-    """`loramux serve` hands the shim `count_refused_body`: schema refusals count as `invalid`."""
+    """`loramux serve` hands the shim `count_refused_body`: schema refusals count as `invalid`, and
+    bodies over the size limit (413: never read, so their model is unknown) as `<unknown>`."""
     from functools import partial
 
     from server.serve_commands import count_refused_body
@@ -360,6 +361,7 @@ def test_bodies_the_shim_refuses_are_counted_by_their_model(engine: Engine) -> N
     app = create_app(
         grpc_server.target,
         metrics_registry=METRICS[engine].registry,
+        limits=HttpLimits(max_body_mb=1 / 64),  # 16 KiB
         on_refused=partial(count_refused_body, engine),
     )
     http = HttpServer(app, "127.0.0.1", 0)
@@ -378,8 +380,14 @@ def test_bodies_the_shim_refuses_are_counted_by_their_model(engine: Engine) -> N
             assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 400
         chat = dict(model="a1", messages=[{"role": "user", "content": "hi"}], n=0)
         assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 400
+        large = dict(model="a1", prompt="x" * 20_000)
+        assert httpx.post(url + "/v1/completions", json=large, timeout=60).status_code == 413  # declared
+        chunks = (part.encode() for part in ('{"model": "a1", "prompt": "', "x" * 20_000, '"}'))
+        answer = httpx.post(url + "/v1/completions", content=chunks, timeout=60)  # chunked: counted as read
+        assert answer.status_code == 413
+        assert httpx.post(url + "/v1/models", content=b"x" * 20_000, timeout=60).status_code in (405, 413)
         after = scrape_text(httpx.get(url + "/metrics").text)
-        for adapter, grown in ((base, 1), ("a1", 2), ("auto", 1), (UNKNOWN_ADAPTER, 2)):
+        for adapter, grown in ((base, 1), ("a1", 2), ("auto", 1), (UNKNOWN_ADAPTER, 4)):
             labels = dict(adapter=adapter, outcome="invalid")
             grew = value(after, "loramux_requests_total", **labels) - value(
                 before, "loramux_requests_total", **labels

@@ -121,8 +121,9 @@ def create_app(
     `api_key` / `admin_token`: what HTTP clients must present, and what the shim presents to gRPC.
     `limits`: its `max_body_mb` applies here (the connection limits to `HttpServer`).
     `on_refused(model)`: told of every generation request the shim refuses itself (a body that
-    fails its schema: `n: 0`, `max_tokens: -1`, ...), with the body's `model` (None when it has
-    none), so that `loramux serve` counts them as the engine counts the refusals it sees.
+    fails its schema: `n: 0`, `max_tokens: -1`, ...; one over the size limit), with the body's
+    `model` (None when it has none or was not read), so that `loramux serve` counts them as the
+    engine counts the refusals it sees.
     """
     limits = limits or HttpLimits()
     auth = authn.AuthConfig(api_key=api_key, admin_token=admin_token)
@@ -154,7 +155,12 @@ def create_app(
         dependencies=[Depends(authorize)],
     )
     install_handlers(app, on_refused, generation_paths=_GENERATION_PATHS)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    def too_large(path: str) -> None:  # its model is in the body nobody read: counted as unknown
+        if on_refused is not None and path in _GENERATION_PATHS:
+            on_refused(None)
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, refused=too_large)
 
     def backend(request: Request) -> Backend:
         return request.app.state.backend  # type: ignore[no-any-return]

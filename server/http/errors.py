@@ -81,6 +81,7 @@ _CODE_BY_STATUS = {
     429: "rate_limit_exceeded",
 }
 MAX_MESSAGE_BYTES = 2048
+CONTEXT_LENGTH_MARKER = "exceeds the model's context length"  # server/prompts.py check_prompt_tokens
 DEFAULT_RETRY_AFTER_S = 1
 # What gRPC says when a message or its metadata is over a size limit (RESOURCE_EXHAUSTED too).
 _TOO_LARGE_MARKERS = ("larger than max", "size exceeds limit")
@@ -128,9 +129,10 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
+def from_rpc_error(err: grpc.aio.AioRpcError, prompt_field: str | None = None) -> ApiError:
     """The HTTP error for a failed gRPC call, in HTTP terms (`client_words.for_http`): no RPC or
-    status-code names; `code` is OpenAI's where it has one."""
+    status-code names; `code` is OpenAI's where it has one. `prompt_field` names the request's
+    prompt (chat: messages, completions: prompt) for a prompt over the context length."""
     status = _HTTP_STATUS_BY_GRPC.get(err.code(), 500)
     details = err.details() or ""
     message = for_http(details) or HTTPStatus(status).phrase
@@ -145,7 +147,10 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
         else:
             headers["Retry-After"] = str(_retry_after_s(err))
     param = _named_field(message) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
-    return ApiError(status, message, param=param, code=_CODE_BY_STATUS.get(status), headers=headers)
+    code = _CODE_BY_STATUS.get(status)
+    if err.code() == grpc.StatusCode.INVALID_ARGUMENT and CONTEXT_LENGTH_MARKER in message:
+        param, code = prompt_field, "context_length_exceeded"  # OpenAI's words for it
+    return ApiError(status, message, param=param, code=code, headers=headers)
 
 
 # Sampling fields whose refusals the engine words as "<field> must ...": the error's `param`.
@@ -167,6 +172,13 @@ _SAMPLING_FIELDS = frozenset(
         "route_top_k",
     }
 )
+
+
+def prompt_field_of(path: str) -> str | None:
+    """The field that holds the prompt of a request to `path` (None: not a generation)."""
+    if path.endswith("/chat/completions"):
+        return "messages"
+    return "prompt" if path.endswith("/completions") else None
 
 
 def _named_field(message: str) -> str | None:
@@ -197,7 +209,7 @@ def install_handlers(
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
-        error = from_rpc_error(exc)
+        error = from_rpc_error(exc, prompt_field_of(request.url.path))
         if error.status >= 500:
             logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
         return error_response(error.status, error.message, error.param, error.code, error.headers)

@@ -184,6 +184,27 @@ def test_streaming_chat_concatenates_to_the_unary_answer(client: openai.OpenAI) 
     assert {c.model for c in chunks} == {"qv4"}
 
 
+def test_both_apis_stream_compact_json_events(servers: Servers) -> None:
+    """Every data line of a chat and of a completion stream is JSON written alike: no spaces,
+    UTF-8 as is (the chat stream's events were spaced out, its non-ASCII text escaped)."""
+    bodies = {
+        "/v1/completions": dict(model="qv4", prompt="Café ", max_tokens=4, temperature=0.0),
+        "/v1/chat/completions": dict(
+            model="qv4", messages=[{"role": "user", "content": "Café"}], max_tokens=4, temperature=0.0
+        ),
+    }
+    for path, body in bodies.items():
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        answer = httpx.post(servers.url + path, json=body, timeout=60)
+        events = [line[len("data: ") :] for line in answer.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) >= 3
+        for event in events[:-1]:
+            assert event == json.dumps(json.loads(event), separators=(",", ":"), ensure_ascii=False), (
+                path,
+                event,
+            )
+
+
 # -- errors --------------------------------------------------------------------------------
 
 

@@ -34,7 +34,6 @@ This module maps OpenAI shapes to the wire API and back; it does not know how ge
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -60,7 +59,7 @@ from server.http.backend import AUTO_MODEL, Backend, bearer_channel, finish_reas
 from server.http.body_limit import BodyLimit
 from server.http.client_words import unknown_model
 from server.http.errors import ApiError, error_body, error_response, from_rpc_error, install_handlers
-from server.http.streaming import DONE, EventStreamResponse, merge, open_streams, sse
+from server.http.streaming import DONE, EventStreamResponse, compact_json, merge, open_streams, sse
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 
@@ -407,7 +406,7 @@ async def _with_errors(events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
             yield event
     except grpc.aio.AioRpcError as err:
         error = from_rpc_error(err)
-        yield sse(json.dumps(error_body(error.status, error.message, code=error.code)))
+        yield sse(compact_json(error_body(error.status, error.message, code=error.code)))
     finally:
         await events.aclose()
     yield DONE
@@ -545,7 +544,7 @@ async def _chat_chunks(
         payload = chunk.model_dump(mode="json", exclude=left_out)
         for choice in payload["choices"]:  # a delta carries only what changed
             choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
-        return sse(json.dumps(payload))
+        return sse(compact_json(payload))
 
     async for index, chunk in chunks:
         if index not in last:  # OpenAI opens every choice with the assistant's role

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -92,6 +93,12 @@ async def merge(streams: OpenStreams) -> AsyncIterator[tuple[int, pb.GenerateStr
         for task in pumps:
             task.cancel()
         streams.cancel()  # a no-op on calls that finished
+
+
+def compact_json(payload: object) -> str:
+    """JSON as pydantic's model_dump_json writes it (no spaces, UTF-8 as is), so that every event of
+    both APIs' streams reads alike."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
 def sse(payload: str) -> str:

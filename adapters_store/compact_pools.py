@@ -286,7 +286,7 @@ class CompeftSlotPool(StackedSlots):
             where = "" if culprit is None else f" layer {culprit.layer} {culprit.projection}"
             raise ValueError(f"adapter {adapter.name!r}{where}: {error}") from None
         # every stack's image in one buffer with the scales after it, copied to the device at once
-        image = np.append(words, np.int32(0))[plan.gather].astype(np.int32)
+        image = np.append(words, np.int32(0))[plan.gather]  # int32, as the words
         gamma_squared = adapter.gamma * adapter.gamma
         scales = np.array(
             [s * gamma_squared for *_, given, _ in plan.stacks for s in given], dtype=np.float32
@@ -319,7 +319,7 @@ class CompeftSlotPool(StackedSlots):
         return plan
 
     def _make_plan(self, layout: Sequence[ModuleLayout]) -> _CompeftPlan:
-        from kernels.ternary import packed_words
+        from kernels.ternary import packed_layout, packed_words
 
         by_key: dict[tuple[int, str], tuple[int, ModuleLayout]] = {}
         for i, m in enumerate(layout):
@@ -339,16 +339,8 @@ class CompeftSlotPool(StackedSlots):
                 raise ValueError(f"layer {m.layer} {m.projection}: rank {m.rank} outside 1..{self.max_rank}")
             split = m.offset + m.rank * m.in_features
             matrices += [(m.offset, m.rank, m.in_features), (split, m.out_features, m.rank)]
-        # where each factor's packed words start, as pack_ternary_words lays them out (by row length)
-        firsts, first = [0] * len(matrices), 0
-        by_length: dict[int, list[int]] = {}
-        for i, (_, _, length) in enumerate(matrices):
-            by_length.setdefault(length, []).append(i)
-        for members in by_length.values():
-            for i in members:
-                firsts[i] = first
-                first += matrices[i][1] * packed_words(matrices[i][2])
-        zero, pieces, stacks, start = first, [], [], 0  # `first`: past the packed words, a zero
+        firsts, words, _ = packed_layout(matrices)  # where pack_ternary_words puts each factor
+        zero, pieces, stacks, start = words, [], [], 0  # one past the packed words: a zero
         for (layer, group), stack in self._stacks.items():
             words_in, words_r = packed_words(stack.in_features), packed_words(self.max_rank)
             a_image = np.full((len(group), self.max_rank, words_in), zero, dtype=np.int64)
@@ -373,7 +365,7 @@ class CompeftSlotPool(StackedSlots):
             start += a_image.size + b_image.size
         # int32: a plan is kept per layout, and a slot's image is far below 2**31 words
         gather = (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)).astype(np.int32)
-        return _CompeftPlan(matrices=matrices, gather=gather, stacks=stacks, nbytes=4 * first)
+        return _CompeftPlan(matrices=matrices, gather=gather, stacks=stacks, nbytes=4 * words)
 
     def fill(self, slot: int, form: DeviceForm) -> None:
         assert isinstance(form, CompeftForm), type(form)

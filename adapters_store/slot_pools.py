@@ -103,13 +103,12 @@ class StackedSlots:
         name: str,
         factors: Mapping[tuple[int, str], Any],
         convert: Callable[[int, str, Any], tuple[torch.Tensor, torch.Tensor, float]],
-        what: tuple[str, str] = ("A", "B"),
     ) -> tuple[dict[Any, GroupParts], int]:
         """Per (layer, group) stack: each projection's converted (A, B, scale), None where not adapted.
 
-        factors: (layer, projection) -> anything whose `what` attributes are A [rank, in] and
-        B [out, rank] (checked against the stack); convert(layer, projection, factor) gives the stack's
-        form of it. Returns the groups holding any, and the bytes of the converted tensors."""
+        factors: (layer, projection) -> anything with A [rank, in] and B [out, rank] (checked
+        against the stack); convert(layer, projection, factor) gives the stack's form of it.
+        Returns the groups holding any, and the bytes of the converted tensors."""
         groups: dict[Any, GroupParts] = {}
         nbytes = 0
         for (layer, group), stack in self._stacks.items():
@@ -123,13 +122,12 @@ class StackedSlots:
                     b_list.append(None)
                     scales.append(0.0)
                     continue
-                a_in, b_in = getattr(f, what[0]), getattr(f, what[1])
-                rank = int(a_in.shape[0])
-                if a_in.shape != (rank, stack.in_features) or b_in.shape != (width, rank):
+                rank = int(f.A.shape[0])
+                if f.A.shape != (rank, stack.in_features) or f.B.shape != (width, rank):
                     raise ValueError(
-                        f"adapter {name!r} layer {layer} {projection}: expected {what[0]} [{rank}, "
-                        f"{stack.in_features}] and {what[1]} [{width}, {rank}], got {tuple(a_in.shape)} "
-                        f"and {tuple(b_in.shape)}"
+                        f"adapter {name!r} layer {layer} {projection}: expected A [{rank}, "
+                        f"{stack.in_features}] and B [{width}, {rank}], got {tuple(f.A.shape)} "
+                        f"and {tuple(f.B.shape)}"
                     )
                 a, b, scale = convert(layer, projection, f)
                 nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()

@@ -72,27 +72,33 @@ def pack_ternary_words(signs: torch.Tensor, matrices: Sequence[Matrix]) -> tuple
     for offset, rows, length in matrices:
         if rows < 0 or length < 0 or offset < 0 or offset + rows * length > values.size:
             raise ValueError(f"matrix [{rows}, {length}] at {offset} is outside the {values.size} signs")
-    # The output is laid out by row length (the views do not care where their words are), so each
-    # length's rows are packed by one set of array operations, whatever the number of matrices.
+    firsts, _, by_length = packed_layout(matrices)
+    chunks = [
+        _pack_rows(
+            np.concatenate(
+                [codes[matrices[i][0] : matrices[i][0] + matrices[i][1] * length] for i in members]
+            ).reshape(-1, length)
+        )
+        for length, members in by_length.items()
+        if length  # a row of no codes has no words
+    ]
+    return (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)), firsts
+
+
+def packed_layout(matrices: Sequence[Matrix]) -> tuple[list[int], int, dict[int, list[int]]]:
+    """Where pack_ternary_words puts each matrix's words: the output is laid out by row length (the
+    views do not care where their words are), so each length's rows are packed by one set of array
+    operations, whatever the number of matrices. Returns each matrix's first word, the words in
+    all, and the matrices of each row length in output order."""
     by_length: dict[int, list[int]] = {}
     for i, (_, _, length) in enumerate(matrices):
         by_length.setdefault(length, []).append(i)
-    firsts = [0] * len(matrices)
-    chunks: list[np.ndarray] = []
-    first = 0
+    firsts, first = [0] * len(matrices), 0
     for length, members in by_length.items():
-        if length == 0:  # no words
-            for i in members:
-                firsts[i] = first
-            continue
-        block = np.concatenate(
-            [codes[matrices[i][0] : matrices[i][0] + matrices[i][1] * length] for i in members]
-        ).reshape(-1, length)
-        chunks.append(_pack_rows(block))
         for i in members:
             firsts[i] = first
             first += matrices[i][1] * packed_words(length)
-    return (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)), firsts
+    return firsts, first, by_length
 
 
 def _pack_rows(codes: np.ndarray) -> np.ndarray:

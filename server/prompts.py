@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters_store.errors import shown
-from server.engine.request import InvalidRequest
+from server.engine.request import CONTEXT_LENGTH_EXCEEDED, InvalidRequest
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_CHAT_MESSAGES = 1024
@@ -124,6 +124,6 @@ def check_prompt_tokens(
     if len(token_ids) + max_tokens > max_model_len:
         raise InvalidRequest(
             f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) = {len(token_ids) + max_tokens} "
-            f"exceeds the model's context length max_model_len={max_model_len}; "
+            f"{CONTEXT_LENGTH_EXCEEDED} max_model_len={max_model_len}; "
             "shorten the prompt or lower max_tokens"
         )

@@ -37,6 +37,9 @@ class EngineUnavailable(EngineError):
 
 # Most alternatives a request may ask for per token (logprobs, prompt_logprobs), as OpenAI and vLLM.
 MAX_LOGPROBS = 20
+# In the refusal of a prompt + max_tokens past max_model_len (server/prompts.py); the HTTP API
+# answers it as OpenAI's context_length_exceeded.
+CONTEXT_LENGTH_EXCEEDED = "exceeds the model's context length"
 
 # A temperature below this samples the argmax: dividing logits by it could overflow (vLLM uses 1e-5 too).
 GREEDY_TEMPERATURE = 1e-5

@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.errors import shown
+from server.engine.request import CONTEXT_LENGTH_EXCEEDED
 from server.http.client_words import body_problem, for_http
 from server.quoting import LONE_SURROGATE, encodable
 
@@ -81,7 +82,6 @@ _CODE_BY_STATUS = {
     429: "rate_limit_exceeded",
 }
 MAX_MESSAGE_BYTES = 2048
-CONTEXT_LENGTH_MARKER = "exceeds the model's context length"  # server/prompts.py check_prompt_tokens
 DEFAULT_RETRY_AFTER_S = 1
 # What gRPC says when a message or its metadata is over a size limit (RESOURCE_EXHAUSTED too).
 _TOO_LARGE_MARKERS = ("larger than max", "size exceeds limit")
@@ -148,7 +148,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError, prompt_field: str | None = None) -
             headers["Retry-After"] = str(_retry_after_s(err))
     param = _named_field(message) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
     code = _CODE_BY_STATUS.get(status)
-    if err.code() == grpc.StatusCode.INVALID_ARGUMENT and CONTEXT_LENGTH_MARKER in message:
+    if err.code() == grpc.StatusCode.INVALID_ARGUMENT and CONTEXT_LENGTH_EXCEEDED in message:
         param, code = prompt_field, "context_length_exceeded"  # OpenAI's words for it
     return ApiError(status, message, param=param, code=code, headers=headers)
 
